@@ -1,0 +1,39 @@
+# The README's two entry points: `make demo` and `make test`. Both build the venv first.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TINY := models/tiny-qwen2
+DEMO := outputs/demo
+TRAIN_DATA := data/报销细则_distilled_chunked.jsonl
+# The demo runs the normal commands on the offline tiny model and the bundled data.
+DEMO_SET := --set model.path=$(TINY) --set model.quantization=none \
+	--set data.train_file=$(DEMO)/data/train.jsonl --set data.valid_file=$(DEMO)/data/valid.jsonl \
+	--set training.max_seq_length=512 --set output.dir=$(DEMO)/run
+
+.PHONY: demo test lint venv clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/python -m pip install torch==2.13.0
+	$(BIN)/python -m pip install -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+demo: venv
+	$(BIN)/qwen-mlx tiny-model $(TINY) --data $(TRAIN_DATA)
+	$(BIN)/qwen-mlx data prepare $(TRAIN_DATA) -o $(DEMO)/data --valid-ratio 0.05
+	$(BIN)/qwen-mlx data stats $(DEMO)/data/train.jsonl --model $(TINY) --max-seq-length 512
+	$(BIN)/qwen-mlx check $(DEMO_SET)
+
+test: venv
+	$(BIN)/python -m pytest
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf $(VENV) $(DEMO) $(TINY)

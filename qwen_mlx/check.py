@@ -1,0 +1,167 @@
+"""``qwen-mlx check``: is everything ready to train? (the seed's test_training_setup.py)
+
+Runs every check even after a failure, so one run lists everything to fix: the config, the
+model folder, the data files, the backend and its packages, and whether the estimated peak
+memory fits this machine. Each line is ✓ (fine), ⚠ (will work, but read this) or ✗ (training
+cannot start), with the fix beside it. Training can start when there is no ✗.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen_mlx.backends import detect, probe
+from qwen_mlx.backends.probes import PROBES
+from qwen_mlx.config import Config, load_config
+from qwen_mlx.data import load_records
+from qwen_mlx.errors import UserError
+from qwen_mlx.memory import GiB, estimate_training_memory, system_memory
+from qwen_mlx.model_files import Finding, check_model_dir, read_model_config
+
+SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]⚠[/]", "fail": "[red]✗[/]"}
+
+
+def check_config(
+    path: str | Path | None, preset: str | None, overrides: tuple[str, ...]
+) -> tuple[Config | None, Finding]:
+    try:
+        cfg = load_config(path, preset, overrides)
+    except UserError as err:
+        return None, Finding("fail", "config", str(err), "fix the key named above")
+    where = str(path) if path else "built-in defaults"
+    return cfg, Finding("ok", "config", f"{where} is valid")
+
+
+def check_data(cfg: Config) -> list[Finding]:
+    findings = []
+    files = {
+        "train": cfg.data.train_file,
+        "valid": cfg.data.valid_file,
+        "test": cfg.data.test_file,
+    }
+    for role, path in files.items():
+        if path is None:
+            continue
+        # Only the training file is needed to start; a missing test file is a warning.
+        missing = "fail" if role != "test" else "warn"
+        try:
+            _, report = load_records([path], system_prompt=cfg.data.system_prompt)
+        except UserError as err:
+            fix = f"set data.{role}_file to an existing file"
+            findings.append(Finding(missing, f"{role} data", str(err), fix))
+            continue
+        title = f"{role} data: {path}"
+        if report.kept == 0:
+            findings.append(Finding("fail", title, "no usable records", "see `qwen-mlx data stats`"))
+        elif report.problems:
+            first = "; ".join(map(str, report.problems[:3]))
+            findings.append(Finding("warn", title, report.summary(), f"bad records: {first}"))
+        else:
+            findings.append(Finding("ok", title, report.summary()))
+    return findings
+
+
+def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
+    """The backend training would use here, and a finding per backend."""
+    chosen, findings = None, []
+    try:
+        chosen = detect()[0] if cfg.training.backend == "auto" else cfg.training.backend
+    except UserError as err:
+        findings.append(Finding("fail", "backend", str(err), "pip install 'qwen-mlx[mlx]' or '[torch]'"))
+        return None, findings
+    for name in PROBES:
+        found = probe(name)
+        versions = ", ".join(f"{k} {v}" for k, v in found.packages.items())
+        picked = name == chosen
+        label = f"backend {name}" + (" (selected)" if picked else "")
+        why = f"{found.reason}" + (f" — {versions}" if versions else "")
+        if found.ok:
+            status = "ok"
+        else:
+            status = "fail" if picked else "warn"
+        findings.append(Finding(status, label, why, "" if found.ok else found.reason))
+        if picked and found.ok and name == "torch" and cfg.model.quantization != "none":
+            findings.append(_torch_quantization(cfg, found.device, found.packages))
+    return chosen, findings
+
+
+def _torch_quantization(cfg: Config, device: str, packages: dict[str, str]) -> Finding:
+    """bitsandbytes k-bit training needs CUDA; say what happens elsewhere."""
+    if device == "cuda" and "bitsandbytes" in packages:
+        return Finding("ok", "quantization", f"{cfg.model.quantization} via bitsandbytes")
+    need = "a CUDA GPU" if device != "cuda" else "bitsandbytes (pip install 'qwen-mlx[cuda]')"
+    return Finding(
+        "warn",
+        "quantization",
+        f"{cfg.model.quantization} needs {need}; the base will be loaded unquantized",
+        "set model.quantization: none to silence this, or use the mlx backend on a Mac",
+    )
+
+
+def check_memory(cfg: Config, chosen: str | None) -> Finding:
+    model_dir = Path(cfg.model.path)
+    try:
+        model_config = read_model_config(model_dir)
+        est = estimate_training_memory(
+            model_config,
+            quantization=cfg.model.quantization,
+            rank=cfg.lora.rank,
+            targets=cfg.lora.target_modules,
+            max_seq_length=cfg.training.max_seq_length,
+            batch_size=cfg.training.batch_size,
+            fp32_activations=chosen == "torch" and probe("torch").device == "cpu",
+        )
+    except (OSError, ValueError, KeyError):
+        return Finding("warn", "memory", "no estimate without a readable model config.json")
+    available = _device_memory(chosen)
+    if available is None:
+        return Finding("ok", "memory", f"needs {est.describe()}")
+    detail = f"needs {est.describe()}; this machine has {available / GiB:.0f} GiB"
+    advice = "lower training.max_seq_length, use model.quantization: 4bit, or a smaller model"
+    if est.total > available:
+        return Finding("fail", "memory", detail, advice)
+    if est.total > 0.75 * available:
+        return Finding("warn", "memory", detail + " (tight)", advice)
+    return Finding("ok", "memory", detail)
+
+
+def _device_memory(chosen: str | None) -> int | None:
+    if chosen == "torch" and probe("torch").device == "cuda":
+        import torch
+
+        return torch.cuda.get_device_properties(0).total_memory
+    return system_memory()
+
+
+def run_checks(
+    path: str | Path | None, preset: str | None = None, overrides: tuple[str, ...] = ()
+) -> list[Finding]:
+    """Every finding, in the order shown to the user."""
+    cfg, finding = check_config(path, preset, overrides)
+    if cfg is None:
+        return [finding]
+    findings = [finding]
+    findings += [
+        Finding(f.status, f"model: {f.title}", f.detail, f.fix)
+        for f in check_model_dir(cfg.model.path)
+    ]
+    findings += check_data(cfg)
+    chosen, backend_findings = check_backend(cfg)
+    findings += backend_findings
+    findings.append(check_memory(cfg, chosen))
+    return findings
+
+
+def render(findings: list[Finding], console) -> bool:
+    """Print the findings; return True when training can start (no ✗)."""
+    for f in findings:
+        line = f"{SYMBOLS[f.status]} {f.title}"
+        if f.detail:
+            line += f" [dim]—[/] {f.detail}"
+        console.print(line, highlight=False)
+        if f.fix and f.status != "ok":
+            console.print(f"    [bold]fix:[/] {f.fix}", highlight=False)
+    ready = not any(f.status == "fail" for f in findings)
+    verdict = "[green]ready to train[/]" if ready else "[red]not ready: fix the ✗ items above[/]"
+    console.print(verdict)
+    return ready

@@ -1,0 +1,246 @@
+"""The ``qwen-mlx`` command line: one click group; each command calls a library function.
+
+User mistakes raise :class:`~qwen_mlx.errors.UserError`, shown as one ``Error:`` line with a
+non-zero exit and no traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from qwen_mlx import __version__
+from qwen_mlx.backends import CHOICES
+from qwen_mlx.config import PRESETS
+from qwen_mlx.errors import UserError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class _Group(click.Group):
+    """A click group that turns UserError into a clean one-line error."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except UserError as err:
+            raise click.ClickException(str(err)) from None
+
+
+_config_option = click.option(
+    "-c",
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Training config (default: ./config.yaml if present, else built-in defaults).",
+)
+_preset_option = click.option(
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default=None,
+    help="The seed's presets: quick (1 epoch, lr 1e-4), full (3, 5e-5), "
+    "enhanced (5, 3e-5, rank 32).",
+)
+_set_option = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one config key, e.g. --set training.num_epochs=1 (repeatable).",
+)
+
+
+def _default_config(path: Path | None) -> Path | None:
+    if path is not None:
+        return path
+    return Path("config.yaml") if Path("config.yaml").is_file() else None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="qwen-mlx")
+def cli() -> None:
+    """Fine-tune Qwen2.5 on your own data and run it locally.
+
+    \b
+    Typical workflow:
+      qwen-mlx download Qwen/Qwen2.5-3B     get the base model
+      qwen-mlx check                        is everything ready?
+      qwen-mlx train --preset full          LoRA/QLoRA (MLX on a Mac, PyTorch elsewhere)
+
+    Every command has --help. Configuration lives in config.yaml (see `check`).
+    """
+
+
+@cli.command()
+@_config_option
+@_preset_option
+@_set_option
+def check(config_path: Path | None, preset: str | None, overrides: tuple[str, ...]) -> None:
+    """Check that training can start: config, model files, data, backend, memory.
+
+    Prints ✓ / ⚠ / ✗ per item with the fix. Exit 0 when ready, 1 when not.
+    """
+    from qwen_mlx.check import render, run_checks
+
+    findings = run_checks(_default_config(config_path), preset, overrides)
+    if not render(findings, console):
+        raise SystemExit(1)
+
+
+@cli.command()
+@click.argument("repo_id")
+@click.option(
+    "--local-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where to put it (default: models/REPO_ID).",
+)
+@click.option("--revision", default=None, help="Branch, tag or commit (default: main).")
+def download(repo_id: str, local_dir: Path | None, revision: str | None) -> None:
+    """Download a model from the Hugging Face Hub, e.g. Qwen/Qwen2.5-3B.
+
+    Only the files a model needs; resumable (run it again after an interruption);
+    HF_ENDPOINT selects a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com).
+    """
+    from qwen_mlx.download import download as run_download
+
+    path = run_download(repo_id, local_dir, revision)
+    console.print(f"[green]✓[/] {repo_id} is complete in {path}")
+
+
+@cli.group(cls=_Group)
+def data() -> None:
+    """Prepare and inspect datasets (jsonl/json/csv/parquet; alpaca, chat, sharegpt, …)."""
+
+
+@data.command("prepare")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("outputs/data"),
+    show_default=True,
+    help="Folder for train/valid/test.jsonl and report.json.",
+)
+@click.option("--valid-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
+@click.option("--test-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split.")
+@click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+def data_prepare(
+    inputs: tuple[Path, ...],
+    out_dir: Path,
+    valid_ratio: float,
+    test_ratio: float,
+    seed: int,
+    strict: bool,
+) -> None:
+    """Normalize INPUT files into chat JSONL and split them (seeded) into train/valid/test.
+
+    Formats are detected per record: instruction/input/output (+system, history), messages,
+    conversations (sharegpt), prompt/completion, text. Bad records are listed by file:line
+    and skipped (or fatal with --strict); exact duplicates are removed.
+    """
+    from qwen_mlx.dataprep import prepare
+
+    result = prepare(
+        list(inputs), out_dir, valid_ratio=valid_ratio, test_ratio=test_ratio, seed=seed, strict=strict
+    )
+    for problem in result.report.problems[:20]:
+        err_console.print(f"[yellow]skipped[/] {problem}", highlight=False)
+    if result.report.skipped > 20:
+        err_console.print(f"… and {result.report.skipped - 20} more (all in report.json)")
+    console.print(result.report.summary(), highlight=False)
+    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    console.print(f"[green]✓[/] wrote {counts} → {out_dir}", highlight=False)
+
+
+@data.command("stats")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Model folder whose tokenizer counts tokens (without it: characters only).",
+)
+@click.option("--max-seq-length", type=click.IntRange(16), default=1024, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
+def data_stats(path: Path, model_dir: Path | None, max_seq_length: int, as_json: bool) -> None:
+    """Counts, formats, token-length percentiles and truncation at --max-seq-length."""
+    from qwen_mlx.dataprep import stats
+
+    result = stats(path, model_dir, max_seq_length)
+    if as_json:
+        click.echo(json.dumps(result, ensure_ascii=False, indent=2))
+        return
+    table = Table(title=f"{path}", show_header=False)
+    for key, value in result.items():
+        if key == "problems":
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        table.add_row(key, str(value))
+    console.print(table)
+    for problem in result["problems"][:20]:
+        err_console.print(f"[yellow]bad record[/] {problem}", highlight=False)
+
+
+@cli.command()
+@_config_option
+@click.option(
+    "--backend",
+    type=click.Choice(CHOICES),
+    default=None,
+    help="Trainer (default: training.backend from the config, normally auto).",
+)
+@_preset_option
+@_set_option
+@click.option(
+    "--resume",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Continue an interrupted run from its last checkpoint (its folder).",
+)
+def train(
+    config_path: Path | None,
+    backend: str | None,
+    preset: str | None,
+    overrides: tuple[str, ...],
+    resume: Path | None,
+) -> None:
+    """Train a LoRA adapter (QLoRA on a 4-bit base by default) on your data."""
+    from qwen_mlx.training_run import start
+
+    start(_default_config(config_path), backend, preset, overrides, resume, console)
+
+
+@cli.command("tiny-model")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSONL whose text trains the tiny BPE tokenizer (default: built-in sample text).",
+)
+def tiny_model(out_dir: Path, data_file: Path | None) -> None:
+    """Build the offline demo model: a tiny random-weight Qwen2 with a real tokenizer.
+
+    Saved exactly like a downloaded Qwen2.5-Instruct folder, so every command can be tried
+    (and tested) without downloading anything. Its answers are noise until trained.
+    """
+    from qwen_mlx.tiny import build_tiny_model
+
+    path = build_tiny_model(out_dir, data_file=data_file)
+    console.print(f"[green]✓[/] tiny Qwen2 model written to {path}", highlight=False)
+
+
+def main() -> None:
+    cli(prog_name="qwen-mlx")

@@ -1,0 +1,236 @@
+"""Normalized records → token ids + loss mask, and packing of samples into rows.
+
+Chat records go through the model's own chat template (Qwen2.5: ChatML). The loss mask is
+computed on the rendered text: each assistant turn's span (its content and the closing
+``<|im_end|>``, not the newline after it) is found by rendering the conversation up to that
+turn, and every token whose offset starts inside a span is a training target. This works for
+any template that renders a conversation as a prefix of its continuation.
+
+Packing puts several samples in one row of ``max_seq_length`` tokens. Each row carries
+``segment_ids`` (1, 2, … per sample, 0 for padding) and ``position_ids`` restarting at 0 for
+every sample, so backends can keep attention inside each sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qwen_mlx.errors import UserError
+
+
+@dataclass
+class Sample:
+    """One tokenized record. ``loss_mask[t]`` is 1 where token ``t`` is a training target."""
+
+    input_ids: list[int]
+    loss_mask: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class EncodeReport:
+    encoded: int = 0
+    truncated: int = 0
+    dropped: int = 0  # nothing left to learn after truncation
+    lengths: list[int] = field(default_factory=list)  # before truncation
+
+    def warnings(self, max_seq_length: int) -> list[str]:
+        out = []
+        if self.truncated:
+            out.append(
+                f"{self.truncated} of {self.encoded} samples are longer than max_seq_length="
+                f"{max_seq_length} and were truncated; raise training.max_seq_length to keep them"
+            )
+        if self.dropped:
+            out.append(
+                f"{self.dropped} samples had no assistant tokens left after truncation and were "
+                "skipped"
+            )
+        return out
+
+
+def load_tokenizer(model_dir: str | Path) -> Any:
+    """The model folder's tokenizer through transformers (the same code path for every model)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer_config.json").is_file() and not (
+        model_dir / "tokenizer.json"
+    ).is_file():
+        raise UserError(
+            f"no tokenizer in {model_dir}: expected tokenizer.json and tokenizer_config.json "
+            "(download the model with `qwen-mlx download REPO_ID`)"
+        )
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserError(f"{model_dir}: a fast tokenizer (tokenizer.json) is required")
+    if not tokenizer.chat_template:
+        raise UserError(
+            f"{model_dir}/tokenizer_config.json has no chat_template; use an Instruct model "
+            "folder or add Qwen2.5's ChatML template"
+        )
+    return tokenizer
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+
+
+def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant turn."""
+    full = _render(tokenizer, messages)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1])
+        start = len(prefix)
+        if not full.startswith(upto) or not upto.startswith(prefix):
+            raise UserError(
+                "the chat template does not render a conversation as a prefix of its "
+                "continuation, so assistant tokens cannot be located; set data.mask_prompt: false"
+            )
+        # The closing marker (<|im_end|>) is learned; the newline after it is not.
+        spans.append((start, start + len(upto[start:].rstrip())))
+    return full, spans
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], mask_prompt: bool = True) -> Sample:
+    full, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(enc["input_ids"])
+    if not mask_prompt:
+        return Sample(ids, [0] + [1] * (len(ids) - 1))
+    mask = [0] * len(ids)
+    for t, (start, _end) in enumerate(enc["offset_mapping"]):
+        if any(a <= start < b for a, b in spans):
+            mask[t] = 1
+    return Sample(ids, mask)
+
+
+def end_of_text_id(tokenizer: Any) -> int:
+    """Document separator for plain-text records (Qwen: <|endoftext|>)."""
+    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+        return tid
+    return tokenizer.eos_token_id
+
+
+def encode_text(tokenizer: Any, text: str) -> Sample:
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [end_of_text_id(tokenizer)]
+    # The first token has no context inside its sample, so it is never a target.
+    return Sample(ids, [0] + [1] * (len(ids) - 1))
+
+
+def encode_record(tokenizer: Any, data: dict, mask_prompt: bool = True) -> Sample:
+    if "messages" in data:
+        return encode_chat(tokenizer, data["messages"], mask_prompt)
+    return encode_text(tokenizer, data["text"])
+
+
+def encode_records(
+    tokenizer: Any, records: Iterable[dict], max_seq_length: int, mask_prompt: bool = True
+) -> tuple[list[Sample], EncodeReport]:
+    """Encode normalized records; truncate to ``max_seq_length`` and count what that cost."""
+    report = EncodeReport()
+    samples = []
+    for data in records:
+        sample = encode_record(tokenizer, data, mask_prompt)
+        report.encoded += 1
+        report.lengths.append(len(sample))
+        if len(sample) > max_seq_length:
+            report.truncated += 1
+            sample = Sample(sample.input_ids[:max_seq_length], sample.loss_mask[:max_seq_length])
+        if not any(sample.loss_mask):
+            report.dropped += 1
+            continue
+        samples.append(sample)
+    return samples, report
+
+
+# ---------------------------------------------------------------- rows
+
+
+@dataclass
+class Row:
+    """One training row: token ids, loss mask, per-sample position ids and segment ids."""
+
+    input_ids: np.ndarray
+    loss_mask: np.ndarray
+    position_ids: np.ndarray
+    segment_ids: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int((self.segment_ids > 0).sum())
+
+
+def _row(samples: list[Sample], length: int, pad_id: int) -> Row:
+    ids = np.full(length, pad_id, dtype=np.int32)
+    mask = np.zeros(length, dtype=np.int8)
+    pos = np.zeros(length, dtype=np.int32)
+    seg = np.zeros(length, dtype=np.int32)
+    at = 0
+    for k, sample in enumerate(samples, start=1):
+        n = len(sample)
+        ids[at : at + n] = sample.input_ids
+        mask[at : at + n] = sample.loss_mask
+        pos[at : at + n] = np.arange(n)
+        seg[at : at + n] = k
+        at += n
+    return Row(ids, mask, pos, seg)
+
+
+def pack(samples: list[Sample], max_seq_length: int, pad_id: int) -> list[Row]:
+    """First-fit-decreasing bin packing of samples into rows of ``max_seq_length`` tokens.
+
+    Rows are padded to ``max_seq_length``; the order of rows is by construction, so the
+    trainer shuffles them (seeded) each epoch.
+    """
+    bins: list[list[Sample]] = []
+    space: list[int] = []
+    for sample in sorted(samples, key=len, reverse=True):
+        if len(sample) > max_seq_length:
+            raise ValueError("sample longer than max_seq_length; truncate before packing")
+        for b, free in enumerate(space):
+            if len(sample) <= free:
+                bins[b].append(sample)
+                space[b] -= len(sample)
+                break
+        else:
+            bins.append([sample])
+            space.append(max_seq_length - len(sample))
+    return [_row(b, max_seq_length, pad_id) for b in bins]
+
+
+def unpacked(samples: list[Sample], pad_id: int) -> list[Row]:
+    """One sample per row, unpadded (``collate`` pads a batch to its longest row)."""
+    return [_row([s], len(s), pad_id) for s in samples]
+
+
+def collate(rows: list[Row], pad_id: int) -> dict[str, np.ndarray]:
+    """Stack rows into ``(batch, length)`` arrays, padding to the longest row."""
+    length = max(len(r.input_ids) for r in rows)
+    out = {
+        "input_ids": np.full((len(rows), length), pad_id, dtype=np.int32),
+        "loss_mask": np.zeros((len(rows), length), dtype=np.int8),
+        "position_ids": np.zeros((len(rows), length), dtype=np.int32),
+        "segment_ids": np.zeros((len(rows), length), dtype=np.int32),
+    }
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        out["input_ids"][i, :n] = row.input_ids
+        out["loss_mask"][i, :n] = row.loss_mask
+        out["position_ids"][i, :n] = row.position_ids
+        out["segment_ids"][i, :n] = row.segment_ids
+    return out

@@ -1,0 +1,65 @@
+"""Start or resume a training run: resolve the config and backend, set up the run folder.
+
+The run folder (``output.dir``) describes itself: ``config.yaml`` holds the resolved config
+that produced it, so ``--resume RUN`` needs nothing but the folder. The backend does the
+training proper and writes ``adapter/``, ``checkpoints/`` and ``metrics.jsonl`` there.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qwen_mlx.backends import get_backend
+from qwen_mlx.config import Config, load_config, save_config
+from qwen_mlx.errors import UserError
+from qwen_mlx.model_files import download_hint
+
+RUN_CONFIG = "config.yaml"
+
+
+def _check_inputs(cfg: Config) -> None:
+    model = Path(cfg.model.path)
+    if not (model / "config.json").is_file():
+        raise UserError(f"model folder {model} not found or incomplete: {download_hint(model)}")
+    if not Path(cfg.data.train_file).is_file():
+        raise UserError(f"training data not found: {cfg.data.train_file} (data.train_file)")
+
+
+def resolve_run(
+    config_path: Path | None,
+    backend: str | None,
+    preset: str | None,
+    overrides: tuple[str, ...],
+    resume: Path | None,
+) -> tuple[Config, Path]:
+    """The config to train with and the run folder, for a new run or a resumed one."""
+    if resume is not None:
+        saved = resume / RUN_CONFIG
+        if not saved.is_file():
+            raise UserError(f"{resume} is not a run folder (no {RUN_CONFIG}); pass the run's dir")
+        cfg = load_config(saved, None, overrides)
+        run_dir = resume
+    else:
+        cfg = load_config(config_path, preset, overrides)
+        run_dir = Path(cfg.output.dir)
+        if (run_dir / "adapter").exists() or (run_dir / "checkpoints").exists():
+            raise UserError(
+                f"{run_dir} already holds a run: resume it with `qwen-mlx train --resume "
+                f"{run_dir}`, or pick a new folder with --set output.dir=…"
+            )
+    if backend is not None:
+        cfg.training.backend = backend
+    _check_inputs(cfg)
+    return cfg, run_dir
+
+
+def start(config_path, backend, preset, overrides, resume, console) -> Path:
+    """``qwen-mlx train``: everything is checked before the run folder is touched."""
+    cfg, run_dir = resolve_run(config_path, backend, preset, overrides, resume)
+    trainer = get_backend(cfg.training.backend)
+    console.print(f"backend: [bold]{trainer.name}[/] — run folder {run_dir}", highlight=False)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / RUN_CONFIG)
+    result = trainer.train(cfg, run_dir, resume=resume is not None)
+    console.print(f"[green]✓[/] adapter written to {result.adapter_dir}", highlight=False)
+    return run_dir

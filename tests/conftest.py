@@ -1,0 +1,33 @@
+"""Shared fixtures: the tiny Qwen2 model is built once per test session.
+
+Every backend and command loads this folder through the same code a downloaded
+Qwen2.5 model goes through, so tests exercise the real loading paths offline.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_TRAIN = REPO_ROOT / "data" / "报销细则_distilled_chunked.jsonl"
+BUNDLED_TEST = REPO_ROOT / "data" / "报销细则_test.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A complete tiny Qwen2.5-style model folder (random weights, BPE tokenizer, ChatML)."""
+    from qwen_mlx.tiny import build_tiny_model
+
+    out = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    data = BUNDLED_TRAIN if BUNDLED_TRAIN.exists() else None
+    build_tiny_model(out, data_file=data)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny model's tokenizer, loaded through transformers like a real one."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(tiny_model_dir)

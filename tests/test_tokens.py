@@ -1,0 +1,126 @@
+"""Tokenization through the chat template, the assistant-only loss mask, and packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_mlx.errors import UserError
+from qwen_mlx.tokens import (
+    Sample,
+    collate,
+    encode_chat,
+    encode_records,
+    encode_text,
+    load_tokenizer,
+    pack,
+    unpacked,
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "你是示例大学财务处的报销助手。"},
+    {"role": "user", "content": "出差住宿标准是多少？"},
+    {"role": "assistant", "content": "副教授在一类城市每晚不超过600元。"},
+    {"role": "user", "content": "超标的部分呢?"},
+    {"role": "assistant", "content": "超出部分自理, receipts must be kept (发票 2 张)."},
+]
+
+
+def masked_spans(tokenizer, sample: Sample) -> list[str]:
+    """Decode each run of consecutive training targets."""
+    spans, run = [], []
+    for token, target in zip(sample.input_ids, sample.loss_mask, strict=True):
+        if target:
+            run.append(token)
+        elif run:
+            spans.append(tokenizer.decode(run))
+            run = []
+    if run:
+        spans.append(tokenizer.decode(run))
+    return spans
+
+
+def test_mask_covers_exactly_the_assistant_turns(tiny_tokenizer):
+    sample = encode_chat(tiny_tokenizer, CONVERSATION)
+    assert masked_spans(tiny_tokenizer, sample) == [
+        CONVERSATION[2]["content"] + "<|im_end|>",
+        CONVERSATION[4]["content"] + "<|im_end|>",
+    ]
+    # The ids are exactly the template's tokenization: nothing added, nothing lost.
+    rendered = tiny_tokenizer.apply_chat_template(CONVERSATION, tokenize=False)
+    assert tiny_tokenizer.decode(sample.input_ids) == rendered
+
+
+def test_default_system_prompt_is_not_a_target(tiny_tokenizer):
+    sample = encode_chat(tiny_tokenizer, CONVERSATION[1:3])
+    assert "You are Qwen" in tiny_tokenizer.decode(sample.input_ids)
+    assert masked_spans(tiny_tokenizer, sample) == [CONVERSATION[2]["content"] + "<|im_end|>"]
+
+
+def test_mask_prompt_false_trains_on_everything_but_the_first_token(tiny_tokenizer):
+    sample = encode_chat(tiny_tokenizer, CONVERSATION, mask_prompt=False)
+    assert sample.loss_mask[0] == 0 and all(sample.loss_mask[1:])
+
+
+def test_plain_text_ends_with_endoftext(tiny_tokenizer):
+    sample = encode_text(tiny_tokenizer, "第一章 总则")
+    assert sample.input_ids[-1] == tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert tiny_tokenizer.decode(sample.input_ids[:-1]) == "第一章 总则"
+    assert sample.loss_mask == [0] + [1] * (len(sample) - 1)
+
+
+def test_truncation_is_counted_and_empty_targets_dropped(tiny_tokenizer):
+    long_answer = {"messages": [CONVERSATION[1], {"role": "assistant", "content": "很长。" * 200}]}
+    short = {"messages": CONVERSATION[1:3]}
+    length = len(encode_chat(tiny_tokenizer, short["messages"]))
+    samples, report = encode_records(tiny_tokenizer, [short, long_answer], max_seq_length=length + 5)
+    assert report.truncated == 1 and report.dropped == 0
+    assert [len(s) for s in samples] == [length, length + 5]
+    # Cut before the answer starts: nothing to learn, so the sample is skipped and counted.
+    samples, report = encode_records(tiny_tokenizer, [long_answer], max_seq_length=20)
+    assert samples == [] and report.dropped == 1
+    assert any("truncated" in w for w in report.warnings(20))
+
+
+def make_samples(lengths):
+    rng = np.random.default_rng(0)
+    return [
+        Sample(list(rng.integers(10, 100, n)), [0] + list(rng.integers(0, 2, n - 1)))
+        for n in lengths
+    ]
+
+
+def test_packing_keeps_every_sample_whole_and_separate():
+    samples = make_samples([30, 7, 50, 12, 64, 3, 25, 40])
+    rows = pack(samples, max_seq_length=64, pad_id=0)
+    assert all(len(r.input_ids) == 64 for r in rows)
+    assert len(rows) < len(samples)  # packing actually saves rows
+    recovered = []
+    for row in rows:
+        for seg in range(1, row.segment_ids.max() + 1):
+            where = np.flatnonzero(row.segment_ids == seg)
+            assert np.array_equal(where, np.arange(where[0], where[-1] + 1))  # contiguous
+            assert np.array_equal(row.position_ids[where], np.arange(len(where)))  # restart at 0
+            recovered.append((list(row.input_ids[where]), list(row.loss_mask[where])))
+        pad = row.segment_ids == 0
+        assert not row.loss_mask[pad].any()  # padding is never a target
+    expected = sorted((list(s.input_ids), list(s.loss_mask)) for s in samples)
+    assert sorted(recovered) == expected
+
+
+def test_packing_rejects_overlong_samples():
+    with pytest.raises(ValueError):
+        pack(make_samples([65]), max_seq_length=64, pad_id=0)
+
+
+def test_collate_pads_unpacked_rows():
+    rows = unpacked(make_samples([5, 9]), pad_id=0)
+    batch = collate(rows, pad_id=0)
+    assert batch["input_ids"].shape == (2, 9)
+    assert list(batch["segment_ids"][0]) == [1] * 5 + [0] * 4
+    assert not batch["loss_mask"][0, 5:].any()
+
+
+def test_missing_tokenizer_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="no tokenizer"):
+        load_tokenizer(tmp_path)
