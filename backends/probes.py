@@ -61,7 +61,9 @@ def probe_torch() -> Availability:
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():
         return Availability(True, "PyTorch on Apple MPS (no MLX installed)", "mps", found)
-    return Availability(True, "PyTorch on CPU: no CUDA GPU found (slow, hours for 3B)", "cpu", found)
+    return Availability(
+        True, "PyTorch on CPU: no CUDA GPU found (slow, hours for 3B)", "cpu", found
+    )
 
 
 PROBES = {"mlx": probe_mlx, "torch": probe_torch}

@@ -52,7 +52,9 @@ def check_data(cfg: Config) -> list[Finding]:
             continue
         title = f"{role} data: {path}"
         if report.kept == 0:
-            findings.append(Finding("fail", title, "no usable records", "see `qwen-mlx data stats`"))
+            findings.append(
+                Finding("fail", title, "no usable records", "see `qwen-mlx data stats`")
+            )
         elif report.problems:
             first = "; ".join(map(str, report.problems[:3]))
             findings.append(Finding("warn", title, report.summary(), f"bad records: {first}"))
@@ -67,7 +69,9 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
     try:
         chosen = detect()[0] if cfg.training.backend == "auto" else cfg.training.backend
     except UserError as err:
-        findings.append(Finding("fail", "backend", str(err), "pip install 'qwen-mlx[mlx]' or '[torch]'"))
+        findings.append(
+            Finding("fail", "backend", str(err), "pip install 'qwen-mlx[mlx]' or '[torch]'")
+        )
         return None, findings
     for name in PROBES:
         found = probe(name)
@@ -75,10 +79,7 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
         picked = name == chosen
         label = f"backend {name}" + (" (selected)" if picked else "")
         why = f"{found.reason}" + (f" — {versions}" if versions else "")
-        if found.ok:
-            status = "ok"
-        else:
-            status = "fail" if picked else "warn"
+        status = "ok" if found.ok else "fail" if picked else "warn"
         findings.append(Finding(status, label, why, "" if found.ok else found.reason))
         if picked and found.ok and name == "torch" and cfg.model.quantization != "none":
             findings.append(_torch_quantization(cfg, found.device, found.packages))
@@ -158,9 +159,9 @@ def render(findings: list[Finding], console) -> bool:
         line = f"{SYMBOLS[f.status]} {f.title}"
         if f.detail:
             line += f" [dim]—[/] {f.detail}"
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
         if f.fix and f.status != "ok":
-            console.print(f"    [bold]fix:[/] {f.fix}", highlight=False)
+            console.print(f"    [bold]fix:[/] {f.fix}", highlight=False, soft_wrap=True)
     ready = not any(f.status == "fail" for f in findings)
     verdict = "[green]ready to train[/]" if ready else "[red]not ready: fix the ✗ items above[/]"
     console.print(verdict)

@@ -129,8 +129,20 @@ def data() -> None:
     show_default=True,
     help="Folder for train/valid/test.jsonl and report.json.",
 )
-@click.option("--valid-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.05, show_default=True)
-@click.option("--test-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True)
+@click.option(
+    "--valid-ratio",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="Share of records for valid.jsonl.",
+)
+@click.option(
+    "--test-ratio",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.0,
+    show_default=True,
+    help="Share of records held out in test.jsonl for `eval`.",
+)
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
 def data_prepare(
@@ -150,7 +162,12 @@ def data_prepare(
     from qwen_mlx.dataprep import prepare
 
     result = prepare(
-        list(inputs), out_dir, valid_ratio=valid_ratio, test_ratio=test_ratio, seed=seed, strict=strict
+        list(inputs),
+        out_dir,
+        valid_ratio=valid_ratio,
+        test_ratio=test_ratio,
+        seed=seed,
+        strict=strict,
     )
     for problem in result.report.problems[:20]:
         err_console.print(f"[yellow]skipped[/] {problem}", highlight=False)
@@ -215,7 +232,12 @@ def train(
     overrides: tuple[str, ...],
     resume: Path | None,
 ) -> None:
-    """Train a LoRA adapter (QLoRA on a 4-bit base by default) on your data."""
+    """Train a LoRA adapter (QLoRA on a 4-bit base by default) on your data.
+
+    The config is read in layers: built-in defaults, then config.yaml (or -c FILE), then
+    --preset, then each --set. The run folder (output.dir) gets the resolved config.yaml,
+    adapter/, checkpoints/ and metrics.jsonl. Run `qwen-mlx check` first.
+    """
     from qwen_mlx.training_run import start
 
     start(_default_config(config_path), backend, preset, overrides, resume, console)

@@ -66,7 +66,8 @@ class LoraConfig:
     rank: int = _f(16, "LoRA rank r.")
     alpha: float = _f(32, "LoRA alpha; the update is scaled by alpha/rank on every backend.")
     dropout: float = _f(0.05, "Dropout on the LoRA input.")
-    target_modules: list[str] = _f(ALL_LINEAR, "Linear layers that get a LoRA adapter.")
+    # _f returns a dataclasses.field with a default_factory for lists, so this is safe.
+    target_modules: list[str] = _f(ALL_LINEAR, "Linear layers that get a LoRA adapter.")  # noqa: RUF009
 
 
 @dataclass
@@ -168,7 +169,7 @@ def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
         if value is None:
             return None
-        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        inner = next(a for a in typing.get_args(tp) if a is not type(None))
         return _coerce(value, inner, key, where)
     bad = UserError(
         f"{where}: '{key}' is {value!r}, expected {_type_name(tp)}; fix the value in the config"
@@ -216,7 +217,9 @@ def _set_key(cfg: Config, dotted: str, value: Any, where: str) -> None:
     if section not in sections or not key:
         if section in sections:
             raise UserError(f"{where}: '{dotted}' needs a key, e.g. '{section}.<key>'")
-        raise UserError(f"{where}: unknown section '{section}': {_did_you_mean(section, list(sections))}")
+        raise UserError(
+            f"{where}: unknown section '{section}': {_did_you_mean(section, list(sections))}"
+        )
     cls = sections[section]
     hints = typing.get_type_hints(cls)
     if key not in hints:

@@ -282,7 +282,8 @@ def load_records(
                 data, fmt = normalize(obj, system_prompt)
             except RecordError as err:
                 if strict:
-                    raise UserError(f"{source}: {err} (--strict stops at the first bad record)")
+                    hint = "--strict stops at the first bad record"
+                    raise UserError(f"{source}: {err} ({hint})") from None
                 report.problems.append(Problem(source, str(err)))
                 continue
             key = _dedup_key(data)

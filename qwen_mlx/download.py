@@ -48,7 +48,9 @@ def _hub_error(err: Exception, repo_id: str, endpoint: str) -> UserError:
     )
 
 
-def download(repo_id: str, local_dir: str | Path | None = None, revision: str | None = None) -> Path:
+def download(
+    repo_id: str, local_dir: str | Path | None = None, revision: str | None = None
+) -> Path:
     """Download ``repo_id`` into ``local_dir`` (default ``models/<repo_id>``) and verify it."""
     if not REPO_ID.match(repo_id):
         raise UserError(f"'{repo_id}' is not a repository id: use OWNER/NAME, e.g. Qwen/Qwen2.5-3B")
@@ -64,7 +66,9 @@ def download(repo_id: str, local_dir: str | Path | None = None, revision: str | 
         )
     except KeyboardInterrupt:
         raise UserError("download interrupted; run the same command again to resume") from None
-    except Exception as err:  # the hub raises many types (HTTP, connection, OS); all are user-facing
+    except (
+        Exception
+    ) as err:  # the hub raises many types (HTTP, connection, OS); all are user-facing
         raise _hub_error(err, repo_id, constants.ENDPOINT) from None
     failures = [f for f in check_model_dir(target) if f.status == "fail"]
     if failures:

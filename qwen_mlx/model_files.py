@@ -108,7 +108,11 @@ def check_weights(model_dir: Path) -> list[Finding]:
     if problems:
         return problems
     size = sum((model_dir / s).stat().st_size for s in shards)
-    return [Finding("ok", "weights", f"{len(shards)} shard(s), {len(names)} tensors, {size / 1e9:.2f} GB")]
+    return [
+        Finding(
+            "ok", "weights", f"{len(shards)} shard(s), {len(names)} tensors, {size / 1e9:.2f} GB"
+        )
+    ]
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
@@ -146,7 +150,9 @@ def _check_tokenizer(model_dir: Path) -> Finding:
         tok_config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         return Finding("fail", "tokenizer_config.json is not valid JSON")
-    has_template = bool(tok_config.get("chat_template")) or (model_dir / "chat_template.jinja").is_file()
+    has_template = (
+        bool(tok_config.get("chat_template")) or (model_dir / "chat_template.jinja").is_file()
+    )
     if not has_template:
         return Finding("warn", "tokenizer", "no chat template: chat data cannot be formatted")
     return Finding("ok", "tokenizer", "tokenizer.json + chat template")
@@ -156,7 +162,9 @@ def check_model_dir(model_dir: str | Path) -> list[Finding]:
     """All findings about a model folder; a missing folder is one failure with the fix."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        return [Finding("fail", f"model folder {model_dir} not found", fix=download_hint(model_dir))]
+        return [
+            Finding("fail", f"model folder {model_dir} not found", fix=download_hint(model_dir))
+        ]
     findings = [_check_config(model_dir), _check_tokenizer(model_dir), *check_weights(model_dir)]
     fix = f"re-run `{download_hint(model_dir)}` to fetch what is missing (it resumes)"
     for finding in findings:

@@ -59,9 +59,10 @@ class EncodeReport:
 def load_tokenizer(model_dir: str | Path) -> Any:
     """The model folder's tokenizer through transformers (the same code path for every model)."""
     model_dir = Path(model_dir)
-    if not (model_dir / "tokenizer_config.json").is_file() and not (
-        model_dir / "tokenizer.json"
-    ).is_file():
+    if (
+        not (model_dir / "tokenizer_config.json").is_file()
+        and not (model_dir / "tokenizer.json").is_file()
+    ):
         raise UserError(
             f"no tokenizer in {model_dir}: expected tokenizer.json and tokenizer_config.json "
             "(download the model with `qwen-mlx download REPO_ID`)"
@@ -127,7 +128,7 @@ def end_of_text_id(tokenizer: Any) -> int:
 
 
 def encode_text(tokenizer: Any, text: str) -> Sample:
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"]) + [end_of_text_id(tokenizer)]
+    ids = [*list(tokenizer(text, add_special_tokens=False)["input_ids"]), end_of_text_id(tokenizer)]
     # The first token has no context inside its sample, so it is never a target.
     return Sample(ids, [0] + [1] * (len(ids) - 1))
 

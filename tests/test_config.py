@@ -46,7 +46,9 @@ def test_presets_are_the_seeds_blocks(preset, epochs, lr, rank):
 
 def test_layers_file_then_preset_then_set(tmp_path):
     path = write(tmp_path, "training:\n  num_epochs: 7\n  seed: 1\n")
-    cfg = load_config(path, "quick", ["training.learning_rate=2e-4", "lora.target_modules=q_proj,v_proj"])
+    cfg = load_config(
+        path, "quick", ["training.learning_rate=2e-4", "lora.target_modules=q_proj,v_proj"]
+    )
     assert cfg.training.num_epochs == 1  # preset beats file
     assert cfg.training.seed == 1  # untouched file value kept
     assert cfg.training.learning_rate == pytest.approx(2e-4)  # --set beats preset

@@ -57,7 +57,10 @@ def test_openai_messages_including_text_parts():
         {
             "messages": [
                 {"role": "system", "content": "sys"},
-                {"role": "user", "content": [{"type": "text", "text": "多"}, {"type": "text", "text": "段"}]},
+                {
+                    "role": "user",
+                    "content": [{"type": "text", "text": "多"}, {"type": "text", "text": "段"}],
+                },
                 {"role": "assistant", "content": "好"},
             ]
         }
@@ -101,7 +104,10 @@ def test_config_system_prompt_only_where_missing():
     [
         ({"instruction": "q"}, "output: expected a string"),
         ({"instruction": "q", "output": "   "}, "output: empty text"),
-        ({"messages": [{"role": "user", "content": "q"}]}, "last message must come from the assistant"),
+        (
+            {"messages": [{"role": "user", "content": "q"}]},
+            "last message must come from the assistant",
+        ),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "no user turn"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "unsupported role 'tool'"),
         ({"conversations": [{"from": "bot", "value": "x"}]}, "unsupported role 'bot'"),
@@ -153,26 +159,43 @@ def test_bom_crlf_and_blank_lines(tmp_path):
 
 def test_exact_duplicates_are_removed_and_counted(tmp_path):
     row = {"instruction": "q", "output": "a"}
-    path = jsonl(tmp_path / "d.jsonl", [row, row, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
-    records, report = load_records([path])
+    path = jsonl(
+        tmp_path / "d.jsonl",
+        [
+            row,
+            row,
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+        ],
+    )
+    _records, report = load_records([path])
     assert report.kept == 1 and report.duplicates == 2  # same conversation in two formats
     assert "2 exact duplicates removed" in report.summary()
 
 
 def test_json_list_csv_and_parquet(tmp_path):
     pytest.importorskip("datasets")
-    rows = [{"instruction": "差旅", "input": "", "output": "按标准"}, {"prompt": "p", "completion": "c"}]
+    rows = [
+        {"instruction": "差旅", "input": "", "output": "按标准"},
+        {"prompt": "p", "completion": "c"},
+    ]
     (tmp_path / "d.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
     records, _ = load_records([tmp_path / "d.json"])
     assert len(records) == 2
-    (tmp_path / "d.csv").write_text("instruction,input,output\n差旅,,按标准\n会议,,凭票\n", encoding="utf-8")
+    (tmp_path / "d.csv").write_text(
+        "instruction,input,output\n差旅,,按标准\n会议,,凭票\n", encoding="utf-8"
+    )
     records, _ = load_records([tmp_path / "d.csv"])
-    assert [roles(r.data) for r in records] == [[(U, "差旅"), (A, "按标准")], [(U, "会议"), (A, "凭票")]]
+    assert [roles(r.data) for r in records] == [
+        [(U, "差旅"), (A, "按标准")],
+        [(U, "会议"), (A, "凭票")],
+    ]
     assert records[0].source.endswith("d.csv:2")
     import pandas as pd
 
-    pd.DataFrame([{"text": "第一章 总则"}, {"text": "第二章 差旅"}]).to_parquet(tmp_path / "d.parquet")
-    records, report = load_records([tmp_path / "d.parquet"])
+    pd.DataFrame([{"text": "第一章 总则"}, {"text": "第二章 差旅"}]).to_parquet(
+        tmp_path / "d.parquet"
+    )
+    records, _report = load_records([tmp_path / "d.parquet"])
     assert [r.data for r in records] == [{"text": "第一章 总则"}, {"text": "第二章 差旅"}]
 
 
@@ -202,7 +225,9 @@ def test_split_is_seeded_and_complete(tmp_path):
 
 def test_prepare_writes_split_and_report(tmp_path):
     rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(40)] + ["oops"]
-    result = prepare([jsonl(tmp_path / "d.jsonl", rows)], tmp_path / "out", valid_ratio=0.1, test_ratio=0.1)
+    result = prepare(
+        [jsonl(tmp_path / "d.jsonl", rows)], tmp_path / "out", valid_ratio=0.1, test_ratio=0.1
+    )
     assert result.counts == {"train": 32, "valid": 4, "test": 4}
     lines = (tmp_path / "out" / "train.jsonl").read_text(encoding="utf-8").splitlines()
     assert len(lines) == 32 and "messages" in json.loads(lines[0])

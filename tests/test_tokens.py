@@ -73,7 +73,9 @@ def test_truncation_is_counted_and_empty_targets_dropped(tiny_tokenizer):
     long_answer = {"messages": [CONVERSATION[1], {"role": "assistant", "content": "很长。" * 200}]}
     short = {"messages": CONVERSATION[1:3]}
     length = len(encode_chat(tiny_tokenizer, short["messages"]))
-    samples, report = encode_records(tiny_tokenizer, [short, long_answer], max_seq_length=length + 5)
+    samples, report = encode_records(
+        tiny_tokenizer, [short, long_answer], max_seq_length=length + 5
+    )
     assert report.truncated == 1 and report.dropped == 0
     assert [len(s) for s in samples] == [length, length + 5]
     # Cut before the answer starts: nothing to learn, so the sample is skipped and counted.
@@ -85,7 +87,7 @@ def test_truncation_is_counted_and_empty_targets_dropped(tiny_tokenizer):
 def make_samples(lengths):
     rng = np.random.default_rng(0)
     return [
-        Sample(list(rng.integers(10, 100, n)), [0] + list(rng.integers(0, 2, n - 1)))
+        Sample(list(rng.integers(10, 100, n)), [0, *list(rng.integers(0, 2, n - 1))])
         for n in lengths
     ]
 

@@ -1,0 +1,390 @@
+"""Build a tiny, offline Qwen2.5-Instruct look-alike model folder.
+
+The folder has the same files, tensor names, config keys, tokenizer structure and chat
+template as a downloaded Qwen2.5 model (0.5B/1.5B/3B: tied embeddings, bf16 weights), only
+with a few hundred thousand random parameters and a small byte-level BPE vocabulary trained
+on the user's data. Tests and demos run every backend, ``fuse`` and ``export`` on it through
+the same loading code a real model goes through, without network or a big download.
+
+Only numpy, tokenizers and a hand-written safetensors writer are used, so building it needs
+neither torch nor mlx and takes about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+
+from qwen_mlx.errors import UserError
+from qwen_mlx.fsutil import atomic_dir, write_json
+
+# Qwen2's pre-tokenizer split (as in its tokenizer.json); llama.cpp and others key on it.
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# Same order as Qwen2.5: these take the ids right after the BPE vocabulary.
+SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
+DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+TEMPLATE_NAME = "qwen2_5_chat_template.jinja"
+# Written into config.json as Qwen2.5-3B-Instruct ships it, so the folder reads like a download.
+_SAVED_BY_TRANSFORMERS = "4.43.1"
+_VOCAB_MULTIPLE = 64
+
+# Mixed Chinese/English/digits/punctuation so the vocabulary covers what tests and demos type
+# even without a data file; the role names and default system prompt tokenize compactly.
+_BUILTIN_CORPUS = (
+    DEFAULT_SYSTEM_PROMPT,
+    "system\nuser\nassistant\ntool\n",
+    "报销细则：教职工因公出差发生的交通费、住宿费和伙食补助费，凭有效票据按规定报销。",
+    "差旅费报销须在出差结束后30日内办理，逾期需由部门负责人签字说明原因。",
+    "住宿费标准：一般人员每人每天不超过500元，校级领导不超过800元，超出部分自理。",
+    "市内交通费按实际发生额报销，出租车票须注明起止地点和事由。",
+    "会议费、培训费应事先列入预算，并提供会议通知、签到表和费用明细。",
+    "购买办公用品单张发票金额超过1000元的，须附清单并经资产管理部门验收。",
+    "问：出差可以乘坐飞机吗？答：经批准后可乘坐经济舱，需提供登机牌和行程单。",
+    "增值税专用发票、电子普通发票均可作为报销凭证；发票抬头须为学校全称，税号准确。",
+    "科研经费报销需项目负责人审核签字，财务处复核后支付到个人银行卡或公务卡。",
+    "如有疑问，请联系财务处，电话：010-12345678，邮箱 finance@example.edu.cn。",
+    "你好！请问有什么可以帮你？我是一个中文助手，可以回答关于报销流程的问题。",
+    "一二三四五六七八九十百千万亿 年月日 时分秒 元角分 第一条 第二条 第三条 附则",
+    "The quick brown fox jumps over the lazy dog. Hello, world! How are you today?",
+    "Expense reports must be filed within 30 days; receipts over $100 need a manager's approval.",
+    "Travel: economy class only. Hotels up to 500 CNY per night. Meals are reimbursed at cost.",
+    "I'm sure it's fine, they'll say we've done what we'd planned. Don't worry, you're right.",
+    "0 1 2 3 4 5 6 7 8 9 10 42 100 2024-06-30 3.14159 1,234.50 99% #7 @home",
+    "def add(a, b):\n    return a + b\n\nprint(add(1, 2))  # 3\n",
+    '{"name": "get_weather", "arguments": {"city": "Beijing", "unit": "celsius"}}',
+    "<tool_call>\n</tool_call>\n<tool_response>\n</tool_response>\n<tools>\n</tools>\n",
+    "Q: What is the capital of France? A: Paris. Q: 2 + 2 = ? A: 4.",
+    "标点符号：，。、；：？！“”‘’（）《》【】——…… ,.;:?!\"'()[]{}<>-_/\\|+=*&^%$~`",
+)
+
+
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    data_file: str | os.PathLike | None = None,
+    *,
+    vocab_size: int = 2048,
+    hidden_size: int = 64,
+    intermediate_size: int = 128,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    seed: int = 0,
+    dtype: str = "bfloat16",
+) -> Path:
+    """Write a complete tiny Qwen2.5-Instruct-style model folder to ``out_dir``; return it.
+
+    ``vocab_size`` is the most tokens the tokenizer gets (BPE vocabulary plus the 3 special
+    tokens; a small corpus runs out of merges sooner). config.json's ``vocab_size`` pads the
+    real size up to a multiple of 64, leaving unused embedding rows as Qwen does.
+    The same arguments always give byte-identical weights and tokenizer files.
+    """
+    if dtype not in _ENCODERS:
+        raise ValueError(f"dtype must be one of {sorted(_ENCODERS)}, not {dtype!r}")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+    texts = read_corpus(data_file) if data_file is not None else []
+    tokenizer = train_tokenizer([*texts, *_BUILTIN_CORPUS], vocab_size)
+    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    dims = {
+        "vocab_size": padded_vocab_size(tokenizer.get_vocab_size(with_added_tokens=True)),
+        "hidden_size": hidden_size,
+        "intermediate_size": intermediate_size,
+        "num_hidden_layers": num_layers,
+        "num_attention_heads": num_heads,
+        "num_key_value_heads": num_kv_heads,
+    }
+    weights = init_weights(np.random.default_rng(seed), **dims)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        write_safetensors(tmp / "model.safetensors", weights, dtype)
+        tokenizer.save(str(tmp / "tokenizer.json"), pretty=True)
+        tokenizer.model.save(str(tmp))  # vocab.json + merges.txt, as Qwen folders ship them
+        write_json(tmp / "config.json", _model_config(dims, ids, dtype))
+        write_json(tmp / "generation_config.json", _generation_config(ids))
+        write_json(tmp / "tokenizer_config.json", _tokenizer_config(ids))
+    return out_dir
+
+
+# ---------------------------------------------------------------- data -> tokenizer
+
+
+def read_corpus(path: str | os.PathLike) -> list[str]:
+    """Every string value in a JSONL file (any record shape), in file order.
+
+    Strings nested in lists and objects count too, so seed ``history`` pairs, chat
+    ``messages`` and sharegpt ``conversations`` all feed the tokenizer.
+    """
+    path = Path(path)
+    fix = "give a UTF-8 JSONL file (one JSON object per line) or leave out --data"
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: tolerate a BOM from Windows editors
+    except FileNotFoundError:
+        raise UserError(f"data file not found: {path}; {fix}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"data file {path} is not UTF-8 text; {fix}") from None
+    except OSError as err:
+        raise UserError(f"cannot read data file {path} ({err.strerror}); {fix}") from None
+    texts: list[str] = []
+    # split("\n"), not splitlines(): U+2028 may sit unescaped inside a JSON string.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path} line {lineno} is not JSON ({err.msg}); {fix}") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path} line {lineno} is not a JSON object; {fix}")
+        texts.extend(_strings(record))
+    if not texts:
+        raise UserError(f"data file {path} has no text in it; {fix}")
+    return texts
+
+
+def _strings(value: object) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> Tokenizer:
+    """Train a byte-level BPE with Qwen2's tokenizer.json structure and special tokens."""
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError("vocab_size must leave room for the 256 byte tokens and 3 specials")
+    bpe = {"continuing_subword_prefix": "", "end_of_word_suffix": ""}  # Qwen's values
+    tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, **bpe))
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
+    tokenizer.post_processor = processors.ByteLevel(
+        add_prefix_space=False, trim_offsets=False, use_regex=False
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        # The full byte alphabet means any text, even unseen scripts, still encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=[],
+        show_progress=False,
+        **bpe,
+    )
+    tokenizer.train_from_iterator(texts, trainer, length=len(texts))
+    tokenizer = _with_qwen_decoder(tokenizer)
+    tokenizer.add_special_tokens([_special(tok) for tok in SPECIAL_TOKENS])
+    _check_tokenizer(tokenizer)
+    return tokenizer
+
+
+def _with_qwen_decoder(tokenizer: Tokenizer) -> Tokenizer:
+    # decoders.ByteLevel() ignores its options and saves them as true; Qwen's file has them
+    # false. They do not change decoding, but the folder should read like a real download.
+    spec = json.loads(tokenizer.to_str())
+    spec["decoder"] = {
+        "type": "ByteLevel",
+        "add_prefix_space": False,
+        "trim_offsets": False,
+        "use_regex": False,
+    }
+    return Tokenizer.from_str(json.dumps(spec))
+
+
+def _special(content: str) -> AddedToken:
+    return AddedToken(content, special=True, normalized=False)
+
+
+def _check_tokenizer(tokenizer: Tokenizer) -> None:
+    # A broken vocabulary would only show up later as garbled chat output; fail here instead.
+    sample = "报销细则 第3条：差旅费 1,234.50 元 (Travel), ok?\n"
+    ids = tokenizer.encode(sample, add_special_tokens=False).ids
+    if tokenizer.decode(ids, skip_special_tokens=False) != sample:
+        raise RuntimeError("tiny tokenizer does not round-trip text; this is a qwen-mlx bug")
+    for tok in SPECIAL_TOKENS:
+        if len(tokenizer.encode(tok).ids) != 1:
+            raise RuntimeError(f"tiny tokenizer splits {tok}; this is a qwen-mlx bug")
+
+
+def padded_vocab_size(n_tokens: int) -> int:
+    """Next multiple of 64 strictly above ``n_tokens``: Qwen leaves unused embedding rows."""
+    return (n_tokens // _VOCAB_MULTIPLE + 1) * _VOCAB_MULTIPLE
+
+
+def chat_template() -> str:
+    """Qwen2.5-Instruct's ChatML chat template (Jinja source)."""
+    return resources.files("qwen_mlx").joinpath("templates", TEMPLATE_NAME).read_text("utf-8")
+
+
+# ---------------------------------------------------------------- weights
+
+
+def init_weights(
+    rng: np.random.Generator,
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    intermediate_size: int,
+    num_hidden_layers: int,
+    num_attention_heads: int,
+    num_key_value_heads: int,
+) -> dict[str, np.ndarray]:
+    """Random float32 tensors under Qwen2ForCausalLM's names and shapes (tied embeddings).
+
+    Biases and norm weights are far from 0 and 1 so a converter that drops or misplaces
+    them (GGUF export, fuse) changes the logits and a test notices.
+    """
+    head_dim = hidden_size // num_attention_heads
+    q_dim, kv_dim = num_attention_heads * head_dim, num_key_value_heads * head_dim
+    e, f = hidden_size, intermediate_size
+    w = {"model.embed_tokens.weight": _normal(rng, (vocab_size, e))}
+    for i in range(num_hidden_layers):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
+        for name, out_dim in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
+            w[p + f"self_attn.{name}.weight"] = _normal(rng, (out_dim, e))
+            w[p + f"self_attn.{name}.bias"] = _normal(rng, (out_dim,), std=0.1)
+        w[p + "self_attn.o_proj.weight"] = _normal(rng, (e, q_dim))
+        w[p + "post_attention_layernorm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
+        w[p + "mlp.gate_proj.weight"] = _normal(rng, (f, e))
+        w[p + "mlp.up_proj.weight"] = _normal(rng, (f, e))
+        w[p + "mlp.down_proj.weight"] = _normal(rng, (e, f))
+    w["model.norm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
+    return w
+
+
+def _normal(rng: np.random.Generator, shape: tuple, std: float = 0.02, mean: float = 0.0):
+    return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
+
+
+def float32_to_bf16(array: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of ``array``, rounded to nearest even like torch."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+    # Rounding could carry a NaN's payload into the exponent; keep it a (quiet) NaN.
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
+
+
+# safetensors dtype code and little-endian encoder per supported dtype.
+_ENCODERS = {
+    "bfloat16": ("BF16", lambda a: float32_to_bf16(a).astype("<u2").tobytes()),
+    "float32": ("F32", lambda a: np.ascontiguousarray(a, dtype="<f4").tobytes()),
+}
+
+
+def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
+    """Write float32 ``tensors`` as a safetensors file stored in ``dtype``.
+
+    Written by hand because numpy has no bfloat16 and safetensors' numpy API needs one:
+    8-byte little-endian header size, JSON header, then the raw tensor bytes back to back.
+    """
+    code, encode = _ENCODERS[dtype]
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        blob = encode(tensors[name])
+        shape = list(tensors[name].shape)
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # safetensors pads the header so tensor data stays aligned
+    with open(path, "wb") as fh:
+        fh.write(struct.pack("<Q", len(head)) + head)
+        fh.writelines(blobs)
+
+
+# ---------------------------------------------------------------- json files
+
+
+def _model_config(dims: dict[str, int], ids: dict[str, int], dtype: str) -> dict:
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": ids[ENDOFTEXT],
+        "eos_token_id": ids[IM_END],
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "max_position_embeddings": 32768,
+        "max_window_layers": dims["num_hidden_layers"],
+        "model_type": "qwen2",
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "tie_word_embeddings": True,
+        "torch_dtype": dtype,
+        "transformers_version": _SAVED_BY_TRANSFORMERS,
+        "use_cache": True,
+        "use_sliding_window": False,
+        **dims,
+    }
+    return dict(sorted(config.items()))  # Qwen's config.json lists its keys alphabetically
+
+
+def _generation_config(ids: dict[str, int]) -> dict:
+    return {
+        "bos_token_id": ids[ENDOFTEXT],
+        "pad_token_id": ids[ENDOFTEXT],
+        "do_sample": True,
+        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
+        "repetition_penalty": 1.05,
+        "temperature": 0.7,
+        "top_p": 0.8,
+        "top_k": 20,
+        "transformers_version": _SAVED_BY_TRANSFORMERS,
+    }
+
+
+def _tokenizer_config(ids: dict[str, int]) -> dict:
+    decoder = {
+        str(ids[tok]): {
+            "content": tok,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for tok in SPECIAL_TOKENS
+    }
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "additional_special_tokens": [IM_START, IM_END],
+        "bos_token": None,
+        "chat_template": chat_template(),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": IM_END,
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": ENDOFTEXT,
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }

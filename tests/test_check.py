@@ -1,0 +1,146 @@
+"""`qwen-mlx check`: tells a complete model from a missing one and from a damaged one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from qwen_mlx.cli import cli
+from qwen_mlx.memory import estimate_training_memory, lora_parameter_count, parameter_count
+from qwen_mlx.model_files import check_model_dir
+
+QWEN25_3B = {  # public config.json numbers of Qwen2.5-3B
+    "hidden_size": 2048,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 36,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+}
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture
+def f32_model(tmp_path_factory):
+    from qwen_mlx.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny-f32", dtype="float32")
+
+
+def statuses(findings):
+    return {f.title: f.status for f in findings}
+
+
+def test_complete_model_passes(tiny_model_dir):
+    findings = check_model_dir(tiny_model_dir)
+    assert all(f.status == "ok" for f in findings), findings
+
+
+def test_missing_model_says_how_to_download(tmp_path):
+    (finding,) = check_model_dir(tmp_path / "models" / "Qwen" / "Qwen2.5-3B")
+    assert finding.status == "fail"
+    assert "qwen-mlx download Qwen/Qwen2.5-3B" in finding.fix
+
+
+def test_truncated_single_file_is_caught(tiny_model_dir, tmp_path):
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    bad = [f for f in check_model_dir(broken) if f.status == "fail"]
+    assert len(bad) == 1 and "wrong size" in bad[0].title
+    assert "resumes" in bad[0].fix
+
+
+def test_sharded_model_every_shard_checked(f32_model, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    out = shutil.copytree(f32_model, tmp_path / "sharded")
+    weights = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    names = sorted(weights)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :]), start=1):
+        shard = f"model-0000{i}-of-00002.safetensors"
+        save_file({n: weights[n] for n in part}, out / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    index = {"metadata": {}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert statuses(check_model_dir(out))["weights"] == "ok"
+
+    second = out / "model-00002-of-00002.safetensors"
+    data = second.read_bytes()
+    second.write_bytes(data[: len(data) // 2])  # an interrupted download
+    assert any("00002" in f.title and "wrong size" in f.title for f in check_model_dir(out))
+
+    second.unlink()
+    assert any("00002" in f.title and "missing" in f.title for f in check_model_dir(out))
+
+    second.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    assert any("unreadable" in f.title for f in check_model_dir(out))
+
+
+def test_memory_estimate_uses_real_model_sizes():
+    assert parameter_count(QWEN25_3B) == pytest.approx(3.09e9, rel=0.01)
+    assert lora_parameter_count(QWEN25_3B, 16, ALL) == pytest.approx(29.9e6, rel=0.01)
+    est = estimate_training_memory(
+        QWEN25_3B, quantization="4bit", rank=16, targets=ALL, max_seq_length=1024, batch_size=1
+    )
+    full = estimate_training_memory(
+        QWEN25_3B, quantization="none", rank=16, targets=ALL, max_seq_length=1024, batch_size=1
+    )
+    short = estimate_training_memory(
+        QWEN25_3B, quantization="4bit", rank=16, targets=ALL, max_seq_length=256, batch_size=1
+    )
+    assert short.total < est.total < full.total
+    assert 1.5e9 < est.parts["base weights"] < 2.5e9  # 4-bit 3B weights: about 2 GB
+
+
+def demo_args(model_dir, data_dir):
+    return [
+        "check",
+        "--set", f"model.path={model_dir}",
+        "--set", "model.quantization=none",
+        "--set", f"data.train_file={data_dir / 'train.jsonl'}",
+        "--set", "data.test_file=null",
+        "--set", "training.backend=torch",
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def small_data(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = [{"instruction": f"问题{i}", "output": f"回答{i}"} for i in range(10)]
+    text = "\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n{broken\n"
+    (folder / "train.jsonl").write_text(text, encoding="utf-8")
+    return folder
+
+
+def test_check_command_ready_with_tiny_model(tiny_model_dir, small_data, monkeypatch, tmp_path):
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, demo_args(tiny_model_dir, small_data))
+    assert result.exit_code == 0, result.output
+    assert "ready to train" in result.output
+    assert "train.jsonl:11: invalid JSON" in result.output  # the bad line is named
+    assert "memory" in result.output and "GiB" in result.output
+
+
+def test_check_command_not_ready_without_model(small_data, monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, demo_args(tmp_path / "models/Qwen/Qwen2.5-3B", small_data))
+    assert result.exit_code == 1
+    assert "qwen-mlx download Qwen/Qwen2.5-3B" in result.output
+    assert "not ready" in result.output
+
+
+def test_check_command_reports_a_bad_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.yaml").write_text("lora:\n  rnak: 8\n")
+    result = CliRunner().invoke(cli, ["check"])
+    assert result.exit_code == 1
+    assert "did you mean 'lora.rank'" in result.output
