@@ -47,7 +47,7 @@ def check_data(cfg: Config) -> list[Finding]:
         try:
             _, report = load_records([path], system_prompt=cfg.data.system_prompt)
         except UserError as err:
-            fix = f"set data.{role}_file to an existing file"
+            fix = f"point data.{role}_file at a .jsonl, .json, .csv or .parquet file"
             findings.append(Finding(missing, f"{role} data", str(err), fix))
             continue
         title = f"{role} data: {path}"
@@ -67,11 +67,14 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
     """The backend training would use here, and a finding per backend."""
     chosen, findings = None, []
     try:
-        chosen = detect()[0] if cfg.training.backend == "auto" else cfg.training.backend
+        if cfg.training.backend == "auto":
+            chosen, why = detect()
+            findings.append(Finding("ok", f"backend auto picks {chosen}", why))
+        else:
+            chosen = cfg.training.backend
     except UserError as err:
-        findings.append(
-            Finding("fail", "backend", str(err), "pip install 'qwen-mlx[mlx]' or '[torch]'")
-        )
+        fix = "pip install 'qwen-mlx[mlx]' (Mac) or 'qwen-mlx[torch]'"
+        findings.append(Finding("fail", "backend", str(err), fix))
         return None, findings
     for name in PROBES:
         found = probe(name)
@@ -101,16 +104,19 @@ def _torch_quantization(cfg: Config, device: str, packages: dict[str, str]) -> F
 
 def check_memory(cfg: Config, chosen: str | None) -> Finding:
     model_dir = Path(cfg.model.path)
+    torch_device = probe("torch").device if chosen == "torch" else None
+    # Without CUDA the torch backend trains an unquantized base, in fp32 on the CPU.
+    quantization = cfg.model.quantization if torch_device in (None, "cuda") else "none"
     try:
         model_config = read_model_config(model_dir)
         est = estimate_training_memory(
             model_config,
-            quantization=cfg.model.quantization,
+            quantization=quantization,
             rank=cfg.lora.rank,
             targets=cfg.lora.target_modules,
             max_seq_length=cfg.training.max_seq_length,
             batch_size=cfg.training.batch_size,
-            fp32_activations=chosen == "torch" and probe("torch").device == "cpu",
+            fp32=torch_device == "cpu",
         )
     except (OSError, ValueError, KeyError):
         return Finding("warn", "memory", "no estimate without a readable model config.json")

@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.console import Console
+from rich.progress import track
 
 from qwen_mlx.data import LoadReport, load_records, split_records
 from qwen_mlx.errors import UserError
@@ -106,7 +108,8 @@ def stats(
     from qwen_mlx.tokens import encode_records, load_tokenizer, pack
 
     tokenizer = load_tokenizer(model_dir)
-    samples, enc = encode_records(tokenizer, data, max_seq_length)
+    progress = track(data, description="tokenizing", transient=True, console=Console(stderr=True))
+    samples, enc = encode_records(tokenizer, progress, max_seq_length)
     result["tokens"] = _percentiles(enc.lengths)
     result["total_tokens"] = int(sum(enc.lengths))
     result["target_tokens"] = int(sum(sum(s.loss_mask) for s in samples))

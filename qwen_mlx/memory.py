@@ -83,20 +83,21 @@ def estimate_training_memory(
     targets: list[str],
     max_seq_length: int,
     batch_size: int,
-    fp32_activations: bool = False,
+    fp32: bool = False,
 ) -> Estimate:
     """Peak bytes for LoRA training of the model described by ``config`` (config.json)."""
     d = _dims(config)
     linear = d["L"] * sum(i * o for i, o in linear_shapes(config).values())
     embeddings = parameter_count(config) - linear
-    act_bytes = 4 if fp32_activations else 2
+    act_bytes = 4 if fp32 else 2  # fp32 is the torch CPU path: weights and activations
+    weight_bits = 32.0 if fp32 and quantization == "none" else BITS[quantization]
     tokens = max_seq_length * batch_size
     # Per token and layer, the backward pass keeps the inputs of the norms, attention and MLP
     # projections (about 16 hidden-size and 6 intermediate-size vectors) without checkpointing.
     activations = tokens * d["L"] * (16 * d["E"] + 6 * d["F"]) * act_bytes
     return Estimate(
         {
-            "base weights": linear * BITS[quantization] / 8 + embeddings * 2,
+            "base weights": (linear * weight_bits + embeddings * act_bytes * 8) / 8,
             "LoRA + optimizer": lora_parameter_count(config, rank, targets) * 16,
             "activations": activations,
             "logits": tokens * d["V"] * 4 * 2,  # fp32 logits and their gradient

@@ -108,11 +108,12 @@ def check_weights(model_dir: Path) -> list[Finding]:
     if problems:
         return problems
     size = sum((model_dir / s).stat().st_size for s in shards)
-    return [
-        Finding(
-            "ok", "weights", f"{len(shards)} shard(s), {len(names)} tensors, {size / 1e9:.2f} GB"
-        )
-    ]
+    detail = f"{len(shards)} shard(s), {len(names)} tensors, {_size(size)}"
+    return [Finding("ok", "weights", detail)]
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def read_model_config(model_dir: Path) -> dict[str, Any]:
