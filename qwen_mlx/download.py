@@ -1,17 +1,21 @@
 """``qwen-mlx download``: fetch a model from the Hugging Face Hub (or a mirror) into models/.
 
 A thin layer over ``huggingface_hub.snapshot_download``: only the files a model needs,
-resumable (re-running continues partial files), ``HF_ENDPOINT`` honoured for mirrors, and
-the result verified with the same checks ``qwen-mlx check`` runs.
+resumable (a re-run skips finished files and fetches the rest; a dropped connection is
+resumed in place), ``HF_ENDPOINT`` honoured for mirrors, and the result verified with the
+same checks ``qwen-mlx check`` runs. Ctrl-C stops the transfer promptly.
 """
 
 from __future__ import annotations
 
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.model_files import check_model_dir
+from qwen_mlx.model_files import check_model_dir, safetensors_header
 
 # Weights, configs, tokenizer and chat template; no .bin/.pth duplicates, no onnx/gguf.
 MODEL_FILE_PATTERNS = [
@@ -31,48 +35,129 @@ def default_local_dir(repo_id: str) -> Path:
     return Path("models") / repo_id
 
 
-def _hub_error(err: Exception, repo_id: str, endpoint: str) -> UserError:
+def _root_cause(err: BaseException) -> BaseException:
+    """The innermost ``__cause__`` (the hub wraps a refused connection in two layers)."""
+    while err.__cause__ is not None and err.__cause__ is not err:
+        err = err.__cause__
+    return err
+
+
+def _hub_error(err: Exception, repo_id: str, endpoint: str, revision: str | None) -> UserError:
     """Turn the hub's exceptions into one line that says what to do."""
     from huggingface_hub import errors
 
     if isinstance(err, errors.GatedRepoError):
         return UserError(f"{repo_id} is gated: accept its license on the hub, then `hf auth login`")
     if isinstance(err, errors.RepositoryNotFoundError):
-        return UserError(f"{repo_id} not found on {endpoint}: check the id, e.g. Qwen/Qwen2.5-3B")
+        return UserError(
+            f"{repo_id} not found on {endpoint}: check the id, e.g. Qwen/Qwen2.5-3B "
+            "(a private repo needs `hf auth login`)"
+        )
     if isinstance(err, errors.RevisionNotFoundError):
-        return UserError(f"revision not found in {repo_id}: check --revision")
-    reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        return UserError(f"revision '{revision}' not found in {repo_id}: check --revision")
+    cause = _root_cause(err)
+    lines = str(cause).strip().splitlines()
+    reason = lines[0][:200] if lines else type(cause).__name__
     return UserError(
         f"cannot download {repo_id} from {endpoint} ({reason}); check the network, or set "
         "HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com) and run it again"
     )
 
 
+def _remove_broken_shards(folder: Path) -> list[str]:
+    """Delete .safetensors files whose size disagrees with their header; return their names.
+
+    Such a file is unusable, and huggingface_hub trusts any file it finished once, so it
+    would never fetch it again: removing it is what lets a re-run repair the folder.
+    """
+    broken = []
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            _, expected = safetensors_header(path)
+            ok = path.stat().st_size == expected
+        except (ValueError, OSError):
+            ok = False
+        if not ok:
+            path.unlink(missing_ok=True)
+            broken.append(path.name)
+    return broken
+
+
+class _Cancelled(Exception):
+    """Raised inside a download thread once Ctrl-C was pressed."""
+
+
+@contextmanager
+def _stop_on_ctrl_c():
+    """A progress-bar class for ``snapshot_download`` that aborts its threads after Ctrl-C.
+
+    Without it Ctrl-C waits for every file in flight to finish (the hub's thread pool
+    joins its workers): minutes for a multi-GB shard. The download threads report each
+    received chunk to the progress bar, so its ``update`` is where they can be stopped.
+    """
+    from huggingface_hub.utils import tqdm
+
+    cancel = threading.Event()
+
+    class CancellableTqdm(tqdm):
+        def update(self, n=1):
+            if cancel.is_set():
+                raise _Cancelled
+            return super().update(n)
+
+    def on_sigint(signum, frame):
+        cancel.set()
+        raise KeyboardInterrupt
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    try:
+        yield CancellableTqdm
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def download(
     repo_id: str, local_dir: str | Path | None = None, revision: str | None = None
 ) -> Path:
-    """Download ``repo_id`` into ``local_dir`` (default ``models/<repo_id>``) and verify it."""
+    """Download ``repo_id`` into ``local_dir`` (default ``models/<repo_id>``) and verify it.
+
+    Safetensors files already in the folder whose size disagrees with their header are
+    deleted first and fetched again.
+    """
     if not REPO_ID.match(repo_id):
         raise UserError(f"'{repo_id}' is not a repository id: use OWNER/NAME, e.g. Qwen/Qwen2.5-3B")
     from huggingface_hub import constants, snapshot_download
 
     target = Path(local_dir) if local_dir else default_local_dir(repo_id)
+    _remove_broken_shards(target)
     try:
-        snapshot_download(
-            repo_id=repo_id,
-            revision=revision,
-            local_dir=str(target),
-            allow_patterns=MODEL_FILE_PATTERNS,
-        )
-    except KeyboardInterrupt:
+        with _stop_on_ctrl_c() as progress_class:
+            snapshot_download(
+                repo_id=repo_id,
+                revision=revision,
+                local_dir=str(target),
+                allow_patterns=MODEL_FILE_PATTERNS,
+                tqdm_class=progress_class,
+            )
+    except (KeyboardInterrupt, _Cancelled):
         raise UserError("download interrupted; run the same command again to resume") from None
-    except (
-        Exception
-    ) as err:  # the hub raises many types (HTTP, connection, OS); all are user-facing
-        raise _hub_error(err, repo_id, constants.ENDPOINT) from None
+    # The hub raises many types (HTTP, connection, OS); all of them are user-facing here.
+    except Exception as err:
+        raise _hub_error(err, repo_id, constants.ENDPOINT, revision) from None
     failures = [f for f in check_model_dir(target) if f.status == "fail"]
-    if failures:
+    if not failures:
+        return target
+    broken = _remove_broken_shards(target)
+    if broken:
         raise UserError(
-            f"downloaded {repo_id} but {failures[0].title}; run the same command again to resume"
+            f"downloaded {repo_id} but {failures[0].title}; deleted {', '.join(broken)}: run the "
+            "same command again to fetch it anew (if this repeats, the server's copy is broken: "
+            "try another HF_ENDPOINT)"
         )
-    return target
+    raise UserError(
+        f"{repo_id} is not a usable model: {failures[0].title} (qwen-mlx needs config.json, a "
+        "tokenizer and .safetensors weights, e.g. Qwen/Qwen2.5-3B, not a -GGUF repo); if the "
+        "download was cut short, run the same command again"
+    )

@@ -118,26 +118,21 @@ def test_data_stats_counts_tokens_and_truncation(tiny_model_dir, tmp_path):
     ]
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    result = CliRunner().invoke(
-        cli,
-        [
-            "data",
-            "stats",
-            str(path),
-            "--model",
-            str(tiny_model_dir),
-            "--max-seq-length",
-            "64",
-            "--json",
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    stats = json.loads(result.output)
-    assert stats["records"] == 20 and stats["formats"] == {"alpaca": 20}
-    lengths = stats["tokens"]
-    assert lengths["min"] <= lengths["p50"] <= lengths["p90"] <= lengths["max"]
-    assert 0 < stats["truncated"] < 20  # the longer answers exceed 64 tokens
-    assert stats["packed_rows"] <= 20
+
+    def run(max_len: int) -> dict:
+        args = ["data", "stats", str(path), "--model", str(tiny_model_dir), "--json"]
+        result = CliRunner().invoke(cli, [*args, "--max-seq-length", str(max_len)])
+        assert result.exit_code == 0, result.output
+        return json.loads(result.output)
+
+    roomy = run(4096)
+    assert roomy["records"] == 20 and roomy["formats"] == {"alpaca": 20}
+    lengths = roomy["tokens"]
+    assert lengths["min"] < lengths["p50"] <= lengths["p90"] < lengths["max"]  # answers grow
+    assert roomy["truncated"] == 0
+    assert roomy["packed_rows"] < 20  # short samples share rows
+    tight = run(lengths["p50"])
+    assert 0 < tight["truncated"] < 20  # the longer half no longer fits
 
 
 def test_tiny_model_command_builds_a_loadable_folder(tmp_path):
