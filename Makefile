@@ -27,6 +27,10 @@ demo: venv
 	$(BIN)/qwen-mlx data prepare $(TRAIN_DATA) -o $(DEMO)/data --valid-ratio 0.05
 	$(BIN)/qwen-mlx data stats $(DEMO)/data/train.jsonl --model $(TINY) --max-seq-length 512
 	$(BIN)/qwen-mlx check $(DEMO_SET)
+	rm -rf $(DEMO)/run
+	# A higher learning rate than the seed's: the random tiny model needs it to visibly learn.
+	$(BIN)/qwen-mlx train --backend torch $(DEMO_SET) --set training.num_epochs=3 \
+		--set training.learning_rate=2e-3 --set training.warmup_steps=5
 
 test: venv
 	$(BIN)/python -m pytest

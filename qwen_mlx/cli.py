@@ -29,7 +29,9 @@ class _Group(click.Group):
         try:
             return super().invoke(ctx)
         except UserError as err:
-            raise click.ClickException(str(err)) from None
+            clean = click.ClickException(str(err))
+            clean.exit_code = err.exit_code
+            raise clean from None
 
 
 _config_option = click.option(
@@ -262,6 +264,144 @@ def tiny_model(out_dir: Path, data_file: Path | None) -> None:
 
     path = build_tiny_model(out_dir, data_file=data_file)
     console.print(f"[green]✓[/] tiny Qwen2 model written to {path}", highlight=False)
+
+
+_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # qwen_mlx.gguf_export.QUANT_CHOICES
+_model_option = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Base model folder (default: the one the run's config or the adapter names).",
+)
+
+
+@cli.command()
+@click.argument("run_or_adapter", type=click.Path(path_type=Path))
+@_model_option
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the fused model (replaced only once complete).",
+)
+def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path) -> None:
+    """Merge a run's LoRA adapter into its base model: a plain Hugging Face folder.
+
+    RUN_OR_ADAPTER is a run folder (outputs/<run>) or an adapter folder (PEFT or mlx-lm).
+    The result loads in transformers, mlx-lm or llama.cpp's converter like any model;
+    weights keep the base's dtype. Works tensor by tensor, in little memory.
+    """
+    from qwen_mlx.fuse import fuse as run_fuse
+
+    result = run_fuse(run_or_adapter, out_dir, model_dir)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    console.print(
+        f"[green]✓[/] {result.fused} adapted weights fused, {result.copied} copied → {out_dir}",
+        highlight=False,
+    )
+
+
+@cli.command()
+@click.argument("run_or_adapter", required=False, type=click.Path(path_type=Path))
+@_model_option
+@click.option(
+    "-o",
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The GGUF file to write, e.g. outputs/run/model-q4_k_m.gguf.",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(_QUANTS),
+    default=None,
+    help="Weight type: f16 (default), bf16, q8_0, q4_0, or q4_k_m (needs llama-cpp-python). "
+    "With --lora-only: f16 or bf16 (default f32).",
+)
+@click.option(
+    "--lora-only", is_flag=True, help="Write only the adapter, as a LoRA GGUF (llama.cpp --lora)."
+)
+@click.option(
+    "--ollama",
+    "ollama_name",
+    metavar="NAME",
+    default=None,
+    help="Also run `ollama create NAME` with the Modelfile (needs ollama on PATH).",
+)
+def export(
+    run_or_adapter: Path | None,
+    model_dir: Path | None,
+    out_file: Path,
+    quant: str | None,
+    lora_only: bool,
+    ollama_name: str | None,
+) -> None:
+    """Export a trained run (or a plain --model) to GGUF for ollama and llama.cpp.
+
+    The adapter is applied on the fly; no fused copy is written. A Modelfile with the
+    Qwen2.5 chat template and stop tokens is written beside the GGUF.
+    """
+    from qwen_mlx.gguf_export import export as run_export
+
+    result = run_export(
+        run_or_adapter,
+        out_file,
+        model=model_dir,
+        quant=quant,
+        lora_only=lora_only,
+        ollama=ollama_name,
+    )
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False)
+    size = result.path.stat().st_size / 1e6
+    console.print(f"[green]✓[/] wrote {result.path} ({size:,.1f} MB)", highlight=False)
+    if result.modelfile is None:
+        return
+    console.print(f"[green]✓[/] wrote {result.modelfile}", highlight=False)
+    if ollama_name:
+        console.print(f"[green]✓[/] ollama model {ollama_name} created", highlight=False)
+    else:
+        command = " ".join(result.ollama_create)
+        console.print(f"load it into ollama with:\n  {command}", highlight=False)
+
+
+@cli.group(cls=_Group)
+def adapter() -> None:
+    """Work with LoRA adapters: convert between PEFT and mlx-lm formats."""
+
+
+@adapter.command("convert")
+@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    "to_format",
+    required=True,
+    type=click.Choice(["mlx-lm", "peft"]),
+    help="Target format: mlx-lm (adapters.safetensors) or peft (adapter_model.safetensors).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the converted adapter.",
+)
+def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path) -> None:
+    """Convert ADAPTER_DIR (a PEFT or mlx-lm LoRA adapter, or a run folder) to another format.
+
+    The update each layer applies is unchanged: mlx_lm.load(model, adapter_path=OUT) and
+    peft.PeftModel.from_pretrained(model, OUT) give the same model.
+    """
+    from qwen_mlx.adapters import convert_adapter
+
+    convert_adapter(adapter_dir, to_format, out_dir)
+    console.print(f"[green]✓[/] {to_format} adapter written to {out_dir}", highlight=False)
 
 
 def main() -> None:

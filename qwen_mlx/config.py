@@ -85,6 +85,21 @@ class TrainingConfig:
     max_seq_length: int = _f(1024, "Tokens per row; longer samples are truncated (counted).")
     packing: bool = _f(True, "Pack several samples into one row (attention kept per sample).")
     seed: int = _f(42, "Seed for data split, order, LoRA init and dropout.")
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute activations in the backward pass: less memory, about 30% slower."
+    )
+    eval_every: int = _f(
+        0, "Validation loss every N optimizer updates (0: about 10 times a run), and each epoch."
+    )
+    save_every: int = _f(
+        0, "Checkpoint every N optimizer updates (0: about 5 times a run), and each epoch."
+    )
+    max_steps: int = _f(
+        0,
+        "Stop after N optimizer updates (0: all epochs). The schedule still spans every "
+        "epoch, so a run stopped early resumes exactly where it was.",
+    )
 
 
 @dataclass
@@ -129,6 +144,10 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "training.gradient_accumulation_steps": (lambda v: v >= 1, "an integer ≥ 1"),
     "training.warmup_steps": (lambda v: v >= 0, "an integer ≥ 0"),
     "training.max_seq_length": (lambda v: v >= 16, "an integer ≥ 16"),
+    "training.max_grad_norm": (lambda v: v >= 0, "a number ≥ 0"),
+    "training.eval_every": (lambda v: v >= 0, "an integer ≥ 0"),
+    "training.save_every": (lambda v: v >= 0, "an integer ≥ 0"),
+    "training.max_steps": (lambda v: v >= 0, "an integer ≥ 0"),
 }
 
 

@@ -10,3 +10,11 @@ class UserError(Exception):
     """A problem with the user's input; ``str(err)`` is the whole message, fix included."""
 
     exit_code = 1
+
+
+class TrainingStopped(UserError):
+    """Training stopped early (NaN loss, Ctrl-C); the message says how to go on."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code

@@ -257,25 +257,32 @@ def init_weights(
     """Random float32 tensors under Qwen2ForCausalLM's names and shapes (tied embeddings).
 
     Biases and norm weights are far from 0 and 1 so a converter that drops or misplaces
-    them (GGUF export, fuse) changes the logits and a test notices.
+    them (GGUF export, fuse) changes the logits and a test notices. Matrices are scaled by
+    1/sqrt(fan-in) and embeddings have std 0.2, like a trained network's signal scale rather
+    than the usual 0.02 init: with 0.02 the frozen, tied output embedding keeps every logit
+    near zero and LoRA cannot measurably learn in the few dozen steps tests can afford.
     """
     head_dim = hidden_size // num_attention_heads
     q_dim, kv_dim = num_attention_heads * head_dim, num_key_value_heads * head_dim
     e, f = hidden_size, intermediate_size
-    w = {"model.embed_tokens.weight": _normal(rng, (vocab_size, e))}
+    w = {"model.embed_tokens.weight": _normal(rng, (vocab_size, e), std=0.2)}
     for i in range(num_hidden_layers):
         p = f"model.layers.{i}."
         w[p + "input_layernorm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
         for name, out_dim in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
-            w[p + f"self_attn.{name}.weight"] = _normal(rng, (out_dim, e))
+            w[p + f"self_attn.{name}.weight"] = _linear(rng, out_dim, e)
             w[p + f"self_attn.{name}.bias"] = _normal(rng, (out_dim,), std=0.1)
-        w[p + "self_attn.o_proj.weight"] = _normal(rng, (e, q_dim))
+        w[p + "self_attn.o_proj.weight"] = _linear(rng, e, q_dim)
         w[p + "post_attention_layernorm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
-        w[p + "mlp.gate_proj.weight"] = _normal(rng, (f, e))
-        w[p + "mlp.up_proj.weight"] = _normal(rng, (f, e))
-        w[p + "mlp.down_proj.weight"] = _normal(rng, (e, f))
+        w[p + "mlp.gate_proj.weight"] = _linear(rng, f, e)
+        w[p + "mlp.up_proj.weight"] = _linear(rng, f, e)
+        w[p + "mlp.down_proj.weight"] = _linear(rng, e, f)
     w["model.norm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
     return w
+
+
+def _linear(rng: np.random.Generator, out_features: int, in_features: int) -> np.ndarray:
+    return _normal(rng, (out_features, in_features), std=in_features**-0.5)
 
 
 def _normal(rng: np.random.Generator, shape: tuple, std: float = 0.02, mean: float = 0.0):

@@ -1,0 +1,245 @@
+"""The PyTorch backend: LoRA / QLoRA with PEFT on CUDA, CPU or MPS.
+
+The shared loop (:mod:`qwen_mlx.loop`) drives training; this module supplies its hooks
+(forward/backward, AdamW update, checkpoint files) and inference (load + generate). Under
+``torchrun --nproc_per_node N`` it runs as DDP: each rank trains on its share of rows,
+gradients are averaged, and rank 0 writes the run folder. Importing this module does not
+import torch; that happens when a backend method runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
+from qwen_mlx.backends.probes import probe_torch
+from rich.console import Console
+
+from qwen_mlx.config import Config
+from qwen_mlx.fsutil import atomic_dir
+
+# bitsandbytes' CPU path looks for an optional kernel on the hub at import and logs a warning
+# when it is absent (it always is offline); PEFT still calls transformers APIs deprecated in
+# v5. Neither is actionable for a user.
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+warnings.filterwarnings(
+    "ignore", message=r".*deprecated and will be removed in v6", category=FutureWarning
+)
+
+
+class TorchHooks:
+    """The loop's hooks for a PEFT model (optionally DDP-wrapped)."""
+
+    def __init__(self, peft_model, device, cfg: Config, dist_info: tuple[int, int]):
+        import torch
+        from qwen_mlx.backends.torch_model import TokenLoss
+
+        self.torch = torch
+        self.model, self.device, self.cfg = peft_model, device, cfg
+        self.rank, self.world_size = dist_info
+        self.loss = TokenLoss(peft_model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [device.index] if device.type == "cuda" else None
+            self.loss = DistributedDataParallel(self.loss, device_ids=ids)
+        self.params = [p for p in peft_model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=cfg.training.learning_rate, weight_decay=0.0,
+            fused=device.type == "cuda",
+        )  # fmt: skip
+        self.rng: dict[str, Any] = {}
+
+    def _tensors(self, batch):
+        t = self.torch
+        return [
+            t.from_numpy(batch[k]).to(self.device, t.long)
+            for k in ("input_ids", "position_ids", "loss_mask")
+        ]
+
+    def micro_step(self, batch, scale: float, sync: bool) -> float:
+        import contextlib
+
+        self.model.train()
+        no_sync = getattr(self.loss, "no_sync", None)
+        context = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
+        with context:
+            total = self.loss(*self._tensors(batch))
+            (total * scale).backward()
+        return float(total.detach())
+
+    def optimizer_step(self, lr: float) -> float:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        limit = self.cfg.training.max_grad_norm or float("inf")
+        norm = self.torch.nn.utils.clip_grad_norm_(self.params, limit)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def discard_gradients(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def eval_loss(self, batches) -> tuple[float, int]:
+        self.model.eval()
+        total, count = 0.0, 0
+        inner = getattr(self.loss, "module", self.loss)  # no DDP collectives on rank 0 alone
+        with self.torch.no_grad():
+            for batch in batches:
+                total += float(inner(*self._tensors(batch)))
+                count += int(batch["loss_mask"][:, 1:].sum())
+        return total, count
+
+    def snapshot_rng(self) -> None:
+        t = self.torch
+        self.rng = {"cpu": t.get_rng_state()}
+        if t.cuda.is_available():
+            self.rng["cuda"] = t.cuda.get_rng_state_all()
+
+    def save_state(self, folder: Path) -> None:
+        self.model.save_pretrained(folder / "adapter")
+        self.torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        self.torch.save(self.rng, folder / "rng.pt")
+
+    def load_state(self, folder: Path) -> None:
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        weights = load_file(folder / "adapter" / "adapter_model.safetensors", device="cpu")
+        set_peft_model_state_dict(self.model, weights)
+        optimizer_state = self.torch.load(folder / "optimizer.pt", map_location=self.device)
+        self.optimizer.load_state_dict(optimizer_state)
+        rng = self.torch.load(folder / "rng.pt", weights_only=False)
+        self.torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and self.torch.cuda.is_available():
+            self.torch.cuda.set_rng_state_all(rng["cuda"])
+
+    def save_adapter(self, folder: Path) -> None:
+        with atomic_dir(folder) as tmp:
+            self.model.save_pretrained(tmp)
+
+    def all_reduce_sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        tensor = self.torch.tensor([value], dtype=self.torch.float64, device=self.device)
+        self.torch.distributed.all_reduce(tensor)
+        return float(tensor.item())
+
+    def peak_memory_gb(self) -> float:
+        from qwen_mlx.backends.torch_model import peak_memory_gb
+
+        return peak_memory_gb(self.device)
+
+
+def _init_distributed() -> tuple[int, int, Any]:
+    """(rank, world size, device) — DDP when started by torchrun, else a single process."""
+    import torch
+    from qwen_mlx.backends.torch_model import pick_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, pick_device()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), world, pick_device()
+
+
+def run_training(
+    cfg: Config, run_dir: Path, resume: bool, console: Console
+) -> tuple[TrainResult, Any]:
+    """Train per ``cfg`` into ``run_dir``; return the result and the trained PEFT model."""
+    import torch
+    from qwen_mlx.backends.torch_model import add_lora, load_base, quantization_plan
+
+    from qwen_mlx.loop import train_loop
+    from qwen_mlx.run_data import build_run_data
+    from qwen_mlx.tokens import load_tokenizer
+
+    rank, world, device = _init_distributed()
+    main = rank == 0
+    quantization, note = quantization_plan(cfg.model.quantization, device)
+    if main:
+        console.print(f"device: {device}" + (f" ×{world} (DDP)" if world > 1 else ""))
+        if note:
+            console.print(f"[yellow]⚠[/] {note}")
+    tokenizer = load_tokenizer(cfg.model.path)
+    data = build_run_data(cfg, tokenizer, run_dir if main else None)
+    if main:
+        for line in data.messages:
+            console.print(line, highlight=False)
+    model = add_lora(
+        load_base(cfg.model.path, quantization, device), cfg, cfg.training.gradient_checkpointing
+    )
+    hooks = TorchHooks(model, device, cfg, (rank, world))
+    state = train_loop(cfg, data, hooks, run_dir, console, resume)
+    adapter_dir = run_dir / "adapter"
+    if main:
+        hooks.save_adapter(adapter_dir)
+    if world > 1:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return TrainResult(run_dir, adapter_dir, state.step), model
+
+
+class TorchBackend:
+    """``qwen-mlx train --backend torch`` and torch inference."""
+
+    name = "torch"
+
+    def availability(self) -> Availability:
+        return probe_torch()
+
+    def train(self, config: Config, run_dir: Path, resume: bool = False) -> TrainResult:
+        return run_training(config, run_dir, resume, Console())[0]
+
+    def load(self, model_dir: Path, adapter_dir: Path | None = None) -> Any:
+        """(model, tokenizer) in eval mode; a PEFT adapter is applied when given."""
+        import torch
+        from qwen_mlx.backends.torch_model import pick_device
+        from transformers import AutoModelForCausalLM
+
+        from qwen_mlx.tokens import load_tokenizer
+
+        device = pick_device()
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
+        if adapter_dir is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        model.eval()
+        return model, load_tokenizer(model_dir)
+
+    def generate(
+        self, loaded: Any, messages: list[dict[str, str]], settings: GenerationSettings
+    ) -> Iterator[str]:
+        from transformers import TextIteratorStreamer
+
+        model, tokenizer = loaded
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )["input_ids"].to(model.device)
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        sample = settings.temperature > 0
+        kwargs = {"input_ids": ids, "max_new_tokens": settings.max_tokens, "streamer": streamer,
+                  "do_sample": sample, "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
+        if sample:
+            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if settings.stop:
+            kwargs.update(stop_strings=settings.stop, tokenizer=tokenizer)
+        thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+        thread.start()
+        yield from streamer
+        thread.join()

@@ -1,0 +1,292 @@
+"""The training loop shared by every backend.
+
+A backend supplies :class:`Hooks` (forward/backward on one batch, optimizer update, eval,
+checkpoint files); this module owns everything else, so MLX and PyTorch runs behave the
+same: data order, gradient accumulation, warmup + cosine schedule, progress, metrics,
+validation, loss warnings, checkpoints, resume and Ctrl-C.
+
+Determinism is what makes resume exact: the row order of epoch ``e`` is a permutation
+seeded by ``(seed, e)``, the learning rate is a function of the step, checkpoints are taken
+at optimizer-update boundaries, and the backend saves the RNG state (dropout) as of the
+start of the next accumulation window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+from rich.console import Console
+
+from qwen_mlx import checkpoints
+from qwen_mlx.checkpoints import LoopState
+from qwen_mlx.config import Config
+from qwen_mlx.errors import TrainingStopped
+from qwen_mlx.monitor import LossWatch, MetricsLog, plot_loss, progress_bar
+from qwen_mlx.run_data import RunData
+from qwen_mlx.tokens import Row, collate
+
+
+class Hooks(Protocol):
+    """What a backend does for the loop; batches are dicts of numpy arrays (see collate)."""
+
+    rank: int
+    world_size: int
+
+    def micro_step(self, batch: dict[str, np.ndarray], scale: float, sync: bool) -> float:
+        """Forward + backward of ``scale * summed token loss``; return the summed loss."""
+
+    def optimizer_step(self, lr: float) -> float:
+        """Clip, update, zero the gradients; return the gradient norm before clipping."""
+
+    def discard_gradients(self) -> None: ...
+
+    def eval_loss(self, batches: Iterator[dict[str, np.ndarray]]) -> tuple[float, int]:
+        """Summed token loss and number of target tokens over ``batches`` (no dropout)."""
+
+    def snapshot_rng(self) -> None:
+        """Remember the RNG state now; checkpoints save the last snapshot."""
+
+    def save_state(self, folder: Path) -> None:
+        """Write adapter, optimizer and RNG snapshot into ``folder``."""
+
+    def load_state(self, folder: Path) -> None: ...
+
+    def save_adapter(self, folder: Path) -> None:
+        """Write the canonical PEFT-format adapter into ``folder``."""
+
+    def all_reduce_sum(self, value: float) -> float: ...
+
+    def peak_memory_gb(self) -> float: ...
+
+
+@dataclass
+class Plan:
+    """How many rows, batches, windows and optimizer updates a run has."""
+
+    rows: int
+    batch_size: int
+    accumulation: int
+    epochs: int
+    warmup: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(self.rows / self.batch_size)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return math.ceil(self.batches_per_epoch / self.accumulation)
+
+    @property
+    def total_steps(self) -> int:
+        return self.windows_per_epoch * self.epochs
+
+
+def learning_rate(step: int, total: int, warmup: int, peak: float) -> float:
+    """Linear warmup to ``peak`` over ``warmup`` updates, then cosine decay to 0."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
+    return np.random.default_rng([seed, epoch]).permutation(n).tolist()
+
+
+def rank_rows(rows: list[Row], rank: int, world: int) -> list[Row]:
+    """This rank's share; every rank gets the same count so collectives stay in step."""
+    share = len(rows) // world if world > 1 else len(rows)
+    return rows[rank::world][:share]
+
+
+def _windows(order: list[int], plan: Plan) -> list[list[list[int]]]:
+    batches = [order[i : i + plan.batch_size] for i in range(0, len(order), plan.batch_size)]
+    return [batches[i : i + plan.accumulation] for i in range(0, len(batches), plan.accumulation)]
+
+
+def _every(value: int, total: int, times: int) -> int:
+    return value if value > 0 else max(1, total // times)
+
+
+def _evaluate(hooks: Hooks, rows: list[Row], batch_size: int, pad_id: int) -> float | None:
+    if not rows:
+        return None
+    batches = (collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size))
+    total, count = hooks.eval_loss(batches)
+    return total / max(count, 1)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lr: float
+    grad_norm: float
+    tokens: int
+
+
+def _train_window(
+    hooks: Hooks, window: list[dict[str, np.ndarray]], lr: float, step: int, run_dir: Path
+) -> StepResult:
+    """One optimizer update over an accumulation window; the loss is a per-token mean."""
+    targets = hooks.all_reduce_sum(float(sum(int(b["loss_mask"][:, 1:].sum()) for b in window)))
+    # DDP averages gradients over ranks, hence world_size / (targets of all ranks).
+    scale = hooks.world_size / max(targets, 1.0)
+    loss_sum = 0.0
+    for k, batch in enumerate(window):
+        loss_sum += hooks.micro_step(batch, scale, sync=k == len(window) - 1)
+    loss = hooks.all_reduce_sum(loss_sum) / max(targets, 1.0)
+    if not math.isfinite(loss):
+        hooks.discard_gradients()
+        raise TrainingStopped(
+            f"loss became {loss} at step {step + 1}; stopped. The last good checkpoint is kept "
+            f"in {run_dir / 'checkpoints'}. Lower training.learning_rate (e.g. 2-5×) and start "
+            "a new run"
+        )
+    grad_norm = hooks.optimizer_step(lr)
+    hooks.snapshot_rng()
+    tokens = sum(int((b["segment_ids"] > 0).sum()) for b in window) * hooks.world_size
+    return StepResult(loss, lr, grad_norm, tokens)
+
+
+def _plan(cfg: Config, rows: int, console: Console, main: bool) -> Plan:
+    t = cfg.training
+    plan = Plan(rows, t.batch_size, t.gradient_accumulation_steps, t.num_epochs, t.warmup_steps)
+    if t.warmup_steps >= plan.total_steps:
+        plan.warmup = plan.total_steps // 10
+        if main:
+            console.print(
+                f"[yellow]⚠[/] warmup_steps {t.warmup_steps} ≥ the run's {plan.total_steps} "
+                f"updates; warming up over {plan.warmup} instead"
+            )
+    return plan
+
+
+def _resume(run_dir: Path, hooks: Hooks, data: RunData, console: Console) -> LoopState:
+    folder, state = checkpoints.latest(run_dir)
+    if state.data_fingerprint != data.fingerprint:
+        raise TrainingStopped(
+            f"the training data or tokenizer changed since {folder}; resuming needs the same "
+            "data (or start a new run)"
+        )
+    hooks.load_state(folder)
+    if hooks.rank == 0:
+        console.print(f"resuming from {folder} (step {state.step})")
+    return state
+
+
+def train_loop(
+    cfg: Config, data: RunData, hooks: Hooks, run_dir: Path, console: Console, resume: bool
+) -> LoopState:
+    """Train until the plan (or ``training.max_steps``) is done; return the final state."""
+    t = cfg.training
+    main = hooks.rank == 0
+    rows = rank_rows(data.train, hooks.rank, hooks.world_size)
+    plan = _plan(cfg, len(rows), console, main)
+    total = plan.total_steps
+    state = _resume(run_dir, hooks, data, console) if resume else LoopState()
+    state.data_fingerprint = data.fingerprint
+    stop_at = min(total, t.max_steps) if t.max_steps else total
+    eval_every, save_every = _every(t.eval_every, total, 10), _every(t.save_every, total, 5)
+    # Only rank 0 writes into the run folder.
+    metrics = (
+        MetricsLog(run_dir / "metrics.jsonl", state.step if resume else None) if main else None
+    )
+    watch = LossWatch(total, plan.warmup)
+    progress = progress_bar(console)
+    task = progress.add_task(
+        "train", total=stop_at, completed=state.step, epoch=state.epoch + 1,
+        loss="-", lr="-", tps="-", mem="-",
+    )  # fmt: skip
+    saved = {"step": state.step if resume else -1}
+    hooks.snapshot_rng()
+
+    def checkpoint() -> None:
+        if main and saved["step"] != state.step:
+            checkpoints.save(run_dir, state, hooks.save_state)
+            saved["step"] = state.step
+
+    def validate() -> None:
+        val = _evaluate(hooks, data.valid, t.batch_size, data.pad_id) if main else None
+        if val is not None:
+            epoch = round(state.epoch + state.window / plan.windows_per_epoch, 4)
+            metrics.write(type="eval", step=state.step, epoch=epoch, val_loss=val,
+                          val_ppl=math.exp(min(val, 50)))  # fmt: skip
+            progress.console.print(f"step {state.step}: validation loss {val:.4f}")
+
+    session_start, session_tokens = time.perf_counter(), 0
+    elapsed_before = state.elapsed_s
+    try:
+        with progress if main else _Quiet():
+            while state.step < stop_at:
+                if not state.order:
+                    state.order = epoch_order(t.seed, state.epoch, len(rows))
+                windows = _windows(state.order, plan)
+                while state.window < len(windows) and state.step < stop_at:
+                    batch_rows = [[rows[i] for i in b] for b in windows[state.window]]
+                    window = [collate(b, data.pad_id) for b in batch_rows]
+                    lr = learning_rate(state.step, total, plan.warmup, t.learning_rate)
+                    result = _train_window(hooks, window, lr, state.step, run_dir)
+                    state.step, state.window = state.step + 1, state.window + 1
+                    state.tokens += result.tokens
+                    session_tokens += result.tokens
+                    seconds = time.perf_counter() - session_start
+                    state.elapsed_s = elapsed_before + seconds
+                    if main:
+                        _report(state, result, session_tokens / max(seconds, 1e-9), len(windows),
+                                hooks, metrics, progress, task, watch)  # fmt: skip
+                    if state.step % eval_every == 0:
+                        validate()
+                    if state.step % save_every == 0:
+                        checkpoint()
+                if state.window >= len(windows):  # epoch done
+                    state.epoch, state.window, state.order = state.epoch + 1, 0, []
+                    if state.step % eval_every != 0:
+                        validate()
+                    checkpoint()
+        checkpoint()
+    except KeyboardInterrupt:
+        hooks.discard_gradients()
+        checkpoint()
+        raise TrainingStopped(
+            f"interrupted at step {state.step}/{total}; checkpoint saved. Resume with: "
+            f"qwen-mlx train --resume {run_dir}",
+            exit_code=130,
+        ) from None
+    finally:
+        if main:
+            plot_loss(metrics.read(), run_dir / "loss.png")
+    return state
+
+
+def _report(state, result, tps, windows, hooks, metrics, progress, task, watch) -> None:
+    """Log one optimizer step: metrics.jsonl, the progress bar and any loss warning."""
+    mem = hooks.peak_memory_gb()
+    metrics.write(
+        type="train", step=state.step, epoch=round(state.epoch + state.window / windows, 4),
+        loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, tokens=state.tokens,
+        tokens_per_s=round(tps, 1), peak_memory_gb=round(mem, 3),
+        elapsed_s=round(state.elapsed_s, 2),
+    )  # fmt: skip
+    progress.update(
+        task, completed=state.step, epoch=state.epoch + 1, loss=f"{result.loss:.4f}",
+        lr=f"{result.lr:.2e}", tps=f"{tps:,.0f}", mem=f"{mem:.1f}G",
+    )  # fmt: skip
+    for warning in watch.update(state.step, result.loss):
+        progress.console.print(f"[yellow]⚠[/] {warning}")
+
+
+class _Quiet:
+    """Stands in for the progress bar on ranks other than 0."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

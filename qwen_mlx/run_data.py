@@ -1,0 +1,102 @@
+"""The data of one training run: records → split → token ids + masks → rows.
+
+Shared by every backend so that one config trains on exactly the same rows everywhere.
+The validation and test records actually used are written into the run folder
+(``data/valid.jsonl``, ``data/test.jsonl``), and a fingerprint of the training rows is kept
+in checkpoints so that resuming on changed data is refused instead of silently diverging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qwen_mlx.config import Config
+from qwen_mlx.data import load_records, split_records
+from qwen_mlx.errors import UserError
+from qwen_mlx.fsutil import write_jsonl
+from qwen_mlx.tokens import EncodeReport, Row, encode_records, pack, unpacked
+
+
+@dataclass
+class RunData:
+    train: list[Row]
+    valid: list[Row]
+    pad_id: int
+    fingerprint: str
+    messages: list[str]  # what to tell the user (counts, skipped records, truncation)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def _records(cfg: Config, run_dir: Path | None) -> tuple[list[dict], list[dict], list[str]]:
+    """Training and validation records, and a summary line for each file read."""
+    data = cfg.data
+    records, report = load_records([data.train_file], system_prompt=data.system_prompt)
+    notes = [f"{data.train_file}: {report.summary()}"]
+    notes += [f"  skipped {p}" for p in report.problems[:5]]
+    if data.valid_file:
+        valid, vreport = load_records([data.valid_file], system_prompt=data.system_prompt)
+        notes.append(f"{data.valid_file}: {vreport.summary()}")
+        train = records
+    else:
+        parts = split_records(records, data.valid_ratio, 0.0, cfg.training.seed)
+        train, valid = parts["train"], parts["valid"]
+        notes.append(f"validation: {len(valid)} records split off (valid_ratio {data.valid_ratio})")
+    if not train:
+        raise UserError(f"{data.train_file}: no usable training records (see `qwen-mlx check`)")
+    if run_dir is not None:
+        write_jsonl(run_dir / "data" / "valid.jsonl", (r.data for r in valid))
+        if data.test_file and Path(data.test_file).is_file():
+            test, _ = load_records([data.test_file], system_prompt=data.system_prompt)
+            write_jsonl(run_dir / "data" / "test.jsonl", (r.data for r in test))
+    return [r.data for r in train], [r.data for r in valid], notes
+
+
+def _rows(samples, cfg: Config, pad_id: int) -> list[Row]:
+    if cfg.training.packing:
+        return pack(samples, cfg.training.max_seq_length, pad_id)
+    return unpacked(samples, pad_id)
+
+
+def fingerprint(rows: list[Row]) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(row.input_ids.tobytes())
+        digest.update(row.loss_mask.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def build_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None = None) -> RunData:
+    """Everything a trainer iterates over, identical for every backend."""
+    train_records, valid_records, notes = _records(cfg, run_dir)
+    max_len, mask = cfg.training.max_seq_length, cfg.data.mask_prompt
+    train_samples, report = encode_records(tokenizer, train_records, max_len, mask)
+    valid_samples, _ = encode_records(tokenizer, valid_records, max_len, mask)
+    if not train_samples:
+        raise UserError(
+            f"{cfg.data.train_file}: no sample has assistant tokens within max_seq_length="
+            f"{max_len}; raise training.max_seq_length"
+        )
+    pad_id = _pad_id(tokenizer)
+    train_rows = _rows(train_samples, cfg, pad_id)
+    notes += report.warnings(max_len)
+    notes.append(_row_summary(report, train_rows, cfg))
+    return RunData(
+        train=train_rows,
+        valid=_rows(valid_samples, cfg, pad_id),
+        pad_id=pad_id,
+        fingerprint=fingerprint(train_rows),
+        messages=notes,
+    )
+
+
+def _row_summary(report: EncodeReport, rows: list[Row], cfg: Config) -> str:
+    tokens = sum(r.num_tokens for r in rows)
+    how = "packed into" if cfg.training.packing else "in"
+    return f"{report.encoded - report.dropped} samples, {tokens:,} tokens, {how} {len(rows)} rows"
