@@ -21,6 +21,7 @@ from qwen_mlx.backends.torch_model import (  # noqa: E402
     quantization_plan,
 )
 from qwen_mlx.backends.torch_trainer import run_training  # noqa: E402
+
 from qwen_mlx.config import load_config  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
 from qwen_mlx.tokens import encode_records as encode  # noqa: E402
@@ -67,6 +68,11 @@ def train(cfg, resume=False):
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_training(cfg, run_dir, resume, QUIET)
+
+
+def logged_steps(run_dir) -> list[int]:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [m["step"] for m in lines if m["type"] == "train"]
 
 
 def losses(run_dir, kind="train"):
@@ -218,6 +224,13 @@ def test_four_bit_without_bitsandbytes_falls_back_with_one_line(monkeypatch):
     assert quantization_plan("none", torch.device("cpu")) == ("none", None)
 
 
+def cli_sets(model_dir, data, *extra) -> list[str]:
+    """`--set` arguments for a short CLI run on the tiny model."""
+    sets = [f"model.path={model_dir}", "model.quantization=none", f"data.train_file={data}",
+            "output.dir=run", "training.max_seq_length=256", *extra]  # fmt: skip
+    return [x for s in sets for x in ("--set", s)]
+
+
 def cli(*args, cwd, env=None):
     return subprocess.run(
         [sys.executable, "-m", "qwen_mlx", *args], capture_output=True, text=True, cwd=cwd,
@@ -228,9 +241,12 @@ def cli(*args, cwd, env=None):
 def test_train_command_end_to_end_and_interrupt_free_resume_hint(
     tiny_model_dir, small_data, tmp_path
 ):
-    sets = [f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={small_data}",
-            "output.dir=run", "training.max_seq_length=256", "training.max_steps=3"]  # fmt: skip
-    args = ["train", "--backend", "torch"] + [x for s in sets for x in ("--set", s)]
+    args = [
+        "train",
+        "--backend",
+        "torch",
+        *cli_sets(tiny_model_dir, small_data, "training.max_steps=3"),
+    ]
     done = cli(*args, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
@@ -258,31 +274,26 @@ def test_bad_input_is_one_clear_line(change, needle, tiny_model_dir, small_data,
 
 
 def test_two_process_ddp_run_writes_one_adapter(tiny_model_dir, small_data, tmp_path):
-    sets = [f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={small_data}",
-            "output.dir=run", "training.max_seq_length=256", "training.max_steps=3"]  # fmt: skip
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
            "--master_port", "29561", "-m", "qwen_mlx", "train", "--backend", "torch"]  # fmt: skip
-    cmd += [x for s in sets for x in ("--set", s)]
+    cmd += cli_sets(tiny_model_dir, small_data, "training.max_steps=3")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "×2 (DDP)" in done.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
-    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["type"] == "train"]  # fmt: skip
-    assert steps == [1, 2, 3]  # rank 0 alone logs
+    assert logged_steps(tmp_path / "run") == [1, 2, 3]  # rank 0 alone logs
 
 
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model_dir, small_data, tmp_path):
     import signal
     import time
 
-    sets = [f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={small_data}",
-            "output.dir=run", "training.max_seq_length=256", "training.num_epochs=500",
-            "training.batch_size=1", "training.gradient_accumulation_steps=1"]  # fmt: skip
-    args = [sys.executable, "-m", "qwen_mlx", "train", "--backend", "torch"]
+    sets = cli_sets(tiny_model_dir, small_data, "training.num_epochs=500", "training.batch_size=1",
+                    "training.gradient_accumulation_steps=1")  # fmt: skip
+    args = [sys.executable, "-m", "qwen_mlx", "train", "--backend", "torch", *sets]
     proc = subprocess.Popen(
-        args + [x for s in sets for x in ("--set", s)], cwd=tmp_path, text=True,
+        args, cwd=tmp_path, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
     )  # fmt: skip
     metrics = tmp_path / "run" / "metrics.jsonl"
@@ -301,6 +312,4 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model_dir, small_da
     )
     assert resumed.returncode == 0, resumed.stderr
     assert f"step {step}" in resumed.stdout  # "resuming from … (step N)"
-    logged = [json.loads(x)["step"] for x in metrics.read_text().splitlines()
-              if json.loads(x)["type"] == "train"]  # fmt: skip
-    assert logged == list(range(1, step + 3))  # no gap, no duplicate
+    assert logged_steps(tmp_path / "run") == list(range(1, step + 3))  # no gap, no duplicate
