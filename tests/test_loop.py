@@ -82,7 +82,7 @@ def cfg(*sets):
 def test_schedule_warms_up_then_decays_to_zero():
     lrs = [learning_rate(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in itertools.pairwise(lrs))
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:]))
     assert lrs[-1] < 0.001
 
 
