@@ -111,8 +111,13 @@ class LossWatch:
             jumps = sum(abs(a - b) for a, b in itertools.pairwise(values))
             level = sum(values) / len(values)
             if level > 0 and jumps / (len(values) - 1) / level > 0.3:
-                out.append(self._once("noisy", "loss fluctuates strongly: the learning rate is "
-                           "probably too high; try half of training.learning_rate"))
+                out.append(
+                    self._once(
+                        "noisy",
+                        "loss fluctuates strongly: the learning rate is "
+                        "probably too high; try half of training.learning_rate",
+                    )
+                )
         if step >= max(self.warmup + 10, self.total // 3) and len(self.history) >= 20:
             tenth = max(5, len(self.history) // 10)
             first = sum(self.history[:tenth]) / tenth
