@@ -11,7 +11,6 @@ import importlib
 
 from qwen_mlx.backends.base import Availability, Backend
 from qwen_mlx.backends.probes import PROBES, is_apple_silicon
-
 from qwen_mlx.errors import UserError
 
 BACKENDS: dict[str, str] = {

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
-from qwen_mlx.backends.probes import probe_torch
 from rich.console import Console
 
+from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
+from qwen_mlx.backends.probes import probe_torch
 from qwen_mlx.config import Config
 from qwen_mlx.fsutil import atomic_dir
 
@@ -38,6 +38,7 @@ class TorchHooks:
 
     def __init__(self, peft_model, device, cfg: Config, dist_info: tuple[int, int]):
         import torch
+
         from qwen_mlx.backends.torch_model import TokenLoss
 
         self.torch = torch
@@ -140,6 +141,7 @@ class TorchHooks:
 def _init_distributed() -> tuple[int, int, Any]:
     """(rank, world size, device) — DDP when started by torchrun, else a single process."""
     import torch
+
     from qwen_mlx.backends.torch_model import pick_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -159,8 +161,8 @@ def run_training(
 ) -> tuple[TrainResult, Any]:
     """Train per ``cfg`` into ``run_dir``; return the result and the trained PEFT model."""
     import torch
-    from qwen_mlx.backends.torch_model import add_lora, load_base, quantization_plan
 
+    from qwen_mlx.backends.torch_model import add_lora, load_base, quantization_plan
     from qwen_mlx.loop import train_loop
     from qwen_mlx.run_data import build_run_data
     from qwen_mlx.tokens import load_tokenizer
@@ -205,9 +207,9 @@ class TorchBackend:
     def load(self, model_dir: Path, adapter_dir: Path | None = None) -> Any:
         """(model, tokenizer) in eval mode; a PEFT adapter is applied when given."""
         import torch
-        from qwen_mlx.backends.torch_model import pick_device
         from transformers import AutoModelForCausalLM
 
+        from qwen_mlx.backends.torch_model import pick_device
         from qwen_mlx.tokens import load_tokenizer
 
         device = pick_device()

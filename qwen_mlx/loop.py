@@ -274,12 +274,13 @@ def _report(state, result, tps, windows, hooks, metrics, progress, task, watch) 
         tokens_per_s=round(tps, 1), peak_memory_gb=round(mem, 3),
         elapsed_s=round(state.elapsed_s, 2),
     )  # fmt: skip
-    progress.update(
-        task, completed=state.step, epoch=state.epoch + 1, loss=f"{result.loss:.4f}",
-        lr=f"{result.lr:.2e}", tps=f"{tps:,.0f}", mem=f"{mem:.1f}G",
-    )  # fmt: skip
     for warning in watch.update(state.step, result.loss):
         progress.console.print(f"[yellow]⚠[/] {warning}")
+    # The bar shows the smoothed loss (EMA); metrics.jsonl keeps every raw value.
+    progress.update(
+        task, completed=state.step, epoch=state.epoch + 1, loss=f"{watch.ema:.4f}",
+        lr=f"{result.lr:.2e}", tps=f"{tps:,.0f}", mem=f"{mem:.1f}G",
+    )  # fmt: skip
 
 
 class _Quiet:

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from qwen_mlx.backends import BACKENDS, CHOICES, get_backend, probe
 
+from qwen_mlx.backends import BACKENDS, CHOICES, get_backend, probe
 from qwen_mlx.cli import cli
 from qwen_mlx.errors import UserError
 

@@ -21,7 +21,6 @@ from qwen_mlx.backends.torch_model import (  # noqa: E402
     quantization_plan,
 )
 from qwen_mlx.backends.torch_trainer import run_training  # noqa: E402
-
 from qwen_mlx.config import load_config  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
 from qwen_mlx.tokens import encode_records as encode  # noqa: E402
