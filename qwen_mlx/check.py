@@ -90,23 +90,28 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
 
 
 def _torch_quantization(cfg: Config, device: str, packages: dict[str, str]) -> Finding:
-    """bitsandbytes k-bit training needs CUDA; say what happens elsewhere."""
-    if device == "cuda" and "bitsandbytes" in packages:
-        return Finding("ok", "quantization", f"{cfg.model.quantization} via bitsandbytes")
-    need = "a CUDA GPU" if device != "cuda" else "bitsandbytes (pip install 'qwen-mlx[cuda]')"
-    return Finding(
-        "warn",
-        "quantization",
-        f"{cfg.model.quantization} needs {need}; the base will be loaded unquantized",
-        "set model.quantization: none to silence this, or use the mlx backend on a Mac",
-    )
+    """What the torch backend will really do with model.quantization on this machine."""
+    used, note = torch_quantization(cfg.model.quantization)
+    if note:
+        fix = "set model.quantization: none to silence this, or use the mlx backend on a Mac"
+        return Finding("warn", "quantization", note, fix)
+    where = "CUDA" if device == "cuda" else f"{device} (bitsandbytes' CPU path: slow)"
+    return Finding("ok", "quantization", f"{used} via bitsandbytes on {where}")
+
+
+def torch_quantization(requested: str) -> tuple[str, str | None]:
+    """The torch backend's quantization here (same rule as training) and why it differs."""
+    from qwen_mlx.backends.torch_model import pick_device, quantization_plan
+
+    return quantization_plan(requested, pick_device())
 
 
 def check_memory(cfg: Config, chosen: str | None) -> Finding:
     model_dir = Path(cfg.model.path)
     torch_device = probe("torch").device if chosen == "torch" else None
-    # Without CUDA the torch backend trains an unquantized base, in fp32 on the CPU.
-    quantization = cfg.model.quantization if torch_device in (None, "cuda") else "none"
+    quantization = cfg.model.quantization
+    if torch_device is not None:
+        quantization = torch_quantization(quantization)[0]
     try:
         model_config = read_model_config(model_dir)
         est = estimate_training_memory(
@@ -116,7 +121,7 @@ def check_memory(cfg: Config, chosen: str | None) -> Finding:
             targets=cfg.lora.target_modules,
             max_seq_length=cfg.training.max_seq_length,
             batch_size=cfg.training.batch_size,
-            fp32=torch_device == "cpu",
+            fp32=torch_device == "cpu" and quantization == "none",
         )
     except (OSError, ValueError, KeyError):
         return Finding("warn", "memory", "no estimate without a readable model config.json")
