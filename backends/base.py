@@ -62,5 +62,10 @@ class Backend(Protocol):
     def generate(
         self, loaded: Any, messages: list[dict[str, str]], settings: GenerationSettings
     ) -> Iterator[str]:
-        """Stream the assistant reply to ``messages`` as text pieces."""
+        """Stream the assistant reply to ``messages`` as text pieces; closing the iterator
+        stops generation."""
+        ...
+
+    def score(self, loaded: Any, samples: list) -> tuple[float, int]:
+        """Summed loss over the target tokens of tokenized samples, and their count."""
         ...

@@ -225,23 +225,68 @@ class TorchBackend:
     def generate(
         self, loaded: Any, messages: list[dict[str, str]], settings: GenerationSettings
     ) -> Iterator[str]:
-        from transformers import TextIteratorStreamer
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         model, tokenizer = loaded
         ids = tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )["input_ids"].to(model.device)
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        sample = settings.temperature > 0
-        kwargs = {"input_ids": ids, "max_new_tokens": settings.max_tokens, "streamer": streamer,
-                  "do_sample": sample, "pad_token_id": tokenizer.pad_token_id}  # fmt: skip
-        if sample:
-            kwargs.update(temperature=settings.temperature, top_p=settings.top_p)
-        else:
-            kwargs.update(temperature=None, top_p=None, top_k=None)
-        if settings.stop:
-            kwargs.update(stop_strings=settings.stop, tokenizer=tokenizer)
+        cancel = threading.Event()
+
+        class Cancelled(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return cancel.is_set()
+
+        kwargs = {
+            "input_ids": ids, "max_new_tokens": settings.max_tokens, "streamer": streamer,
+            "pad_token_id": tokenizer.pad_token_id,
+            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
+            **_sampling(settings),
+        }  # fmt: skip
         thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
         thread.start()
-        yield from streamer
-        thread.join()
+        finished = False
+        try:
+            yield from streamer
+            finished = True
+        finally:
+            if not finished:  # the consumer stopped early (stop string, client gone)
+                cancel.set()
+                for _ in streamer:  # let generate() run to its end-of-stream signal
+                    pass
+            thread.join()
+
+    def score(self, loaded: Any, samples: list) -> tuple[float, int]:
+        import torch
+
+        from qwen_mlx.backends.torch_model import TokenLoss
+        from qwen_mlx.tokens import collate, unpacked
+
+        model, _ = loaded
+        loss = TokenLoss(model if hasattr(model, "get_base_model") else _Plain(model))
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for row in unpacked(samples, 0):
+                batch = collate([row], 0)
+                keys = ("input_ids", "position_ids", "loss_mask")
+                tensors = [torch.from_numpy(batch[k]).long().to(model.device) for k in keys]
+                total += float(loss(*tensors))
+                count += int(batch["loss_mask"][:, 1:].sum())
+        return total, count
+
+
+def _sampling(settings: GenerationSettings) -> dict[str, Any]:
+    if settings.temperature <= 0:  # greedy; None silences the model's sampling defaults
+        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p}
+
+
+class _Plain:
+    """Lets TokenLoss score a model without an adapter (the --compare-base model)."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def get_base_model(self):
+        return self.model

@@ -1,0 +1,180 @@
+"""``qwen-mlx eval``: how well does the trained model answer held-out questions?
+
+For the tuned model (and, with ``--compare-base``, the base model): test loss and
+perplexity on the assistant tokens, and a greedy answer to every test question scored
+against the reference with character-level ROUGE-L and BLEU-4 (:mod:`text_metrics`).
+``--gguf FILE`` answers with an exported GGUF instead, to confirm it behaves like the run.
+Everything lands in ``<run>/eval/``: ``answers.jsonl`` (every answer and its scores, so the
+numbers can be recomputed), ``summary.json``, ``report.md`` and a self-contained
+``report.html`` (loss curve + side-by-side table).
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import track
+from rich.table import Table
+
+from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.data import load_records
+from qwen_mlx.errors import UserError
+from qwen_mlx.fsutil import write_json, write_jsonl
+from qwen_mlx.inference import GGUFEngine, complete, open_engine
+from qwen_mlx.report import write_reports
+from qwen_mlx.text_metrics import bleu4, rouge_l
+
+
+@dataclass
+class Case:
+    prompt: list[dict[str, str]]  # the conversation up to the last answer
+    reference: str
+    record: dict
+
+
+@dataclass
+class ModelResult:
+    label: str
+    description: str
+    answers: list[str] = field(default_factory=list)
+    test_loss: float | None = None
+    seconds: float = 0.0
+
+    def summary(self, cases: list[Case]) -> dict[str, Any]:
+        pairs = list(zip(self.answers, (c.reference for c in cases), strict=True))
+        n = max(len(pairs), 1)
+        return {
+            "model": self.description,
+            "test_loss": self.test_loss,
+            "perplexity": math.exp(min(self.test_loss, 50)) if self.test_loss is not None else None,
+            "rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n,
+            "bleu4": sum(bleu4(p, r) for p, r in pairs) / n,
+            "answers": len(pairs),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def load_cases(path: Path, limit: int | None) -> list[Case]:
+    records, report = load_records([path])
+    cases = [
+        Case(r.data["messages"][:-1], r.data["messages"][-1]["content"], r.data)
+        for r in records
+        if "messages" in r.data
+    ]
+    if not cases:
+        raise UserError(f"{path}: no question/answer records to evaluate ({report.summary()})")
+    return cases[:limit] if limit else cases
+
+
+def test_data(source, run_dir: Path | None, data: Path | None) -> Path:
+    """--data, else the test split the run recorded, else the config's test/valid files."""
+    candidates = [data] if data else []
+    if run_dir is not None:
+        candidates += [run_dir / "data" / "test.jsonl"]
+    if source.run_config is not None and source.run_config.data.test_file:
+        candidates.append(Path(source.run_config.data.test_file))
+    if run_dir is not None:
+        candidates.append(run_dir / "data" / "valid.jsonl")
+    for path in candidates:
+        if path and Path(path).is_file() and Path(path).stat().st_size > 0:
+            return Path(path)
+    if data:
+        raise UserError(f"test data not found: {data}")
+    raise UserError("no test data: pass --data FILE (e.g. data/报销细则_test.jsonl)")
+
+
+def _score(engine: Any, cases: list[Case], max_seq_length: int) -> float | None:
+    from qwen_mlx.tokens import encode_records, load_tokenizer
+
+    if isinstance(engine, GGUFEngine):
+        return None
+    tokenizer = load_tokenizer(engine.model_dir)
+    samples, _ = encode_records(tokenizer, [c.record for c in cases], max_seq_length)
+    total, count = engine.score(samples)
+    return total / max(count, 1)
+
+
+def run_model(engine: Any, label: str, cases: list[Case], max_tokens: int, max_len: int):
+    result = ModelResult(label, engine.description)
+    start = time.perf_counter()
+    result.test_loss = _score(engine, cases, max_len)
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
+    for case in track(cases, description=f"answering ({label})", transient=True):
+        result.answers.append(complete(engine, case.prompt, settings)[0].strip())
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def evaluate(
+    run_or_adapter: Path,
+    data: Path | None = None,
+    *,
+    compare_base: bool = False,
+    gguf: Path | None = None,
+    backend: str = "auto",
+    max_tokens: int = 256,
+    limit: int | None = None,
+    console: Console,
+) -> Path:
+    """Evaluate and write the report; return the report folder."""
+    from qwen_mlx.adapters import resolve_source
+
+    source = resolve_source(run_or_adapter, None)
+    run_dir = _run_dir(Path(run_or_adapter), source)
+    cases = load_cases(test_data(source, run_dir, data), limit)
+    max_len = source.run_config.training.max_seq_length if source.run_config else 2048
+    console.print(f"evaluating on {len(cases)} questions", highlight=False)
+    tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
+    results = [run_model(tuned_engine, "tuned", cases, max_tokens, max_len)]
+    del tuned_engine
+    gc.collect()
+    if compare_base:
+        base = open_engine(None, model=source.model_dir, backend=backend)
+        results.insert(0, run_model(base, "base", cases, max_tokens, max_len))
+    out_dir = run_dir / "eval"
+    summary = _write(out_dir, cases, results, run_dir)
+    print_summary(summary, console)
+    console.print(f"[green]✓[/] report: {out_dir / 'report.html'}", highlight=False)
+    return out_dir
+
+
+def _run_dir(path: Path, source) -> Path:
+    if (path / "adapter").is_dir():
+        return path
+    return source.adapter.path.parent if source.adapter else path
+
+
+def _write(out_dir: Path, cases: list[Case], results: list[ModelResult], run_dir: Path) -> dict:
+    rows = []
+    for i, case in enumerate(cases):
+        row = {"question": case.prompt[-1]["content"], "reference": case.reference}
+        for result in results:
+            answer = result.answers[i]
+            row[result.label] = answer
+            row[f"{result.label}_rouge_l"] = rouge_l(answer, case.reference)
+            row[f"{result.label}_bleu4"] = bleu4(answer, case.reference)
+        rows.append(row)
+    summary = {r.label: r.summary(cases) for r in results}
+    write_jsonl(out_dir / "answers.jsonl", rows)
+    write_json(out_dir / "summary.json", summary)
+    write_reports(out_dir, summary, rows, [r.label for r in results], run_dir / "metrics.jsonl")
+    return summary
+
+
+def print_summary(summary: dict, console: Console) -> None:
+    table = Table(title="evaluation")
+    table.add_column("model")
+    for column in ("test loss", "perplexity", "ROUGE-L", "BLEU-4", "answers"):
+        table.add_column(column, justify="right")
+    for label, s in summary.items():
+        loss = "n/a" if s["test_loss"] is None else f"{s['test_loss']:.4f}"
+        ppl = "n/a" if s["perplexity"] is None else f"{s['perplexity']:.2f}"
+        table.add_row(label, loss, ppl, f"{s['rouge_l']:.2f}", f"{s['bleu4']:.2f}",
+                      str(s["answers"]))  # fmt: skip
+    console.print(table)

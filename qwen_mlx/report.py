@@ -1,0 +1,115 @@
+"""The eval report: ``report.md`` and a self-contained ``report.html``.
+
+The HTML page needs nothing else to open: the loss curve is drawn as inline SVG from
+``metrics.jsonl`` and all text is escaped. Its table puts each question beside the
+reference and every model's answer, with per-answer scores.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from qwen_mlx.fsutil import write_text
+
+STYLE = """body{font-family:system-ui,sans-serif;margin:2em;color:#222}
+table{border-collapse:collapse;width:100%}td,th{border:1px solid #ccc;padding:6px;
+vertical-align:top;text-align:left}th{background:#f3f3f3}.num{text-align:right}
+.score{color:#666;font-size:85%}svg{background:#fafafa;border:1px solid #ddd}"""
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _summary_rows(summary: dict) -> list[list[str]]:
+    return [
+        [label, _fmt(s["test_loss"]), _fmt(s["perplexity"], 2), f"{s['rouge_l']:.2f}",
+         f"{s['bleu4']:.2f}", str(s["answers"]), s["model"]]
+        for label, s in summary.items()
+    ]  # fmt: skip
+
+
+HEAD = ["model", "test loss", "perplexity", "ROUGE-L", "BLEU-4", "answers", "engine"]
+
+
+def markdown(summary: dict, rows: list[dict], labels: list[str]) -> str:
+    lines = ["# Evaluation", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    lines += ["| " + " | ".join(r) + " |" for r in _summary_rows(summary)]
+    lines += ["", "ROUGE-L and BLEU-4: character level, 0–100, greedy answers.", ""]
+    lines += ["## Answers", ""]
+    for i, row in enumerate(rows, start=1):
+        lines += [f"### {i}. {row['question']}", "", f"**reference**: {row['reference']}", ""]
+        for label in labels:
+            score = f"ROUGE-L {row[f'{label}_rouge_l']:.1f}, BLEU-4 {row[f'{label}_bleu4']:.1f}"
+            lines += [f"**{label}** ({score}): {row[label]}", ""]
+    return "\n".join(lines)
+
+
+def loss_svg(metrics_path: Path, width: int = 640, height: int = 240) -> str:
+    """Training (line) and validation (dots) loss as inline SVG; empty if no metrics."""
+    if not metrics_path.is_file():
+        return ""
+    metrics = [json.loads(x) for x in metrics_path.read_text(encoding="utf-8").splitlines() if x]
+    train = [(m["step"], m["loss"]) for m in metrics if m.get("type") == "train"]
+    valid = [(m["step"], m["val_loss"]) for m in metrics if m.get("type") == "eval"]
+    points = train + valid
+    if not points:
+        return ""
+    x_max = max(s for s, _ in points) or 1
+    y_min, y_max = min(v for _, v in points), max(v for _, v in points)
+    span = (y_max - y_min) or 1.0
+
+    def xy(step: float, value: float) -> str:
+        x = 40 + (width - 60) * step / x_max
+        y = 10 + (height - 40) * (1 - (value - y_min) / span)
+        return f"{x:.1f},{y:.1f}"
+
+    line = " ".join(xy(s, v) for s, v in train)
+    dots = "".join(f'<circle cx="{xy(s, v).split(",")[0]}" cy="{xy(s, v).split(",")[1]}" r="3" '
+                   'fill="#d62728"/>' for s, v in valid)  # fmt: skip
+    return (
+        f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg">'
+        f'<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="{line}"/>{dots}'
+        f'<text x="40" y="{height - 8}" font-size="11">step 0</text>'
+        f'<text x="{width - 80}" y="{height - 8}" font-size="11">step {x_max}</text>'
+        f'<text x="2" y="14" font-size="11">{y_max:.2f}</text>'
+        f'<text x="2" y="{height - 30}" font-size="11">{y_min:.2f}</text></svg>'
+        '<p class="score">blue: training loss; red: validation loss</p>'
+    )
+
+
+def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path) -> str:
+    esc = html.escape
+    head = "".join(f"<th>{esc(h)}</th>" for h in HEAD)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in _summary_rows(summary)
+    )
+    cols = "".join(f"<th>{esc(label)}</th>" for label in labels)
+    answers = ""
+    for row in rows:
+        cells = "".join(
+            f"<td>{esc(row[label])}<div class='score'>ROUGE-L {row[f'{label}_rouge_l']:.1f} · "
+            f"BLEU-4 {row[f'{label}_bleu4']:.1f}</div></td>"
+            for label in labels
+        )
+        answers += (
+            f"<tr><td>{esc(row['question'])}</td><td>{esc(row['reference'])}</td>{cells}</tr>"
+        )
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>qwen-mlx eval</title>"
+        f"<style>{STYLE}</style></head><body><h1>Evaluation</h1>"
+        f"<table><tr>{head}</tr>{body}</table>"
+        "<p class='score'>ROUGE-L and BLEU-4: character level, 0–100, greedy answers.</p>"
+        f"<h2>Training</h2>{loss_svg(metrics_path) or '<p>no metrics.jsonl</p>'}"
+        f"<h2>Answers</h2><table><tr><th>question</th><th>reference</th>{cols}</tr>{answers}"
+        "</table></body></html>"
+    )
+
+
+def write_reports(
+    out_dir: Path, summary: dict, rows: list[dict], labels: list[str], metrics_path: Path
+) -> None:
+    write_text(out_dir / "report.md", markdown(summary, rows, labels))
+    write_text(out_dir / "report.html", page(summary, rows, labels, metrics_path))
