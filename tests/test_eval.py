@@ -1,0 +1,83 @@
+"""`qwen-mlx eval`: Chinese-friendly metrics, the report, and base vs tuned."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import pytest
+from rich.console import Console
+
+from qwen_mlx.text_metrics import bleu4, rouge_l, score_answers
+from tests.conftest import BUNDLED_TEST
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
+    assert rouge_l("报销发票", "报销发票") == pytest.approx(100)
+    assert rouge_l("差旅", "会议") == 0
+    # "abcd" vs "abxd": LCS "abd" = 3, precision = recall = 3/4.
+    assert rouge_l("a b c d", "abxd") == pytest.approx(75)  # whitespace ignored
+    assert rouge_l("", "报销") == 0
+
+
+def test_bleu4_matches_nltk_method3_on_characters():
+    nltk = pytest.importorskip("nltk.translate.bleu_score")
+    smooth = nltk.SmoothingFunction().method3
+    rng = random.Random(0)
+    alphabet = "报销发票差旅住宿标准超出自理审批签字金额元"
+    for _ in range(200):
+        pred = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 25)))
+        ref = "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 25)))
+        expected = 100 * nltk.sentence_bleu([list(ref)], list(pred), smoothing_function=smooth)
+        assert bleu4(pred, ref) == pytest.approx(expected, abs=1e-9)
+    assert bleu4("完全相同的一句话", "完全相同的一句话") == pytest.approx(100)
+
+
+@pytest.fixture(scope="module")
+def overfit_run(tiny_model_dir, tmp_path_factory):
+    """A torch run trained (to overfitting) on eight held-out questions themselves."""
+    pytest.importorskip("torch")
+    from qwen_mlx.backends.torch_trainer import run_training
+    from qwen_mlx.config import load_config, save_config
+
+    root = tmp_path_factory.mktemp("eval")
+    lines = BUNDLED_TEST.read_text(encoding="utf-8").splitlines()
+    rows = sorted((json.loads(x) for x in lines), key=lambda r: len(r["output"]))[:8]
+    data = root / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    run = root / "run"
+    run.mkdir()
+    cfg = load_config(None, None, [
+        f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={data}",
+        "data.valid_ratio=0", f"output.dir={run}", "training.max_seq_length=256",
+        "training.batch_size=2", "training.gradient_accumulation_steps=1",
+        "training.warmup_steps=2", "training.learning_rate=5e-3", "training.num_epochs=15",
+        "lora.rank=8", "lora.alpha=16",
+    ])  # fmt: skip
+    save_config(cfg, run / "config.yaml")
+    run_training(cfg, run, False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    return run, data
+
+
+def test_eval_report_base_vs_tuned(overfit_run):
+    from qwen_mlx.evaluate import evaluate
+
+    run, data = overfit_run
+    out = evaluate(run, data, compare_base=True, backend="torch", max_tokens=24,
+                   console=Console(quiet=True))  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["tuned"]["test_loss"] < 0.8 * summary["base"]["test_loss"]
+    assert summary["tuned"]["perplexity"] < summary["base"]["perplexity"]
+    rows = [json.loads(x) for x in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 8
+    # Every number is recomputable from the saved answers.
+    for label in ("base", "tuned"):
+        again = score_answers([(r[label], r["reference"]) for r in rows])
+        assert summary[label]["rouge_l"] == pytest.approx(again["rouge_l"])
+        assert summary[label]["bleu4"] == pytest.approx(again["bleu4"])
+        for r in rows:
+            assert r[f"{label}_rouge_l"] == pytest.approx(rouge_l(r[label], r["reference"]))
+    page = (out / "report.html").read_text(encoding="utf-8")
+    assert "<svg" in page and rows[0]["question"] in page  # loss curve + side-by-side table
+    assert "| tuned |" in (out / "report.md").read_text(encoding="utf-8")
