@@ -1,0 +1,374 @@
+"""The MLX backend on the tiny model (mlx[cpu] here): learning, packing, adapter, resume, 4-bit.
+
+The cross-framework tests are the proof that the adapter format and the LoRA scale are right:
+an adapter trained here gives the same logits through transformers + PEFT, and a PEFT adapter
+gives the same logits here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+mx = pytest.importorskip("mlx.core")
+pytest.importorskip("mlx_lm")
+
+import mlx.nn as nn  # noqa: E402
+
+from qwen_mlx.backends import mlx_model  # noqa: E402
+from qwen_mlx.backends.base import GenerationSettings  # noqa: E402
+from qwen_mlx.backends.mlx_trainer import (  # noqa: E402
+    MLXBackend,
+    _held_back,
+    memory_guard,
+    run_training,
+)
+from qwen_mlx.config import ALL_LINEAR, load_config  # noqa: E402
+from qwen_mlx.data import normalize  # noqa: E402
+from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
+from qwen_mlx.tokens import encode_records as encode  # noqa: E402
+from tests.conftest import BUNDLED_TRAIN  # noqa: E402
+
+QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory):
+    """Twelve bundled records (the shortest) as a training file."""
+    rows = [json.loads(line) for line in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()]
+    rows = sorted(rows, key=lambda r: len(r["output"]))[:12]
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
+
+
+def config(model_dir, data, run_dir, *extra):
+    return load_config(
+        None,
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.quantization=none",
+            f"data.train_file={data}",
+            "data.valid_ratio=0.2",
+            f"output.dir={run_dir}",
+            "training.max_seq_length=256",
+            "training.batch_size=2",
+            "training.gradient_accumulation_steps=1",
+            "training.warmup_steps=2",
+            "training.learning_rate=5e-3",
+            "lora.rank=8",
+            "lora.alpha=16",
+            *extra,
+        ],
+    )
+
+
+def train(cfg, resume=False):
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_training(cfg, run_dir, resume, QUIET)
+
+
+def losses(run_dir, kind="train"):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    key = "loss" if kind == "train" else "val_loss"
+    return [m[key] for m in lines if m["type"] == kind]
+
+
+def adapter_weights(run_dir):
+    from safetensors.numpy import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def fp32_logits(model, ids: np.ndarray) -> np.ndarray:
+    model.set_dtype(mx.float32)  # bf16 base → fp32 is exact; LoRA weights are fp32 already
+    return np.array(model(mx.array(ids)))
+
+
+def hf_logits(model_dir, ids: np.ndarray, adapter_dir=None) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+
+
+def test_loss_falls_clearly_when_overfitting(tiny_model_dir, small_data, tmp_path):
+    cfg = config(tiny_model_dir, small_data, tmp_path / "run", "training.num_epochs=12")
+    result, _ = train(cfg)
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < 0.65 * curve[0], curve
+    assert len(losses(tmp_path / "run", "eval")) >= 10
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert result.adapter_dir == tmp_path / "run" / "adapter"
+    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert metrics["tokens_per_s"] > 0 and metrics["peak_memory_gb"] > 0
+
+
+def lora_model(model_dir, seed=0):
+    """The tiny model in fp32 with LoRA on every linear layer and a non-zero B."""
+    model, _ = mlx_model.load_base(model_dir, "none")
+    model.set_dtype(mx.float32)
+    mlx_model.add_lora(model, ALL_LINEAR, rank=8, alpha=16, dropout=0.0, seed=seed)
+    for layer in mlx_model.lora_layers(model).values():
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+    model.eval()
+    return model
+
+
+def test_packed_rows_equal_per_sample_logits_and_loss(tiny_model_dir):
+    model = lora_model(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    records = [json.loads(x) for x in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()[:5]]
+    samples, _ = encode(tokenizer, [normalize(r)[0] for r in records], 1024)
+    (row,) = pack(samples, sum(len(s) for s in samples) + 7, pad_id=0)  # one row, padded
+    packed = np.array(
+        mlx_model.logits(model, mx.array(row.input_ids[None]), mx.array(row.segment_ids[None]))
+    )[0]
+    for seg in range(1, row.segment_ids.max() + 1):
+        where = np.flatnonzero(row.segment_ids == seg)
+        alone = np.array(model(mx.array(row.input_ids[where][None])))[0]
+        np.testing.assert_allclose(packed[where], alone, atol=1e-4, rtol=1e-4)
+
+    def loss(rows):
+        return float(mlx_model.target_loss(model, *mlx_model.device_batch(collate(rows, 0))))
+
+    assert loss([row]) == pytest.approx(sum(loss([r]) for r in unpacked(samples, 0)), rel=1e-5)
+
+
+def test_chunked_target_loss_equals_full_cross_entropy(tiny_model_dir, monkeypatch):
+    model = lora_model(tiny_model_dir, seed=1)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 500, (2, 40)).astype(np.int32)
+    mask = rng.integers(0, 2, (2, 40)).astype(np.int8)
+    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
+             "position_ids": np.tile(np.arange(40, dtype=np.int32), (2, 1))}  # fmt: skip
+    monkeypatch.setattr(mlx_model, "LOSS_CHUNK", 7)  # several chunks, the last one partial
+    chunked = float(mlx_model.target_loss(model, *mlx_model.device_batch(batch)))
+    logits = np.array(model(mx.array(ids)), dtype=np.float64)[:, :-1]
+    targets = mask[:, 1:].astype(bool)
+    chosen, labels = logits[targets], ids[:, 1:][targets]
+    top = chosen.max(axis=1)
+    full = (
+        np.log(np.exp(chosen - top[:, None]).sum(axis=1))
+        + top
+        - chosen[np.arange(len(labels)), labels]
+    )
+    assert chunked == pytest.approx(full.sum(), rel=1e-5)
+
+
+def packed_batch(rows=2, length=64, seed=0):
+    """Rows of three samples each with random targets, as the loop hands them over."""
+    rng = np.random.default_rng(seed)
+    segments = np.repeat(np.arange(1, 4), -(-length // 3))[:length]
+    return {
+        "input_ids": rng.integers(5, 500, (rows, length)).astype(np.int32),
+        "loss_mask": rng.integers(0, 2, (rows, length)).astype(np.int8),
+        "segment_ids": np.tile(segments, (rows, 1)).astype(np.int32),
+        "position_ids": np.zeros((rows, length), dtype=np.int32),  # unused: RoPE is relative
+    }
+
+
+def gradients(model_dir, *extra):
+    from mlx.utils import tree_flatten
+
+    from qwen_mlx.backends.mlx_trainer import MLXHooks
+
+    cfg = load_config(None, None, [f"model.path={model_dir}", "lora.dropout=0", *extra])
+    hooks = MLXHooks(lora_model(model_dir), cfg)
+    loss = hooks.micro_step(packed_batch(), 0.5, sync=True)
+    return loss, {k: np.array(g) for k, g in tree_flatten(hooks.grads)}
+
+
+def test_checkpointing_and_loss_chunks_leave_the_compiled_gradients_unchanged(
+    tiny_model_dir, monkeypatch
+):
+    loss, plain = gradients(tiny_model_dir)
+    monkeypatch.setattr(mlx_model, "LOSS_CHUNK", 16)  # several chunks, each recomputed
+    for variant in (
+        gradients(tiny_model_dir),
+        gradients(tiny_model_dir, "training.gradient_checkpointing=true"),
+    ):
+        assert variant[0] == pytest.approx(loss, rel=1e-5)
+        for key, grad in plain.items():
+            np.testing.assert_allclose(variant[1][key], grad, atol=1e-6, rtol=1e-4, err_msg=key)
+    assert any(np.abs(g).max() > 0 for g in plain.values())
+
+
+def test_peft_reproduces_the_trained_mlx_models_logits(tiny_model_dir, small_data, tmp_path):
+    cfg = config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=6")
+    _, trained = train(cfg)
+    adapter = tmp_path / "run" / "adapter"
+    ids = np.random.default_rng(0).integers(5, 500, (1, 30))
+    own = fp32_logits(trained, ids)
+    theirs = hf_logits(tiny_model_dir, ids, adapter)
+    np.testing.assert_allclose(own, theirs, atol=1e-3, rtol=0)
+    assert np.abs(own - hf_logits(tiny_model_dir, ids)).max() > 1e-2  # the adapter matters
+    config_json = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config_json["peft_type"], config_json["task_type"]) == ("LORA", "CAUSAL_LM")
+    assert config_json["r"] == 8 and config_json["lora_alpha"] == 16
+    assert sorted(config_json["target_modules"]) == sorted(cfg.lora.target_modules)
+    assert config_json["base_model_name_or_path"] == str(Path(tiny_model_dir).resolve())
+    weights = adapter_weights(tmp_path / "run")
+    key = "base_model.model.model.layers.1.mlp.down_proj"
+    assert weights[f"{key}.lora_A.weight"].shape == (8, 128)  # (r, in)
+    assert weights[f"{key}.lora_B.weight"].shape == (64, 8)  # (out, r)
+    assert {w.dtype for w in weights.values()} == {np.dtype("float32")}
+    # Reading it back for inference gives the trained model again.
+    loaded = MLXBackend().load(tiny_model_dir, adapter)
+    np.testing.assert_allclose(fp32_logits(loaded.model, ids), own, atol=1e-5, rtol=0)
+
+
+def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, small_data, tmp_path):
+    common = ["training.num_epochs=3", "lora.dropout=0.1", "training.gradient_accumulation_steps=2"]
+    straight = config(tiny_model_dir, small_data, tmp_path / "a", *common, "training.max_steps=6")
+    train(straight)
+    first = config(tiny_model_dir, small_data, tmp_path / "b", *common, "training.max_steps=3")
+    train(first)
+    saved = tmp_path / "b" / "checkpoints" / "step-000003"
+    assert {p.name for p in saved.iterdir()} >= {"adapter", "optimizer.safetensors", "rng.json"}
+    first.training.max_steps = 6  # what `--resume RUN --set training.max_steps=6` does
+    train(first, resume=True)
+    a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+    assert len(losses(tmp_path / "a")) == 6
+
+
+def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
+    cfg = config(
+        tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",
+        "training.num_epochs=5", "training.learning_rate=1e-2", "training.eval_every=100",
+    )  # fmt: skip
+    _, model = train(cfg)
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < 0.8 * curve[0], curve
+    assert isinstance(model.model.layers[0].self_attn.q_proj.linear, nn.QuantizedLinear)
+    assert isinstance(model.model.embed_tokens, nn.QuantizedEmbedding)
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert f"{layer}.lora_A.weight" in adapter_weights(tmp_path / "run")
+
+
+def test_pre_quantized_mlx_folder_loads_as_stored(tiny_model_dir, tmp_path):
+    from mlx_lm.convert import convert
+
+    convert(str(tiny_model_dir), str(tmp_path / "q4"), quantize=True, q_group_size=64, q_bits=4)
+    model, note = mlx_model.load_base(tmp_path / "q4", "4bit")
+    assert "already quantized (4-bit)" in note
+    assert isinstance(model.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
+    mlx_model.add_lora(model, ["q_proj"], rank=4, alpha=8, dropout=0.0, seed=0)
+    assert np.isfinite(np.array(model(mx.array([[5, 6, 7]])).astype(mx.float32))).all()
+
+
+def peft_adapter(model_dir, out_dir, seed=0):
+    """A PEFT adapter with a non-zero B and a scale other than 2 (alpha 12, r 4)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "o_proj", "down_proj"],
+                      task_type="CAUSAL_LM")  # fmt: skip
+    model = get_peft_model(base, lora)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            param.data = torch.randn(param.shape) * 0.2
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def test_a_peft_adapter_gives_the_same_logits_on_mlx(tiny_model_dir, tmp_path):
+    adapter = peft_adapter(tiny_model_dir, tmp_path / "peft")
+    ids = np.random.default_rng(1).integers(5, 500, (1, 30))
+    loaded = MLXBackend().load(tiny_model_dir, adapter)
+    np.testing.assert_allclose(
+        fp32_logits(loaded.model, ids), hf_logits(tiny_model_dir, ids, adapter), atol=1e-3, rtol=0
+    )
+
+
+def test_generate_streams_a_greedy_reply(tiny_model_dir):
+    backend = MLXBackend()
+    loaded = backend.load(tiny_model_dir)
+    messages = [{"role": "user", "content": "差旅费怎么报销？"}]
+    settings = GenerationSettings(max_tokens=12, temperature=0.0)
+    pieces = list(backend.generate(loaded, messages, settings))
+    assert all(isinstance(p, str) for p in pieces) and "<|im_end|>" not in "".join(pieces)
+    assert pieces == list(backend.generate(loaded, messages, settings))  # greedy: repeatable
+    assert len(loaded.tokenizer.encode("".join(pieces), add_special_tokens=False)) <= 13
+
+
+def test_stop_strings_cut_the_stream_without_leaking_a_prefix():
+    assert _held_back("abc<|im", ["<|im_end|>"]) == ("abc", False)  # maybe a stop: held back
+    assert _held_back("abc<x", ["<|im_end|>"]) == ("abc<x", False)
+    assert _held_back("abc<|im_end|>xyz", ["<|im_end|>", "x"]) == ("abc", True)
+    assert _held_back("abc", []) == ("abc", False)
+
+
+def test_memory_guard_advises_on_an_8gb_mac(tmp_path, monkeypatch):
+    import qwen_mlx.backends.mlx_trainer as trainer
+
+    model_dir = tmp_path / "Qwen2.5-3B"
+    model_dir.mkdir()
+    qwen_3b = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
+               "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
+               "tie_word_embeddings": True}  # fmt: skip
+    (model_dir / "config.json").write_text(json.dumps(qwen_3b))
+    cfg = load_config(None, None, [f"model.path={model_dir}", "model.quantization=none"])
+    monkeypatch.setattr(trainer, "_device_memory", lambda: (8 * 1024**3, {}))
+    out = Console(record=True, width=400)
+    previous = mx.set_cache_limit(mx.get_memory_limit())
+    try:
+        memory_guard(cfg, out)
+    finally:
+        mx.set_cache_limit(previous)
+    text = out.export_text()
+    assert "will not fit" in text and "model.quantization: 4bit" in text
+    assert "gradient_checkpointing: true" in text
+
+
+def cli(*args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "qwen_mlx", *args], capture_output=True, text=True, cwd=cwd,
+        timeout=600,
+    )  # fmt: skip
+
+
+def test_train_command_end_to_end(tiny_model_dir, small_data, tmp_path):
+    sets = [f"model.path={tiny_model_dir}", "model.quantization=none",
+            f"data.train_file={small_data}", "output.dir=run", "training.max_seq_length=256",
+            "training.max_steps=3"]  # fmt: skip
+    done = cli("train", "--backend", "mlx", *[x for s in sets for x in ("--set", s)], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "backend: mlx" in done.stdout
+    run = tmp_path / "run"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert (run / "adapter" / "adapter_config.json").is_file()
+    assert (run / "loss.png").is_file()
+    assert [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+            if m["type"] == "train"] == [1, 2, 3]  # fmt: skip
+
+
+def test_importing_the_trainer_does_not_import_mlx():
+    code = (
+        "import sys, qwen_mlx.backends.mlx_trainer\n"
+        "assert not [m for m in ('mlx', 'mlx_lm', 'torch') if m in sys.modules], sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
