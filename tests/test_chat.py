@@ -1,0 +1,73 @@
+"""`qwen-mlx chat`: one greedy answer, the same through every engine; interactive commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from rich.console import Console
+
+from qwen_mlx.chat import Conversation, handle_command
+from tests.conftest import BUNDLED_TEST
+
+QUESTION = "出差住宿标准是多少？"
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    """A short torch run (its adapter moves the logits) to chat with."""
+    pytest.importorskip("torch")
+    from qwen_mlx.backends.torch_trainer import run_training
+    from qwen_mlx.config import load_config, save_config
+
+    root = tmp_path_factory.mktemp("chat")
+    rows = [json.loads(x) for x in BUNDLED_TEST.read_text(encoding="utf-8").splitlines()[:8]]
+    data = root / "qa.jsonl"
+    data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    cfg = load_config(None, None, [
+        f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={data}",
+        "data.valid_ratio=0", f"output.dir={root / 'run'}", "training.max_seq_length=256",
+        "training.batch_size=2", "training.gradient_accumulation_steps=1",
+        "training.learning_rate=5e-3", "training.num_epochs=10", "training.warmup_steps=2",
+    ])  # fmt: skip
+    (root / "run").mkdir()
+    save_config(cfg, root / "run" / "config.yaml")
+    run_training(cfg, root / "run", False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    return root / "run"
+
+
+def chat(*args, stdin: str | None = None):
+    out = subprocess.run([sys.executable, "-m", "qwen_mlx", "chat", *args], input=stdin,
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+def test_same_greedy_answer_through_torch_and_mlx(run):
+    pytest.importorskip("mlx.core")
+    torch_answer = chat(str(run), "--backend", "torch", "--prompt", QUESTION, "--max-tokens", "12")
+    mlx_answer = chat(str(run), "--backend", "mlx", "--prompt", QUESTION, "--max-tokens", "12")
+    assert torch_answer.strip() and torch_answer == mlx_answer
+
+
+def test_interactive_commands():
+    console = Console(quiet=True)
+    conversation = Conversation("旧的系统提示")
+    conversation.add("问", "答")
+    assert handle_command("/system 你是报销助手", conversation, console)
+    assert conversation.system == "你是报销助手" and conversation.turns == []
+    conversation.add("问", "答")
+    assert conversation.messages("再问")[0] == {"role": "system", "content": "你是报销助手"}
+    assert len(conversation.messages("再问")) == 4
+    assert handle_command("/reset", conversation, console) and conversation.turns == []
+    assert not handle_command("/exit", conversation, console)
+
+
+def test_interactive_session_keeps_history(tiny_model_dir):
+    pytest.importorskip("torch")
+    out = chat("--model", str(tiny_model_dir), "--backend", "torch", "--max-tokens", "4",
+               "--temperature", "0", stdin="你好\n发票丢了怎么办\n/reset\n/exit\n")  # fmt: skip
+    assert out.count("model>") == 2 and "conversation cleared" in out
