@@ -363,6 +363,12 @@ def export(
         f"[green]✓[/] wrote {result.path} ({size:,.1f} MB)", highlight=False, soft_wrap=True
     )
     if result.modelfile is None:
+        console.print(
+            f"use it with llama.cpp (--lora {result.path}) or in an ollama Modelfile "
+            f"(FROM <base model GGUF> then ADAPTER {result.path})",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     console.print(f"[green]✓[/] wrote {result.modelfile}", highlight=False, soft_wrap=True)
     if ollama_name:

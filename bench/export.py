@@ -1,0 +1,321 @@
+"""Benchmark: our GGUF export against llama.cpp's own converter, on a Qwen2.5-0.5B-shaped model.
+
+Builds (once, cached in --workdir) a random bf16 model with Qwen2.5-0.5B's exact config and a
+synthetic byte-level BPE tokenizer of Qwen's size (151,643 merged tokens + 22 added), plus a
+rank-16 LoRA adapter on all seven projections. Then runs, each in its own process:
+
+  reference f16 / q8_0   convert_hf_to_gguf.py from the llama-cpp-python sdist (its own gguf-py)
+  ours f16 / q8_0        qwen-mlx export --model DIR
+  ours fused f16         qwen-mlx export ADAPTER (LoRA added on the fly)
+
+and prints wall time and peak RSS (the process's ru_maxrss, via wait4) with the ratios the
+issue sets as targets: time ≤ 1.0× and peak RSS ≤ 0.6× the reference's, fused ≤ 1.2× plain.
+It also checks that our tensors are byte-identical to the reference's.
+
+The reference identifies tokenizers by hashing how they split a probe text and knows only
+published ones, so the harness tells it ours is "qwen2" (skipping that one tokenize call).
+
+    python bench/export.py [--workdir DIR] [--llama-cpp DIR] [--repeats N]
+
+--llama-cpp is the vendored llama.cpp folder of an unpacked sdist, e.g. from
+`pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:`; by default the bench
+looks for it in the workdir and downloads it there if missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qwen_mlx.tensor_io import SafetensorsWriter, f32_to_bf16, save_f32
+from qwen_mlx.tiny import chat_template, padded_vocab_size, train_tokenizer
+
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "hidden_act": "silu",
+    "hidden_size": 896,
+    "initializer_range": 0.02,
+    "intermediate_size": 4864,
+    "max_position_embeddings": 32768,
+    "max_window_layers": 21,
+    "model_type": "qwen2",
+    "num_attention_heads": 14,
+    "num_hidden_layers": 24,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.1",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+N_BPE, N_ADDED = 151643, 22  # Qwen2.5's merged tokens and added (special) tokens
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SDIST = "llama-cpp-python==0.3.36"
+
+# Run as `python -c` in the reference's process: its tokenizer check, answered, then main().
+_REFERENCE_RUNNER = """
+import runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [root + "/gguf-py", root]
+import conversion.base
+conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+sys.argv[0] = root + "/convert_hf_to_gguf.py"
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+# ---------------------------------------------------------------- the model folder
+
+
+def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
+    e, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * e // c["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (e,),
+            p + "post_attention_layernorm.weight": (e,),
+            p + "self_attn.q_proj.weight": (e, e),
+            p + "self_attn.q_proj.bias": (e,),
+            p + "self_attn.k_proj.weight": (kv, e),
+            p + "self_attn.k_proj.bias": (kv,),
+            p + "self_attn.v_proj.weight": (kv, e),
+            p + "self_attn.v_proj.bias": (kv,),
+            p + "self_attn.o_proj.weight": (e, e),
+            p + "mlp.gate_proj.weight": (f, e),
+            p + "mlp.up_proj.weight": (f, e),
+            p + "mlp.down_proj.weight": (e, f),
+        }
+    return dict(sorted(shapes.items()))
+
+
+def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    rng = np.random.default_rng(0)
+    with SafetensorsWriter(path, [(n, "BF16", s) for n, s in shapes.items()]) as writer:
+        for name, shape in shapes.items():
+            mean = 1.0 if name.endswith("norm.weight") else 0.0
+            values = rng.standard_normal(shape, dtype=np.float32) * np.float32(0.02) + mean
+            writer.write(name, [f32_to_bf16(values)])
+
+
+def _synthetic_tokenizer(tiny_spec: dict) -> dict:
+    """tokenizer.json with Qwen's layout and size: byte alphabet, pairwise merges, 22 added."""
+    alphabet = [tok for tok, _ in sorted(tiny_spec["model"]["vocab"].items(), key=lambda x: x[1])]
+    alphabet = alphabet[:256]
+    vocab = {tok: i for i, tok in enumerate(alphabet)}
+    merges: list[list[str]] = []
+    pieces = list(alphabet)
+    for left in pieces:  # two-byte tokens first, then three-byte ones, until Qwen's count
+        for right in alphabet:
+            if len(vocab) == N_BPE:
+                break
+            token = left + right
+            if token not in vocab:
+                vocab[token] = len(vocab)
+                merges.append([left, right])
+                pieces.append(token)
+    added = []
+    names = ["endoftext", "im_start", "im_end"] + [f"extra_{i}" for i in range(N_ADDED - 3)]
+    for i, name in enumerate(names):
+        added.append({**tiny_spec["added_tokens"][0], "id": N_BPE + i, "content": f"<|{name}|>"})
+    spec = dict(tiny_spec)
+    spec["model"] = {**tiny_spec["model"], "vocab": vocab, "merges": merges}
+    spec["added_tokens"] = added
+    return spec
+
+
+def _tokenizer_config(added: list[dict]) -> dict:
+    decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
+    return {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": decoder,
+        "bos_token": None,
+        "chat_template": chat_template(),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def build_model(folder: Path) -> Path:
+    """The Qwen2.5-0.5B-shaped bf16 model (about 1 GB), built once."""
+    if (folder / "model.safetensors").is_file():
+        return folder
+    print(f"building the benchmark model in {folder} (once) …", flush=True)
+    tmp = folder.with_name(folder.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    tiny = json.loads(train_tokenizer(["hello world"], 300).to_str())
+    spec = _synthetic_tokenizer(tiny)
+    (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    config = _tokenizer_config(spec["added_tokens"])
+    (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
+    assert padded_vocab_size(N_BPE + N_ADDED) <= QWEN25_05B["vocab_size"]
+    (tmp / "config.json").write_text(json.dumps(QWEN25_05B, indent=2))
+    gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "top_k": 20, "top_p": 0.8}
+    (tmp / "generation_config.json").write_text(json.dumps(gen))
+    _write_weights(tmp / "model.safetensors", _shapes(QWEN25_05B))
+    tmp.rename(folder)
+    return folder
+
+
+def build_adapter(folder: Path, model: Path, rank: int = 16) -> Path:
+    """A PEFT rank-16 LoRA on every projection of every layer (random, non-zero B)."""
+    if (folder / "adapter_model.safetensors").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    shapes = _shapes(QWEN25_05B)
+    tensors = {}
+    for name, (out_dim, in_dim) in ((n, s) for n, s in shapes.items() if len(s) == 2):
+        if name.split(".")[-2] in TARGETS:
+            key = "base_model.model." + name.removesuffix(".weight")
+            tensors[key + ".lora_A.weight"] = rng.standard_normal((rank, in_dim), np.float32)
+            tensors[key + ".lora_B.weight"] = rng.standard_normal((out_dim, rank), np.float32)
+    save_f32(folder / "adapter_model.safetensors", tensors)
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(model),
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "lora_dropout": 0.05,
+        "target_modules": list(TARGETS),
+        "bias": "none",
+    }
+    (folder / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return folder
+
+
+def find_reference(workdir: Path, given: Path | None) -> Path:
+    if given is not None:
+        return given
+    root = workdir / "sdist"
+    found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    if not found:
+        print(f"downloading the {SDIST} source distribution for its converter …", flush=True)
+        pip = [sys.executable, "-m", "pip", "download", SDIST, "--no-deps", "--no-binary", ":all:"]
+        subprocess.run([*pip, "-d", str(root), "-q"], check=True)
+        for archive in root.glob("llama_cpp_python-*.tar.gz"):
+            with tarfile.open(archive) as tar:
+                tar.extractall(root, filter="data")
+        found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return found[0].parent
+
+
+# ---------------------------------------------------------------- measuring
+
+
+def measure(command: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MB) of one child process; its output is discarded."""
+    start = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(child.pid, 0)
+    elapsed = time.perf_counter() - start
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{child.stderr.read().decode()[-3000:]}")
+    return elapsed, usage.ru_maxrss / 1024  # Linux reports KiB
+
+
+def best_of(command: list[str], repeats: int) -> tuple[float, float]:
+    runs = [measure(command) for _ in range(repeats)]
+    return min(r[0] for r in runs), max(r[1] for r in runs)
+
+
+def same_tensors(ours: Path, reference: Path) -> bool:
+    """Same tensor names, types, shapes and bytes (metadata may differ)."""
+    from gguf import GGUFReader
+
+    a = {t.name: t for t in GGUFReader(ours).tensors}
+    b = {t.name: t for t in GGUFReader(reference).tensors}
+    if a.keys() != b.keys():
+        return False
+    return all(
+        a[n].tensor_type == b[n].tensor_type
+        and list(a[n].shape) == list(b[n].shape)
+        and np.array_equal(a[n].data.view(np.uint8), b[n].data.view(np.uint8))
+        for n in a
+    )
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        names = [line for line in lines if line.startswith("model name")]
+        cpu = names[0].split(":", 1)[1].strip() if names else cpu
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    return f"{os.cpu_count()} CPUs ({cpu}), {mem:.0f} GB RAM, Python {platform.python_version()}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/qwen-mlx-bench"))
+    parser.add_argument("--llama-cpp", type=Path, default=None)
+    parser.add_argument("--repeats", type=int, default=2, help="runs per variant (best time)")
+    parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    work = args.workdir
+    model, adapter = work / "qwen2.5-0.5b-random", work / "lora-r16"
+    if args.build_only:
+        build_adapter(adapter, build_model(model))
+        return
+    # Built in a child: a child's ru_maxrss starts from its parent's peak at spawn, so the
+    # measuring process must stay small.
+    subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(work)], check=True)
+    reference = find_reference(work, args.llama_cpp)
+    out = work / "out"
+    out.mkdir(exist_ok=True)
+    ours = [sys.executable, "-m", "qwen_mlx", "export"]
+    plain = [*ours, "--model", str(model)]
+    ref = [sys.executable, "-c", _REFERENCE_RUNNER, str(reference), str(model)]
+    variants = {
+        "reference f16": [*ref, "--outtype", "f16", "--outfile", str(out / "ref-f16.gguf")],
+        "ours f16": [*plain, "-o", str(out / "ours-f16.gguf")],
+        "reference q8_0": [*ref, "--outtype", "q8_0", "--outfile", str(out / "ref-q8_0.gguf")],
+        "ours q8_0": [*plain, "--quant", "q8_0", "-o", str(out / "ours-q8_0.gguf")],
+        "ours fused f16": [*ours, str(adapter), "-o", str(out / "fused-f16.gguf")],
+    }
+    size = (model / "model.safetensors").stat().st_size / 1e6
+    print(f"model: Qwen2.5-0.5B shape, random bf16, {size:,.0f} MB; machine: {_machine()}")
+    results = {}
+    for name, command in variants.items():
+        results[name] = best_of(command, args.repeats)
+        print(f"  {name:16s} {results[name][0]:6.2f} s   peak RSS {results[name][1]:7.0f} MB")
+    for quant in ("f16", "q8_0"):
+        (t_ours, m_ours), (t_ref, m_ref) = results[f"ours {quant}"], results[f"reference {quant}"]
+        same = same_tensors(out / f"ours-{quant}.gguf", out / f"ref-{quant}.gguf")
+        print(
+            f"{quant}: time {t_ours / t_ref:.2f}x reference (target ≤ 1.0), "
+            f"peak RSS {m_ours / m_ref:.2f}x (target ≤ 0.6), identical tensors: {same}"
+        )
+    fused = results["ours fused f16"][0] / results["ours f16"][0]
+    print(f"fused export: {fused:.2f}x the plain f16 export's time (target ≤ 1.2)")
+
+
+if __name__ == "__main__":
+    main()

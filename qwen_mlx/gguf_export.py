@@ -1,0 +1,332 @@
+"""``qwen-mlx export``: our own Hugging Face Qwen2 → GGUF writer (for llama.cpp and ollama).
+
+Built on the ``gguf`` package, with the format facts checked against llama.cpp's converter.
+Tensors are streamed: the header (metadata and the tensor table, whose sizes are known in
+advance) is written first, then each tensor is read, converted and written in blocks of rows,
+so memory stays at about one block whatever the model size. Exporting a run or adapter adds
+the LoRA update to each weight on the way (no fused copy on disk); ``--lora-only`` writes the
+adapter alone as a LoRA GGUF. Q4_K_M comes from llama.cpp's own quantizer (llama-cpp-python),
+fed with a 16-bit GGUF written first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from qwen_mlx import gguf_tensors as gt
+from qwen_mlx.adapters import Adapter, Source, resolve_source
+from qwen_mlx.errors import UserError
+from qwen_mlx.fsutil import atomic_path
+from qwen_mlx.fuse import check_adapter_fits
+from qwen_mlx.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
+from qwen_mlx.llama_quant import llama_quantize, require_llama_cpp
+from qwen_mlx.model_files import read_model_config
+from qwen_mlx.modelfile import (
+    default_system,
+    ollama_command,
+    ollama_create,
+    require_ollama,
+    write_modelfile,
+)
+from qwen_mlx.progress import byte_progress
+from qwen_mlx.tensor_io import model_tensors
+
+QUANT_CHOICES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
+LORA_QUANTS = ("f32", "f16", "bf16")
+_ARCHITECTURES = ("Qwen2ForCausalLM",)
+_WORKERS = min(4, os.cpu_count() or 1)  # threads encoding tensor blocks
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    modelfile: Path | None = None
+    ollama_create: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise UserError("export needs the gguf package: pip install 'qwen-mlx[gguf]'") from None
+    return gguf
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def check_architecture(model_dir: Path) -> dict:
+    """config.json of a Qwen2/2.5 causal LM; anything else is a one-line error."""
+    config = read_model_config(model_dir)
+    archs = config.get("architectures") or ["Qwen2ForCausalLM"]
+    if config.get("model_type") != "qwen2" or archs[0] not in _ARCHITECTURES:
+        raise UserError(
+            f"{model_dir} is {archs[0]} (model_type {config.get('model_type')}); "
+            "GGUF export supports Qwen2/Qwen2.5 (Qwen2ForCausalLM) only"
+        )
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(config.get(key), int):
+            raise UserError(f"{model_dir}/config.json lacks {key}")
+    return config
+
+
+def rope_parameters(config: dict) -> dict:
+    """Rope settings from transformers-5 ``rope_parameters`` or 4.x ``rope_scaling`` +
+    top-level ``rope_theta``; Qwen2Config's default theta when neither says."""
+    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+    params = dict(params.get("full_attention", params))
+    if "rope_theta" not in params:
+        params["rope_theta"] = config.get("rope_theta", 10000.0)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def _linear_scaling(writer, gguf, params: dict) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+    writer.add_rope_scaling_factor(float(params["factor"]))
+
+
+def _yarn_scaling(writer, gguf, params: dict) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(params["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+    optional = {
+        "extrapolation_factor": writer.add_rope_scaling_yarn_ext_factor,
+        "attention_factor": writer.add_rope_scaling_yarn_attn_factor,
+        "beta_fast": writer.add_rope_scaling_yarn_beta_fast,
+        "beta_slow": writer.add_rope_scaling_yarn_beta_slow,
+    }
+    for key, add in optional.items():
+        if params.get(key) is not None:
+            add(float(params[key]))
+
+
+def _longrope_scaling(writer, gguf, params: dict) -> None:
+    writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
+
+
+_ROPE_SCALING = {
+    "linear": _linear_scaling,
+    "yarn": _yarn_scaling,
+    "longrope": _longrope_scaling,
+    "su": _longrope_scaling,
+}
+
+
+def _add_sampling(writer, model_dir: Path) -> None:
+    """generation_config's sampling defaults, which llama.cpp tools start from."""
+    import json
+
+    path = model_dir / "generation_config.json"
+    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    adders = {
+        "top_k": (writer.add_sampling_top_k, int),
+        "top_p": (writer.add_sampling_top_p, float),
+        "temperature": (writer.add_sampling_temp, float),
+        "repetition_penalty": (writer.add_sampling_penalty_repeat, float),
+    }
+    for key, (add, cast) in adders.items():
+        if isinstance(gen.get(key), (int, float)):
+            add(cast(gen[key]))
+
+
+def add_model_metadata(writer, gguf, config: dict, model_dir: Path, name: str, file_type) -> None:
+    """The ``general.*`` and ``qwen2.*`` keys llama.cpp needs to build the model."""
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name)
+    writer.add_file_type(int(gguf.LlamaFileType[file_type]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_context_length(config.get("max_position_embeddings", 32768))
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(config["num_attention_heads"])
+    # Missing, llama.cpp would assume no GQA; Qwen2.5 always has fewer KV heads.
+    writer.add_head_count_kv(config.get("num_key_value_heads") or config["num_attention_heads"])
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    rope = rope_parameters(config)
+    # Missing, llama.cpp silently uses 10000 instead of Qwen2.5's 1e6: garbage output.
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    scaling = _ROPE_SCALING.get(rope["rope_type"])
+    if scaling is not None:
+        scaling(writer, gguf, rope)
+    if config.get("head_dim"):
+        writer.add_key_length(config["head_dim"])
+        writer.add_value_length(config["head_dim"])
+    _add_sampling(writer, model_dir)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write(writer, jobs: list[gt.TensorJob], description: str) -> list[str]:
+    """Write header, metadata and tensor table, then stream every tensor's data."""
+    for job in jobs:
+        writer.add_tensor_info(job.name, job.shape, np.float32, job.nbytes, raw_dtype=job.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    fout = writer.fout[0]
+    writer.write_padding(fout, fout.tell())  # tensor data starts aligned
+    overflows = 0
+    total = sum(job.source_bytes for job in jobs)
+    with byte_progress(description, total) as advance, ThreadPoolExecutor(_WORKERS) as pool:
+        for job in jobs:
+            written = 0
+            for block in gt.encoded_blocks(job, pool):
+                fout.write(memoryview(np.ascontiguousarray(block)).cast("B"))
+                written += block.nbytes
+                overflows += gt.f16_overflows(block) if job.qtype.name == "F16" else 0
+            assert written == job.nbytes, f"{job.name}: {written} bytes, expected {job.nbytes}"
+            writer.write_padding(fout, job.nbytes)
+            advance(job.source_bytes)
+    writer.close()
+    if overflows:
+        return [
+            f"{overflows} weights exceed float16's range (±65504) and became inf: use --quant bf16"
+        ]
+    return []
+
+
+def write_model_gguf(
+    path: Path,
+    model_dir: Path,
+    adapter: Adapter | None,
+    quant: str,
+    name: str,
+    description: str = "writing GGUF",
+) -> list[str]:
+    """Write the (adapter-fused) model at ``model_dir`` as a GGUF; return any notes."""
+    gguf = _gguf()
+    config = check_architecture(model_dir)
+    tensors = model_tensors(model_dir)
+    if adapter is not None:
+        check_adapter_fits(adapter, tensors)
+    vocab: GGUFVocab = read_vocab(model_dir, config)
+    jobs, notes = gt.model_jobs(gguf, tensors, config["num_hidden_layers"], adapter, quant)
+    writer = gguf.GGUFWriter(path, "qwen2")
+    add_model_metadata(writer, gguf, config, model_dir, name, gt.QUANTS[quant].file_type)
+    add_vocab(writer, vocab)
+    notes += _write(writer, jobs, description)
+    return vocab.notes + notes
+
+
+def write_lora_gguf(path: Path, source: Source, quant: str, name: str) -> list[str]:
+    """Write ``source.adapter`` as a LoRA GGUF (llama.cpp ``--lora``, ollama ``ADAPTER``)."""
+    gguf = _gguf()
+    config = check_architecture(source.model_dir)
+    check_adapter_fits(source.adapter, model_tensors(source.model_dir))
+    jobs, alpha = gt.lora_jobs(gguf, source.adapter, config["num_hidden_layers"], quant)
+    writer = gguf.GGUFWriter(path, "qwen2")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_name(name)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return _write(writer, jobs, "writing LoRA GGUF")
+
+
+# ---------------------------------------------------------------- q4_k_m via llama.cpp
+
+
+@contextlib.contextmanager
+def _scratch_file(beside: Path, suffix: str) -> Iterator[Path]:
+    """A temporary file next to ``beside`` (same disk), removed whatever happens."""
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
+    os.close(fd)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
+
+
+def _write_k_quant(out: Path, source: Source, quant: str, name: str) -> list[str]:
+    spec = gt.QUANTS[quant]
+    intermediate = gt.intermediate_quant(model_tensors(source.model_dir))
+    # The 16-bit GGUF only feeds llama.cpp's quantizer, which cannot start from 8 or 4 bits.
+    with _scratch_file(out, f".{intermediate}.tmp") as tmp16:
+        notes = write_model_gguf(
+            tmp16, source.model_dir, source.adapter, intermediate, name, "writing 16-bit"
+        )
+        with atomic_path(out) as tmp:
+            notes += llama_quantize(tmp16, tmp, int(_gguf().LlamaFileType[spec.file_type]))
+    return notes
+
+
+# ---------------------------------------------------------------- the command
+
+
+def _check_request(source: Source, quant: str | None, lora_only: bool) -> str:
+    """The effective quant type, after checking the combination makes sense."""
+    if lora_only:
+        if source.adapter is None:
+            raise UserError("--lora-only needs a run or adapter folder, not just --model")
+        quant = quant or "f32"
+        if quant not in LORA_QUANTS:
+            raise UserError("--lora-only takes --quant f16 or bf16 (default: f32, it is small)")
+        return quant
+    quant = quant or "f16"
+    if quant not in gt.QUANTS:
+        raise UserError(f"unknown --quant {quant}: choose one of {', '.join(QUANT_CHOICES)}")
+    if gt.QUANTS[quant].needs_llama_cpp:
+        require_llama_cpp()
+    return quant
+
+
+def export(
+    run_or_adapter: Path | None,
+    out: Path,
+    *,
+    model: Path | None = None,
+    quant: str | None = None,
+    lora_only: bool = False,
+    ollama: str | None = None,
+) -> ExportResult:
+    """Export a model, a run or an adapter to the GGUF file ``out`` (+ a Modelfile)."""
+    source = resolve_source(run_or_adapter, model)
+    quant = _check_request(source, quant, lora_only)
+    if ollama and lora_only:
+        raise UserError("--ollama needs a full model export, not --lora-only")
+    if ollama:
+        require_ollama()
+    out = Path(out)
+    name = _model_name(Path(run_or_adapter) if run_or_adapter else source.model_dir)
+    if lora_only:
+        with atomic_path(out) as tmp:
+            notes = write_lora_gguf(tmp, source, quant, name)
+        return ExportResult(out, notes=notes)
+    if gt.QUANTS[quant].needs_llama_cpp:
+        notes = _write_k_quant(out, source, quant, name)
+    else:
+        with atomic_path(out) as tmp:
+            notes = write_model_gguf(tmp, source.model_dir, source.adapter, quant, name)
+    return _finish(out, source, name, ollama, notes)
+
+
+def _model_name(path: Path) -> str:
+    """A name for general.name and ollama: the run's folder (not "adapter"), lower-case."""
+    path = path.resolve()
+    if path.name == "adapter":
+        path = path.parent
+    return re.sub(r"[^a-z0-9._-]+", "-", path.name.lower()).strip("-.") or "model"
+
+
+def _finish(out: Path, source: Source, name: str, ollama: str | None, notes: list[str]):
+    system = source.system_prompt or default_system(default_chat_template(source.model_dir))
+    modelfile = write_modelfile(out, system)
+    notes += [source.qlora_note] if source.qlora_note else []
+    command = ollama_command(ollama or name, modelfile)
+    if ollama:
+        ollama_create(ollama, modelfile)
+    return ExportResult(out, modelfile, command, notes)

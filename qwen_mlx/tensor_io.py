@@ -1,0 +1,236 @@
+"""Stream tensors in and out of safetensors files with numpy alone.
+
+``fuse`` and ``export`` handle models far bigger than they keep in memory: a tensor (or a
+block of its rows) is read with plain file reads, converted, written, and dropped. Plain
+reads rather than ``mmap``, because mapped pages stay resident and would count towards the
+process's memory just as if the whole model had been loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from qwen_mlx.errors import UserError
+from qwen_mlx.model_files import safetensors_header
+
+# Stored bytes per element; bfloat16 is read as its uint16 bit pattern (numpy has no bf16).
+STORAGE = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
+# Rows are processed in blocks of about this many elements (512 KB as float32). Small blocks
+# keep each block's decode → add LoRA → encode chain inside the CPU cache, and keep BLAS on
+# one thread for the LoRA product, which is several times faster than its threaded path here.
+BLOCK_ELEMENTS = 128 * 1024
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """float32 values of bfloat16 bit patterns (exact: bf16 is the top half of a float32)."""
+    wide = bits.astype(np.uint32)
+    wide <<= 16
+    return wide.view(np.float32)
+
+
+def f32_to_bf16(values: np.ndarray) -> np.ndarray:
+    """bfloat16 bit patterns (uint16) of float32 ``values``, rounded to nearest even.
+
+    Same result as ``qwen_mlx.tiny.float32_to_bf16`` and torch, in uint32 arithmetic: it
+    cannot overflow for non-NaN inputs, and NaNs are replaced by a quiet NaN afterwards.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounded = bits + ((bits >> 16) & 1)
+    rounded += 0x7FFF
+    out = (rounded >> 16).astype(np.uint16)
+    nan = np.isnan(values)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def f32_to_f16(values: np.ndarray) -> np.ndarray:
+    """float16 of float32 ``values``, bit-identical to ``astype(np.float16)`` but faster.
+
+    numpy's own cast holds the GIL and is slow; this does the rounding (to nearest even) in
+    uint32 arithmetic, which threads share, and leaves only the rare values outside float16's
+    normal range (subnormal, overflow, inf, NaN) to numpy's cast.
+    """
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    magnitude = bits & np.uint32(0x7FFFFFFF)
+    half = magnitude >> 13
+    half &= 1  # the bit that decides ties
+    half += magnitude
+    half += _F16_ROUND_AND_REBIAS  # wraps for non-normal values, which are redone below
+    half >>= 13
+    half |= (bits >> 16) & np.uint32(0x8000)
+    out = half.astype(np.uint16)
+    outside = (magnitude - _F16_MIN_NORMAL) >= _F16_NORMAL_SPAN
+    if outside.any():
+        where = np.flatnonzero(outside)
+        with np.errstate(over="ignore"):
+            out.flat[where] = values.flat[where].astype(np.float16).view(np.uint16)
+    return out.view(np.float16)
+
+
+# Rounding bias (0xFFF) and exponent re-bias from float32's 127 to float16's 15, in one add.
+_F16_ROUND_AND_REBIAS = np.uint32((0xFFF - (112 << 23)) % (1 << 32))
+_F16_MIN_NORMAL = np.uint32(0x38800000)  # 2**-14
+_F16_NORMAL_SPAN = np.uint32(0x477FF000 - 0x38800000)  # up to 65520, which rounds to inf
+
+
+def f32_to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 ``values`` encoded as safetensors ``dtype`` (BF16 rounds to nearest even)."""
+    encoders = {"BF16": f32_to_bf16, "F16": f32_to_f16}
+    encoder = encoders.get(dtype)
+    return encoder(values) if encoder else values.astype(STORAGE[dtype], copy=False)
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """Where one tensor lives in a safetensors file; reads it (or some rows) on demand."""
+
+    path: Path
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    @property
+    def row_elements(self) -> int:
+        return math.prod(self.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * STORAGE[self.dtype].itemsize
+
+    def read(self, start: int = 0, stop: int | None = None, fh=None) -> np.ndarray:
+        """Rows ``start:stop`` in the stored dtype (uint16 bit patterns for BF16)."""
+        stop = self.rows if stop is None else stop
+        storage = STORAGE[self.dtype]
+        row_bytes = self.row_elements * storage.itemsize
+        buf = np.empty((stop - start) * row_bytes, dtype=np.uint8)
+        with contextlib.nullcontext(fh) if fh else open(self.path, "rb") as stream:
+            stream.seek(self.offset + start * row_bytes)
+            if stream.readinto(memoryview(buf)) != buf.nbytes:
+                raise UserError(f"{self.path} is truncated; download the model again")
+        return buf.view(storage).reshape((stop - start, *self.shape[1:]) if self.shape else ())
+
+    def read_f32(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        return to_f32(self.read(start, stop), self.dtype)
+
+    def blocks(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, rows)`` blocks of about BLOCK_ELEMENTS, stored dtype, in order."""
+        step = max(1, BLOCK_ELEMENTS // max(1, self.row_elements))
+        with open(self.path, "rb") as fh:
+            for start in range(0, self.rows, step):
+                stop = min(self.rows, start + step)
+                yield start, stop, self.read(start, stop, fh)
+
+
+def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values of raw stored data (a new array, safe to modify)."""
+    return bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
+
+
+def index_file(path: Path) -> dict[str, TensorRef]:
+    """Every tensor of one safetensors file, by name."""
+    try:
+        header, _ = safetensors_header(path)
+    except (ValueError, OSError) as err:
+        raise UserError(f"cannot read {path}: {err}") from None
+    with open(path, "rb") as fh:
+        data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
+    refs = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in STORAGE:
+            raise UserError(f"{path}: tensor {name} is {info['dtype']}; need BF16, F16 or F32")
+        offset = data_start + info["data_offsets"][0]
+        refs[name] = TensorRef(path, info["dtype"], tuple(info["shape"]), offset)
+    return refs
+
+
+def model_tensors(model_dir: Path) -> dict[str, TensorRef]:
+    """Every tensor of a Hugging Face model folder (one file or shards named by the index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (model_dir / "model.safetensors").is_file():
+        shards = ["model.safetensors"]
+    else:
+        raise UserError(
+            f"{model_dir} has no model.safetensors or model.safetensors.index.json "
+            "(only safetensors weights are supported)"
+        )
+    refs: dict[str, TensorRef] = {}
+    for shard in shards:
+        refs.update(index_file(model_dir / shard))
+    return refs
+
+
+class SafetensorsWriter:
+    """Write a safetensors file whose tensor names, dtypes and shapes are known up front.
+
+    The header goes first, so data can then be streamed tensor by tensor (in blocks of rows)
+    without ever holding the file's contents; each tensor's byte count is checked.
+    """
+
+    def __init__(self, path: Path, plan: Iterable[tuple[str, str, tuple[int, ...]]]):
+        self.path = path
+        self._expected: list[tuple[str, int]] = []
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in plan:
+            nbytes = math.prod(shape) * STORAGE[dtype].itemsize
+            header[name] = {
+                "dtype": dtype,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            self._expected.append((name, nbytes))
+            offset += nbytes
+        head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        head += b" " * (-len(head) % 8)  # keeps tensor data 8-byte aligned, as safetensors does
+        self._fh = open(path, "wb")  # noqa: SIM115 (stays open across write() calls; see close)
+        self._fh.write(struct.pack("<Q", len(head)) + head)
+
+    def write(self, name: str, blocks: Iterable[np.ndarray]) -> None:
+        """Write tensor ``name`` (the next one in the plan) from its blocks of rows, in order."""
+        expected_name, nbytes = self._expected.pop(0)
+        assert name == expected_name, f"wrote {name}, plan says {expected_name}"
+        written = 0
+        for block in blocks:
+            block = np.ascontiguousarray(block)
+            self._fh.write(memoryview(block).cast("B"))
+            written += block.nbytes
+        assert written == nbytes, f"{name}: wrote {written} bytes, expected {nbytes}"
+
+    def close(self) -> None:
+        assert not self._expected, f"{len(self._expected)} tensors were never written"
+        self._fh.close()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self._fh.close()
+
+
+def save_f32(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write small float32 tensors (adapters) to a safetensors file, names sorted."""
+    names = sorted(tensors)
+    plan = [(name, "F32", tuple(tensors[name].shape)) for name in names]
+    with SafetensorsWriter(path, plan) as writer:
+        for name in names:
+            writer.write(name, [np.asarray(tensors[name], dtype="<f4")])

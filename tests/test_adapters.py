@@ -1,0 +1,131 @@
+"""Adapters move between tools: PEFT ⇄ mlx-lm conversion, and finding an adapter's base model.
+
+Users rely on a converted adapter giving the same model in the other tool (mlx-lm's own
+loader, PEFT's own loader), on a round trip changing nothing, and on ``fuse``/``export``
+finding the base model from a run folder or an adapter folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from lora_helpers import hf_logits, make_peft_adapter, make_run
+
+from qwen_mlx.adapters import convert_adapter, load_adapter, resolve_source
+from qwen_mlx.cli import cli
+from qwen_mlx.errors import UserError
+from qwen_mlx.tensor_io import index_file
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+IDS = list(range(3, 50))
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    return make_peft_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapters") / "peft")
+
+
+def _mlx_logits(model_dir: Path, adapter_dir: Path) -> np.ndarray:
+    mx = pytest.importorskip("mlx.core")
+    mlx_lm = pytest.importorskip("mlx_lm")
+    model, _ = mlx_lm.load(str(model_dir), adapter_path=str(adapter_dir))
+    model.set_dtype(mx.float32)
+    return np.array(model(mx.array([IDS]))[0].astype(mx.float32))
+
+
+def test_converted_adapter_gives_mlx_lm_the_same_model_as_peft(tiny_model_dir, adapter, tmp_path):
+    out = tmp_path / "mlx"
+    result = CliRunner().invoke(
+        cli, ["adapter", "convert", str(adapter), "--to", "mlx-lm", "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora"
+    assert config["lora_parameters"]["rank"] == 8 and config["lora_parameters"]["scale"] == 2.0
+    names = index_file(out / "adapters.safetensors")
+    assert names["model.layers.1.mlp.down_proj.lora_a"].shape == (128, 8)  # (in, r)
+    assert names["model.layers.1.mlp.down_proj.lora_b"].shape == (8, 64)  # (r, out)
+
+    expected = hf_logits(tiny_model_dir, IDS, adapter)
+    assert np.abs(expected - hf_logits(tiny_model_dir, IDS)).max() > 0.1  # the adapter matters
+    np.testing.assert_allclose(_mlx_logits(tiny_model_dir, out), expected, atol=1e-4)
+
+
+def test_round_trip_changes_nothing(tiny_model_dir, adapter, tmp_path):
+    convert_adapter(adapter, "mlx-lm", tmp_path / "mlx")
+    convert_adapter(tmp_path / "mlx", "peft", tmp_path / "peft")
+    before, after = load_adapter(adapter), load_adapter(tmp_path / "peft")
+    assert before.pairs.keys() == after.pairs.keys()
+    for module, pair in before.pairs.items():
+        np.testing.assert_array_equal(after.pairs[module].a, pair.a)
+        np.testing.assert_array_equal(after.pairs[module].b, pair.b)
+        assert after.pairs[module].scale == pair.scale
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["peft_type"]) == (8, 16, "LORA")
+    # …and PEFT's own loader takes it back.
+    np.testing.assert_allclose(
+        hf_logits(tiny_model_dir, IDS, tmp_path / "peft"),
+        hf_logits(tiny_model_dir, IDS, adapter),
+        atol=1e-5,
+    )
+
+
+def test_rslora_scale_is_folded_for_mlx_lm(tiny_model_dir, tmp_path):
+    adapter = make_peft_adapter(
+        tiny_model_dir, tmp_path / "rs", rank=4, alpha=8, targets=["q_proj", "v_proj"],
+        use_rslora=True, alpha_pattern={"v_proj": 2},
+    )  # fmt: skip
+    convert_adapter(adapter, "mlx-lm", tmp_path / "mlx")
+    keys = json.loads((tmp_path / "mlx" / "adapter_config.json").read_text())["lora_parameters"]
+    assert keys["keys"] == ["self_attn.q_proj", "self_attn.v_proj"]
+    np.testing.assert_allclose(
+        _mlx_logits(tiny_model_dir, tmp_path / "mlx"),
+        hf_logits(tiny_model_dir, IDS, adapter),
+        atol=1e-4,
+    )
+
+
+def test_fuse_and_export_find_the_base_model(tiny_model_dir, adapter, tmp_path, monkeypatch):
+    run = make_run(tmp_path / "run", tiny_model_dir, adapter, "data.system_prompt=你是报销助手")
+    from_run = resolve_source(run, None)
+    assert from_run.model_dir == tiny_model_dir and from_run.system_prompt == "你是报销助手"
+    # The adapter folder inside a run still finds the run's config.
+    assert resolve_source(run / "adapter", None).system_prompt == "你是报销助手"
+    # A bare adapter uses base_model_name_or_path, relative to where training ran.
+    monkeypatch.chdir(tiny_model_dir.parent)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = tiny_model_dir.name
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "adapter_config.json").write_text(json.dumps(config))
+    os.link(adapter / "adapter_model.safetensors", bare / "adapter_model.safetensors")
+    assert resolve_source(bare, None).model_dir.resolve() == tiny_model_dir.resolve()
+    # A model folder given where a run is expected is just the model.
+    assert resolve_source(tiny_model_dir, None).adapter is None
+
+
+def test_hub_id_base_says_how_to_get_it(adapter, tmp_path):
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = "Qwen/Qwen2.5-3B-Instruct"
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    os.link(adapter / "adapter_model.safetensors", tmp_path / "adapter_model.safetensors")
+    with pytest.raises(UserError, match=r"qwen-mlx download Qwen/Qwen2\.5-3B-Instruct"):
+        resolve_source(tmp_path, None)
+
+
+def test_convert_rejects_bad_input_in_one_line(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["adapter", "convert", "nope", "--to", "peft", "-o", "x"])
+    assert missing.exit_code == 1 and "not found" in missing.output
+    bad_format = runner.invoke(cli, ["adapter", "convert", ".", "--to", "gguf", "-o", "x"])
+    assert bad_format.exit_code == 2 and "mlx-lm" in bad_format.output
+    empty = runner.invoke(cli, ["adapter", "convert", str(tmp_path), "--to", "peft", "-o", "x"])
+    assert empty.exit_code == 1 and "adapter" in empty.output
+    assert "Traceback" not in missing.output + empty.output

@@ -1,0 +1,390 @@
+"""``qwen-mlx export``: our GGUF files run in llama.cpp exactly like the model in transformers.
+
+Every check goes through llama.cpp itself (llama-cpp-python): it must split text into the
+same tokens as the Hugging Face tokenizer, compute the same logits (f16), nearly the same
+greedy choices (q8_0), apply an adapter the same way fused or as a LoRA GGUF, stop a chat
+answer at ``<|im_end|>``, and load q4_k_m. Plus the Modelfile and the error paths.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import stat
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from lora_helpers import MIXED_TEXT, hf_logits, llama_logits, make_peft_adapter, make_run
+
+from qwen_mlx import gguf_tensors
+from qwen_mlx.cli import cli
+from qwen_mlx.errors import UserError
+from qwen_mlx.gguf_export import export
+
+gguf = pytest.importorskip("gguf")
+llama_cpp = pytest.importorskip("llama_cpp")
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+TOL = 1e-2  # max |logit difference| accepted for f16 (the issue's bar)
+
+
+@pytest.fixture(scope="module")
+def ids(tiny_tokenizer) -> list[int]:
+    return tiny_tokenizer(MIXED_TEXT)["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf")
+
+
+@pytest.fixture(scope="module")
+def adapter(tiny_model_dir, work) -> Path:
+    return make_peft_adapter(tiny_model_dir, work / "adapter")
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, adapter, work) -> Path:
+    return make_run(work / "run", tiny_model_dir, adapter, "data.system_prompt=你是报销助手。")
+
+
+@pytest.fixture(scope="module")
+def f16(tiny_model_dir, work) -> Path:
+    return export(None, work / "base" / "tiny-f16.gguf", model=tiny_model_dir).path
+
+
+@pytest.fixture(scope="module")
+def fused_f16(run, work) -> Path:
+    return export(run, work / "fused" / "run-f16.gguf").path
+
+
+def _fields(path: Path) -> dict:
+    reader = gguf.GGUFReader(path)
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _types(path: Path) -> dict[str, str]:
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+# ---------------------------------------------------------------- tokenizer and metadata
+
+
+def test_llama_cpp_tokenizes_exactly_like_hugging_face(f16, tiny_tokenizer):
+    llm = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False)
+    try:
+        for text in (
+            MIXED_TEXT,
+            "  spaces\ttabs\r\n\n混合 mixed 3.14159 1,234 年月日 龘 😶‍🌫️",
+            "I'm 'RE",
+        ):
+            expected = tiny_tokenizer(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
+            assert llm.detokenize(expected, special=True).decode() == text
+        # <|im_end|> is one control token in a prompt, but plain text when not parsing specials.
+        im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+        assert llm.tokenize(b"<|im_end|>", add_bos=False, special=True) == [im_end]
+        assert len(llm.tokenize(b"<|im_end|>", add_bos=False, special=False)) > 1
+    finally:
+        llm.close()
+
+
+def test_metadata_is_what_llama_cpp_and_ollama_need(f16, tiny_model_dir, tiny_tokenizer):
+    fields = _fields(f16)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    expected = {
+        "general.architecture": "qwen2",
+        "general.type": "model",
+        "general.file_type": 1,
+        "qwen2.block_count": 2,
+        "qwen2.context_length": 32768,
+        "qwen2.embedding_length": 64,
+        "qwen2.feed_forward_length": 128,
+        "qwen2.attention.head_count": 4,
+        "qwen2.attention.head_count_kv": 2,
+        "qwen2.rope.freq_base": 1e6,
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "qwen2",
+        "tokenizer.ggml.add_bos_token": False,
+        "tokenizer.ggml.eos_token_id": tiny_tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "tokenizer.ggml.padding_token_id": tiny_tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "tokenizer.chat_template": tiny_tokenizer.chat_template,
+    }
+    assert {key: fields.get(key) for key in expected} == expected
+    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    assert len(tokens) == len(types) == config["vocab_size"]  # padded to the embedding rows
+    assert tokens[-1] == f"[PAD{config['vocab_size'] - 1}]" and types[-1] == 5  # UNUSED
+    assert types[tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")] == 3  # CONTROL
+    assert len(fields["tokenizer.ggml.merges"]) > 1000
+
+    types = _types(f16)
+    assert len(types) == 12 * 2 + 2 and "output.weight" not in types  # tied: no output
+    assert {types[n] for n in types if n.endswith(("_norm.weight", ".bias"))} == {"F32"}
+    assert {types[n] for n in types if n.endswith("proj.weight") or "attn_q" in n} <= {"F16", "F32"}
+    assert types["token_embd.weight"] == types["blk.0.ffn_down.weight"] == "F16"
+
+
+def test_rope_settings_follow_the_config(tiny_model_dir, tmp_path):
+    model = tmp_path / "long"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    del config["rope_theta"]  # transformers 5 style, with Qwen2.5's long-context recipe
+    config["rope_parameters"] = {
+        "rope_theta": 5e5, "rope_type": "yarn", "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    }  # fmt: skip
+    (model / "config.json").write_text(json.dumps(config))
+    fields = _fields(export(None, tmp_path / "long.gguf", model=model).path)
+    assert fields["qwen2.rope.freq_base"] == 5e5
+    assert fields["qwen2.rope.scaling.type"] == "yarn"
+    assert fields["qwen2.rope.scaling.factor"] == 4.0
+    assert fields["qwen2.rope.scaling.original_context_length"] == 32768
+
+
+def _untied_copy(model_dir: Path, out: Path) -> Path:
+    """``model_dir`` with its own lm_head, as Qwen2.5-7B and larger ship (untied), and stored
+    as float32 (so an f32 checkpoint is covered too)."""
+    from qwen_mlx.tensor_io import model_tensors, save_f32
+
+    shutil.copytree(model_dir, out, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = {name: ref.read_f32() for name, ref in model_tensors(model_dir).items()}
+    shape = tensors["model.embed_tokens.weight"].shape
+    tensors["lm_head.weight"] = 0.05 * np.random.default_rng(1).standard_normal(shape, np.float32)
+    save_f32(out / "model.safetensors", tensors)
+    config = json.loads((out / "config.json").read_text())
+    config |= {"tie_word_embeddings": False, "torch_dtype": "float32"}
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_untied_model_gets_its_output_matrix(tiny_model_dir, ids, tmp_path):
+    model = _untied_copy(tiny_model_dir, tmp_path / "untied")
+    path = export(None, tmp_path / "untied.gguf", model=model, quant="q4_0").path
+    types = _types(path)
+    assert len(types) == 12 * 2 + 3
+    assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q4_0"
+    f16 = export(None, tmp_path / "untied-f16.gguf", model=model).path
+    assert np.abs(llama_logits(f16, ids) - hf_logits(model, ids)).max() <= TOL
+
+
+# ---------------------------------------------------------------- numbers in llama.cpp
+
+
+@pytest.mark.parametrize(("quant", "tol"), [("f16", TOL), ("f32", 1e-4)])
+def test_logits_match_transformers(quant, tol, f16, tiny_model_dir, ids, tmp_path):
+    # f32 (library only) shows the file is exact; f16 is what users get, within the bar.
+    path = (
+        f16
+        if quant == "f16"
+        else export(None, tmp_path / "f32.gguf", model=tiny_model_dir, quant="f32").path
+    )
+    assert np.abs(llama_logits(path, ids) - hf_logits(tiny_model_dir, ids)).max() <= tol
+
+
+@pytest.mark.parametrize(("quant", "tol"), [("f16", TOL), ("f32", 1e-4)])
+def test_fused_export_matches_transformers_with_peft(
+    quant, tol, fused_f16, tiny_model_dir, run, ids, tmp_path
+):
+    path = fused_f16 if quant == "f16" else export(run, tmp_path / "f32.gguf", quant="f32").path
+    expected = hf_logits(tiny_model_dir, ids, run / "adapter")
+    assert np.abs(llama_logits(path, ids) - expected).max() <= tol
+    assert np.abs(hf_logits(tiny_model_dir, ids) - expected).max() > 0.1  # the adapter matters
+
+
+@pytest.mark.parametrize("kind", ["plain", "rslora"])
+def test_lora_gguf_in_llama_cpp_matches_the_fused_model(kind, f16, tiny_model_dir, ids, tmp_path):
+    extra = {"use_rslora": True, "alpha_pattern": {"v_proj": 4}} if kind == "rslora" else {}
+    adapter = make_peft_adapter(tiny_model_dir, tmp_path / "adapter", rank=4, alpha=8, **extra)
+    lora = export(adapter, tmp_path / "lora.gguf", lora_only=True).path
+    fields = _fields(lora)
+    assert (fields["general.type"], fields["adapter.type"]) == ("adapter", "lora")
+    assert _types(lora)["blk.0.attn_q.weight.lora_a"] == "F32"
+    peft = hf_logits(tiny_model_dir, ids, adapter)
+
+    # Exact in float32: base GGUF + LoRA GGUF == fused GGUF == transformers + PEFT.
+    base32 = export(None, tmp_path / "base32.gguf", model=tiny_model_dir, quant="f32").path
+    fused32 = export(adapter, tmp_path / "fused32.gguf", quant="f32").path
+    with_lora = llama_logits(base32, ids, lora=lora)
+    # llama-cpp-python does not raise when an adapter fails to apply: compare with the base.
+    assert np.abs(with_lora - llama_logits(base32, ids)).max() > 0.1
+    assert np.abs(with_lora - llama_logits(fused32, ids)).max() <= 1e-4
+    assert np.abs(with_lora - peft).max() <= 1e-4
+    # On the f16 base users run, within the same bar as the f16 export.
+    assert np.abs(llama_logits(f16, ids, lora=lora) - peft).max() <= TOL
+
+
+# ---------------------------------------------------------------- chat and q4_k_m
+
+
+QUESTION, ANSWER = "出差住宿费标准是多少？", "每人每天不超过500元。"
+
+
+@pytest.fixture(scope="module")
+def chat_model(tiny_model_dir, tiny_tokenizer, work) -> Path:
+    """The tiny model fine-tuned (all weights, a few seconds) to answer QUESTION with ANSWER
+    and then close its turn with <|im_end|>, as a trained model does; saved by transformers."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    turn = [{"role": "user", "content": QUESTION}]
+    prompt = tiny_tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+    prompt_ids = tiny_tokenizer(prompt)["input_ids"]
+    full_ids = tiny_tokenizer(prompt + ANSWER + "<|im_end|>")["input_ids"]
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = model(input_ids=torch.tensor([full_ids]), labels=torch.tensor([labels])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.02:
+            break
+    out = work / "chat-model"
+    model.to(torch.bfloat16).save_pretrained(out)
+    tiny_tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize(("quant", "agree"), [("q8_0", 0.95), ("q4_0", 0.9), ("bf16", 0.99)])
+def test_quantized_greedy_choices_agree(quant, agree, chat_model, ids, tmp_path):
+    # On the trained model: the random one's logits are near-ties (top-2 gaps under 0.02 at
+    # ~6% of positions), where argmax agreement would measure noise, not the export.
+    path = export(None, tmp_path / f"{quant}.gguf", model=chat_model, quant=quant).path
+    expected = hf_logits(chat_model, ids).argmax(-1)
+    assert (llama_logits(path, ids).argmax(-1) == expected).mean() >= agree
+    assert _fields(path)["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
+
+
+def test_greedy_chat_answer_stops_at_im_end(chat_model, tiny_tokenizer, tmp_path):
+    path = export(None, tmp_path / "chat.gguf", model=chat_model).path
+    im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)
+    try:
+        assert llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), im_end)
+        # The GGUF's own chat template builds the prompt; greedy decoding, no stop strings.
+        chat = llm.create_chat_completion(
+            [{"role": "user", "content": QUESTION}], temperature=0.0, max_tokens=40
+        )
+        assert chat["choices"][0]["message"]["content"] == ANSWER
+        assert chat["choices"][0]["finish_reason"] == "stop"
+        # Raw completion: llama.cpp itself ends generation on the sampled <|im_end|>.
+        prompt = tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True
+        )
+        done = llm.create_completion(prompt, temperature=0.0, max_tokens=40, stop=[])
+        assert done["choices"][0]["text"] == ANSWER
+        assert done["choices"][0]["finish_reason"] == "stop"
+        assert done["usage"]["completion_tokens"] < 40
+    finally:
+        llm.close()
+
+
+def test_q4_k_m_runs_and_loads(tmp_path):
+    from qwen_mlx.tiny import build_tiny_model
+
+    # Rows of 256 let llama.cpp use real K-quants (narrower ones fall back to Q5_0/Q8_0).
+    model = build_tiny_model(tmp_path / "wide", hidden_size=256, intermediate_size=512)
+    result = export(None, tmp_path / "wide-q4_k_m.gguf", model=model, quant="q4_k_m")
+    types = set(_types(result.path).values())
+    assert {"Q4_K", "Q6_K"} <= types and "F32" in types
+    assert _fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "wide", "wide-q4_k_m.gguf"]
+    llm = llama_cpp.Llama(str(result.path), n_ctx=64, verbose=False)
+    try:
+        assert len(llm.create_completion("<|im_start|>user\n", max_tokens=4)["choices"]) == 1
+    finally:
+        llm.close()
+
+
+def test_q4_k_m_fallback_is_reported(tiny_model_dir, tmp_path):
+    result = export(None, tmp_path / "tiny-q4_k_m.gguf", model=tiny_model_dir, quant="q4_k_m")
+    assert any("fallback" in note for note in result.notes)
+
+
+# ---------------------------------------------------------------- command line, Modelfile
+
+
+def test_cli_writes_modelfile_and_prints_the_ollama_line(run, tmp_path):
+    out = tmp_path / "out" / "model.gguf"
+    result = CliRunner().invoke(cli, ["export", str(run), "-o", str(out), "--quant", "q8_0"])
+    assert result.exit_code == 0, result.output
+    assert f"ollama create run -f {out.parent / 'Modelfile'}" in result.output
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model.gguf\n")
+    assert 'SYSTEM """你是报销助手。"""' in modelfile  # the run's data.system_prompt
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert 'PARAMETER stop "<|endoftext|>"' in modelfile
+    for piece in ("<|im_start|>system\n{{ .System }}<|im_end|>", "<|im_start|>user\n"):
+        assert piece in modelfile
+    assert "{{ .Content }}" in modelfile and "<|im_start|>assistant\n" in modelfile
+
+
+def test_modelfile_of_a_plain_model_uses_qwens_default_system_prompt(f16):
+    modelfile = (f16.parent / "Modelfile").read_text()
+    assert 'SYSTEM """You are Qwen, created by Alibaba Cloud.' in modelfile
+
+
+def test_ollama_option_runs_ollama_create(tiny_model_dir, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "ollama"
+    record = f"pathlib.Path({str(tmp_path / 'args')!r}).write_text(' '.join(sys.argv[1:]))"
+    fake.write_text(f"#!{sys.executable}\nimport sys, pathlib\n{record}\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    out = tmp_path / "m" / "tiny.gguf"
+    args = ["export", "--model", str(tiny_model_dir), "-o", str(out), "--ollama", "baoxiao"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "args").read_text() == f"create baoxiao -f {(out.parent / 'Modelfile')}"
+
+
+def test_ollama_option_without_ollama_fails_before_writing(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    out = tmp_path / "m" / "tiny.gguf"
+    args = ["export", "--model", str(tiny_model_dir), "-o", str(out), "--ollama", "x"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "ollama" in result.output and "PATH" in result.output
+    assert not out.parent.exists()
+
+
+def test_unsupported_architecture_is_one_clear_line(tiny_model_dir, tmp_path):
+    model = tmp_path / "llama"
+    shutil.copytree(tiny_model_dir, model)
+    config = json.loads((model / "config.json").read_text())
+    config |= {"model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    (model / "config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(
+        cli, ["export", "--model", str(model), "-o", str(tmp_path / "x.gguf")]
+    )
+    assert result.exit_code == 1
+    assert "LlamaForCausalLM" in result.output and "Qwen2" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x.gguf").exists()
+
+
+def test_q4_k_m_without_llama_cpp_names_the_extra(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(UserError, match=r"qwen-mlx\[gguf\]"):
+        export(None, tmp_path / "x.gguf", model=tiny_model_dir, quant="q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_lora_only_needs_an_adapter(tiny_model_dir, tmp_path):
+    with pytest.raises(UserError, match="run or adapter"):
+        export(None, tmp_path / "x.gguf", model=tiny_model_dir, lora_only=True)
+
+
+def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypatch):
+    def broken(job, pool=None):
+        raise OSError("disk full")
+        yield
+
+    monkeypatch.setattr(gguf_tensors, "encoded_blocks", broken)
+    with pytest.raises(OSError):
+        export(None, tmp_path / "x.gguf", model=tiny_model_dir)
+    assert list(tmp_path.iterdir()) == []

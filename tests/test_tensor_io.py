@@ -1,0 +1,77 @@
+"""Streaming safetensors I/O and the float conversions fuse/export use instead of torch's.
+
+The fast paths must give exactly the bytes the obvious ones give: a GGUF or fused model that
+is off by one rounding in a corner case would be a silent bug.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from qwen_mlx import tensor_io
+from qwen_mlx.gguf_tensors import _DIRECT
+from qwen_mlx.tensor_io import (
+    SafetensorsWriter,
+    bf16_to_f32,
+    f32_to_bf16,
+    f32_to_f16,
+    index_file,
+    model_tensors,
+)
+
+# Every 997th float32 bit pattern: all exponents, both signs, NaN, inf, subnormals, ties.
+PATTERNS = np.arange(0, 1 << 32, 997, dtype=np.uint64).astype(np.uint32).view(np.float32)
+
+
+def test_f32_to_f16_is_bit_identical_to_numpy():
+    with np.errstate(all="ignore"):
+        expected = PATTERNS.astype(np.float16)
+    ours = f32_to_f16(PATTERNS)
+    nan = np.isnan(PATTERNS)
+    assert np.array_equal(ours.view(np.uint16)[~nan], expected.view(np.uint16)[~nan])
+    assert np.isnan(ours[nan]).all()
+
+
+def test_bf16_round_trip_is_torchs():
+    torch = pytest.importorskip("torch")
+    expected = torch.from_numpy(PATTERNS.copy()).to(torch.bfloat16).view(torch.int16).numpy()
+    ours = f32_to_bf16(PATTERNS)
+    nan = np.isnan(PATTERNS)
+    assert np.array_equal(ours[~nan], expected.view(np.uint16)[~nan])
+    assert np.isnan(bf16_to_f32(ours[nan])).all()
+
+
+def test_bf16_to_f16_lookup_equals_the_two_casts():
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    with np.errstate(all="ignore"):
+        expected = bf16_to_f32(bits).astype(np.float16).view(np.uint16)
+    ours = _DIRECT[("BF16", "F16")](bits).view(np.uint16)
+    nan = np.isnan(bf16_to_f32(bits))
+    assert np.array_equal(ours[~nan], expected[~nan])
+
+
+def test_writer_streams_blocks_and_reader_reads_rows(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    tensors = {
+        "b": rng.standard_normal((7, 5), np.float32),
+        "a": rng.standard_normal(3, np.float32),
+    }
+    plan = [(name, "BF16", value.shape) for name, value in tensors.items()]
+    with SafetensorsWriter(tmp_path / "model.safetensors", plan) as writer:
+        for name, value in tensors.items():
+            writer.write(name, [f32_to_bf16(row[None]) for row in np.atleast_2d(value)])
+    monkeypatch.setattr(tensor_io, "BLOCK_ELEMENTS", 10)  # two rows of b per block
+    refs = model_tensors(tmp_path)
+    assert refs.keys() == index_file(tmp_path / "model.safetensors").keys() == {"a", "b"}
+    blocks = list(refs["b"].blocks())
+    assert [(start, stop) for start, stop, _ in blocks] == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    rows = np.concatenate([bf16_to_f32(raw) for _, _, raw in blocks])
+    np.testing.assert_allclose(rows, tensors["b"], rtol=2**-8)
+    np.testing.assert_array_equal(refs["b"].read_f32(3, 5), rows[3:5])
+
+
+def test_writer_refuses_a_tensor_of_the_wrong_size(tmp_path):
+    writer = SafetensorsWriter(tmp_path / "x.safetensors", [("w", "F32", (2, 2))])
+    with pytest.raises(AssertionError):
+        writer.write("w", [np.zeros(3, np.float32)])
