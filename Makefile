@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 TINY := models/tiny-qwen2
 DEMO := outputs/demo
 TRAIN_DATA := data/报销细则_distilled_chunked.jsonl
+TEST_DATA := data/报销细则_test.jsonl
 # The demo runs the normal commands on the offline tiny model and the bundled data.
 DEMO_SET := --set model.path=$(TINY) --set model.quantization=none \
 	--set data.train_file=$(DEMO)/data/train.jsonl --set data.valid_file=$(DEMO)/data/valid.jsonl \
@@ -28,9 +29,14 @@ demo: venv
 	$(BIN)/qwen-mlx data stats $(DEMO)/data/train.jsonl --model $(TINY) --max-seq-length 512
 	$(BIN)/qwen-mlx check $(DEMO_SET)
 	rm -rf $(DEMO)/run
-	# A higher learning rate than the seed's: the random tiny model needs it to visibly learn.
-	$(BIN)/qwen-mlx train --backend torch $(DEMO_SET) --set training.num_epochs=3 \
+	# auto: MLX on Apple Silicon, PyTorch elsewhere. A higher learning rate than the seed's:
+	# the random tiny model needs it to visibly learn.
+	$(BIN)/qwen-mlx train --backend auto $(DEMO_SET) --set training.num_epochs=3 \
 		--set training.learning_rate=2e-3 --set training.warmup_steps=5
+	$(BIN)/qwen-mlx eval $(DEMO)/run --data $(TEST_DATA) --compare-base --limit 10 --max-tokens 48
+	$(BIN)/qwen-mlx export $(DEMO)/run -o $(DEMO)/tiny-qwen2-demo.gguf --quant q8_0
+	$(BIN)/qwen-mlx chat --gguf $(DEMO)/tiny-qwen2-demo.gguf --max-tokens 48 \
+		--prompt "出差住宿标准是多少？"
 
 test: venv
 	$(BIN)/python -m pytest

@@ -53,6 +53,19 @@ def test_same_greedy_answer_through_torch_and_mlx(run):
     assert torch_answer.strip() and torch_answer == mlx_answer
 
 
+def test_same_greedy_answer_from_the_exported_gguf(run, tmp_path):
+    pytest.importorskip("llama_cpp")
+    gguf = tmp_path / "run.gguf"
+    export = subprocess.run(
+        [sys.executable, "-m", "qwen_mlx", "export", str(run), "-o", str(gguf), "--quant", "f16"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert export.returncode == 0, export.stderr
+    torch_answer = chat(str(run), "--backend", "torch", "--prompt", QUESTION, "--max-tokens", "12")
+    gguf_answer = chat("--gguf", str(gguf), "--prompt", QUESTION, "--max-tokens", "12")
+    assert torch_answer.strip() and gguf_answer == torch_answer
+
+
 def test_interactive_commands():
     console = Console(quiet=True)
     conversation = Conversation("旧的系统提示")
