@@ -147,6 +147,8 @@ class TokenLoss(nn.Module):
         hidden = hidden[:, :-1][targets]
         labels = input_ids[:, 1:][targets]
         weight = causal_lm.get_output_embeddings().weight
+        if labels.numel() <= LOSS_CHUNK:  # one chunk: recomputing it would only cost time
+            return _chunk_loss(hidden, labels, weight)
         total = hidden.new_zeros((), dtype=torch.float32)
         for start in range(0, labels.numel(), LOSS_CHUNK):
             end = start + LOSS_CHUNK
