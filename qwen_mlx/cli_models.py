@@ -1,0 +1,276 @@
+"""``qwen-mlx`` commands that use a trained model: fuse, export, adapter, eval, chat, serve.
+
+Registered on the group defined in :mod:`qwen_mlx.cli` (which imports this module at its
+end); like every command they are thin wrappers over library functions, imported lazily so
+the CLI starts without torch, mlx or gguf.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from qwen_mlx.backends import CHOICES
+from qwen_mlx.cli import _Group, cli, console, err_console
+from qwen_mlx.errors import UserError
+
+_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # qwen_mlx.gguf_export.QUANT_CHOICES
+_model_option = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Base model folder (default: the one the run's config or the adapter names).",
+)
+
+
+@cli.command()
+@click.argument("run_or_adapter", type=click.Path(path_type=Path))
+@_model_option
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the fused model (replaced only once complete).",
+)
+def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path) -> None:
+    """Merge a run's LoRA adapter into its base model: a plain Hugging Face folder.
+
+    RUN_OR_ADAPTER is a run folder (outputs/<run>) or an adapter folder (PEFT or mlx-lm).
+    The result loads in transformers, mlx-lm or llama.cpp's converter like any model;
+    weights keep the base's dtype. Works tensor by tensor, in little memory.
+    """
+    from qwen_mlx.fuse import fuse as run_fuse
+
+    result = run_fuse(run_or_adapter, out_dir, model_dir)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    console.print(
+        f"[green]✓[/] {result.fused} adapted weights fused, {result.copied} copied → {out_dir}",
+        highlight=False,
+    )
+
+
+@cli.command()
+@click.argument("run_or_adapter", required=False, type=click.Path(path_type=Path))
+@_model_option
+@click.option(
+    "-o",
+    "--out",
+    "out_file",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The GGUF file to write, e.g. outputs/run/model-q4_k_m.gguf.",
+)
+@click.option(
+    "--quant",
+    type=click.Choice(_QUANTS),
+    default=None,
+    help="Weight type: f16 (default), bf16, q8_0, q4_0, or q4_k_m (needs llama-cpp-python). "
+    "With --lora-only: f16 or bf16 (default f32).",
+)
+@click.option(
+    "--lora-only", is_flag=True, help="Write only the adapter, as a LoRA GGUF (llama.cpp --lora)."
+)
+@click.option(
+    "--ollama",
+    "ollama_name",
+    metavar="NAME",
+    default=None,
+    help="Also run `ollama create NAME` with the Modelfile (needs ollama on PATH).",
+)
+def export(
+    run_or_adapter: Path | None,
+    model_dir: Path | None,
+    out_file: Path,
+    quant: str | None,
+    lora_only: bool,
+    ollama_name: str | None,
+) -> None:
+    """Export a trained run (or a plain --model) to GGUF for ollama and llama.cpp.
+
+    The adapter is applied on the fly; no fused copy is written. A Modelfile with the
+    Qwen2.5 chat template and stop tokens is written beside the GGUF.
+    """
+    from qwen_mlx.gguf_export import export as run_export
+
+    result = run_export(
+        run_or_adapter,
+        out_file,
+        model=model_dir,
+        quant=quant,
+        lora_only=lora_only,
+        ollama=ollama_name,
+    )
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    size = result.path.stat().st_size / 1e6
+    console.print(
+        f"[green]✓[/] wrote {result.path} ({size:,.1f} MB)", highlight=False, soft_wrap=True
+    )
+    if result.modelfile is None:
+        console.print(
+            f"use it with llama.cpp (--lora {result.path}) or in an ollama Modelfile "
+            f"(FROM <base model GGUF> then ADAPTER {result.path})",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return
+    console.print(f"[green]✓[/] wrote {result.modelfile}", highlight=False, soft_wrap=True)
+    if ollama_name:
+        console.print(f"[green]✓[/] ollama model {ollama_name} created", highlight=False)
+    else:
+        command = " ".join(result.ollama_create)
+        console.print(f"load it into ollama with:\n  {command}", highlight=False, soft_wrap=True)
+
+
+@cli.group(cls=_Group)
+def adapter() -> None:
+    """Work with LoRA adapters: convert between PEFT and mlx-lm formats."""
+
+
+@adapter.command("convert")
+@click.argument("adapter_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--to",
+    "to_format",
+    required=True,
+    type=click.Choice(["mlx-lm", "peft"]),
+    help="Target format: mlx-lm (adapters.safetensors) or peft (adapter_model.safetensors).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the converted adapter.",
+)
+def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path) -> None:
+    """Convert ADAPTER_DIR (a PEFT or mlx-lm LoRA adapter, or a run folder) to another format.
+
+    The update each layer applies is unchanged: mlx_lm.load(model, adapter_path=OUT) and
+    peft.PeftModel.from_pretrained(model, OUT) give the same model.
+    """
+    from qwen_mlx.adapters import convert_adapter
+
+    convert_adapter(adapter_dir, to_format, out_dir)
+    console.print(f"[green]✓[/] {to_format} adapter written to {out_dir}", highlight=False)
+
+
+_run_argument = click.argument(
+    "run_or_adapter", required=False, type=click.Path(exists=True, path_type=Path)
+)
+_plain_model_option = click.option(
+    "--model",
+    "model_dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="A model folder to use without an adapter (or instead of the run's base).",
+)
+_gguf_option = click.option(
+    "--gguf",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Run an exported GGUF file through llama.cpp instead.",
+)
+_engine_backend = click.option(
+    "--backend",
+    type=click.Choice(CHOICES),
+    default="auto",
+    show_default=True,
+    help="Backend that loads the model (auto: MLX on Apple Silicon, else PyTorch).",
+)
+
+
+def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | None, backend: str):
+    from qwen_mlx.inference import open_engine
+
+    if run_or_adapter is None and model_dir is None and gguf is None:
+        raise UserError("give a run or adapter folder, --model DIR or --gguf FILE")
+    return open_engine(run_or_adapter, model_dir, gguf, backend)
+
+
+@cli.command("eval")
+@click.argument("run_or_adapter", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Test file (default: the run's test split, else data.test_file, else valid split).",
+)
+@click.option("--compare-base", is_flag=True, help="Also evaluate the base model, side by side.")
+@_gguf_option
+@_engine_backend
+@click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N questions.")
+def eval_command(run_or_adapter, data, compare_base, gguf, backend, max_tokens, limit) -> None:
+    """Test loss, perplexity and greedy answers scored with ROUGE-L / BLEU-4 (characters).
+
+    Writes RUN/eval/: report.html (loss curve, question / reference / base / tuned table),
+    report.md, summary.json and answers.jsonl.
+    """
+    from qwen_mlx.evaluate import evaluate
+
+    evaluate(run_or_adapter, data, compare_base=compare_base, gguf=gguf, backend=backend,
+             max_tokens=max_tokens, limit=limit, console=console)  # fmt: skip
+
+
+@cli.command()
+@_run_argument
+@_plain_model_option
+@_gguf_option
+@_engine_backend
+@click.option("--prompt", help="Answer this once and exit (for scripts).")
+@click.option("--system", help="System prompt (default: the run's data.system_prompt).")
+@click.option("--max-tokens", type=click.IntRange(1), default=512, show_default=True)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 2),
+    default=None,
+    help="0 = greedy (default with --prompt); 0.7 interactively.",
+)
+def chat(run_or_adapter, model_dir, gguf, backend, prompt, system, max_tokens, temperature):
+    """Chat with a trained run (streaming). /reset, /system TEXT, /exit inside the chat."""
+    import sys
+
+    from qwen_mlx.backends.base import GenerationSettings
+    from qwen_mlx.chat import interactive, reply
+
+    engine = _engine(run_or_adapter, model_dir, gguf, backend)
+    default_temperature = 0.0 if prompt is not None else 0.7
+    settings = GenerationSettings(
+        max_tokens=max_tokens,
+        temperature=default_temperature if temperature is None else temperature,
+        top_p=0.8,
+    )
+    system = system or _run_system_prompt(run_or_adapter)
+    if prompt is None:
+        interactive(engine, settings, system, console)
+        return
+    head = [{"role": "system", "content": system}] if system else []
+    reply(engine, [*head, {"role": "user", "content": prompt}], settings, sys.stdout)
+
+
+def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
+    if run_or_adapter is None:
+        return None
+    from qwen_mlx.adapters import resolve_source
+
+    source = resolve_source(run_or_adapter, None)
+    return source.system_prompt
+
+
+@cli.command()
+@_run_argument
+@_plain_model_option
+@_gguf_option
+@_engine_backend
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
+def serve(run_or_adapter, model_dir, gguf, backend, host, port, api_key) -> None:
+    """OpenAI-compatible API: /v1/chat/completions (incl. stream), /v1/models, /health."""
+    from qwen_mlx.serve import run
+
+    run(_engine(run_or_adapter, model_dir, gguf, backend), host, port, api_key, console)
