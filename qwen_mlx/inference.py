@@ -141,8 +141,12 @@ def stream(engine: Any, messages: Messages, settings: GenerationSettings) -> Ite
     hit: list[str] = []
     produced = []
     for text in with_stops(engine.pieces(messages, settings), settings.stop, hit):
-        produced.append(text)
-        yield Chunk(text)
+        # A stray byte-level token that is not valid UTF-8 decodes to U+FFFD in transformers
+        # and MLX but to nothing in llama.cpp; drop it so every engine gives the same text.
+        text = text.replace("\ufffd", "")
+        if text:
+            produced.append(text)
+            yield Chunk(text)
     ran_out = not hit and engine.count_tokens("".join(produced)) >= settings.max_tokens
     yield Chunk("", "length" if ran_out else "stop")
 

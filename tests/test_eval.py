@@ -81,3 +81,24 @@ def test_eval_report_base_vs_tuned(overfit_run):
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "<svg" in page and rows[0]["question"] in page  # loss curve + side-by-side table
     assert "| tuned |" in (out / "report.md").read_text(encoding="utf-8")
+
+
+def test_eval_on_the_exported_gguf_answers_like_the_run(overfit_run, tmp_path):
+    """`eval --gguf` scores the exported file: same greedy answers as the trained run."""
+    pytest.importorskip("llama_cpp")
+    from qwen_mlx.evaluate import evaluate
+    from qwen_mlx.gguf_export import export
+
+    run, data = overfit_run
+    gguf = tmp_path / "run.gguf"
+    export(run, gguf, quant="f32")  # exact: compares engines, not f16 rounding
+    quiet = Console(quiet=True)
+    evaluate(run, data, backend="torch", max_tokens=12, limit=4, console=quiet)
+    torch_rows = (run / "eval" / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+    out = evaluate(run, data, gguf=gguf, max_tokens=12, limit=4, console=quiet)
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert summary["tuned"]["test_loss"] is None and "llama.cpp" in summary["tuned"]["model"]
+    gguf_rows = (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()
+    assert [json.loads(r)["tuned"] for r in gguf_rows] == [
+        json.loads(r)["tuned"] for r in torch_rows
+    ]
