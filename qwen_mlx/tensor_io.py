@@ -53,33 +53,13 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
 
 
 def f32_to_f16(values: np.ndarray) -> np.ndarray:
-    """float16 of float32 ``values``, bit-identical to ``astype(np.float16)`` but faster.
+    """float16 of float32 ``values`` (round to nearest even; overflow becomes inf).
 
-    numpy's own cast holds the GIL and is slow; this does the rounding (to nearest even) in
-    uint32 arithmetic, which threads share, and leaves only the rare values outside float16's
-    normal range (subnormal, overflow, inf, NaN) to numpy's cast.
+    numpy 2 converts with the CPU's own instructions (F16C on x86-64, NEON on Apple
+    Silicon): measured 8× faster here than rounding in uint32 arithmetic across threads.
     """
-    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
-    magnitude = bits & np.uint32(0x7FFFFFFF)
-    half = magnitude >> 13
-    half &= 1  # the bit that decides ties
-    half += magnitude
-    half += _F16_ROUND_AND_REBIAS  # wraps for non-normal values, which are redone below
-    half >>= 13
-    half |= (bits >> 16) & np.uint32(0x8000)
-    out = half.astype(np.uint16)
-    outside = (magnitude - _F16_MIN_NORMAL) >= _F16_NORMAL_SPAN
-    if outside.any():
-        where = np.flatnonzero(outside)
-        with np.errstate(over="ignore"):
-            out.flat[where] = values.flat[where].astype(np.float16).view(np.uint16)
-    return out.view(np.float16)
-
-
-# Rounding bias (0xFFF) and exponent re-bias from float32's 127 to float16's 15, in one add.
-_F16_ROUND_AND_REBIAS = np.uint32((0xFFF - (112 << 23)) % (1 << 32))
-_F16_MIN_NORMAL = np.uint32(0x38800000)  # 2**-14
-_F16_NORMAL_SPAN = np.uint32(0x477FF000 - 0x38800000)  # up to 65520, which rounds to inf
+    with np.errstate(over="ignore"):
+        return np.asarray(values, dtype=np.float32).astype(np.float16)
 
 
 def f32_to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
