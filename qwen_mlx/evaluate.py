@@ -4,9 +4,9 @@ For the tuned model (and, with ``--compare-base``, the base model): test loss an
 perplexity on the assistant tokens, and a greedy answer to every test question scored
 against the reference with character-level ROUGE-L and BLEU-4 (:mod:`text_metrics`).
 ``--gguf FILE`` answers with an exported GGUF instead, to confirm it behaves like the run.
-Everything lands in ``<run>/eval/``: ``answers.jsonl`` (every answer and its scores, so the
-numbers can be recomputed), ``summary.json``, ``report.md`` and a self-contained
-``report.html`` (loss curve + side-by-side table).
+Everything lands in ``<run>/eval/`` (``<run>/eval-gguf/`` for a GGUF): ``answers.jsonl``
+(every answer and its scores, so the numbers can be recomputed), ``summary.json``,
+``report.md`` and a self-contained ``report.html`` (loss curve + side-by-side table).
 """
 
 from __future__ import annotations
@@ -137,7 +137,8 @@ def evaluate(
     if compare_base:
         base = open_engine(None, model=source.model_dir, backend=backend)
         results.insert(0, run_model(base, "base", cases, max_tokens, max_len))
-    out_dir = run_dir / "eval"
+    # A GGUF report goes beside the run's own, so the two can be compared.
+    out_dir = run_dir / ("eval-gguf" if gguf else "eval")
     summary = _write(out_dir, cases, results, run_dir)
     print_summary(summary, console)
     console.print(f"[green]✓[/] report: {out_dir / 'report.html'}", highlight=False)
