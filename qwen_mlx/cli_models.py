@@ -207,7 +207,7 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
 def eval_command(run_or_adapter, data, compare_base, gguf, backend, max_tokens, limit) -> None:
     """Test loss, perplexity and greedy answers scored with ROUGE-L / BLEU-4 (characters).
 
-    Writes RUN/eval/: report.html (loss curve, question / reference / base / tuned table),
+    Writes RUN/eval/ (RUN/eval-gguf/ with --gguf): report.html (loss curve, side-by-side table),
     report.md, summary.json and answers.jsonl.
     """
     from qwen_mlx.evaluate import evaluate
