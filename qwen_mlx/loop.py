@@ -14,6 +14,9 @@ start of the next accumulation window.
 from __future__ import annotations
 
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -222,8 +225,9 @@ def train_loop(
 
     session_start, session_tokens = time.perf_counter(), 0
     elapsed_before = state.elapsed_s
+    ctrl_c = _CtrlC()
     try:
-        with progress if main else _Quiet():
+        with ctrl_c, progress if main else _Quiet():
             while state.step < stop_at:
                 if not state.order:
                     state.order = epoch_order(t.seed, state.epoch, len(rows))
@@ -245,6 +249,9 @@ def train_loop(
                         validate()
                     if state.step % save_every == 0:
                         checkpoint()
+                    # Every rank stops after the same step, even if only one saw Ctrl-C.
+                    if hooks.all_reduce_sum(float(ctrl_c.requested)) > 0:
+                        raise KeyboardInterrupt
                 if state.window >= len(windows):  # epoch done
                     state.epoch, state.window, state.order = state.epoch + 1, 0, []
                     if state.step % eval_every != 0:
@@ -253,6 +260,13 @@ def train_loop(
         checkpoint()
     except KeyboardInterrupt:
         hooks.discard_gradients()
+        if ctrl_c.forced:  # mid-step: the model may be ahead of `state`, so save nothing
+            last = saved["step"]
+            then = (f"`qwen-mlx train --resume {run_dir}` continues from step {last}"
+                    if last >= 0 else "no checkpoint was written yet")  # fmt: skip
+            raise TrainingStopped(
+                f"stopped at once during step {state.step + 1}; {then}", exit_code=130
+            ) from None
         checkpoint()
         raise TrainingStopped(
             f"interrupted at step {state.step}/{total}; checkpoint saved. Resume with: "
@@ -281,6 +295,32 @@ def _report(state, result, tps, windows, hooks, metrics, progress, task, watch) 
         task, completed=state.step, epoch=state.epoch + 1, loss=f"{watch.ema:.4f}",
         lr=f"{result.lr:.2e}", tps=f"{tps:,.0f}", mem=f"{mem:.1f}G",
     )  # fmt: skip
+
+
+class _CtrlC:
+    """The first Ctrl-C asks the loop to stop after the current optimizer step, so the
+    checkpoint it then writes is consistent; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = self.forced = False
+        self.previous = None
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            self.forced = True
+            raise KeyboardInterrupt
+        self.requested = True
+        sys.stderr.write("\nstopping after this step (Ctrl-C again to stop at once)\n")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 class _Quiet:

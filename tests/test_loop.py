@@ -157,3 +157,23 @@ def test_loss_watch_gives_the_seeds_advice_once():
     assert any("fluctuates" in w for w in warnings)
     falling = LossWatch(total_steps=60, warmup_steps=2)
     assert not [w for s in range(1, 60) for w in falling.update(s, 5.0 / s)]
+
+
+def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path):
+    import os
+    import signal
+
+    class Interrupting(FakeHooks):
+        def micro_step(self, batch, scale, sync):
+            if len(self.calls) == 4:  # Ctrl-C in the middle of the third update's window
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().micro_step(batch, scale, sync)
+
+    hooks = Interrupting()
+    settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=2")
+    with pytest.raises(TrainingStopped, match="interrupted at step 3") as stopped:
+        train_loop(settings, run_data(12), hooks, tmp_path, QUIET, resume=False)
+    assert stopped.value.exit_code == 130
+    assert len(hooks.lrs) == 3  # the step in progress was completed, not torn
+    assert (tmp_path / "checkpoints" / "step-000003").is_dir()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
