@@ -29,24 +29,6 @@ from qwen_mlx.fsutil import atomic_dir
 
 GiB = 1024**3
 OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.json"
-ADAPTER_KEYS = {
-    # What `peft` writes besides r/alpha/dropout/targets, so PeftModel reads it as its own.
-    "peft_type": "LORA",
-    "task_type": "CAUSAL_LM",
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "use_rslora": False,
-    "use_dora": False,
-    "lora_bias": False,
-    "modules_to_save": None,
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "revision": None,
-}
 
 
 def dropout_seed(seed: int, draw: int) -> int:
@@ -204,21 +186,16 @@ def _clip(grads, max_norm: float):
 
 def write_adapter(model, cfg: Config, folder: Path) -> None:
     """The canonical adapter (DESIGN §5): PEFT's files, names, shapes and config keys."""
+    from qwen_mlx.adapters import peft_config
     from qwen_mlx.backends.mlx_model import peft_tensors
     from qwen_mlx.tensor_io import save_f32
 
     folder.mkdir(parents=True, exist_ok=True)
     save_f32(folder / "adapter_model.safetensors", peft_tensors(model))
-    alpha = cfg.lora.alpha
-    config = {
-        **ADAPTER_KEYS,
-        "base_model_name_or_path": str(Path(cfg.model.path).resolve()),
-        "r": cfg.lora.rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": cfg.lora.dropout,
-        "target_modules": sorted(cfg.lora.target_modules),
-    }
-    text = json.dumps(dict(sorted(config.items())), indent=2) + "\n"
+    lora = cfg.lora
+    base = str(Path(cfg.model.path).resolve())
+    config = peft_config(base, lora.rank, lora.alpha, lora.dropout, list(lora.target_modules))
+    text = json.dumps(config, indent=2) + "\n"
     (folder / "adapter_config.json").write_text(text, encoding="utf-8")
 
 

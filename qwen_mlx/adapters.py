@@ -273,26 +273,44 @@ def _check_model(model: Path) -> Path:
 # ---------------------------------------------------------------- conversion
 
 
-def _peft_config(adapter: Adapter, rank: int, scale: float) -> dict:
-    leaves = sorted({module.rsplit(".", 1)[-1] for module in adapter.pairs})
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": adapter.base_model,
+# What `peft` writes besides r/alpha/dropout/targets, so PeftModel reads our files as its own.
+PEFT_DEFAULTS = {
+    "peft_type": "LORA",
+    "task_type": "CAUSAL_LM",
+    "bias": "none",
+    "fan_in_fan_out": False,
+    "inference_mode": True,
+    "init_lora_weights": True,
+    "use_rslora": False,
+    "use_dora": False,
+    "lora_bias": False,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "rank_pattern": {},
+    "alpha_pattern": {},
+    "revision": None,
+}
+
+
+def peft_config(
+    base_model: str | None, rank: int, alpha: float, dropout: float, targets: list[str]
+) -> dict:
+    """A PEFT ``adapter_config.json`` (keys sorted), as every backend and ``convert`` write."""
+    config = {
+        **PEFT_DEFAULTS,
+        "base_model_name_or_path": base_model,
         "r": rank,
-        "lora_alpha": scale * rank,
-        "lora_dropout": adapter.dropout,
-        "target_modules": leaves,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "use_rslora": False,
-        "use_dora": False,
-        "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
+        "lora_dropout": dropout,
+        "target_modules": sorted(targets),
     }
+    return dict(sorted(config.items()))
+
+
+def _peft_config(adapter: Adapter, rank: int, scale: float) -> dict:
+    leaves = {module.rsplit(".", 1)[-1] for module in adapter.pairs}
+    return peft_config(adapter.base_model, rank, scale * rank, adapter.dropout, list(leaves))
 
 
 def _mlx_config(adapter: Adapter, rank: int, scale: float) -> dict:

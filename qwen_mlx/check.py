@@ -125,7 +125,7 @@ def check_memory(cfg: Config, chosen: str | None) -> Finding:
         )
     except (OSError, ValueError, KeyError):
         return Finding("warn", "memory", "no estimate without a readable model config.json")
-    available = _device_memory(chosen)
+    available = _device_memory(torch_device)
     if available is None:
         return Finding("ok", "memory", f"needs {est.describe()}")
     detail = f"needs {est.describe()}; this machine has {available / GiB:.0f} GiB"
@@ -137,8 +137,9 @@ def check_memory(cfg: Config, chosen: str | None) -> Finding:
     return Finding("ok", "memory", detail)
 
 
-def _device_memory(chosen: str | None) -> int | None:
-    if chosen == "torch" and probe("torch").device == "cuda":
+def _device_memory(torch_device: str | None) -> int | None:
+    """GPU memory when the torch backend trains on CUDA, else this machine's memory."""
+    if torch_device == "cuda":
         import torch
 
         return torch.cuda.get_device_properties(0).total_memory

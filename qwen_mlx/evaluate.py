@@ -90,12 +90,11 @@ def test_data(source, run_dir: Path | None, data: Path | None) -> Path:
 
 
 def _score(engine: Any, cases: list[Case], max_seq_length: int) -> float | None:
-    from qwen_mlx.tokens import encode_records, load_tokenizer
+    from qwen_mlx.tokens import encode_records
 
     if isinstance(engine, GGUFEngine):
         return None
-    tokenizer = load_tokenizer(engine.model_dir)
-    samples, _ = encode_records(tokenizer, [c.record for c in cases], max_seq_length)
+    samples, _ = encode_records(engine.tokenizer, [c.record for c in cases], max_seq_length)
     total, count = engine.score(samples)
     return total / max(count, 1)
 

@@ -33,7 +33,6 @@ class BackendEngine:
         from qwen_mlx.model_files import read_model_config
         from qwen_mlx.tokens import load_tokenizer
 
-        self.model_dir = model_dir
         self.backend = get_backend(backend_name)
         self.loaded = self.backend.load(model_dir, adapter_dir)
         self.tokenizer = load_tokenizer(model_dir)

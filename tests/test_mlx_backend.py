@@ -35,6 +35,7 @@ from qwen_mlx.data import normalize  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
 from qwen_mlx.tokens import encode_records as encode  # noqa: E402
 from tests.conftest import BUNDLED_TRAIN  # noqa: E402
+from tests.train_helpers import losses, run_config, write_short_records  # noqa: E402
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
 
@@ -42,45 +43,13 @@ QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
     """Twelve bundled records (the shortest) as a training file."""
-    rows = [json.loads(line) for line in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()]
-    rows = sorted(rows, key=lambda r: len(r["output"]))[:12]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    return path
-
-
-def config(model_dir, data, run_dir, *extra):
-    return load_config(
-        None,
-        None,
-        [
-            f"model.path={model_dir}",
-            "model.quantization=none",
-            f"data.train_file={data}",
-            "data.valid_ratio=0.2",
-            f"output.dir={run_dir}",
-            "training.max_seq_length=256",
-            "training.batch_size=2",
-            "training.gradient_accumulation_steps=1",
-            "training.warmup_steps=2",
-            "training.learning_rate=5e-3",
-            "lora.rank=8",
-            "lora.alpha=16",
-            *extra,
-        ],
-    )
+    return write_short_records(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train(cfg, resume=False):
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_training(cfg, run_dir, resume, QUIET)
-
-
-def losses(run_dir, kind="train"):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    key = "loss" if kind == "train" else "val_loss"
-    return [m[key] for m in lines if m["type"] == kind]
 
 
 def adapter_weights(run_dir):
@@ -108,7 +77,7 @@ def hf_logits(model_dir, ids: np.ndarray, adapter_dir=None) -> np.ndarray:
 
 
 def test_loss_falls_clearly_when_overfitting(tiny_model_dir, small_data, tmp_path):
-    cfg = config(tiny_model_dir, small_data, tmp_path / "run", "training.num_epochs=12")
+    cfg = run_config(tiny_model_dir, small_data, tmp_path / "run", "training.num_epochs=12")
     result, _ = train(cfg)
     curve = losses(tmp_path / "run")
     assert curve[-1] < 0.65 * curve[0], curve
@@ -210,7 +179,7 @@ def test_checkpointing_and_loss_chunks_leave_the_compiled_gradients_unchanged(
 
 
 def test_peft_reproduces_the_trained_mlx_models_logits(tiny_model_dir, small_data, tmp_path):
-    cfg = config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=6")
+    cfg = run_config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=6")
     _, trained = train(cfg)
     adapter = tmp_path / "run" / "adapter"
     ids = np.random.default_rng(0).integers(5, 500, (1, 30))
@@ -235,9 +204,10 @@ def test_peft_reproduces_the_trained_mlx_models_logits(tiny_model_dir, small_dat
 
 def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, small_data, tmp_path):
     common = ["training.num_epochs=3", "lora.dropout=0.1", "training.gradient_accumulation_steps=2"]
-    straight = config(tiny_model_dir, small_data, tmp_path / "a", *common, "training.max_steps=6")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    straight = run_config(tiny_model_dir, small_data, run_a, *common, "training.max_steps=6")
     train(straight)
-    first = config(tiny_model_dir, small_data, tmp_path / "b", *common, "training.max_steps=3")
+    first = run_config(tiny_model_dir, small_data, run_b, *common, "training.max_steps=3")
     train(first)
     saved = tmp_path / "b" / "checkpoints" / "step-000003"
     assert {p.name for p in saved.iterdir()} >= {"adapter", "optimizer.safetensors", "rng.json"}
@@ -252,7 +222,7 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, small_d
 
 
 def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
-    cfg = config(
+    cfg = run_config(
         tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",
         "training.num_epochs=5", "training.learning_rate=1e-2", "training.eval_every=100",
     )  # fmt: skip

@@ -25,40 +25,20 @@ from qwen_mlx.config import load_config  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
 from qwen_mlx.tokens import encode_records as encode  # noqa: E402
 from tests.conftest import BUNDLED_TRAIN  # noqa: E402
+from tests.train_helpers import (  # noqa: E402
+    logged_steps,
+    losses,
+    run_config,
+    write_short_records,
+)
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
 
 
 @pytest.fixture(scope="module")
 def small_data(tmp_path_factory):
-    """Twelve bundled records (8 short ones to overfit) as a training file."""
-    rows = [json.loads(line) for line in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()]
-    rows = sorted(rows, key=lambda r: len(r["output"]))[:12]
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    return path
-
-
-def config(model_dir, data, run_dir, *extra):
-    return load_config(
-        None,
-        None,
-        [
-            f"model.path={model_dir}",
-            "model.quantization=none",
-            f"data.train_file={data}",
-            "data.valid_ratio=0.2",
-            f"output.dir={run_dir}",
-            "training.max_seq_length=256",
-            "training.batch_size=2",
-            "training.gradient_accumulation_steps=1",
-            "training.warmup_steps=2",
-            "training.learning_rate=5e-3",
-            "lora.rank=8",
-            "lora.alpha=16",
-            *extra,
-        ],
-    )
+    """Twelve bundled records (the shortest) as a training file."""
+    return write_short_records(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train(cfg, resume=False):
@@ -69,19 +49,8 @@ def train(cfg, resume=False):
     return run_training(cfg, run_dir, resume, QUIET)
 
 
-def logged_steps(run_dir) -> list[int]:
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m["step"] for m in lines if m["type"] == "train"]
-
-
-def losses(run_dir, kind="train"):
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    key = "loss" if kind == "train" else "val_loss"
-    return [json.loads(x)[key] for x in lines if json.loads(x)["type"] == kind]
-
-
 def test_loss_falls_clearly_when_overfitting(tiny_model_dir, small_data, tmp_path):
-    cfg = config(tiny_model_dir, small_data, tmp_path / "run", "training.num_epochs=12")
+    cfg = run_config(tiny_model_dir, small_data, tmp_path / "run", "training.num_epochs=12")
     result, _ = train(cfg)
     curve = losses(tmp_path / "run")
     assert curve[-1] < 0.6 * curve[0], curve
@@ -165,9 +134,10 @@ def adapter_weights(run_dir):
 
 def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, small_data, tmp_path):
     common = ["training.num_epochs=3", "lora.dropout=0.1", "training.gradient_accumulation_steps=2"]
-    straight = config(tiny_model_dir, small_data, tmp_path / "a", *common, "training.max_steps=8")
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    straight = run_config(tiny_model_dir, small_data, run_a, *common, "training.max_steps=8")
     train(straight)
-    first = config(tiny_model_dir, small_data, tmp_path / "b", *common, "training.max_steps=4")
+    first = run_config(tiny_model_dir, small_data, run_b, *common, "training.max_steps=4")
     train(first)
     first.training.max_steps = 8  # what `--resume RUN --set training.max_steps=8` does
     train(first, resume=True)
@@ -182,7 +152,7 @@ def test_peft_reproduces_the_trainers_logits(tiny_model_dir, small_data, tmp_pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=6")
+    cfg = run_config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=6")
     _, trained = train(cfg)
     ids = torch.randint(5, 500, (1, 30))
     with torch.no_grad():
@@ -202,7 +172,7 @@ def test_peft_reproduces_the_trainers_logits(tiny_model_dir, small_data, tmp_pat
 
 def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
     pytest.importorskip("bitsandbytes")
-    cfg = config(
+    cfg = run_config(
         tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",
         "training.num_epochs=6",
     )  # fmt: skip

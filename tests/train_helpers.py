@@ -1,0 +1,41 @@
+"""Shared by the trainer tests: a small training file, a short-run config, metrics readers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from qwen_mlx.config import Config, load_config
+from tests.conftest import BUNDLED_TRAIN
+
+
+def write_short_records(path: Path, n: int = 12) -> Path:
+    """The ``n`` bundled records with the shortest answers, as a JSONL training file."""
+    rows = [json.loads(line) for line in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()]
+    rows = sorted(rows, key=lambda r: len(r["output"]))[:n]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    return path
+
+
+def run_config(model_dir, data, run_dir, *extra: str) -> Config:
+    """A short LoRA run on the tiny model that visibly learns (lr 5e-3, rank 8)."""
+    return load_config(None, None, [
+        f"model.path={model_dir}", "model.quantization=none", f"data.train_file={data}",
+        "data.valid_ratio=0.2", f"output.dir={run_dir}", "training.max_seq_length=256",
+        "training.batch_size=2", "training.gradient_accumulation_steps=1",
+        "training.warmup_steps=2", "training.learning_rate=5e-3", "lora.rank=8", "lora.alpha=16",
+        *extra,
+    ])  # fmt: skip
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path, kind: str = "train") -> list[float]:
+    key = "loss" if kind == "train" else "val_loss"
+    return [m[key] for m in metrics(run_dir) if m["type"] == kind]
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    return [m["step"] for m in metrics(run_dir) if m["type"] == "train"]
