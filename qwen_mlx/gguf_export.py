@@ -181,15 +181,17 @@ def _write(writer, jobs: list[gt.TensorJob], description: str) -> list[str]:
     overflows = 0
     total = sum(job.source_bytes for job in jobs)
     with byte_progress(description, total) as advance, ThreadPoolExecutor(_WORKERS) as pool:
-        for job in jobs:
-            written = 0
-            for block in gt.encoded_blocks(job, pool):
-                fout.write(memoryview(np.ascontiguousarray(block)).cast("B"))
-                written += block.nbytes
-                overflows += gt.f16_overflows(block) if job.qtype.name == "F16" else 0
-            assert written == job.nbytes, f"{job.name}: {written} bytes, expected {job.nbytes}"
-            writer.write_padding(fout, job.nbytes)
-            advance(job.source_bytes)
+        written = 0
+        for block in gt.encoded_stream(jobs, pool):
+            fout.write(memoryview(np.ascontiguousarray(block.data)).cast("B"))
+            written += block.data.nbytes
+            overflows += block.overflows
+            if block.last:
+                job = block.job
+                assert written == job.nbytes, f"{job.name}: {written} bytes, not {job.nbytes}"
+                writer.write_padding(fout, job.nbytes)
+                advance(job.source_bytes)
+                written = 0
     writer.close()
     if overflows:
         return [

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import re
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,7 +46,7 @@ QUANTS = {
 # Tensors llama.cpp does not expect (it checks the count); transformers may save them.
 _SKIP = re.compile(r".*\.(rotary_emb\.inv_freq|attention\.masked_bias|attention\.bias)")
 _LAYER = re.compile(r"blk\.(\d+)\.")
-_IN_FLIGHT = 4  # blocks being encoded at once, per writer
+_IN_FLIGHT = 8  # blocks read and encoded ahead of the writer
 
 
 @dataclass
@@ -105,7 +106,17 @@ def encode(values: np.ndarray, qtype) -> np.ndarray:
     return quants.quantize(values, qtype)
 
 
-def _encode_block(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.ndarray:
+@dataclass
+class EncodedBlock:
+    """A block of one tensor's GGUF bytes; ``last`` ends the tensor."""
+
+    job: TensorJob
+    data: np.ndarray
+    last: bool
+    overflows: int  # float16 values that became ±inf
+
+
+def _encode_rows(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.ndarray:
     dtype = job.ref.dtype
     direct = _DIRECT.get((dtype, job.qtype.name)) if job.pair is None else None
     if direct is not None:
@@ -118,24 +129,55 @@ def _encode_block(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.
     return encode(values, job.qtype)
 
 
-def encoded_blocks(job: TensorJob, pool: Executor | None = None) -> Iterator[np.ndarray]:
-    """The tensor's GGUF bytes in blocks of rows, in order (quantized blocks never straddle
-    rows). With a thread pool, a few blocks are encoded at once: numpy and BLAS release the
-    GIL, so this uses more cores while memory stays at a handful of blocks."""
-    if job.array is not None:
-        yield encode(np.asarray(job.array, dtype=np.float32), job.qtype)
-        return
-    if pool is None:
-        for block in job.ref.blocks():
-            yield _encode_block(job, *block)
-        return
-    pending: deque[Future] = deque()
-    for block in job.ref.blocks():
-        pending.append(pool.submit(_encode_block, job, *block))
-        if len(pending) > _IN_FLIGHT:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
+def _block(job: TensorJob, rows: tuple[int, int] | None, last: bool, files: dict) -> EncodedBlock:
+    if rows is None:
+        data = encode(np.asarray(job.array, dtype=np.float32), job.qtype)
+    else:
+        raw = job.ref.pread(files[job.ref.path], *rows)
+        data = _encode_rows(job, *rows, raw)
+    overflows = f16_overflows(data) if job.qtype.name == "F16" else 0
+    return EncodedBlock(job, data, last, overflows)
+
+
+def _block_tasks(jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, tuple[int, int] | None, bool]]:
+    for job in jobs:
+        if job.array is not None:
+            yield job, None, True
+            continue
+        ranges = job.ref.block_ranges()
+        for i, rows in enumerate(ranges):
+            yield job, rows, i == len(ranges) - 1
+
+
+def encoded_stream(jobs: list[TensorJob], pool: Executor | None = None) -> Iterator[EncodedBlock]:
+    """Every tensor's GGUF bytes, in blocks of rows (quantized blocks never straddle rows),
+    tensor after tensor in order. With a thread pool, the workers read and encode the next
+    blocks, across tensor boundaries, while the caller writes this one: numpy, BLAS and file
+    reads release the GIL, so the cores stay busy while memory holds a handful of blocks."""
+    paths = {job.ref.path for job in jobs if job.ref is not None}
+    files = {}
+    try:
+        for path in paths:
+            files[path] = os.open(path, os.O_RDONLY)
+        if pool is None:
+            for task in _block_tasks(jobs):
+                yield _block(*task, files)
+            return
+        pending: deque[Future] = deque()
+        try:
+            for task in _block_tasks(jobs):
+                pending.append(pool.submit(_block, *task, files))
+                if len(pending) > _IN_FLIGHT:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:  # stopped early: no worker may still be reading when the files close
+            for future in pending:
+                future.cancel()
+            wait(pending)
+    finally:
+        for fd in files.values():
+            os.close(fd)
 
 
 def f16_overflows(block: np.ndarray) -> int:

@@ -380,11 +380,11 @@ def test_lora_only_needs_an_adapter(tiny_model_dir, tmp_path):
 
 
 def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypatch):
-    def broken(job, pool=None):
+    def broken(jobs, pool=None):
         raise OSError("disk full")
         yield
 
-    monkeypatch.setattr(gguf_tensors, "encoded_blocks", broken)
+    monkeypatch.setattr(gguf_tensors, "encoded_stream", broken)
     with pytest.raises(OSError):
         export(None, tmp_path / "x.gguf", model=tiny_model_dir)
     assert list(tmp_path.iterdir()) == []

@@ -33,6 +33,20 @@ def test_f32_to_f16_is_bit_identical_to_numpy():
     assert np.isnan(ours[nan]).all()
 
 
+def test_f32_to_f16_rounds_ties_to_even_like_numpy():
+    # Every float32 exactly halfway between two float16 neighbours (and just either side),
+    # over all exponents and a spread of mantissas: where integer rounding could go wrong.
+    exponents = np.arange(1, 255, dtype=np.uint32) << 23
+    mantissas = np.arange(0, 1 << 23, 1 << 13, dtype=np.uint32)
+    base = (exponents[:, None] | mantissas[None, :]).ravel()
+    bits = np.concatenate([base | 0x1000, base | 0x0FFF, base | 0x1001])
+    bits = np.concatenate([bits, bits | 0x80000000])
+    values = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        expected = values.astype(np.float16)
+    assert np.array_equal(f32_to_f16(values).view(np.uint16), expected.view(np.uint16))
+
+
 def test_bf16_round_trip_is_torchs():
     torch = pytest.importorskip("torch")
     expected = torch.from_numpy(PATTERNS.copy()).to(torch.bfloat16).view(torch.int16).numpy()
