@@ -165,13 +165,14 @@ def block_causal_mask(segment_ids: mx.array | None) -> mx.array | str:
 
 
 def hidden_states(
-    model: nn.Module, input_ids: mx.array, mask: mx.array | str, checkpoint: bool = False
+    model: nn.Module, input_ids: mx.array, mask: mx.array | str, checkpoint: int = 0
 ) -> mx.array:
-    """The final-norm hidden states of ``model`` under an explicit attention mask."""
+    """The final-norm hidden states of ``model`` under an explicit attention mask; the first
+    ``checkpoint`` layers recompute their activations in the backward pass."""
     inner = model.model
     h = inner.embed_tokens(input_ids)
-    for layer in inner.layers:
-        h = _checkpointed(layer, h, mask) if checkpoint else layer(h, mask, None)
+    for i, layer in enumerate(inner.layers):
+        h = _checkpointed(layer, h, mask) if i < checkpoint else layer(h, mask, None)
     return inner.norm(h)
 
 
@@ -202,7 +203,7 @@ def target_loss(
     positions: mx.array,
     labels: mx.array,
     weights: mx.array,
-    checkpoint: bool = False,
+    checkpoint: int = 0,
 ) -> mx.array:
     """Summed cross-entropy of ``labels`` predicted from the flat hidden ``positions``.
 

@@ -24,7 +24,7 @@ from rich.console import Console
 
 from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
 from qwen_mlx.backends.probes import probe_mlx
-from qwen_mlx.config import Config
+from qwen_mlx.config import Config, checkpointed_layers
 from qwen_mlx.fsutil import atomic_dir
 
 GiB = 1024**3
@@ -62,7 +62,7 @@ class MLXHooks:
         from qwen_mlx.backends.mlx_model import target_loss
 
         mx, model = self.mx, self.model
-        checkpoint = self.cfg.training.gradient_checkpointing
+        checkpoint = checkpointed_layers(self.cfg.training, len(self.model.model.layers))
 
         def scaled(model, *arrays, scale):
             loss = target_loss(model, *arrays, checkpoint=checkpoint)
@@ -224,10 +224,12 @@ def memory_guard(cfg: Config, console: Console) -> None:
         targets=list(cfg.lora.target_modules), max_seq_length=t.max_seq_length,
         batch_size=t.batch_size, fp32=mx.default_device() == mx.cpu,
     )  # fmt: skip
-    if t.gradient_checkpointing:  # only each layer's input is kept, plus one layer's worth
-        layers = model_config["num_hidden_layers"]
-        kept = t.max_seq_length * t.batch_size * layers * model_config["hidden_size"] * 2
-        estimate.parts["activations"] = kept + estimate.parts["activations"] / layers
+    layers = model_config["num_hidden_layers"]
+    recomputed = checkpointed_layers(t, layers)
+    if recomputed:  # a recomputed layer keeps its input; one at a time is rebuilt in full
+        per_layer = estimate.parts["activations"] / layers
+        inputs = t.max_seq_length * t.batch_size * recomputed * model_config["hidden_size"] * 2
+        estimate.parts["activations"] = inputs + per_layer * (layers - recomputed + 1)
     total, info = _device_memory()
     if "max_recommended_working_set_size" in info:  # Metal: keep the weights wired
         mx.set_wired_limit(info["max_recommended_working_set_size"])

@@ -6,7 +6,13 @@ GPU where it is installed; where it is not, the base loads unquantized and we sa
 
 Loss: only assistant tokens are targets, so the LM head runs only on the hidden states that
 predict a target, in chunks, each chunk recomputed in the backward pass. The fp32 logits of a
-whole row (rows × 151,936 for Qwen) never exist at once.
+whole row (rows × 151,936 for Qwen) never exist at once. With Liger Kernel (CUDA), its fused
+linear + cross-entropy does the same job in Triton, and its RMSNorm, SwiGLU and RoPE kernels
+replace transformers' eager ones.
+
+Attention: SDPA with the block-diagonal mask transformers builds from packed position ids, or
+FlexAttention (CUDA), which gets the same mask as a block mask and skips the blocks that lie
+wholly between samples. Selective checkpointing recomputes only the first layers.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from qwen_mlx.config import Config
+from qwen_mlx.config import Config, checkpointed_layers
 
 LOSS_CHUNK = 1024  # target rows per LM-head chunk: 1024 × 151,936 fp32 logits ≈ 0.6 GB
 
@@ -60,6 +66,35 @@ def quantization_plan(quantization: str, device: torch.device) -> tuple[str, str
     return quantization, None
 
 
+def attention_plan(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The attention implementation transformers will use, and a note when it differs."""
+    if requested == "flex" and device.type != "cuda":
+        # PyTorch has no FlexAttention backward pass on CPU or MPS.
+        return "sdpa", "training.attention: flex needs CUDA; using sdpa"
+    return ("flex_attention" if requested == "flex" else "sdpa"), None
+
+
+def _liger_available() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:  # a broken install (e.g. a Triton mismatch) must not stop training
+        return False
+    return True
+
+
+def kernel_plan(requested: str, device: torch.device) -> tuple[bool, str | None]:
+    """Whether Liger Kernel's fused kernels will be used, and a note when asked for in vain."""
+    if requested == "none":
+        return False, None
+    if device.type != "cuda":
+        note = "training.kernels: liger needs CUDA (Triton); using PyTorch's kernels"
+        return False, note if requested == "liger" else None
+    if not _liger_available():
+        note = "training.kernels: liger needs liger-kernel (pip install liger-kernel)"
+        return False, note if requested == "liger" else None
+    return True, None
+
+
 def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     from transformers import BitsAndBytesConfig
 
@@ -73,12 +108,15 @@ def _quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def load_base(model_dir: str | Path, quantization: str, device: torch.device) -> nn.Module:
-    """The frozen base model, ready for LoRA (``quantization`` already resolved)."""
+def load_base(
+    model_dir: str | Path, quantization: str, device: torch.device, attention: str = "sdpa"
+) -> nn.Module:
+    """The frozen base model, ready for LoRA (``quantization`` and ``attention``, as
+    transformers names it, already resolved)."""
     from transformers import AutoModelForCausalLM
 
     dtype = torch.bfloat16 if device.type == "cuda" or quantization != "none" else torch.float32
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": attention}
     if quantization != "none":
         kwargs["quantization_config"] = _quantization_config(quantization, dtype)
         kwargs["device_map"] = {"": device}
@@ -104,12 +142,28 @@ def _keep_cpu_4bit_trainable(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def add_lora(model: nn.Module, cfg: Config, gradient_checkpointing: bool) -> nn.Module:
+def apply_liger(model: nn.Module) -> None:
+    """Liger Kernel's RMSNorm, SwiGLU and RoPE in place of transformers' (before LoRA: its
+    SwiGLU calls the gate/up/down projections as modules, so PEFT's wrappers still run). The
+    loss is TokenLoss's, switched to Liger's fused linear + cross-entropy."""
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+
+    apply_liger_kernel_to_qwen2(
+        rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+        fused_linear_cross_entropy=False, model=model,
+    )  # fmt: skip
+
+
+def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
     """Wrap ``model`` with PEFT LoRA; the init is seeded so runs are reproducible."""
     from peft import LoraConfig, get_peft_model
 
-    if gradient_checkpointing:
+    layers = model.model.layers
+    recomputed = checkpointed_layers(cfg.training, len(layers))
+    if recomputed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in layers[recomputed:]:  # selective: the rest keep their activations
+            layer.gradient_checkpointing = False
     torch.manual_seed(cfg.training.seed)
     lora = LoraConfig(
         r=cfg.lora.rank,
@@ -130,9 +184,14 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
 class TokenLoss(nn.Module):
     """Summed cross-entropy over target tokens; the module DDP wraps."""
 
-    def __init__(self, peft_model: nn.Module):
+    def __init__(self, peft_model: nn.Module, fused_cross_entropy: bool = False):
         super().__init__()
         self.peft_model = peft_model
+        self.fused = None
+        if fused_cross_entropy:
+            from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+            self.fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def forward(
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor
@@ -147,6 +206,8 @@ class TokenLoss(nn.Module):
         hidden = hidden[:, :-1][targets]
         labels = input_ids[:, 1:][targets]
         weight = causal_lm.get_output_embeddings().weight
+        if self.fused is not None:
+            return self.fused(weight, hidden, labels).float()
         if labels.numel() <= LOSS_CHUNK:  # one chunk: recomputing it would only cost time
             return _chunk_loss(hidden, labels, weight)
         total = hidden.new_zeros((), dtype=torch.float32)

@@ -36,7 +36,9 @@ warnings.filterwarnings(
 class TorchHooks:
     """The loop's hooks for a PEFT model (optionally DDP-wrapped)."""
 
-    def __init__(self, peft_model, device, cfg: Config, dist_info: tuple[int, int]):
+    def __init__(
+        self, peft_model, device, cfg: Config, dist_info: tuple[int, int], liger: bool = False
+    ):
         import torch
 
         from qwen_mlx.backends.torch_model import TokenLoss
@@ -44,7 +46,7 @@ class TorchHooks:
         self.torch = torch
         self.model, self.device, self.cfg = peft_model, device, cfg
         self.rank, self.world_size = dist_info
-        self.loss = TokenLoss(peft_model)
+        self.loss = TokenLoss(peft_model, fused_cross_entropy=liger)
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -162,7 +164,14 @@ def run_training(
     """Train per ``cfg`` into ``run_dir``; return the result and the trained PEFT model."""
     import torch
 
-    from qwen_mlx.backends.torch_model import add_lora, load_base, quantization_plan
+    from qwen_mlx.backends.torch_model import (
+        add_lora,
+        apply_liger,
+        attention_plan,
+        kernel_plan,
+        load_base,
+        quantization_plan,
+    )
     from qwen_mlx.loop import train_loop
     from qwen_mlx.run_data import build_run_data
     from qwen_mlx.tokens import load_tokenizer
@@ -170,19 +179,22 @@ def run_training(
     rank, world, device = _init_distributed()
     main = rank == 0
     quantization, note = quantization_plan(cfg.model.quantization, device)
+    attention, attention_note = attention_plan(cfg.training.attention, device)
+    liger, kernel_note = kernel_plan(cfg.training.kernels, device)
     if main:
         console.print(f"device: {device}" + (f" ×{world} (DDP)" if world > 1 else ""))
-        if note:
-            console.print(f"[yellow]⚠[/] {note}")
+        for line in filter(None, (note, attention_note, kernel_note)):
+            console.print(f"[yellow]⚠[/] {line}")
     tokenizer = load_tokenizer(cfg.model.path)
     data = build_run_data(cfg, tokenizer, run_dir if main else None)
     if main:
         for line in data.messages:
             console.print(line, highlight=False)
-    model = add_lora(
-        load_base(cfg.model.path, quantization, device), cfg, cfg.training.gradient_checkpointing
-    )
-    hooks = TorchHooks(model, device, cfg, (rank, world))
+    base = load_base(cfg.model.path, quantization, device, attention)
+    if liger:
+        apply_liger(base)
+    model = add_lora(base, cfg)
+    hooks = TorchHooks(model, device, cfg, (rank, world), liger)
     state = train_loop(cfg, data, hooks, run_dir, console, resume)
     adapter_dir = run_dir / "adapter"
     if main:

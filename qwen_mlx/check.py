@@ -86,7 +86,25 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
         findings.append(Finding(status, label, why, "" if found.ok else found.reason))
         if picked and found.ok and name == "torch" and cfg.model.quantization != "none":
             findings.append(_torch_quantization(cfg, found.device, found.packages))
+        if picked and found.ok and name == "torch":
+            findings.append(_torch_kernels(cfg))
     return chosen, findings
+
+
+def _torch_kernels(cfg: Config) -> Finding:
+    """Which attention and fused kernels the torch backend will use here (training's rule)."""
+    from qwen_mlx.backends.torch_model import attention_plan, kernel_plan, pick_device
+
+    device = pick_device()
+    attention, attention_note = attention_plan(cfg.training.attention, device)
+    liger, kernel_note = kernel_plan(cfg.training.kernels, device)
+    kernels = "Liger Kernel (fused RMSNorm, SwiGLU, RoPE, linear + CE)" if liger else "PyTorch's"
+    detail = f"attention {attention}, kernels: {kernels}"
+    notes = [n for n in (attention_note, kernel_note) if n]
+    if notes:
+        fix = "set training.attention / training.kernels to auto to silence this"
+        return Finding("warn", "torch kernels", f"{detail} ({'; '.join(notes)})", fix)
+    return Finding("ok", "torch kernels", detail)
 
 
 def _torch_quantization(cfg: Config, device: str, packages: dict[str, str]) -> Finding:

@@ -89,6 +89,24 @@ class TrainingConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute activations in the backward pass: less memory, about 30% slower."
     )
+    checkpoint_fraction: float = _f(
+        1.0,
+        "With gradient_checkpointing: the share of decoder layers recomputed (selective "
+        "checkpointing). Lower is faster and needs more memory; 1 recomputes every layer.",
+    )
+    attention: str = _f(
+        "auto",
+        "torch attention kernel: sdpa, or flex (PyTorch FlexAttention, CUDA only: skips the "
+        "blocks that packing masks out); auto picks sdpa.",
+        choices=("auto", "sdpa", "flex"),
+    )
+    kernels: str = _f(
+        "auto",
+        "torch fused kernels: liger (Liger Kernel's RMSNorm, SwiGLU, RoPE and fused "
+        "linear + cross-entropy; CUDA, pip install liger-kernel), none, or auto: liger "
+        "where it can run.",
+        choices=("auto", "liger", "none"),
+    )
     eval_every: int = _f(
         0, "Validation loss every N optimizer updates (0: about 10 times a run), and each epoch."
     )
@@ -100,6 +118,13 @@ class TrainingConfig:
         "Stop after N optimizer updates (0: all epochs). The schedule still spans every "
         "epoch, so a run stopped early resumes exactly where it was.",
     )
+
+
+def checkpointed_layers(training: TrainingConfig, n_layers: int) -> int:
+    """How many decoder layers (the first ones) recompute their activations."""
+    if not training.gradient_checkpointing:
+        return 0
+    return max(1, round(training.checkpoint_fraction * n_layers))
 
 
 @dataclass
@@ -148,6 +173,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "training.eval_every": (lambda v: v >= 0, "an integer ≥ 0"),
     "training.save_every": (lambda v: v >= 0, "an integer ≥ 0"),
     "training.max_steps": (lambda v: v >= 0, "an integer ≥ 0"),
+    "training.checkpoint_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
 }
 
 

@@ -171,6 +171,11 @@ def test_checkpointing_and_loss_chunks_leave_the_compiled_gradients_unchanged(
     for variant in (
         gradients(tiny_model_dir),
         gradients(tiny_model_dir, "training.gradient_checkpointing=true"),
+        gradients(
+            tiny_model_dir,
+            "training.gradient_checkpointing=true",
+            "training.checkpoint_fraction=0.5",  # selective: the first of the two layers
+        ),
     ):
         assert variant[0] == pytest.approx(loss, rel=1e-5)
         for key, grad in plain.items():

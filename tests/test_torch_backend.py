@@ -63,7 +63,7 @@ def test_loss_falls_clearly_when_overfitting(tiny_model_dir, small_data, tmp_pat
 
 def lora_model(model_dir, seed=0):
     cfg = load_config(None, None, [f"model.path={model_dir}", "lora.dropout=0"])
-    model = add_lora(load_base(model_dir, "none", torch.device("cpu")), cfg, False)
+    model = add_lora(load_base(model_dir, "none", torch.device("cpu")), cfg)
     generator = torch.Generator().manual_seed(seed)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # PEFT starts B at zero; make the adapter matter
