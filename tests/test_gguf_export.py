@@ -388,3 +388,18 @@ def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypat
     with pytest.raises(OSError):
         export(None, tmp_path / "x.gguf", model=tiny_model_dir)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_truncated_weights_stop_the_export_with_one_clear_error(tiny_model_dir, tmp_path):
+    # The blocks are read by worker threads: the error must still reach the user as one
+    # line, with every worker stopped and nothing left behind.
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    with open(weights, "r+b") as fh:
+        fh.truncate(weights.stat().st_size - 4096)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(UserError, match="truncated; download the model again"):
+        export(None, out / "x.gguf", model=model)
+    assert list(out.iterdir()) == []
