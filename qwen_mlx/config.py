@@ -103,8 +103,8 @@ class TrainingConfig:
     kernels: str = _f(
         "auto",
         "torch fused kernels: liger (Liger Kernel's RMSNorm, SwiGLU, RoPE and fused "
-        "linear + cross-entropy; CUDA, pip install liger-kernel), none, or auto: liger "
-        "where it can run.",
+        "linear + cross-entropy; CUDA, pip install liger-kernel) or none; auto picks none "
+        "until Liger has been measured with QLoRA and packing on a GPU.",
         choices=("auto", "liger", "none"),
     )
     eval_every: int = _f(

@@ -115,6 +115,15 @@ def test_liger_without_the_package_falls_back_with_the_install_line(monkeypatch)
     assert kernel_plan("auto", cuda) == (False, None)
 
 
+def test_liger_is_used_on_cuda_only_when_asked_for(monkeypatch):
+    import qwen_mlx.backends.torch_model as tm
+
+    monkeypatch.setattr(tm, "_liger_available", lambda: True)
+    cuda = torch.device("cuda")
+    assert kernel_plan("liger", cuda) == (True, None)
+    assert kernel_plan("auto", cuda) == (False, None)  # opt-in until measured on a GPU
+
+
 @pytest.mark.gpu
 def test_liger_and_flex_give_plain_gradients_on_cuda(tiny_model_dir):
     pytest.importorskip("liger_kernel")
