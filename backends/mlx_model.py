@@ -27,11 +27,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.tuner.lora import LoRALinear
 
+from qwen_mlx import memory
 from qwen_mlx.errors import UserError
 
 GROUP_SIZE = 64
 BITS = {"4bit": 4, "8bit": 8}
-LOSS_CHUNK = 1024  # target rows per LM-head chunk: 1024 × 151,936 fp32 logits ≈ 0.6 GB
+# Target rows per LM-head chunk: 1024 × 151,936 fp32 logits ≈ 0.6 GB (the memory estimate
+# counts on it).
+LOSS_CHUNK = memory.LOSS_CHUNK
 PAD_TO = 32  # row lengths are padded to a multiple of this: fewer shapes, fewer recompiles
 
 

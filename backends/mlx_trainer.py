@@ -215,7 +215,7 @@ def memory_guard(cfg: Config, console: Console) -> None:
     """Fit the run into unified memory where possible, and say plainly when it won't fit."""
     import mlx.core as mx
 
-    from qwen_mlx.memory import estimate_training_memory
+    from qwen_mlx.memory import estimate_training_memory, fit_checkpointing
 
     model_config = json.loads((Path(cfg.model.path) / "config.json").read_text("utf-8"))
     t = cfg.training
@@ -224,16 +224,16 @@ def memory_guard(cfg: Config, console: Console) -> None:
         targets=list(cfg.lora.target_modules), max_seq_length=t.max_seq_length,
         batch_size=t.batch_size, fp32=mx.default_device() == mx.cpu,
     )  # fmt: skip
-    layers = model_config["num_hidden_layers"]
-    recomputed = checkpointed_layers(t, layers)
-    if recomputed:  # a recomputed layer keeps its input; one at a time is rebuilt in full
-        per_layer = estimate.parts["activations"] / layers
-        inputs = t.max_seq_length * t.batch_size * recomputed * model_config["hidden_size"] * 2
-        estimate.parts["activations"] = inputs + per_layer * (layers - recomputed + 1)
     total, info = _device_memory()
     if "max_recommended_working_set_size" in info:  # Metal: keep the weights wired
         mx.set_wired_limit(info["max_recommended_working_set_size"])
-    if total is None or estimate.total < 0.6 * total:
+    if total is None:
+        return
+    note = fit_checkpointing(t, estimate, total)  # before MLXHooks compiles the step
+    if note:
+        console.print(f"[yellow]⚠[/] {note}", highlight=False)
+    estimate = estimate.with_checkpointing(checkpointed_layers(t, estimate.layers))
+    if estimate.total < 0.6 * total:
         return
     # Tight: hand freed buffers back instead of caching them, so the OS does not swap.
     mx.set_cache_limit(min(GiB, total // 16))

@@ -25,9 +25,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from qwen_mlx import memory
 from qwen_mlx.config import Config, checkpointed_layers
 
-LOSS_CHUNK = 1024  # target rows per LM-head chunk: 1024 × 151,936 fp32 logits ≈ 0.6 GB
+# Target rows per LM-head chunk: 1024 × 151,936 fp32 logits ≈ 0.6 GB (the memory estimate
+# counts on it).
+LOSS_CHUNK = memory.LOSS_CHUNK
 
 
 def pick_device() -> torch.device:

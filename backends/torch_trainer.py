@@ -9,6 +9,7 @@ import torch; that happens when a backend method runs.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -181,10 +182,11 @@ def run_training(
     quantization, note = quantization_plan(cfg.model.quantization, device)
     attention, attention_note = attention_plan(cfg.training.attention, device)
     liger, kernel_note = kernel_plan(cfg.training.kernels, device)
+    memory_note = _fit_memory(cfg, quantization, device)
     if main:
         console.print(f"device: {device}" + (f" ×{world} (DDP)" if world > 1 else ""))
-        for line in filter(None, (note, attention_note, kernel_note)):
-            console.print(f"[yellow]⚠[/] {line}")
+        for line in filter(None, (note, attention_note, kernel_note, memory_note)):
+            console.print(f"[yellow]⚠[/] {line}", highlight=False)
     tokenizer = load_tokenizer(cfg.model.path)
     data = build_run_data(cfg, tokenizer, run_dir if main else None)
     if main:
@@ -203,6 +205,26 @@ def run_training(
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return TrainResult(run_dir, adapter_dir, state.step), model
+
+
+def _fit_memory(cfg: Config, quantization: str, device) -> str | None:
+    """Checkpoint as few layers as make the run fit the device (see fit_checkpointing)."""
+    import torch
+
+    from qwen_mlx.memory import estimate_training_memory, fit_checkpointing, system_memory
+
+    model_config = json.loads((Path(cfg.model.path) / "config.json").read_text("utf-8"))
+    t = cfg.training
+    estimate = estimate_training_memory(
+        model_config, quantization=quantization, rank=cfg.lora.rank,
+        targets=list(cfg.lora.target_modules), max_seq_length=t.max_seq_length,
+        batch_size=t.batch_size, fp32=device.type == "cpu" and quantization == "none",
+    )  # fmt: skip
+    if device.type == "cuda":
+        available = torch.cuda.get_device_properties(device).total_memory
+    else:  # CPU, and MPS's unified memory
+        available = system_memory()
+    return fit_checkpointing(t, estimate, available) if available else None
 
 
 class TorchBackend:

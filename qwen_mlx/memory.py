@@ -19,15 +19,35 @@ GiB = 1024**3
 # and bias per group; bitsandbytes NF4 with double quantization is close to 4.1).
 BITS = {"4bit": 4.5, "8bit": 8.5, "none": 16.0}
 FRAMEWORK_OVERHEAD = 0.6 * GiB
+LOSS_CHUNK = 1024  # target rows per LM-head chunk in both trainers' loss
 
 
 @dataclass
 class Estimate:
     parts: dict[str, float]  # bytes
+    layers: int = 0  # decoder layers, for what checkpointing changes
+    layer_input: float = 0.0  # bytes a checkpointed layer keeps (its input)
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
+
+    def with_checkpointing(self, recomputed: int) -> Estimate:
+        """The estimate when the first ``recomputed`` layers keep only their input and are
+        rebuilt in the backward pass (one at a time, so one layer's activations come back)."""
+        if not recomputed or not self.layers:
+            return self
+        per_layer = self.parts["activations"] / self.layers
+        kept = recomputed * self.layer_input + (self.layers - recomputed + 1) * per_layer
+        return Estimate({**self.parts, "activations": kept}, self.layers, self.layer_input)
+
+    def layers_to_fit(self, budget: float) -> int | None:
+        """The fewest recomputed layers that bring the estimate within ``budget`` bytes: 0
+        when it fits as it is, None when recomputing every layer is not enough."""
+        for recomputed in range(self.layers + 1):
+            if self.with_checkpointing(recomputed).total <= budget:
+                return recomputed
+        return None
 
     def describe(self) -> str:
         pieces = ", ".join(f"{k} {v / GiB:.1f}" for k, v in self.parts.items())
@@ -96,13 +116,17 @@ def estimate_training_memory(
     # projections (about 16 hidden-size and 6 intermediate-size vectors) without checkpointing.
     activations = tokens * d["L"] * (16 * d["E"] + 6 * d["F"]) * act_bytes
     return Estimate(
-        {
+        layers=d["L"],
+        layer_input=tokens * d["E"] * act_bytes,
+        parts={
             "base weights": (linear * weight_bits + embeddings * act_bytes * 8) / 8,
             "LoRA + optimizer": lora_parameter_count(config, rank, targets) * 16,
             "activations": activations,
-            "logits": tokens * d["V"] * 4 * 2,  # fp32 logits and their gradient
+            # fp32 logits and their gradient: both trainers compute the loss in chunks of
+            # LOSS_CHUNK target rows, so never more than one chunk's worth.
+            "logits": min(tokens, LOSS_CHUNK) * d["V"] * 4 * 2,
             "overhead": FRAMEWORK_OVERHEAD,
-        }
+        },
     )
 
 
@@ -112,3 +136,23 @@ def system_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+def fit_checkpointing(training: Any, estimate: Estimate, available: float) -> str | None:
+    """Turn on (selective) gradient checkpointing in ``training`` (a TrainingConfig, changed
+    in place) when the run would not fit in 90% of ``available`` bytes without it; return a
+    note saying so, or None. Recomputing only as many layers as needed costs the least time.
+    """
+    if training.gradient_checkpointing or estimate.total <= 0.9 * available:
+        return None
+    recomputed = estimate.layers_to_fit(0.9 * available)
+    if not recomputed:  # None: even every layer is not enough; say so elsewhere
+        return None
+    training.gradient_checkpointing = True
+    training.checkpoint_fraction = recomputed / estimate.layers
+    return (
+        f"training memory ≈{estimate.total / GiB:.1f} GiB would not fit in "
+        f"{available / GiB:.0f} GiB: recomputing {recomputed} of {estimate.layers} layers' "
+        f"activations (≈{estimate.with_checkpointing(recomputed).total / GiB:.1f} GiB); "
+        "set training.gradient_checkpointing: true to choose yourself"
+    )

@@ -9,7 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from qwen_mlx.cli import cli
-from qwen_mlx.memory import estimate_training_memory, lora_parameter_count, parameter_count
+from qwen_mlx.config import load_config
+from qwen_mlx.memory import (
+    GiB,
+    estimate_training_memory,
+    fit_checkpointing,
+    lora_parameter_count,
+    parameter_count,
+)
 from qwen_mlx.model_files import check_model_dir
 
 QWEN25_3B = {  # public config.json numbers of Qwen2.5-3B
@@ -144,3 +151,63 @@ def test_check_command_reports_a_bad_config(tmp_path, monkeypatch):
     result = CliRunner().invoke(cli, ["check"])
     assert result.exit_code == 1
     assert "did you mean 'lora.rank'" in result.output
+
+
+def _estimate_3b(seq: int):
+    return estimate_training_memory(
+        QWEN25_3B, quantization="4bit", rank=16, targets=ALL, max_seq_length=seq, batch_size=1
+    )
+
+
+def test_checkpointing_estimate_keeps_layer_inputs_and_one_layer():
+    est = _estimate_3b(4096)
+    layers = QWEN25_3B["num_hidden_layers"]
+    per_layer = est.parts["activations"] / layers
+    every = est.with_checkpointing(layers)
+    assert every.parts["activations"] == pytest.approx(layers * est.layer_input + per_layer)
+    half = est.with_checkpointing(layers // 2)
+    assert every.total < half.total < est.total
+    assert est.parts["logits"] == 1024 * QWEN25_3B["vocab_size"] * 8  # one loss chunk only
+
+
+def test_fewest_checkpointed_layers_that_fit():
+    est = _estimate_3b(4096)
+    assert est.layers_to_fit(est.total) == 0
+    fewest = est.layers_to_fit(12 * GiB)
+    assert 0 < fewest < QWEN25_3B["num_hidden_layers"]
+    assert est.with_checkpointing(fewest).total <= 12 * GiB
+    assert est.with_checkpointing(fewest - 1).total > 12 * GiB
+    assert est.layers_to_fit(2 * GiB) is None  # the 4-bit weights alone are about 2 GB
+
+
+def test_fit_checkpointing_turns_on_only_what_memory_needs():
+    est = _estimate_3b(4096)
+    roomy = load_config(None, None, []).training
+    assert fit_checkpointing(roomy, est, 80 * GiB) is None
+    assert not roomy.gradient_checkpointing
+    tight = load_config(None, None, []).training
+    note = fit_checkpointing(tight, est, 16 * GiB)
+    recomputed = round(tight.checkpoint_fraction * QWEN25_3B["num_hidden_layers"])
+    assert tight.gradient_checkpointing and recomputed == est.layers_to_fit(0.9 * 16 * GiB)
+    assert f"recomputing {recomputed} of 36 layers" in note
+    chosen = load_config(None, None, ["training.gradient_checkpointing=true"]).training
+    assert fit_checkpointing(chosen, est, 16 * GiB) is None  # the user's choice stands
+    assert chosen.checkpoint_fraction == 1.0
+    hopeless = load_config(None, None, []).training
+    assert fit_checkpointing(hopeless, est, 2 * GiB) is None  # check and the guard say so
+    assert not hopeless.gradient_checkpointing
+
+
+def test_check_says_when_training_will_checkpoint_to_fit(tmp_path, monkeypatch):
+    import qwen_mlx.check as check
+
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_3B))
+    monkeypatch.setattr(check, "system_memory", lambda: 16 * GiB)
+    cfg = load_config(None, None, [
+        f"model.path={tmp_path}", "model.quantization=4bit", "training.max_seq_length=4096",
+    ])  # fmt: skip
+    finding = check.check_memory(cfg, chosen="mlx")
+    assert finding.status != "fail", finding  # fitted to 90%: "tight" at most
+    assert "training will recompute" in finding.detail and "of 36 layers" in finding.detail
+    roomy = load_config(None, None, [f"model.path={tmp_path}", "model.quantization=4bit"])
+    assert "recompute" not in check.check_memory(roomy, chosen="mlx").detail

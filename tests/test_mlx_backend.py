@@ -347,3 +347,25 @@ def test_importing_the_trainer_does_not_import_mlx():
         "assert not [m for m in ('mlx', 'mlx_lm', 'torch') if m in sys.modules], sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_memory_guard_recomputes_only_the_layers_memory_needs(tiny_model_dir, monkeypatch):
+    import io
+
+    from qwen_mlx.backends import mlx_trainer
+    from qwen_mlx.memory import estimate_training_memory
+
+    cfg = load_config(None, None, [f"model.path={tiny_model_dir}", "model.quantization=none"])
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    estimate = estimate_training_memory(
+        config, quantization="none", rank=16, targets=ALL_LINEAR, max_seq_length=1024,
+        batch_size=1, fp32=True,
+    )  # fmt: skip
+    layers = config["num_hidden_layers"]
+    short = int(estimate.with_checkpointing(layers).total / 0.9) + 1
+    monkeypatch.setattr(mlx_trainer, "_device_memory", lambda: (short, {}))
+    monkeypatch.setattr(mx, "set_cache_limit", lambda limit: 0)  # keep the tests' cache
+    out = io.StringIO()
+    mlx_trainer.memory_guard(cfg, Console(file=out, width=400))
+    assert cfg.training.gradient_checkpointing and cfg.training.checkpoint_fraction == 1.0
+    assert f"recomputing {layers} of {layers} layers" in out.getvalue()

@@ -136,3 +136,33 @@ def test_liger_and_flex_give_plain_gradients_on_cuda(tiny_model_dir):
         a, b = grads[name].float().flatten(), grad.float().flatten()
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99, name
         assert a.norm() == pytest.approx(float(b.norm()), rel=0.05), name
+
+
+def test_training_checkpoints_layers_by_itself_when_memory_is_short(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import io
+    import json
+
+    from rich.console import Console
+    from train_helpers import run_config, write_short_records
+
+    from qwen_mlx import memory
+    from qwen_mlx.backends.torch_trainer import run_training
+
+    data = write_short_records(tmp_path / "train.jsonl", n=6)
+    cfg = run_config(tiny_model_dir, data, tmp_path / "run", "training.max_steps=1")
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    estimate = memory.estimate_training_memory(
+        config, quantization="none", rank=8, targets=list(cfg.lora.target_modules),
+        max_seq_length=256, batch_size=2, fp32=True,
+    )  # fmt: skip
+    # Room for the run only with every layer recomputed: this machine, made small.
+    short = estimate.with_checkpointing(estimate.layers).total / 0.9 + 1
+    monkeypatch.setattr(memory, "system_memory", lambda: short)
+    out = io.StringIO()
+    (tmp_path / "run").mkdir()
+    _, model = run_training(cfg, tmp_path / "run", False, Console(file=out, width=400))
+    layers = model.get_base_model().model.layers
+    assert all(layer.gradient_checkpointing for layer in layers)
+    assert f"recomputing {len(layers)} of {len(layers)} layers" in out.getvalue()
