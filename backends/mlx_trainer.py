@@ -276,6 +276,10 @@ def run_training(
     from qwen_mlx.tokens import load_tokenizer
 
     console.print(f"device: MLX on {_device_name()}", highlight=False)
+    for key, torch_only in (("attention", "flex"), ("kernels", "liger")):
+        if getattr(cfg.training, key) == torch_only:
+            console.print(f"[yellow]⚠[/] training.{key}: {torch_only} is for the torch backend; "
+                          "MLX uses its own kernels", highlight=False)  # fmt: skip
     data = build_run_data(cfg, load_tokenizer(cfg.model.path), run_dir)
     for line in data.messages:
         console.print(line, highlight=False)

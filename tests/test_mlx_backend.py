@@ -369,3 +369,19 @@ def test_memory_guard_recomputes_only_the_layers_memory_needs(tiny_model_dir, mo
     mlx_trainer.memory_guard(cfg, Console(file=out, width=400))
     assert cfg.training.gradient_checkpointing and cfg.training.checkpoint_fraction == 1.0
     assert f"recomputing {layers} of {layers} layers" in out.getvalue()
+
+
+def test_torch_only_speed_options_are_named_on_mlx(tiny_model_dir, small_data, tmp_path):
+    import io
+
+    from qwen_mlx.backends.mlx_trainer import run_training
+
+    cfg = run_config(
+        tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=1",
+        "training.kernels=liger", "training.attention=flex",
+    )  # fmt: skip
+    (tmp_path / "run").mkdir()
+    out = io.StringIO()
+    run_training(cfg, tmp_path / "run", False, Console(file=out, width=400))
+    assert "training.kernels: liger is for the torch backend" in out.getvalue()
+    assert "training.attention: flex is for the torch backend" in out.getvalue()
