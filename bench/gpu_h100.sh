@@ -9,7 +9,9 @@
 # The GPU image has torch, transformers, peft and triton but not bitsandbytes or
 # liger-kernel, and cannot download; the project itself installs from this checkout. Each
 # variant's result is printed as a JSON line when it finishes (and kept in $OUT), so a run
-# cut short still says what it measured. The model is built once in /tmp/qwen-mlx-3b.
+# cut short still says what it measured (each phase stops itself inside the 10-minute limit
+# of one device command). The model is built once in /tmp/qwen-mlx-3b: run both phases on
+# the same warm machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -35,14 +37,14 @@ common=(--device cuda --shape 3b --seq 4096 --samples 512 --baseline-samples 48
         --model-cache /tmp/qwen-mlx-3b)
 case "${1:-}" in
     bf16)  # which gain comes from which change
-        python3 bench/train_torch.py "${common[@]}" --quant none --variants \
-            plain,ours,ours+gc,ours+sel,ours+flex,ours+liger,ours+liger+flex,ours+liger+flex+sel \
+        timeout 540 python3 bench/train_torch.py "${common[@]}" --quant none --variants \
+            plain,ours,ours+gc,ours+sel,ours+flex,ours+liger,ours+liger+flex+sel \
             | tee "$out/bench-bf16.txt" ;;
     4bit)  # ≤ 10 GiB: rows of 4096 need every layer checkpointed (≈ 29 GB of activations
            # otherwise); half the layers fit at rows of 1024
-        python3 bench/train_torch.py "${common[@]}" --quant 4bit --variants \
+        timeout 400 python3 bench/train_torch.py "${common[@]}" --quant 4bit --variants \
             plain,ours+gc,ours+liger+flex+gc | tee "$out/bench-4bit.txt"
-        python3 bench/train_torch.py "${common[@]/4096/1024}" --quant 4bit --variants \
-            ours+liger+flex+sel | tee -a "$out/bench-4bit.txt" ;;
+        timeout 140 python3 bench/train_torch.py "${common[@]/4096/1024}" --quant 4bit \
+            --variants ours+liger+flex+sel | tee -a "$out/bench-4bit.txt" ;;
     *) echo "usage: bash bench/gpu_h100.sh fetch|bf16|4bit" >&2; exit 2 ;;
 esac
