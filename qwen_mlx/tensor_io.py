@@ -152,6 +152,8 @@ class TensorRef:
     def pread(self, fd: int, start: int, stop: int) -> np.ndarray:
         """Rows ``start:stop`` (read-only) through ``os.pread`` on ``fd``, an open descriptor
         of this file: no shared file position, so threads can read blocks at once."""
+        if not hasattr(os, "pread"):  # Windows: a file handle per read keeps threads apart
+            return self.read(start, stop)
         storage = STORAGE[self.dtype]
         row_bytes = self.row_elements * storage.itemsize
         size = (stop - start) * row_bytes

@@ -89,3 +89,19 @@ def test_writer_refuses_a_tensor_of_the_wrong_size(tmp_path):
     writer = SafetensorsWriter(tmp_path / "x.safetensors", [("w", "F32", (2, 2))])
     with pytest.raises(AssertionError):
         writer.write("w", [np.zeros(3, np.float32)])
+
+
+def test_pread_and_plain_reads_give_the_same_rows(tiny_model_dir, monkeypatch):
+    import os
+
+    from qwen_mlx.tensor_io import model_tensors
+
+    ref = next(r for r in model_tensors(tiny_model_dir).values() if len(r.shape) == 2)
+    fd = os.open(ref.path, os.O_RDONLY)
+    try:
+        threaded = ref.pread(fd, 1, 3)
+        monkeypatch.delattr(os, "pread")  # as on Windows
+        fallback = ref.pread(fd, 1, 3)
+    finally:
+        os.close(fd)
+    assert np.array_equal(threaded, ref.read(1, 3)) and np.array_equal(fallback, threaded)
