@@ -130,15 +130,21 @@ def _peft_scale(config: dict, module: str, rank: int) -> float:
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
 
 
-def _load_peft(adapter_dir: Path) -> Adapter:
-    config = _read_json(adapter_dir / PEFT_CONFIG)
-    _check_peft_config(adapter_dir, config)
+def _read_halves(adapter_dir: Path, weights: str, key_pattern: re.Pattern) -> dict[str, dict]:
+    """``{module: {"A"|"B"|"a"|"b": float32 array}}`` from the adapter's weights file."""
     halves: dict[str, dict[str, np.ndarray]] = {}
-    for key, ref in index_file(adapter_dir / PEFT_WEIGHTS).items():
-        match = _PEFT_KEY.fullmatch(key)
+    for key, ref in index_file(adapter_dir / weights).items():
+        match = key_pattern.fullmatch(key)
         if match is None:
             raise UserError(f"{adapter_dir}: {key} is not a LoRA A/B weight (not supported)")
         halves.setdefault(match["module"], {})[match["ab"]] = ref.read_f32()
+    return halves
+
+
+def _load_peft(adapter_dir: Path) -> Adapter:
+    config = _read_json(adapter_dir / PEFT_CONFIG)
+    _check_peft_config(adapter_dir, config)
+    halves = _read_halves(adapter_dir, PEFT_WEIGHTS, _PEFT_KEY)
     pairs = {}
     for module, ab in _complete(adapter_dir, halves, "A", "B").items():
         scale = _peft_scale(config, module, ab["A"].shape[0])
@@ -154,12 +160,7 @@ def _load_mlx(adapter_dir: Path) -> Adapter:
     params = config.get("lora_parameters") or {}
     if "scale" not in params:
         raise UserError(f"{adapter_dir}/{PEFT_CONFIG} lacks lora_parameters.scale")
-    halves: dict[str, dict[str, np.ndarray]] = {}
-    for key, ref in index_file(adapter_dir / MLX_WEIGHTS).items():
-        match = _MLX_KEY.fullmatch(key)
-        if match is None:
-            raise UserError(f"{adapter_dir}: {key} is not a LoRA weight (not supported)")
-        halves.setdefault(match["module"], {})[match["ab"]] = ref.read_f32()
+    halves = _read_halves(adapter_dir, MLX_WEIGHTS, _MLX_KEY)
     # mlx-lm stores the transposes: lora_a (in, r), lora_b (r, out).
     pairs = {
         module: LoraPair(ab["a"].T.copy(), ab["b"].T.copy(), float(params["scale"]))

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from qwen_mlx.config import TrainingConfig
 
 GiB = 1024**3
 
@@ -138,10 +141,10 @@ def system_memory() -> int | None:
         return None
 
 
-def fit_checkpointing(training: Any, estimate: Estimate, available: float) -> str | None:
-    """Turn on (selective) gradient checkpointing in ``training`` (a TrainingConfig, changed
-    in place) when the run would not fit in 90% of ``available`` bytes without it; return a
-    note saying so, or None. Recomputing only as many layers as needed costs the least time.
+def fit_checkpointing(training: TrainingConfig, estimate: Estimate, available: float) -> str | None:
+    """Turn on (selective) gradient checkpointing in ``training`` (changed in place) when
+    the run would not fit in 90% of ``available`` bytes without it; return a note saying so,
+    or None. Recomputing only as many layers as needed costs the least time.
     """
     if training.gradient_checkpointing or estimate.total <= 0.9 * available:
         return None

@@ -27,6 +27,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """Twelve bundled records (the shortest) as a training file."""
+    from tests.train_helpers import write_short_records
+
+    return write_short_records(tmp_path_factory.mktemp("data") / "train.jsonl")
+
+
+@pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_dir):
     """The tiny model's tokenizer, loaded through transformers like a real one."""
     transformers = pytest.importorskip("transformers")

@@ -8,7 +8,6 @@ gives the same logits here.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,21 +34,11 @@ from qwen_mlx.data import normalize  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
 from qwen_mlx.tokens import encode_records as encode  # noqa: E402
 from tests.conftest import BUNDLED_TRAIN  # noqa: E402
-from tests.train_helpers import losses, run_config, write_short_records  # noqa: E402
-
-QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """Twelve bundled records (the shortest) as a training file."""
-    return write_short_records(tmp_path_factory.mktemp("data") / "train.jsonl")
+from tests.train_helpers import losses, run_config, start_run  # noqa: E402
 
 
 def train(cfg, resume=False):
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_training(cfg, run_dir, resume, QUIET)
+    return start_run(run_training, cfg, resume)
 
 
 def adapter_weights(run_dir):
@@ -380,8 +369,7 @@ def test_torch_only_speed_options_are_named_on_mlx(tiny_model_dir, small_data, t
         tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=1",
         "training.kernels=liger", "training.attention=flex",
     )  # fmt: skip
-    (tmp_path / "run").mkdir()
     out = io.StringIO()
-    run_training(cfg, tmp_path / "run", False, Console(file=out, width=400))
+    start_run(run_training, cfg, console=Console(file=out, width=400))
     assert "training.kernels: liger is for the torch backend" in out.getvalue()
     assert "training.attention: flex is for the torch backend" in out.getvalue()

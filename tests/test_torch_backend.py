@@ -9,7 +9,6 @@ import sys
 
 import numpy as np
 import pytest
-from rich.console import Console
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
@@ -29,24 +28,12 @@ from tests.train_helpers import (  # noqa: E402
     logged_steps,
     losses,
     run_config,
-    write_short_records,
+    start_run,
 )
-
-QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory):
-    """Twelve bundled records (the shortest) as a training file."""
-    return write_short_records(tmp_path_factory.mktemp("data") / "train.jsonl")
 
 
 def train(cfg, resume=False):
-    from pathlib import Path
-
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_training(cfg, run_dir, resume, QUIET)
+    return start_run(run_training, cfg, resume)
 
 
 def test_loss_falls_clearly_when_overfitting(tiny_model_dir, small_data, tmp_path):

@@ -145,7 +145,7 @@ def test_training_checkpoints_layers_by_itself_when_memory_is_short(
     import json
 
     from rich.console import Console
-    from train_helpers import run_config, write_short_records
+    from train_helpers import run_config, start_run, write_short_records
 
     from qwen_mlx import memory
     from qwen_mlx.backends.torch_trainer import run_training
@@ -161,8 +161,7 @@ def test_training_checkpoints_layers_by_itself_when_memory_is_short(
     short = estimate.with_checkpointing(estimate.layers).total / 0.9 + 1
     monkeypatch.setattr(memory, "system_memory", lambda: short)
     out = io.StringIO()
-    (tmp_path / "run").mkdir()
-    _, model = run_training(cfg, tmp_path / "run", False, Console(file=out, width=400))
+    _, model = start_run(run_training, cfg, console=Console(file=out, width=400))
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     assert f"recomputing {len(layers)} of {len(layers)} layers" in out.getvalue()

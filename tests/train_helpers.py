@@ -1,12 +1,25 @@
-"""Shared by the trainer tests: a small training file, a short-run config, metrics readers."""
+"""Shared by the trainer tests: a small training file, a short-run config, starting a run
+quietly, metrics readers."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from rich.console import Console
 
 from qwen_mlx.config import Config, load_config
 from tests.conftest import BUNDLED_TRAIN
+
+QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
+
+
+def start_run(run_training, cfg: Config, resume: bool = False, console: Console = QUIET):
+    """``run_training`` (either backend's) into ``cfg.output.dir``: (result, model)."""
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_training(cfg, run_dir, resume, console)
 
 
 def write_short_records(path: Path, n: int = 12) -> Path:
