@@ -9,6 +9,7 @@ process's memory just as if the whole model had been loaded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_mlx import ggml_floats
 from qwen_mlx.errors import UserError
 from qwen_mlx.model_files import safetensors_header
 
@@ -63,7 +65,14 @@ _F16_NORMAL_SPAN = np.uint32(30 << 23)  # up to 2**16
 
 def f32_to_f16(values: np.ndarray) -> np.ndarray:
     """float16 of float32 ``values``, bit-identical to numpy's cast (round to nearest even,
-    overflow to inf).
+    overflow to inf; a NaN stays a NaN): through ggml where llama-cpp-python is installed
+    (about 15× faster), else in numpy."""
+    converted = ggml_floats.f32_to_f16(values)
+    return converted if converted is not None else f32_to_f16_numpy(values)
+
+
+def f32_to_f16_numpy(values: np.ndarray) -> np.ndarray:
+    """``f32_to_f16`` in numpy alone.
 
     numpy's wheels for x86-64 convert one value at a time in C (their baseline CPU has no
     F16C), about 2.6 ns a value here; this does it in about 1.4 with whole-array integer
@@ -93,6 +102,20 @@ def f32_to_f16(values: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore", invalid="ignore"):
             half[outside] = values[outside].astype(np.float16).view(np.uint16)
     return half.view(np.float16)
+
+
+@functools.cache
+def _bf16_to_f16_table() -> np.ndarray:
+    """The float16 of every bfloat16 bit pattern (128 KB)."""
+    with np.errstate(over="ignore"):  # bf16 beyond ±65504 becomes ±inf, as a cast would
+        return bf16_to_f32(np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)).astype(np.float16)
+
+
+def bf16_to_f16(bits: np.ndarray) -> np.ndarray:
+    """float16 of bfloat16 bit patterns (uint16), as casting through float32 gives: through
+    ggml where available, else one lookup in a table of all 65,536 (6× faster than casting)."""
+    converted = ggml_floats.bf16_to_f16(bits)
+    return converted if converted is not None else _bf16_to_f16_table().take(bits)
 
 
 def f32_to_storage(values: np.ndarray, dtype: str) -> np.ndarray:

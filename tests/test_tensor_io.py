@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qwen_mlx import tensor_io
+from qwen_mlx import ggml_floats, tensor_io
 from qwen_mlx.gguf_tensors import _DIRECT
 from qwen_mlx.tensor_io import (
     SafetensorsWriter,
@@ -24,7 +24,17 @@ from qwen_mlx.tensor_io import (
 PATTERNS = np.arange(0, 1 << 32, 997, dtype=np.uint64).astype(np.uint32).view(np.float32)
 
 
-def test_f32_to_f16_is_bit_identical_to_numpy():
+@pytest.fixture(params=["ggml", "numpy"])
+def float16_path(request, monkeypatch):
+    """Runs a test through ggml's conversions (llama-cpp-python installed) and numpy's."""
+    if request.param == "ggml" and not ggml_floats.available():
+        pytest.skip("llama-cpp-python's ggml CPU library is not installed")
+    if request.param == "numpy":
+        monkeypatch.setattr(ggml_floats, "_ggml", lambda: None)
+    return request.param
+
+
+def test_f32_to_f16_is_bit_identical_to_numpy(float16_path):
     with np.errstate(all="ignore"):
         expected = PATTERNS.astype(np.float16)
     ours = f32_to_f16(PATTERNS)
@@ -33,7 +43,7 @@ def test_f32_to_f16_is_bit_identical_to_numpy():
     assert np.isnan(ours[nan]).all()
 
 
-def test_f32_to_f16_rounds_ties_to_even_like_numpy():
+def test_f32_to_f16_rounds_ties_to_even_like_numpy(float16_path):
     # Every float32 exactly halfway between two float16 neighbours (and just either side),
     # over all exponents and a spread of mantissas: where integer rounding could go wrong.
     exponents = np.arange(1, 255, dtype=np.uint32) << 23
@@ -56,13 +66,14 @@ def test_bf16_round_trip_is_torchs():
     assert np.isnan(bf16_to_f32(ours[nan])).all()
 
 
-def test_bf16_to_f16_lookup_equals_the_two_casts():
+def test_bf16_to_f16_equals_the_two_casts(float16_path):
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     with np.errstate(all="ignore"):
         expected = bf16_to_f32(bits).astype(np.float16).view(np.uint16)
     ours = _DIRECT[("BF16", "F16")](bits).view(np.uint16)
     nan = np.isnan(bf16_to_f32(bits))
     assert np.array_equal(ours[~nan], expected[~nan])
+    assert np.isnan(ours.view(np.float16)[nan]).all()
 
 
 def test_writer_streams_blocks_and_reader_reads_rows(tmp_path, monkeypatch):
