@@ -7,6 +7,8 @@ rank-16 LoRA adapter on all seven projections. Then runs, each in its own proces
   reference f16 / q8_0   convert_hf_to_gguf.py from the llama-cpp-python sdist (its own gguf-py)
   ours f16 / q8_0        qwen-mlx export --model DIR
   ours fused f16         qwen-mlx export ADAPTER (LoRA added on the fly)
+  … (numpy floats)       the two above with QWEN_MLX_GGML=0, where llama-cpp-python is
+                         installed: float16 conversions in numpy instead of ggml
 
 and prints wall time and peak RSS (the process's ru_maxrss, via wait4) with the ratios the
 issue sets as targets: time ≤ 1.0× and peak RSS ≤ 0.6× the reference's, fused ≤ 1.2× plain.
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen_mlx import ggml_floats
 from qwen_mlx.tensor_io import SafetensorsWriter, f32_to_bf16, save_f32
 from qwen_mlx.tiny import chat_template, padded_vocab_size, train_tokenizer
 
@@ -68,6 +71,7 @@ QWEN25_05B = {
 N_BPE, N_ADDED = 151643, 22  # Qwen2.5's merged tokens and added (special) tokens
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SDIST = "llama-cpp-python==0.3.36"
+NUMPY = " (numpy floats)"  # our variants run with QWEN_MLX_GGML=0
 
 # Run as `python -c` in the reference's process: its tokenizer check, answered, then main().
 _REFERENCE_RUNNER = """
@@ -269,6 +273,17 @@ def same_tensors(ours: Path, reference: Path) -> bool:
     )
 
 
+def _fused_ratio(runs: dict[str, list[tuple[float, float]]], suffix: str) -> str:
+    fused, plain = runs[f"ours fused f16{suffix}"], runs[f"ours f16{suffix}"]
+    best = min(t for t, _ in fused) / min(t for t, _ in plain)
+    per_round = sorted(f / p for (f, _), (p, _) in zip(fused, plain, strict=True))
+    return (
+        f"{best:.2f}x the plain f16 export's time, best against best (target ≤ 1.2); "
+        f"round by round {per_round[0]:.2f}–{per_round[-1]:.2f}x, "
+        f"median {per_round[len(per_round) // 2]:.2f}x"
+    )
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
@@ -307,12 +322,18 @@ def main() -> None:
         "ours q8_0": [*plain, "--quant", "q8_0", "-o", str(out / "ours-q8_0.gguf")],
         "ours fused f16": [*ours, str(adapter), "-o", str(out / "fused-f16.gguf")],
     }
+    if ggml_floats.available():  # what llama-cpp-python's float16 conversion buys, side by side
+        numpy_only = ["env", "QWEN_MLX_GGML=0"]
+        variants[f"ours f16{NUMPY}"] = [*numpy_only, *variants["ours f16"]]
+        variants[f"ours fused f16{NUMPY}"] = [*numpy_only, *variants["ours fused f16"]]
     size = (model / "model.safetensors").stat().st_size / 1e6
     print(f"model: Qwen2.5-0.5B shape, random bf16, {size:,.0f} MB; machine: {_machine()}")
+    floats = "ggml (llama-cpp-python)" if ggml_floats.available() else "numpy"
+    print(f"our float16 conversions: {floats}")
     runs = rounds(variants, args.repeats)
     results = {name: (min(t for t, _ in r), max(m for _, m in r)) for name, r in runs.items()}
     for name, (wall, rss) in results.items():
-        print(f"  {name:16s} {wall:6.2f} s   peak RSS {rss:7.0f} MB   (best of {args.repeats})")
+        print(f"  {name:30s} {wall:6.2f} s   peak RSS {rss:7.0f} MB   (best of {args.repeats})")
     for quant in ("f16", "q8_0"):
         (t_ours, m_ours), (t_ref, m_ref) = results[f"ours {quant}"], results[f"reference {quant}"]
         same = same_tensors(out / f"ours-{quant}.gguf", out / f"ref-{quant}.gguf")
@@ -320,15 +341,8 @@ def main() -> None:
             f"{quant}: time {t_ours / t_ref:.2f}x reference (target ≤ 1.0), "
             f"peak RSS {m_ours / m_ref:.2f}x (target ≤ 0.6), identical tensors: {same}"
         )
-    fused = results["ours fused f16"][0] / results["ours f16"][0]
-    per_round = sorted(
-        f / p for (f, _), (p, _) in zip(runs["ours fused f16"], runs["ours f16"], strict=True)
-    )
-    print(
-        f"fused export: {fused:.2f}x the plain f16 export's time, best against best "
-        f"(target ≤ 1.2); round by round {per_round[0]:.2f}–{per_round[-1]:.2f}x, "
-        f"median {per_round[len(per_round) // 2]:.2f}x"
-    )
+    for suffix in ("", NUMPY) if f"ours f16{NUMPY}" in runs else ("",):
+        print(f"fused export{suffix}: {_fused_ratio(runs, suffix)}")
 
 
 if __name__ == "__main__":
