@@ -10,8 +10,8 @@ The library is opened with ctypes from llama-cpp-python's folder without importi
 ``llama_cpp`` (which would also load libllama). ctypes lets go of the GIL during each call,
 so the export's worker threads convert at the same time.
 
-Every function returns None where the library is missing, lacks the function (releases
-before mid-2025), or gives a different float16 than numpy for any probe value at load;
+Every function returns None where the library is missing, lacks the function (llama.cpp
+before spring 2025), or gives a different float16 than numpy for any probe value at load;
 callers then use numpy. ``QWEN_MLX_GGML=0`` turns it off (benchmarks compare both paths).
 """
 

@@ -313,7 +313,10 @@ class _CtrlC:
         sys.stderr.write("\nstopping after this step (Ctrl-C again to stop at once)\n")
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
+        # Where SIGINT is ignored (a background job of a script, `nohup … &` from one), the
+        # user asked for Ctrl-C to pass the run by: leave it so, as Python itself does.
+        main = threading.current_thread() is threading.main_thread()
+        if main and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
             self.previous = signal.signal(signal.SIGINT, self._handle)
         return self
 

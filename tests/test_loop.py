@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import signal
 
 import numpy as np
 import pytest
@@ -159,17 +161,26 @@ def test_loss_watch_gives_the_seeds_advice_once():
     assert not [w for s in range(1, 60) for w in falling.update(s, 5.0 / s)]
 
 
-def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path):
-    import os
-    import signal
+class _Interrupting(FakeHooks):
+    """Sends this process SIGINT (Ctrl-C) in the middle of the third update's window."""
 
-    class Interrupting(FakeHooks):
-        def micro_step(self, batch, scale, sync):
-            if len(self.calls) == 4:  # Ctrl-C in the middle of the third update's window
-                os.kill(os.getpid(), signal.SIGINT)
-            return super().micro_step(batch, scale, sync)
+    def micro_step(self, batch, scale, sync):
+        if len(self.calls) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().micro_step(batch, scale, sync)
 
-    hooks = Interrupting()
+
+@pytest.fixture
+def sigint_handler():
+    """SIGINT as an interactive Python has it, whatever started pytest: a background job
+    of a script starts with SIGINT ignored. Restored afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, sigint_handler):
+    hooks = _Interrupting()
     settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=2")
     with pytest.raises(TrainingStopped, match="interrupted at step 3") as stopped:
         train_loop(settings, run_data(12), hooks, tmp_path, QUIET, resume=False)
@@ -177,3 +188,14 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path):
     assert len(hooks.lrs) == 3  # the step in progress was completed, not torn
     assert (tmp_path / "checkpoints" / "step-000003").is_dir()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_an_ignored_sigint_stays_ignored(tmp_path, sigint_handler):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `nohup qwen-mlx train &` in a script
+    settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=2")
+    hooks, undisturbed = _Interrupting(), FakeHooks()
+    for run, run_hooks in (("a", hooks), ("b", undisturbed)):
+        (tmp_path / run).mkdir()
+        train_loop(settings, run_data(12), run_hooks, tmp_path / run, QUIET, resume=False)
+    assert len(hooks.lrs) == len(undisturbed.lrs) > 3  # the SIGINT passed the run by
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
