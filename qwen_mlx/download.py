@@ -109,8 +109,10 @@ def _stop_on_ctrl_c():
         cancel.set()
         raise KeyboardInterrupt
 
+    # Only the main thread may set handlers; an ignored SIGINT (a background job) stays so.
     in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGINT, on_sigint) if in_main else None
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    previous = signal.signal(signal.SIGINT, on_sigint) if in_main and not ignored else None
     try:
         yield CancellableTqdm
     finally:
