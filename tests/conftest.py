@@ -6,6 +6,7 @@ Qwen2.5 model goes through, so tests exercise the real loading paths offline.
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,19 @@ def tiny_tokenizer(tiny_model_dir):
     """The tiny model's tokenizer, loaded through transformers like a real one."""
     transformers = pytest.importorskip("transformers")
     return transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture
+def sigint_as_in_a_terminal():
+    """Ctrl-C as an interactive shell delivers it, however pytest was started.
+
+    A background job of a script (``pytest &`` in ``bash -c``) starts with SIGINT ignored,
+    which children inherit and our commands then respect; inside this fixture the test
+    process (Python's KeyboardInterrupt) and any child it starts (default action) have
+    SIGINT as a foreground job in a terminal has. Restored afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -328,7 +328,9 @@ def test_rerun_after_a_killed_download_completes_it(hub, model_files, tmp_path):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT cannot be sent to a child there")
-def test_ctrl_c_stops_mid_file_and_a_rerun_completes(hub, model_files, tmp_path):
+def test_ctrl_c_stops_mid_file_and_a_rerun_completes(
+    hub, model_files, tmp_path, sigint_as_in_a_terminal
+):
     files = {**model_files, WEIGHTS: padded_safetensors(model_files[WEIGHTS], 30 * MiB)}
     hub.files.update(files)
     hub.pace[WEIGHTS] = 0.15  # ~5 s for the whole file

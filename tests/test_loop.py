@@ -170,16 +170,7 @@ class _Interrupting(FakeHooks):
         return super().micro_step(batch, scale, sync)
 
 
-@pytest.fixture
-def sigint_handler():
-    """SIGINT as an interactive Python has it, whatever started pytest: a background job
-    of a script starts with SIGINT ignored. Restored afterwards."""
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, before)
-
-
-def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, sigint_handler):
+def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, sigint_as_in_a_terminal):
     hooks = _Interrupting()
     settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=2")
     with pytest.raises(TrainingStopped, match="interrupted at step 3") as stopped:
@@ -190,7 +181,7 @@ def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, sigint_handler):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
 
-def test_an_ignored_sigint_stays_ignored(tmp_path, sigint_handler):
+def test_an_ignored_sigint_stays_ignored(tmp_path, sigint_as_in_a_terminal):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # as under `nohup qwen-mlx train &` in a script
     settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=2")
     hooks, undisturbed = _Interrupting(), FakeHooks()

@@ -241,7 +241,9 @@ def test_two_process_ddp_run_writes_one_adapter(tiny_model_dir, small_data, tmp_
     assert logged_steps(tmp_path / "run") == [1, 2, 3]  # rank 0 alone logs
 
 
-def test_ctrl_c_saves_a_checkpoint_and_resume_continues(tiny_model_dir, small_data, tmp_path):
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues(
+    tiny_model_dir, small_data, tmp_path, sigint_as_in_a_terminal
+):
     import signal
     import time
 
