@@ -62,7 +62,8 @@ def _library_file() -> Path | None:
 
 def _probe_values() -> np.ndarray:
     """float32 values covering every exponent, both signs, subnormals, ±inf and the values
-    just below, at and above each float16 rounding tie (NaN payloads are left out)."""
+    just below, at and above each float16 rounding tie. No NaNs: ggml keeps them NaN but may
+    set a different payload bit than numpy."""
     spread = np.arange(0, 1 << 32, 65521, dtype=np.uint64).astype(np.uint32)
     ties = (np.arange(1, 255, dtype=np.uint32) << 23) | 0x1000
     bits = np.concatenate([spread, ties, ties | 0x2000, ties - 1, ties + 1])
@@ -76,6 +77,11 @@ def _agrees_with_numpy(ggml: _Ggml) -> bool:
         expected = values.astype(np.float16).view(np.uint16)
     halves = np.empty(values.shape, dtype=np.uint16)
     ggml.fp32_to_fp16(values.ctypes.data, halves.ctypes.data, values.size)
+    nans = np.array([0x7FC00000, 0x7F800001, 0xFFC00001], dtype=np.uint32).view(np.float32)
+    nan_halves = np.empty(nans.shape, dtype=np.uint16)
+    ggml.fp32_to_fp16(nans.ctypes.data, nan_halves.ctypes.data, nans.size)
+    if not np.isnan(nan_halves.view(np.float16)).all():
+        return False
     bf16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     widened = np.empty(bf16.shape, dtype=np.float32)
     ggml.bf16_to_fp32(bf16.ctypes.data, widened.ctypes.data, bf16.size)
