@@ -57,8 +57,8 @@ def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     return out
 
 
-# f32_to_f16: float32 whose magnitude lies in [2**-14, 2**16) — float16's normal range and the
-# values that round into its top binade or to inf — are rounded in integer arithmetic.
+# f32_to_f16_numpy: float32 whose magnitude lies in [2**-14, 2**16) — float16's normal range
+# and the values that round into its top binade or to inf — are rounded in integer arithmetic.
 _F16_NORMAL_LOW = np.uint32(113 << 23)  # 2**-14 as float32 bits
 _F16_NORMAL_SPAN = np.uint32(30 << 23)  # up to 2**16
 
