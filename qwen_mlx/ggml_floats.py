@@ -75,12 +75,9 @@ def _agrees_with_numpy(ggml: _Ggml) -> bool:
     values = _probe_values()
     with np.errstate(all="ignore"):
         expected = values.astype(np.float16).view(np.uint16)
-    halves = np.empty(values.shape, dtype=np.uint16)
-    ggml.fp32_to_fp16(values.ctypes.data, halves.ctypes.data, values.size)
+    halves = _to_halves(ggml, values).view(np.uint16)
     nans = np.array([0x7FC00000, 0x7F800001, 0xFFC00001], dtype=np.uint32).view(np.float32)
-    nan_halves = np.empty(nans.shape, dtype=np.uint16)
-    ggml.fp32_to_fp16(nans.ctypes.data, nan_halves.ctypes.data, nans.size)
-    if not np.isnan(nan_halves.view(np.float16)).all():
+    if not np.isnan(_to_halves(ggml, nans)).all():
         return False
     bf16 = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     widened = np.empty(bf16.shape, dtype=np.float32)
@@ -116,25 +113,29 @@ def available() -> bool:
     return _ggml() is not None
 
 
-def f32_to_f16(values: np.ndarray) -> np.ndarray | None:
-    """float16 of float32 ``values`` (round to nearest even, overflow to ±inf), or None."""
-    ggml = _ggml() if values.size >= _MIN_VALUES else None
-    if ggml is None:
-        return None
-    values = np.ascontiguousarray(values, dtype=np.float32)
+def _to_halves(ggml: _Ggml, values: np.ndarray) -> np.ndarray:
+    """float16 of a contiguous float32 array, converted by ggml."""
     halves = np.empty(values.shape, dtype=np.uint16)
     ggml.fp32_to_fp16(values.ctypes.data, halves.ctypes.data, values.size)
     return halves.view(np.float16)
 
 
+def _worth_it(array: np.ndarray) -> _Ggml | None:
+    return _ggml() if array.size >= _MIN_VALUES else None
+
+
+def f32_to_f16(values: np.ndarray) -> np.ndarray | None:
+    """float16 of float32 ``values`` (round to nearest even, overflow to ±inf), or None."""
+    ggml = _worth_it(values)
+    return None if ggml is None else _to_halves(ggml, np.ascontiguousarray(values, np.float32))
+
+
 def bf16_to_f16(bits: np.ndarray) -> np.ndarray | None:
     """float16 of bfloat16 bit patterns (uint16), through float32 as a cast would, or None."""
-    ggml = _ggml() if bits.size >= _MIN_VALUES else None
+    ggml = _worth_it(bits)
     if ggml is None:
         return None
     bits = np.ascontiguousarray(bits, dtype=np.uint16)
     values = np.empty(bits.shape, dtype=np.float32)
     ggml.bf16_to_fp32(bits.ctypes.data, values.ctypes.data, bits.size)
-    halves = np.empty(bits.shape, dtype=np.uint16)
-    ggml.fp32_to_fp16(values.ctypes.data, halves.ctypes.data, values.size)
-    return halves.view(np.float16)
+    return _to_halves(ggml, values)

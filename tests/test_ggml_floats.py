@@ -14,6 +14,14 @@ from qwen_mlx import ggml_floats
 from qwen_mlx.tensor_io import f32_to_f16
 
 
+def assert_float16_is_numpys():
+    """f32_to_f16 on 65,536 ordinary values gives numpy's cast, bit for bit."""
+    values = np.linspace(-3, 3, 1 << 16, dtype=np.float32)
+    assert np.array_equal(
+        f32_to_f16(values).view(np.uint16), values.astype(np.float16).view(np.uint16)
+    )
+
+
 @pytest.fixture
 def fresh_load(monkeypatch):
     """Forget which library this process loaded, before and after the test."""
@@ -65,19 +73,13 @@ def test_used_only_if_it_gives_numpys_bytes(truncate, fresh_load, monkeypatch, t
     monkeypatch.setattr(ggml_floats, "_library_file", lambda: fake)
     monkeypatch.setattr(ggml_floats.ctypes, "CDLL", lambda path: _FakeGgml(truncate))
     assert ggml_floats.available() is not truncate
-    values = np.linspace(-3, 3, 1 << 16, dtype=np.float32)
-    assert np.array_equal(
-        f32_to_f16(values).view(np.uint16), values.astype(np.float16).view(np.uint16)
-    )
+    assert_float16_is_numpys()
 
 
 def test_a_missing_library_falls_back_to_numpy(fresh_load, monkeypatch):
     monkeypatch.setattr(ggml_floats, "_library_file", lambda: Path("/nonexistent/libggml-cpu.so"))
     assert not ggml_floats.available()
-    values = np.linspace(-3, 3, 1 << 16, dtype=np.float32)
-    assert np.array_equal(
-        f32_to_f16(values).view(np.uint16), values.astype(np.float16).view(np.uint16)
-    )
+    assert_float16_is_numpys()
 
 
 def test_threads_convert_at_once_and_get_numpys_bytes():
