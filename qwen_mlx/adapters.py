@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import atomic_dir, write_json
+from qwen_mlx.fsutil import output_dir, write_json
 from qwen_mlx.tensor_io import index_file, save_f32
 
 RUN_CONFIG = "config.yaml"  # the run folder's resolved config (qwen_mlx.training_run)
@@ -359,11 +359,11 @@ _WRITERS = {
 FORMATS = tuple(_WRITERS)
 
 
-def convert_adapter(adapter_dir: Path, to: str, out_dir: Path) -> Path:
+def convert_adapter(adapter_dir: Path, to: str, out_dir: Path, force: bool = False) -> Path:
     """Write the adapter in ``adapter_dir`` (PEFT or mlx-lm) as a ``to`` adapter in ``out_dir``.
 
     The update each layer applies is unchanged (float32 weights); per-layer scales, which
-    mlx-lm cannot express, are folded into B.
+    mlx-lm cannot express, are folded into B. ``out_dir`` is replaced as ``fuse`` does.
     """
     if to not in _WRITERS:
         raise UserError(f"unknown adapter format '{to}': choose one of {', '.join(FORMATS)}")
@@ -373,7 +373,7 @@ def convert_adapter(adapter_dir: Path, to: str, out_dir: Path) -> Path:
     adapter = load_adapter(path if (path / PEFT_CONFIG).is_file() else path / "adapter")
     rank, scale = adapter.common_scale()
     weights_name, tensors, config = _WRITERS[to]
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, "adapter convert", force, (adapter.path,)) as tmp:
         save_f32(tmp / weights_name, tensors(adapter, scale))
         write_json(tmp / PEFT_CONFIG, config(adapter, rank, scale))
     return Path(out_dir)

@@ -23,6 +23,11 @@ _model_option = click.option(
     default=None,
     help="Base model folder (default: the one the run's config or the adapter names).",
 )
+_force_option = click.option(
+    "--force",
+    is_flag=True,
+    help="Replace OUT_DIR even if it holds files this command did not write (never a run folder).",
+)
 
 
 @cli.command()
@@ -36,7 +41,8 @@ _model_option = click.option(
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the fused model (replaced only once complete).",
 )
-def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path) -> None:
+@_force_option
+def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path, force: bool) -> None:
     """Merge a run's LoRA adapter into its base model: a plain Hugging Face folder.
 
     RUN_OR_ADAPTER is a run folder (outputs/<run>) or an adapter folder (PEFT or mlx-lm).
@@ -45,7 +51,7 @@ def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path) -> None:
     """
     from qwen_mlx.fuse import fuse as run_fuse
 
-    result = run_fuse(run_or_adapter, out_dir, model_dir)
+    result = run_fuse(run_or_adapter, out_dir, model_dir, force=force)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
     console.print(
@@ -149,7 +155,8 @@ def adapter() -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder for the converted adapter.",
 )
-def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path) -> None:
+@_force_option
+def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path, force: bool) -> None:
     """Convert ADAPTER_DIR (a PEFT or mlx-lm LoRA adapter, or a run folder) to another format.
 
     The update each layer applies is unchanged: mlx_lm.load(model, adapter_path=OUT) and
@@ -157,7 +164,7 @@ def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path) -> None:
     """
     from qwen_mlx.adapters import convert_adapter
 
-    convert_adapter(adapter_dir, to_format, out_dir)
+    convert_adapter(adapter_dir, to_format, out_dir, force)
     console.print(f"[green]✓[/] {to_format} adapter written to {out_dir}", highlight=False)
 
 

@@ -7,12 +7,16 @@ an interrupted command leaves either the old file or the new one, never a torn o
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from qwen_mlx.errors import UserError
 
 
 def _umask() -> int:
@@ -27,21 +31,64 @@ def _usual_mode(path: Path, directory: bool) -> None:
         os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+# Write failures that are the disk's or the folder's, not a bug: errno -> what to do.
+_SPACE = "free some space (or write elsewhere) and run it again"
+_ACCESS = "choose a folder you can write to"
+_DISK_FAULTS = {
+    errno.ENOSPC: _SPACE,
+    errno.EDQUOT: _SPACE,
+    errno.EFBIG: _SPACE,
+    errno.EROFS: _ACCESS,
+    errno.EACCES: _ACCESS,
+    errno.EPERM: _ACCESS,
+    errno.EIO: "check the disk",
+}
+
+
+@contextlib.contextmanager
+def disk_errors(target: str | os.PathLike) -> Iterator[None]:
+    """A full disk or an unwritable folder while writing ``target``: one line naming both."""
+    try:
+        yield
+    except OSError as err:
+        fix = _DISK_FAULTS.get(err.errno)
+        if fix is None:
+            raise
+        raise UserError(f"cannot write {target}: {os.strerror(err.errno)}; {fix}") from None
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; rename it onto ``target`` on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        if tmp_path.exists():
-            _usual_mode(tmp_path, directory=False)
-        os.replace(tmp_path, target)
-    finally:
-        tmp_path.unlink(missing_ok=True)
+    with disk_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        try:
+            yield tmp_path
+            if tmp_path.exists():
+                _usual_mode(tmp_path, directory=False)
+            os.replace(tmp_path, target)
+        finally:
+            tmp_path.unlink(missing_ok=True)
+
+
+# The names atomic_path and atomic_dir give their temporary files and folders (mkstemp's
+# eight random characters), so leftovers of a killed process can be told from anything else.
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_leftovers(folder: Path) -> list[Path]:
+    """Delete the temporary files and folders that a killed write left in ``folder``."""
+    found = [p for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name)] if folder.is_dir() else []
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return found
 
 
 def write_text(target: str | os.PathLike, text: str) -> None:
@@ -69,21 +116,88 @@ def write_jsonl(target: str | os.PathLike, rows: Iterable[object]) -> int:
 def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``target``; swap it in for ``target`` on success.
 
-    An existing ``target`` is replaced only once the new folder is complete.
+    An existing ``target`` is replaced (and deleted) once the new folder is complete, so it
+    must be one the caller owns: a checkpoint, a run's adapter. Folders a user names go
+    through :func:`output_dir`, which checks that first.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
+    with disk_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        try:
+            yield tmp
+            _usual_mode(tmp, directory=True)
+            if target.exists():
+                old = tmp.with_suffix(".old")  # unique like tmp: never someone else's folder
+                os.replace(target, old)
+                os.replace(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- folders a user names (-o)
+
+OUTPUT_MARK = ".qwen-mlx-output"  # in every -o folder a command writes: names the command
+# What only a training run folder holds (the user's project folder has config.yaml too).
+_RUN_PARTS = ("config.yaml", "adapter", "checkpoints", "metrics.jsonl")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A training run folder, or a folder like the project's (with config.yaml)."""
+    return any((path / part).exists() for part in _RUN_PARTS)
+
+
+def _protected(target: Path, inputs: Iterable[Path]) -> str | None:
+    """Why ``target`` may never be replaced, even with --force (None: it may be)."""
+    if is_run_dir(target):
+        return "is a training run folder (or holds config.yaml)"
+    if any(is_run_dir(child) for child in target.iterdir() if child.is_dir()):
+        return "holds training run folders"
+    resolved = target.resolve()
+    for path in inputs:
+        if resolved == Path(path).resolve() or resolved in Path(path).resolve().parents:
+            return f"holds this command's input {path}"
+    return None
+
+
+def check_output_dir(
+    target: Path, command: str, force: bool = False, inputs: Iterable[Path] = ()
+) -> None:
+    """Refuse to replace a folder that ``command`` did not write (one line saying why).
+
+    A new or empty folder is fine, and so is an earlier output of the same command (it
+    carries OUTPUT_MARK); anything else needs --force. A run folder, a folder of runs and
+    the command's own inputs are never replaced.
+    """
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise UserError(f"{target} is a file: give -o a folder path")
+    why = _protected(target, inputs)
+    if why:
+        raise UserError(f"{target} {why}; {command} never replaces it: choose another -o folder")
+    mark = target / OUTPUT_MARK
+    names = sorted(p.name for p in target.iterdir())
+    if not names or force or (mark.is_file() and mark.read_text().strip() == command):
+        return
+    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+    raise UserError(
+        f"{target} already holds files that {command} did not write ({shown}); choose a new "
+        "or empty folder, or pass --force to replace it"
+    )
+
+
+@contextlib.contextmanager
+def output_dir(
+    target: str | os.PathLike, command: str, force: bool = False, inputs: Iterable[Path] = ()
+) -> Iterator[Path]:
+    """:func:`atomic_dir` for the folder a user named with -o, after
+    :func:`check_output_dir`; the result is marked as ``command``'s, so a rerun replaces it."""
+    target = Path(target)
+    check_output_dir(target, command, force, inputs)
+    with atomic_dir(target) as tmp:
         yield tmp
-        _usual_mode(tmp, directory=True)
-        if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / OUTPUT_MARK).write_text(command + "\n", encoding="utf-8")

@@ -18,7 +18,7 @@ import numpy as np
 
 from qwen_mlx.adapters import Adapter, LoraPair, resolve_source
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import atomic_dir, write_json
+from qwen_mlx.fsutil import output_dir, write_json
 from qwen_mlx.progress import byte_progress
 from qwen_mlx.tensor_io import (
     SafetensorsWriter,
@@ -98,20 +98,23 @@ def fuse(
     out_dir: Path,
     model: Path | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    force: bool = False,
 ) -> FuseResult:
-    """Merge the adapter of a run (or adapter folder) into its base model, in ``out_dir``."""
+    """Merge the adapter of a run (or adapter folder) into its base model, in ``out_dir``.
+
+    ``out_dir`` is replaced only if it is new, empty or an earlier fuse output (or with
+    ``force``); never when it is a run folder or one of the inputs.
+    """
     source = resolve_source(run_or_adapter, model)
     if source.adapter is None:
         raise UserError(f"{run_or_adapter} has no adapter to fuse: give a run or adapter folder")
-    if Path(out_dir).resolve() == source.model_dir.resolve():
-        raise UserError("the output folder must differ from the base model folder")
     tensors = model_tensors(source.model_dir)
     check_adapter_fits(source.adapter, tensors)
     names = list(tensors)
     shards = _shards(names, tensors, max_shard_bytes)
     weight_map = {}
     with (
-        atomic_dir(out_dir) as tmp,
+        output_dir(out_dir, "fuse", force, (source.model_dir, source.adapter.path)) as tmp,
         byte_progress("fusing", sum(t.nbytes for t in tensors.values())) as bar,
     ):
         _copy_metadata(source.model_dir, tmp)

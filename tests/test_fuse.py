@@ -197,3 +197,61 @@ def test_failure_leaves_no_half_written_folder(adapter, tmp_path, monkeypatch):
     with pytest.raises(OSError):
         fuse(adapter, tmp_path / "fused")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- -o never loses a user's files
+
+_WRITERS = {
+    "fuse": lambda src, out: ["fuse", str(src), "-o", str(out)],
+    "adapter convert": lambda src, out: ["adapter", "convert", str(src), "--to", "mlx-lm",
+                                         "-o", str(out)],
+}  # fmt: skip
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("command", list(_WRITERS))
+def test_output_into_a_run_folder_is_refused_even_with_force(command, tiny_model_dir, adapter,
+                                                              tmp_path):  # fmt: skip
+    run = make_run(tmp_path / "run", tiny_model_dir, adapter)
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = _tree(run)
+    for extra in ([], ["--force"]):
+        result = CliRunner().invoke(cli, [*_WRITERS[command](run, run), *extra])
+        assert result.exit_code == 1, result.output
+        assert "training run folder" in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert _tree(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+@pytest.mark.parametrize("command", list(_WRITERS))
+def test_a_folder_with_other_files_needs_force_and_a_rerun_does_not(command, adapter, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    refused = CliRunner().invoke(cli, _WRITERS[command](adapter, out))
+    assert refused.exit_code == 1 and "notes.txt" in refused.output and "--force" in refused.output
+    assert _tree(out) == {"notes.txt": b"mine"}
+
+    forced = CliRunner().invoke(cli, [*_WRITERS[command](adapter, out), "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert not (out / "notes.txt").exists()
+    first = _tree(out)
+    again = CliRunner().invoke(cli, _WRITERS[command](adapter, out))  # its own earlier output
+    assert again.exit_code == 0, again.output
+    assert _tree(out) == first
+    other = "adapter convert" if command == "fuse" else "fuse"
+    assert CliRunner().invoke(cli, _WRITERS[other](adapter, out)).exit_code == 1
+
+
+def test_the_input_adapter_is_never_the_output(adapter, tmp_path):
+    copy = tmp_path / "adapter"
+    copy.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (copy / name).write_bytes((adapter / name).read_bytes())
+    result = CliRunner().invoke(cli, [*_WRITERS["fuse"](copy, copy), "--force"])
+    assert result.exit_code == 1 and "input" in result.output
+    assert sorted(_tree(copy)) == ["adapter_config.json", "adapter_model.safetensors"]
