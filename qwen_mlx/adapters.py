@@ -1,4 +1,4 @@
-"""LoRA adapters: read them, find their base model, convert between PEFT and mlx-lm.
+"""LoRA adapters: read them and find their base model (converting: :mod:`adapter_convert`).
 
 Every backend writes PEFT's format (DESIGN §5): ``W += (lora_alpha / r) · B @ A``. This module
 reads that (and mlx-lm's ``adapters.safetensors``, so an adapter trained with ``mlx_lm.lora``
@@ -18,15 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import output_dir, write_json
-from qwen_mlx.tensor_io import index_file, save_f32
+from qwen_mlx.tensor_io import index_file
 
 RUN_CONFIG = "config.yaml"  # the run folder's resolved config (qwen_mlx.training_run)
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MLX_WEIGHTS = "adapters.safetensors"
 _PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")
 _MLX_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[ab])")
-_LAYER = re.compile(r"model\.layers\.(?P<n>\d+)\.(?P<rest>.+)")
+LAYER = re.compile(r"model\.layers\.(?P<n>\d+)\.(?P<rest>.+)")
 _PRODUCT_ELEMENTS = 32 * 1024
 
 
@@ -120,20 +119,52 @@ def _check_peft_config(path: Path, config: dict) -> None:
             raise UserError(f"{path} {why}")
 
 
+_PATTERNS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}  # PEFT's per-module keys
+
+
+def _per_module(config: dict, key: str, module: str, default):
+    """``config[key]`` for ``module``, with PEFT's per-module override (``rank_pattern``…)."""
+    for pattern, override in (config.get(_PATTERNS[key]) or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", module):
+            return override
+    return config.get(key, default)
+
+
 def _peft_scale(config: dict, module: str, rank: int) -> float:
     """PEFT's scaling for one module: alpha/r (or alpha/√r with rsLoRA), per-module alpha."""
-    alpha = config.get("lora_alpha", 8)
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
+    alpha = _per_module(config, "lora_alpha", module, 8)
     return alpha / (math.sqrt(rank) if config.get("use_rslora") else rank)
+
+
+def _peft_targets(config: dict, module: str) -> bool:
+    """Whether PEFT, reading this config, would put a LoRA layer on ``module``."""
+    targets = config.get("target_modules") or []
+    if isinstance(targets, str):
+        return targets == "all-linear" or re.fullmatch(targets, module) is not None
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _check_agreement(adapter_dir: Path, module: str, rank: int, said: int, targeted: bool) -> None:
+    """The config and the weights of an adapter must describe the same layers, or tools
+    that build layers from the config (PEFT, mlx-lm) and ones that read the weights (fuse,
+    export) would run different models."""
+    if rank != said:
+        why = f"says rank {said} but the weights of {module} have rank {rank}"
+    elif not targeted:
+        why = f"does not target {module}, which the weights adapt"
+    else:
+        return
+    raise UserError(
+        f"{adapter_dir / PEFT_CONFIG} {why}: the config and the weights do not belong "
+        "together (copy the adapter again, or train it again)"
+    )
 
 
 def _read_halves(adapter_dir: Path, weights: str, key_pattern: re.Pattern) -> dict[str, dict]:
     """``{module: {"A"|"B"|"a"|"b": float32 array}}`` from the adapter's weights file."""
     halves: dict[str, dict[str, np.ndarray]] = {}
-    for key, ref in index_file(adapter_dir / weights).items():
+    fix = "the adapter is incomplete: copy it again, or train it again"
+    for key, ref in index_file(adapter_dir / weights, fix).items():
         match = key_pattern.fullmatch(key)
         if match is None:
             raise UserError(f"{adapter_dir}: {key} is not a LoRA A/B weight (not supported)")
@@ -147,8 +178,10 @@ def _load_peft(adapter_dir: Path) -> Adapter:
     halves = _read_halves(adapter_dir, PEFT_WEIGHTS, _PEFT_KEY)
     pairs = {}
     for module, ab in _complete(adapter_dir, halves, "A", "B").items():
-        scale = _peft_scale(config, module, ab["A"].shape[0])
-        pairs[module] = LoraPair(ab["A"], ab["B"], scale)
+        rank = ab["A"].shape[0]
+        said = _per_module(config, "r", module, 8)
+        _check_agreement(adapter_dir, module, rank, said, _peft_targets(config, module))
+        pairs[module] = LoraPair(ab["A"], ab["B"], _peft_scale(config, module, rank))
     base = config.get("base_model_name_or_path")
     return Adapter(adapter_dir, "peft", base, float(config.get("lora_dropout", 0.0)), pairs)
 
@@ -162,10 +195,14 @@ def _load_mlx(adapter_dir: Path) -> Adapter:
         raise UserError(f"{adapter_dir}/{PEFT_CONFIG} lacks lora_parameters.scale")
     halves = _read_halves(adapter_dir, MLX_WEIGHTS, _MLX_KEY)
     # mlx-lm stores the transposes: lora_a (in, r), lora_b (r, out).
-    pairs = {
-        module: LoraPair(ab["a"].T.copy(), ab["b"].T.copy(), float(params["scale"]))
-        for module, ab in _complete(adapter_dir, halves, "a", "b").items()
-    }
+    pairs = {}
+    for module, ab in _complete(adapter_dir, halves, "a", "b").items():
+        rank = ab["a"].shape[1]
+        layer = LAYER.fullmatch(module)
+        keys = params.get("keys")
+        targeted = keys is None or (layer is not None and layer["rest"] in keys)
+        _check_agreement(adapter_dir, module, rank, params.get("rank", rank), targeted)
+        pairs[module] = LoraPair(ab["a"].T.copy(), ab["b"].T.copy(), float(params["scale"]))
     dropout = float(params.get("dropout", 0.0))
     return Adapter(adapter_dir, "mlx-lm", config.get("model"), dropout, pairs)
 
@@ -269,111 +306,3 @@ def _check_model(model: Path) -> Path:
     if not (Path(model) / "config.json").is_file():
         raise UserError(f"model folder {model} not found (no config.json)")
     return Path(model)
-
-
-# ---------------------------------------------------------------- conversion
-
-
-# What `peft` writes besides r/alpha/dropout/targets, so PeftModel reads our files as its own.
-PEFT_DEFAULTS = {
-    "peft_type": "LORA",
-    "task_type": "CAUSAL_LM",
-    "bias": "none",
-    "fan_in_fan_out": False,
-    "inference_mode": True,
-    "init_lora_weights": True,
-    "use_rslora": False,
-    "use_dora": False,
-    "lora_bias": False,
-    "modules_to_save": None,
-    "layers_to_transform": None,
-    "layers_pattern": None,
-    "rank_pattern": {},
-    "alpha_pattern": {},
-    "revision": None,
-}
-
-
-def peft_config(
-    base_model: str | None, rank: int, alpha: float, dropout: float, targets: list[str]
-) -> dict:
-    """A PEFT ``adapter_config.json`` (keys sorted), as every backend and ``convert`` write."""
-    config = {
-        **PEFT_DEFAULTS,
-        "base_model_name_or_path": base_model,
-        "r": rank,
-        "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
-        "lora_dropout": dropout,
-        "target_modules": sorted(targets),
-    }
-    return dict(sorted(config.items()))
-
-
-def _peft_config(adapter: Adapter, rank: int, scale: float) -> dict:
-    leaves = {module.rsplit(".", 1)[-1] for module in adapter.pairs}
-    return peft_config(adapter.base_model, rank, scale * rank, adapter.dropout, list(leaves))
-
-
-def _mlx_config(adapter: Adapter, rank: int, scale: float) -> dict:
-    keys = set()
-    for module in adapter.pairs:
-        match = _LAYER.fullmatch(module)
-        if match is None:
-            raise UserError(f"{adapter.path}: mlx-lm adapters only cover layers, not {module}")
-        keys.add(match["rest"])
-    return {
-        "fine_tune_type": "lora",
-        "model": adapter.base_model,
-        # -1: every layer gets LoRA modules; layers the adapter lacks keep lora_b = 0.
-        "num_layers": -1,
-        "lora_parameters": {
-            "rank": rank,
-            "scale": scale,
-            "dropout": adapter.dropout,
-            "keys": sorted(keys),
-        },
-    }
-
-
-def _peft_tensors(adapter: Adapter, scale: float) -> dict[str, np.ndarray]:
-    tensors = {}
-    for module, pair in adapter.pairs.items():
-        tensors[f"base_model.model.{module}.lora_A.weight"] = pair.a
-        tensors[f"base_model.model.{module}.lora_B.weight"] = adapter.folded_b(module, scale)
-    return tensors
-
-
-def _mlx_tensors(adapter: Adapter, scale: float) -> dict[str, np.ndarray]:
-    tensors = {}
-    for module, pair in adapter.pairs.items():
-        tensors[f"{module}.lora_a"] = pair.a.T
-        tensors[f"{module}.lora_b"] = adapter.folded_b(module, scale).T
-    return tensors
-
-
-# target format -> (weights file, tensors, adapter_config.json)
-_WRITERS = {
-    "peft": (PEFT_WEIGHTS, _peft_tensors, _peft_config),
-    "mlx-lm": (MLX_WEIGHTS, _mlx_tensors, _mlx_config),
-}
-FORMATS = tuple(_WRITERS)
-
-
-def convert_adapter(adapter_dir: Path, to: str, out_dir: Path, force: bool = False) -> Path:
-    """Write the adapter in ``adapter_dir`` (PEFT or mlx-lm) as a ``to`` adapter in ``out_dir``.
-
-    The update each layer applies is unchanged (float32 weights); per-layer scales, which
-    mlx-lm cannot express, are folded into B. ``out_dir`` is replaced as ``fuse`` does.
-    """
-    if to not in _WRITERS:
-        raise UserError(f"unknown adapter format '{to}': choose one of {', '.join(FORMATS)}")
-    path = Path(adapter_dir)
-    if not path.is_dir():
-        raise UserError(f"adapter folder {path} not found")
-    adapter = load_adapter(path if (path / PEFT_CONFIG).is_file() else path / "adapter")
-    rank, scale = adapter.common_scale()
-    weights_name, tensors, config = _WRITERS[to]
-    with output_dir(out_dir, "adapter convert", force, (adapter.path,)) as tmp:
-        save_f32(tmp / weights_name, tensors(adapter, scale))
-        write_json(tmp / PEFT_CONFIG, config(adapter, rank, scale))
-    return Path(out_dir)

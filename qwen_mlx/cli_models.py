@@ -162,7 +162,7 @@ def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path, force: boo
     The update each layer applies is unchanged: mlx_lm.load(model, adapter_path=OUT) and
     peft.PeftModel.from_pretrained(model, OUT) give the same model.
     """
-    from qwen_mlx.adapters import convert_adapter
+    from qwen_mlx.adapter_convert import convert_adapter
 
     convert_adapter(adapter_dir, to_format, out_dir, force)
     console.print(f"[green]✓[/] {to_format} adapter written to {out_dir}", highlight=False)

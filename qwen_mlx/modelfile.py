@@ -1,4 +1,4 @@
-"""The ollama ``Modelfile`` written beside an exported GGUF, and ``ollama create``.
+"""The ollama Modelfile beside an exported GGUF (``NAME.Modelfile``), and ``ollama create``.
 
 Ollama guesses a prompt template from the GGUF's chat template and often guesses wrong for
 fine-tunes: answers then run on forever or leak ``<|im_start|>``. So the Modelfile states
@@ -66,9 +66,14 @@ def modelfile_text(gguf_name: str, system: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def modelfile_path(gguf_path: Path) -> Path:
+    """``NAME.Modelfile`` beside ``NAME.gguf``: each export in a folder keeps its own."""
+    return gguf_path.with_name(gguf_path.stem + ".Modelfile")
+
+
 def write_modelfile(gguf_path: Path, system: str | None) -> Path:
-    """Write ``Modelfile`` beside ``gguf_path`` (atomically) and return its path."""
-    path = gguf_path.parent / "Modelfile"
+    """Write the Modelfile of ``gguf_path`` beside it (atomically) and return its path."""
+    path = modelfile_path(gguf_path)
     write_text(path, modelfile_text(gguf_path.name, system))
     return path
 

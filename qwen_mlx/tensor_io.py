@@ -155,7 +155,7 @@ class TensorRef:
         with contextlib.nullcontext(fh) if fh else open(self.path, "rb") as stream:
             stream.seek(self.offset + start * row_bytes)
             if stream.readinto(memoryview(buf)) != buf.nbytes:
-                raise UserError(f"{self.path} is truncated; download the model again")
+                raise UserError(f"{self.path} changed while being read (it is shorter now)")
         return buf.view(storage).reshape((stop - start, *self.shape[1:]) if self.shape else ())
 
     def read_f32(self, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -182,7 +182,7 @@ class TensorRef:
         size = (stop - start) * row_bytes
         data = os.pread(fd, size, self.offset + start * row_bytes)
         if len(data) != size:
-            raise UserError(f"{self.path} is truncated; download the model again")
+            raise UserError(f"{self.path} changed while being read (it is shorter now)")
         return np.frombuffer(data, dtype=storage).reshape((stop - start, *self.shape[1:]))
 
 
@@ -191,12 +191,19 @@ def to_f32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return bf16_to_f32(raw) if dtype == "BF16" else raw.astype(np.float32)
 
 
-def index_file(path: Path) -> dict[str, TensorRef]:
-    """Every tensor of one safetensors file, by name."""
+MODEL_FIX = "download the model again"
+
+
+def index_file(path: Path, fix: str = MODEL_FIX) -> dict[str, TensorRef]:
+    """Every tensor of one safetensors file, by name; a file cut short is an error saying
+    how to get it whole (``fix``) before any tensor is read."""
     try:
-        header, _ = safetensors_header(path)
+        header, expected = safetensors_header(path)
+        size = path.stat().st_size
     except (ValueError, OSError) as err:
         raise UserError(f"cannot read {path}: {err}") from None
+    if size < expected:
+        raise UserError(f"{path} is truncated; {fix} (it has {size:,} of {expected:,} bytes)")
     with open(path, "rb") as fh:
         data_start = 8 + struct.unpack("<Q", fh.read(8))[0]
     refs = {}

@@ -16,7 +16,8 @@ import pytest
 from click.testing import CliRunner
 from lora_helpers import hf_logits, make_peft_adapter, make_run
 
-from qwen_mlx.adapters import convert_adapter, load_adapter, resolve_source
+from qwen_mlx.adapter_convert import convert_adapter
+from qwen_mlx.adapters import load_adapter, resolve_source
 from qwen_mlx.cli import cli
 from qwen_mlx.errors import UserError
 from qwen_mlx.tensor_io import index_file
@@ -129,3 +130,50 @@ def test_convert_rejects_bad_input_in_one_line(tmp_path):
     empty = runner.invoke(cli, ["adapter", "convert", str(tmp_path), "--to", "peft", "-o", "x"])
     assert empty.exit_code == 1 and "adapter" in empty.output
     assert "Traceback" not in missing.output + empty.output
+
+
+def _copy_adapter(adapter: Path, out: Path, **config_changes) -> Path:
+    out.mkdir()
+    config = json.loads((adapter / "adapter_config.json").read_text()) | config_changes
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    os.link(adapter / "adapter_model.safetensors", out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.mark.parametrize(
+    ("changes", "needle"),
+    [
+        ({"r": 4}, "says rank 4 but the weights of model.layers.0.mlp.down_proj have rank 8"),
+        ({"rank_pattern": {"q_proj": 16}}, "says rank 16 but the weights of model.layers.0.self"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "does not target model.layers.0.mlp.down_proj"),
+    ],
+    ids=["rank", "rank-pattern", "targets"],
+)
+def test_a_config_that_disagrees_with_its_weights_is_one_error_for_every_command(
+    changes, needle, tiny_model_dir, adapter, tmp_path
+):
+    # PEFT (chat, serve, eval on torch) builds layers from the config; fuse and export read
+    # the weights. They would run different models, so every command refuses the same way.
+    bad = _copy_adapter(adapter, tmp_path / "bad", **changes)
+    base = ["--model", str(tiny_model_dir)]
+    commands = {
+        "fuse": ["fuse", str(bad), *base, "-o", str(tmp_path / "fused")],
+        "export": ["export", str(bad), *base, "-o", str(tmp_path / "x.gguf")],
+        "chat": ["chat", str(bad), *base, "--prompt", "hi", "--backend", "torch"],
+    }
+    for args in commands.values():
+        result = CliRunner().invoke(cli, args)
+        assert result.exit_code == 1, result.output
+        assert needle in result.output and "do not belong together" in result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_a_truncated_adapter_says_to_copy_the_adapter_not_the_model(adapter, tmp_path):
+    cut = _copy_adapter(adapter, tmp_path / "cut")
+    data = (cut / "adapter_model.safetensors").read_bytes()
+    (cut / "adapter_model.safetensors").unlink()  # a hard link: write a new, shorter file
+    (cut / "adapter_model.safetensors").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(UserError, match="truncated; the adapter is incomplete") as err:
+        load_adapter(cut)
+    assert "download the model" not in str(err.value)

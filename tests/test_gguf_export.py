@@ -293,7 +293,8 @@ def test_q4_k_m_runs_and_loads(tmp_path):
     types = set(_types(result.path).values())
     assert {"Q4_K", "Q6_K"} <= types and "F32" in types
     assert _fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["Modelfile", "wide", "wide-q4_k_m.gguf"]
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["wide", "wide-q4_k_m.Modelfile", "wide-q4_k_m.gguf"]
     llm = llama_cpp.Llama(str(result.path), n_ctx=64, verbose=False)
     try:
         assert len(llm.create_completion("<|im_start|>user\n", max_tokens=4)["choices"]) == 1
@@ -313,8 +314,8 @@ def test_cli_writes_modelfile_and_prints_the_ollama_line(run, tmp_path):
     out = tmp_path / "out" / "model.gguf"
     result = CliRunner().invoke(cli, ["export", str(run), "-o", str(out), "--quant", "q8_0"])
     assert result.exit_code == 0, result.output
-    assert f"ollama create run -f {out.parent / 'Modelfile'}" in result.output
-    modelfile = (out.parent / "Modelfile").read_text()
+    assert f"ollama create run -f {out.parent / 'model.Modelfile'}" in result.output
+    modelfile = (out.parent / "model.Modelfile").read_text()
     assert modelfile.startswith("FROM ./model.gguf\n")
     assert 'SYSTEM """你是报销助手。"""' in modelfile  # the run's data.system_prompt
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
@@ -324,8 +325,19 @@ def test_cli_writes_modelfile_and_prints_the_ollama_line(run, tmp_path):
     assert "{{ .Content }}" in modelfile and "<|im_start|>assistant\n" in modelfile
 
 
+def test_two_exports_in_one_folder_keep_a_modelfile_each(run, tiny_model_dir, tmp_path):
+    export(run, tmp_path / "tuned.gguf")
+    export(None, tmp_path / "base.gguf", model=tiny_model_dir)
+    tuned, base = (
+        (tmp_path / "tuned.Modelfile").read_text(),
+        (tmp_path / "base.Modelfile").read_text(),
+    )
+    assert tuned.startswith("FROM ./tuned.gguf\n") and "你是报销助手" in tuned
+    assert base.startswith("FROM ./base.gguf\n") and "你是报销助手" not in base
+
+
 def test_modelfile_of_a_plain_model_uses_qwens_default_system_prompt(f16):
-    modelfile = (f16.parent / "Modelfile").read_text()
+    modelfile = (f16.parent / "tiny-f16.Modelfile").read_text()
     assert 'SYSTEM """You are Qwen, created by Alibaba Cloud.' in modelfile
 
 
@@ -341,7 +353,7 @@ def test_ollama_option_runs_ollama_create(tiny_model_dir, tmp_path, monkeypatch)
     args = ["export", "--model", str(tiny_model_dir), "-o", str(out), "--ollama", "baoxiao"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "args").read_text() == f"create baoxiao -f {(out.parent / 'Modelfile')}"
+    assert (tmp_path / "args").read_text() == f"create baoxiao -f {(out.parent / 'tiny.Modelfile')}"
 
 
 def test_ollama_option_without_ollama_fails_before_writing(tiny_model_dir, tmp_path, monkeypatch):
