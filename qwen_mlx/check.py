@@ -20,6 +20,8 @@ from qwen_mlx.memory import GiB, estimate_training_memory, fit_checkpointing, sy
 from qwen_mlx.model_files import Finding, check_model_dir, read_model_config
 
 SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]⚠[/]", "fail": "[red]✗[/]"}
+# Peak learning rates LoRA fine-tuning works with; far outside, a run diverges or learns nothing.
+LORA_LEARNING_RATES = (1e-6, 1e-2)
 
 
 def check_config(
@@ -31,6 +33,17 @@ def check_config(
         return None, Finding("fail", "config", str(err), "fix the key named above")
     where = str(path) if path else "built-in defaults"
     return cfg, Finding("ok", "config", f"{where} is valid")
+
+
+def check_learning_rate(cfg: Config) -> Finding:
+    """A warning when training.learning_rate is outside the range LoRA runs use."""
+    low, high = LORA_LEARNING_RATES
+    rate = cfg.training.learning_rate
+    if low <= rate <= high:
+        return Finding("ok", "learning rate", f"{rate:g}")
+    detail = f"training.learning_rate {rate:g} is outside the usual LoRA range {low:g} … {high:g}"
+    fix = "LoRA runs typically use 1e-5 … 2e-4, as the --preset choices do"
+    return Finding("warn", "learning rate", detail, fix)
 
 
 def check_data(cfg: Config) -> list[Finding]:
@@ -48,7 +61,7 @@ def check_data(cfg: Config) -> list[Finding]:
         try:
             _, report = load_records([path], system_prompt=cfg.data.system_prompt)
         except UserError as err:
-            fix = f"point data.{role}_file at a .jsonl, .json, .csv or .parquet file"
+            fix = f"repair what it names, or point data.{role}_file at another data file"
             findings.append(Finding(missing, f"{role} data", str(err), fix))
             continue
         title = f"{role} data: {path}"
@@ -178,10 +191,10 @@ def run_checks(
     cfg, finding = check_config(path, preset, overrides)
     if cfg is None:
         return [finding]
-    findings = [finding]
+    findings = [finding, check_learning_rate(cfg)]
     findings += [
         Finding(f.status, f"model: {f.title}", f.detail, f.fix)
-        for f in check_model_dir(cfg.model.path)
+        for f in check_model_dir(cfg.model.path, cfg.lora.target_modules)
     ]
     findings += check_data(cfg)
     chosen, backend_findings = check_backend(cfg)

@@ -9,8 +9,10 @@ one fatal. Exact duplicates are removed and counted.
 
 from __future__ import annotations
 
+import csv
 import json
 import random
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -196,25 +198,42 @@ def normalize(obj: Any, system_prompt: str | None = None) -> tuple[dict[str, Any
 # ---------------------------------------------------------------- reading files
 
 
+def _json_value(text: str) -> Any:
+    """``json.loads``; JSON it parses but Python cannot hold becomes a :class:`RecordError`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        raise
+    except RecursionError:
+        raise RecordError("JSON nested too deeply to read") from None
+    except ValueError:  # the only other failure: an integer longer than Python converts
+        limit = sys.get_int_max_str_digits()
+        raise RecordError(f"a number longer than {limit} digits") from None
+
+
 def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
     with open(path, encoding="utf-8-sig", newline=None) as fh:  # BOM and CRLF tolerated
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
+                yield lineno, _json_value(line)
             except json.JSONDecodeError as err:
                 yield lineno, RecordError(f"invalid JSON ({err.msg} at column {err.colno})")
+            except RecordError as err:
+                yield lineno, err
 
 
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     try:
-        obj = json.loads(path.read_text(encoding="utf-8-sig"))
+        obj = _json_value(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         if err.msg == "Extra data":
             hint = "one object per line belongs in a .jsonl file; rename it"
             raise UserError(f"{path}:{err.lineno}: more than one JSON value ({hint})") from None
         raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+    except RecordError as err:
+        raise UserError(f"{path}: {err}") from None
     if isinstance(obj, dict):
         obj = obj.get("data", obj.get("records", [obj]))
     if not isinstance(obj, list):
@@ -223,29 +242,69 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     yield from enumerate(obj, start=1)
 
 
-def _read_tabular(path: Path) -> Iterator[tuple[int, Any]]:
+# What Python's csv module says → what it means for the file's author.
+CSV_REASONS = {"unexpected end of data": "a quote opened in this row is never closed"}
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """Non-empty rows with the line each starts on (a quoted cell may span lines)."""
+    csv.field_size_limit(2**31 - 1)  # a cell may hold a whole document (the default: 128 KiB)
+    with open(path, encoding="utf-8-sig", newline="") as fh:
+        rows = csv.reader(fh, strict=True)
+        while True:
+            start = rows.line_num + 1
+            try:
+                row = next(rows)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                reason = CSV_REASONS.get(str(err), f"malformed CSV: {err}")
+                raise UserError(f"{path}:{start}: {reason}") from None
+            if row:
+                yield start, row
+
+
+def _read_csv(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows keyed by the header row; an empty cell counts as absent."""
+    rows = _csv_rows(path)
+    _, header = next(rows, (0, []))
+    for line, row in rows:
+        if len(row) > len(header):
+            yield line, RecordError(f"{len(row)} cells, but the header names {len(header)}")
+        else:
+            yield line, {k: v for k, v in zip(header, row, strict=False) if v != ""}
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows numbered from 1; null cells count as absent."""
     try:
-        import datasets
+        import pyarrow
+        import pyarrow.parquet
     except ImportError:
-        raise UserError(f"{path}: reading {path.suffix} needs `pip install datasets`") from None
-    kind = "csv" if path.suffix == ".csv" else "parquet"
-    table = datasets.load_dataset(kind, data_files=str(path), split="train")
-    # CSV rows are reported by their line in the file (line 1 is the header).
-    first = 2 if kind == "csv" else 1
-    for i, row in enumerate(table):
-        yield i + first, {k: v for k, v in row.items() if v is not None}
+        raise UserError(f"{path}: reading .parquet needs `pip install pyarrow`") from None
+    try:
+        batches = pyarrow.parquet.ParquetFile(path).iter_batches()
+    except (pyarrow.ArrowException, OSError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise UserError(f"{path}: not a readable Parquet file ({reason})") from None
+    rows = (row for batch in batches for row in batch.to_pylist())
+    for number, row in enumerate(rows, start=1):
+        yield number, {k: v for k, v in row.items() if v is not None}
 
 
 READERS = {
     ".jsonl": _read_jsonl,
     ".json": _read_json,
-    ".csv": _read_tabular,
-    ".parquet": _read_tabular,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
 }
 
 
 def read_raw(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line, object)`` pairs; an unparsable line yields a :class:`RecordError`."""
+    """Yield ``(line, object)`` pairs; an unparsable line yields a :class:`RecordError`.
+
+    A file that cannot be read at all raises one :class:`UserError` naming it (and the line).
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"data file not found: {path}")
@@ -256,6 +315,8 @@ def read_raw(path: str | Path) -> Iterator[tuple[int, Any]]:
         yield from reader(path)
     except UnicodeDecodeError:
         raise UserError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
+    except OSError as err:
+        raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
 
 
 def _dedup_key(data: dict[str, Any]) -> str:

@@ -17,11 +17,28 @@ import numpy as np
 from rich.console import Console
 from rich.progress import track
 
-from qwen_mlx.data import LoadReport, load_records, split_records
+from qwen_mlx.data import LoadReport, Problem, Record, load_records, split_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
 
 PERCENTILES = (50, 90, 95, 99)
+
+
+class NothingUsable(UserError):
+    """Not one record of the inputs can be used; ``problems`` lists each bad one."""
+
+    def __init__(self, message: str, problems: list[Problem]):
+        super().__init__(message)
+        self.problems = problems
+
+
+def _load_usable(inputs: list[str | Path], strict: bool = False) -> tuple[list[Record], LoadReport]:
+    """The records of ``inputs``; :class:`NothingUsable` when there are none."""
+    records, report = load_records(inputs, strict=strict)
+    if not records:
+        where = ", ".join(map(str, inputs))
+        raise NothingUsable(f"no usable records in {where}: {report.summary()}", report.problems)
+    return records, report
 
 
 @dataclass
@@ -42,12 +59,7 @@ def prepare(
 ) -> PrepareResult:
     """Normalize ``inputs`` and write the seeded split into ``out_dir``."""
     out_dir = Path(out_dir)
-    records, report = load_records(inputs, strict=strict)
-    if not records:
-        raise UserError(
-            f"no usable records in {', '.join(map(str, inputs))} "
-            f"({report.skipped} bad); see the messages above"
-        )
+    records, report = _load_usable(inputs, strict)
     parts = split_records(records, valid_ratio, test_ratio, seed)
     counts = {}
     for name in ("train", "valid", "test"):
@@ -91,7 +103,7 @@ def stats(
     path: str | Path, model_dir: str | Path | None = None, max_seq_length: int = 1024
 ) -> dict[str, Any]:
     """Describe a dataset file; token statistics need ``model_dir`` (its tokenizer)."""
-    records, report = load_records([path])
+    records, report = _load_usable([path])
     data = [r.data for r in records]
     result: dict[str, Any] = {
         "file": str(path),

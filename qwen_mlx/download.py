@@ -3,7 +3,8 @@
 A thin layer over ``huggingface_hub.snapshot_download``: only the files a model needs,
 resumable (a re-run skips finished files and fetches the rest; a dropped connection is
 resumed in place), ``HF_ENDPOINT`` honoured for mirrors, and the result verified with the
-same checks ``qwen-mlx check`` runs. Ctrl-C stops the transfer promptly.
+same checks ``qwen-mlx check`` runs. Ctrl-C stops the transfer promptly, and a server that
+stops answering is given up on after a timeout and two retries.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import re
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,6 +31,8 @@ MODEL_FILE_PATTERNS = [
     "README.md",
 ]
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+# Seconds to wait before each retry of a repo lookup that timed out.
+RETRY_DELAYS = (1.0, 3.0)
 
 
 def default_local_dir(repo_id: str) -> Path:
@@ -40,6 +44,68 @@ def _root_cause(err: BaseException) -> BaseException:
     while err.__cause__ is not None and err.__cause__ is not err:
         err = err.__cause__
     return err
+
+
+def _timed_out(err: BaseException | None) -> bool:
+    """Did a timeout cause ``err``? The hub's HTTP library differs between its versions
+    (requests, httpx, httpx2), and every one names its timeout exceptions ``*Timeout*``."""
+    while err is not None:
+        if isinstance(err, TimeoutError) or "Timeout" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _timeout_reason() -> str:
+    from huggingface_hub import constants
+
+    return (
+        "no answer in time, even when asked again; the waits are HF_HUB_ETAG_TIMEOUT="
+        f"{constants.HF_HUB_ETAG_TIMEOUT}s and HF_HUB_DOWNLOAD_TIMEOUT="
+        f"{constants.HF_HUB_DOWNLOAD_TIMEOUT}s"
+    )
+
+
+def _default_timeouts(request) -> None:
+    """httpx request hook: the lookup timeout wherever the hub sent a request without one."""
+    from huggingface_hub import constants
+
+    given = request.extensions.get("timeout") or {}
+    limit = constants.HF_HUB_ETAG_TIMEOUT
+    request.extensions["timeout"] = {
+        **given,
+        **{k: limit for k in ("connect", "read", "write") if given.get(k) is None},
+    }
+
+
+def _bound_hub_requests() -> None:
+    """Give each of the hub's requests a timeout. Its API calls (repo info, file listing)
+    have none, so a server that accepts the connection and never answers hangs them."""
+    from huggingface_hub import get_session
+
+    hooks = getattr(get_session(), "event_hooks", None)  # httpx: huggingface_hub >= 1.0
+    if hooks is not None and _default_timeouts not in hooks["request"]:
+        hooks["request"].append(_default_timeouts)
+
+
+def _resolve(repo_id: str, revision: str | None) -> str:
+    """The commit ``revision`` names, asked again after a timeout (``RETRY_DELAYS``)."""
+    from huggingface_hub import HfApi, constants
+
+    named = revision or constants.DEFAULT_REVISION  # what snapshot_download would ask for
+
+    def lookup() -> str:
+        timeout = constants.HF_HUB_ETAG_TIMEOUT
+        return HfApi().repo_info(repo_id, revision=named, timeout=timeout).sha or named
+
+    for delay in RETRY_DELAYS:
+        try:
+            return lookup()
+        except Exception as err:  # the hub's error types differ between its versions
+            if not _timed_out(err):
+                raise
+        time.sleep(delay)
+    return lookup()
 
 
 def _hub_error(err: Exception, repo_id: str, endpoint: str, revision: str | None) -> UserError:
@@ -58,6 +124,8 @@ def _hub_error(err: Exception, repo_id: str, endpoint: str, revision: str | None
     cause = _root_cause(err)
     lines = str(cause).strip().splitlines()
     reason = lines[0][:200] if lines else type(cause).__name__
+    if _timed_out(err):
+        reason = _timeout_reason()
     return UserError(
         f"cannot download {repo_id} from {endpoint} ({reason}); check the network, or set "
         "HF_ENDPOINT to a mirror (e.g. HF_ENDPOINT=https://hf-mirror.com) and run it again"
@@ -134,11 +202,14 @@ def download(
 
     target = Path(local_dir) if local_dir else default_local_dir(repo_id)
     _remove_broken_shards(target)
+    _bound_hub_requests()
     try:
         with _stop_on_ctrl_c() as progress_class:
+            # Looked up here, where a timeout is retried: inside snapshot_download a failed
+            # lookup is taken as "offline" and whatever is in the folder is returned.
             snapshot_download(
                 repo_id=repo_id,
-                revision=revision,
+                revision=_resolve(repo_id, revision),
                 local_dir=str(target),
                 allow_patterns=MODEL_FILE_PATTERNS,
                 tqdm_class=progress_class,

@@ -1,7 +1,8 @@
 """Inspect a local Hugging Face model folder without loading it.
 
-Used by ``check`` and ``download``: is the folder complete (config, tokenizer, every
-safetensors shard named by the index present, its header readable and its size right)?
+Used by ``check``, ``download`` and ``train``'s start: is the folder complete and usable
+(a supported architecture, a tokenizer that parses, every safetensors shard named by the index
+present, its header readable and its size right, LoRA targets that name real layers)?
 Also reads the architecture numbers needed for the memory estimate.
 """
 
@@ -13,7 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2",)
+from qwen_mlx.errors import UserError
+
+# model_type → the architecture class the trainers load; nothing else trains yet.
+SUPPORTED_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM"}
+SUPPORTED = "Qwen2 and Qwen2.5 models (model_type qwen2, Qwen2ForCausalLM)"
+# The numbers every trainer and the memory estimate read; transformers would silently
+# fill in its own defaults for a missing one and then fail on the weights' shapes.
+REQUIRED_CONFIG_KEYS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "vocab_size",
+)
 
 
 @dataclass
@@ -61,82 +75,141 @@ def safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
         raise ValueError("header is cut short")
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # bad JSON or encoding, absurd numbers or nesting
         raise ValueError("header is not valid JSON") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    try:
+        ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+    except (AttributeError, KeyError, TypeError, IndexError):
+        raise ValueError("header does not describe tensors (not a safetensors file?)") from None
     return header, 8 + size + max(ends, default=0)
 
 
-def _check_shard(path: Path) -> tuple[Finding | None, set[str]]:
-    """A failure finding for a bad shard (else None) and the tensor names it holds."""
+Shapes = dict[str, list[int]]  # tensor name → shape, from the safetensors headers
+
+
+def _check_shard(path: Path) -> tuple[Finding | None, Shapes]:
+    """A failure finding for a bad shard (else None) and the tensors it holds."""
     if not path.is_file():
-        return Finding("fail", f"weights: {path.name} missing"), set()
+        return Finding("fail", f"weights: {path.name} missing"), {}
     try:
         header, expected = safetensors_header(path)
     except (ValueError, OSError) as err:
-        return Finding("fail", f"weights: {path.name} unreadable", str(err)), set()
+        return Finding("fail", f"weights: {path.name} unreadable", str(err)), {}
     actual = path.stat().st_size
     if actual != expected:
         detail = f"{actual:,} bytes on disk, header says {expected:,} (truncated download?)"
-        return Finding("fail", f"weights: {path.name} has the wrong size", detail), set()
-    return None, {k for k in header if k != "__metadata__"}
+        return Finding("fail", f"weights: {path.name} has the wrong size", detail), {}
+    return None, {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__"}
 
 
-def check_weights(model_dir: Path) -> list[Finding]:
-    """Every shard of the folder's weights present, readable and of the right size."""
+def _shard_names(model_dir: Path) -> tuple[list[str], dict | None] | Finding:
+    """The shard files the folder's weights live in and the index's weight map, if any."""
     index_path = model_dir / "model.safetensors.index.json"
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
-            return [Finding("fail", f"weights: {index_path.name} is not a valid index")]
-        shards = sorted(set(weight_map.values()))
-    elif (model_dir / "model.safetensors").is_file():
-        weight_map, shards = None, ["model.safetensors"]
-    else:
-        return [Finding("fail", "weights: no model.safetensors or model.safetensors.index.json")]
-    problems, names = [], set()
+            return sorted(set(weight_map.values())), weight_map
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return Finding("fail", f"weights: {index_path.name} is not a valid index")
+    if (model_dir / "model.safetensors").is_file():
+        return ["model.safetensors"], None
+    return Finding("fail", "weights: no model.safetensors or model.safetensors.index.json")
+
+
+def check_weights(model_dir: Path) -> tuple[list[Finding], Shapes]:
+    """Every shard present, readable and of the right size; the tensors' shapes when so."""
+    found = _shard_names(model_dir)
+    if isinstance(found, Finding):
+        return [found], {}
+    shards, weight_map = found
+    problems, shapes = [], {}
     for shard in shards:
-        bad, found = _check_shard(model_dir / shard)
+        bad, held = _check_shard(model_dir / shard)
         if bad:
             problems.append(bad)
-        names |= found
+        shapes |= held
     if weight_map is not None and not problems:
-        lost = sorted(set(weight_map) - names)
+        lost = sorted(set(weight_map) - set(shapes))
         if lost:
             problems.append(Finding("fail", "weights: tensors missing from shards", lost[0]))
     if problems:
-        return problems
+        return problems, {}
     size = sum((model_dir / s).stat().st_size for s in shards)
-    detail = f"{len(shards)} shard(s), {len(names)} tensors, {_size(size)}"
-    return [Finding("ok", "weights", detail)]
+    detail = f"{len(shards)} shard(s), {len(shapes)} tensors, {_size(size)}"
+    return [Finding("ok", "weights", detail)], shapes
 
 
 def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
+def _targeted(module: str, target: str) -> bool:
+    """PEFT's rule for a list of target names: the module's whole name or a dotted suffix."""
+    return module == target or module.endswith("." + target)
+
+
+def check_targets(shapes: Shapes, targets: list[str]) -> Finding:
+    """Do ``lora.target_modules`` name layers of these weights (without loading them)?"""
+    modules = [
+        name.removesuffix(".weight")
+        for name, shape in shapes.items()
+        if name.endswith(".weight") and len(shape) == 2
+    ]
+    unmatched = [t for t in targets if not any(_targeted(m, t) for m in modules)]
+    layers = ", ".join(sorted({m.rsplit(".", 1)[-1] for m in modules if ".layers." in m}))
+    fix = f"set lora.target_modules to some of this model's layers: {layers}"
+    if len(unmatched) == len(targets):
+        return Finding("fail", "lora.target_modules match no layer", ", ".join(targets), fix)
+    if unmatched:
+        detail = f"{', '.join(unmatched)} match no layer and get no adapter (a typo?)"
+        return Finding("warn", "lora.target_modules", detail, fix)
+    matched = sum(any(_targeted(m, t) for t in targets) for m in modules)
+    return Finding("ok", "lora.target_modules", f"{matched} layers get an adapter")
+
+
 def read_model_config(model_dir: Path) -> dict[str, Any]:
-    """config.json as a dict; ``text_config`` (multimodal wrappers) merged into the root."""
+    """config.json as a dict; ``text_config`` (multimodal wrappers) merged into the root.
+
+    Raises ``ValueError`` (JSON, encoding or shape) for a file that is not a config.
+    """
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return {**config, **config.get("text_config", {})}
+    if not isinstance(config, dict):
+        raise ValueError("config.json is not a JSON object")
+    text_config = config.get("text_config")
+    return {**config, **text_config} if isinstance(text_config, dict) else config
 
 
 def _check_config(model_dir: Path) -> Finding:
-    path = model_dir / "config.json"
-    if not path.is_file():
+    if not (model_dir / "config.json").is_file():
         return Finding("fail", "config.json missing")
     try:
         config = read_model_config(model_dir)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return Finding("fail", "config.json is not valid JSON")
+    except ValueError as err:
+        return Finding("fail", "config.json unreadable", str(err).splitlines()[0])
     model_type = config.get("model_type")
-    arch = ", ".join(config.get("architectures") or ["?"])
+    archs = config.get("architectures")
+    arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "none named"
     if model_type not in SUPPORTED_MODEL_TYPES:
-        return Finding(
-            "warn", "architecture", f"{model_type} ({arch}); qwen-mlx is built for Qwen2/2.5"
-        )
+        fix = f"qwen-mlx trains {SUPPORTED}: point model.path at one (e.g. Qwen/Qwen2.5-3B)"
+        named = f"{model_type} ({arch})" if model_type else "config.json names no model_type"
+        return Finding("fail", f"unsupported architecture: {named}", fix=fix)
+    missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
+    if missing:
+        return Finding("fail", "config.json incomplete", f"no {', '.join(missing)}")
     return Finding("ok", "architecture", f"{model_type} ({arch})")
+
+
+def _tokenizer_problem(path: Path) -> str | None:
+    """Why ``tokenizer.json`` cannot be loaded (None when it can): training would crash."""
+    from tokenizers import Tokenizer
+
+    try:
+        Tokenizer.from_file(str(path))
+    # The tokenizers library raises a bare Exception with the parser's reason.
+    except Exception as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        return f"{reason} (a truncated download, or not a tokenizer file)"
+    return None
 
 
 def _check_tokenizer(model_dir: Path) -> Finding:
@@ -144,31 +217,51 @@ def _check_tokenizer(model_dir: Path) -> Finding:
     has_bpe = (model_dir / "vocab.json").is_file() and (model_dir / "merges.txt").is_file()
     if not (has_fast or has_bpe):
         return Finding("fail", "tokenizer files missing", "need tokenizer.json")
+    problem = has_fast and _tokenizer_problem(model_dir / "tokenizer.json")
+    if problem:
+        return Finding("fail", "tokenizer.json unreadable", problem)
     config_path = model_dir / "tokenizer_config.json"
     if not config_path.is_file():
         return Finding("fail", "tokenizer_config.json missing")
     try:
         tok_config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except ValueError:
         return Finding("fail", "tokenizer_config.json is not valid JSON")
-    has_template = (
-        bool(tok_config.get("chat_template")) or (model_dir / "chat_template.jinja").is_file()
-    )
+    has_template = (isinstance(tok_config, dict) and bool(tok_config.get("chat_template"))) or (
+        model_dir / "chat_template.jinja"
+    ).is_file()
     if not has_template:
         return Finding("warn", "tokenizer", "no chat template: chat data cannot be formatted")
     return Finding("ok", "tokenizer", "tokenizer.json + chat template")
 
 
-def check_model_dir(model_dir: str | Path) -> list[Finding]:
-    """All findings about a model folder; a missing folder is one failure with the fix."""
+def check_model_dir(model_dir: str | Path, targets: list[str] | None = None) -> list[Finding]:
+    """All findings about a model folder (and ``targets``, LoRA's target modules, if given).
+
+    A missing folder is one failure with the fix.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         return [
             Finding("fail", f"model folder {model_dir} not found", fix=download_hint(model_dir))
         ]
-    findings = [_check_config(model_dir), _check_tokenizer(model_dir), *check_weights(model_dir)]
+    weights, shapes = check_weights(model_dir)
+    findings = [_check_config(model_dir), _check_tokenizer(model_dir), *weights]
+    if targets is not None and shapes:
+        findings.append(check_targets(shapes, targets))
     fix = f"re-run `{download_hint(model_dir)}` to fetch what is missing (it resumes)"
     for finding in findings:
         if finding.status == "fail" and not finding.fix:
             finding.fix = fix
     return findings
+
+
+def require_model(model_dir: str | Path, targets: list[str] | None = None) -> None:
+    """Raise a one-line :class:`UserError` for the first thing ``check`` would mark ✗."""
+    bad = [f for f in check_model_dir(model_dir, targets) if f.status == "fail"]
+    if not bad:
+        return
+    first = bad[0]
+    detail = f" ({first.detail})" if first.detail else ""
+    where = f"model folder {model_dir}: " if Path(model_dir).is_dir() else ""  # else: named
+    raise UserError(f"{where}{first.title}{detail}; {first.fix} (see `qwen-mlx check`)")

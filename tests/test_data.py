@@ -234,3 +234,14 @@ def test_prepare_writes_split_and_report(tmp_path):
     report = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
     assert report["skipped"][0]["source"].endswith("d.jsonl:41")
     assert not list((tmp_path / "out").glob(".*tmp"))  # no temp files left behind
+
+
+def test_csv_rows_are_numbered_by_the_line_they_start_on(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text(
+        'instruction,output\n"多行\n问题",回答\n\n只有问题\n', encoding="utf-8"
+    )  # a quoted cell spans lines 2-3, line 4 is blank, line 5 lacks its output
+    records, report = load_records([path])
+    assert [r.source for r in records] == [f"{path}:2"]
+    assert roles(records[0].data)[0] == (U, "多行\n问题")
+    assert [p.source for p in report.problems] == [f"{path}:5"]

@@ -56,7 +56,8 @@ class FakeHub:
     the next GET of a file misbehave: ``drop[path] = n`` sends ``n`` bytes and closes the
     connection; ``stall[path] = n`` sends ``n`` bytes, then waits for ``release``;
     ``pace[path] = s`` sends 1 MiB every ``s`` seconds. ``started`` is set when such a
-    GET has sent its first bytes. ``log`` holds ``(method, path, Range)`` per request;
+    GET has sent its first bytes. A request whose path contains one of ``silent`` is
+    never answered (until ``release``). ``log`` holds ``(method, path, Range)`` per request;
     ``completed`` the paths whose body was sent to the end.
     """
 
@@ -67,6 +68,7 @@ class FakeHub:
         self.drop: dict[str, int] = {}
         self.stall: dict[str, int] = {}
         self.pace: dict[str, float] = {}
+        self.silent: tuple[str, ...] = ()
         self.started = threading.Event()
         self.release = threading.Event()
         hub = self
@@ -100,6 +102,9 @@ class FakeHub:
     def _handle(self, req: BaseHTTPRequestHandler, send_body: bool) -> None:
         path = unquote(urlsplit(req.path).path)
         self.log.append((req.command, path, req.headers.get("Range")))
+        if any(part in path for part in self.silent):
+            self.release.wait(timeout=60)
+            return None
         if m := re.fullmatch(r"/api/models/(\w[\w.-]*/[\w.-]+)/revision/([^/]+)", path):
             siblings = [{"rfilename": name} for name in self.files]
             return self._json(req, *m.groups(), {"id": m[1], "sha": SHA, "siblings": siblings})
@@ -220,8 +225,8 @@ def hub(model_files):
     server.close()
 
 
-def start_download(cwd: Path, endpoint: str, *args: str) -> subprocess.Popen:
-    """``qwen-mlx download ARGS`` as a user with ``HF_ENDPOINT`` set runs it."""
+def start_download(cwd: Path, endpoint: str, *args: str, **hf_env: str) -> subprocess.Popen:
+    """``qwen-mlx download ARGS`` as a user with ``HF_ENDPOINT`` (and ``hf_env``) set runs it."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -238,6 +243,7 @@ def start_download(cwd: Path, endpoint: str, *args: str) -> subprocess.Popen:
         HF_HUB_DOWNLOAD_TIMEOUT="5",
         NO_PROXY="*",
     )
+    env.update(hf_env)
     return subprocess.Popen(
         [sys.executable, "-m", "qwen_mlx", "download", *args],
         cwd=cwd,
@@ -256,8 +262,8 @@ def finish(proc: subprocess.Popen, timeout: float = 60) -> subprocess.CompletedP
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def run_download(cwd: Path, endpoint: str, *args: str) -> subprocess.CompletedProcess:
-    return finish(start_download(cwd, endpoint, *args))
+def run_download(cwd: Path, endpoint: str, *args: str, **hf_env) -> subprocess.CompletedProcess:
+    return finish(start_download(cwd, endpoint, *args, **hf_env))
 
 
 def one_line_error(result: subprocess.CompletedProcess) -> str:
@@ -394,3 +400,18 @@ def test_bad_repo_id_fails_before_any_request(hub, tmp_path):
 
     assert "OWNER/NAME" in error
     assert hub.log == []
+
+
+@pytest.mark.parametrize("silent", ["/revision/", "/tree/"], ids=["repo-info", "file-listing"])
+def test_server_that_never_answers_is_given_up_on(hub, tmp_path, silent):
+    hub.silent = (silent,)  # the connection is accepted; no answer ever comes
+    started = time.monotonic()
+
+    result = run_download(tmp_path, hub.url, REPO, "--local-dir", "out", HF_HUB_ETAG_TIMEOUT="1")
+
+    error = one_line_error(result)
+    # The hub itself retries a file listing with backoff: about 30 s at a 1 s timeout.
+    assert time.monotonic() - started < 50
+    assert "no answer in time" in error and "HF_HUB_ETAG_TIMEOUT=1s" in error
+    lookups = [path for method, path, _ in hub.log if silent in path]
+    assert len(lookups) >= 2, "a timed-out request was not tried again"
