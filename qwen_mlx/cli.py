@@ -7,10 +7,12 @@ non-zero exit and no traceback.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from qwen_mlx import __version__
@@ -120,6 +122,31 @@ def data() -> None:
     """Prepare and inspect datasets (jsonl/json/csv/parquet; alpaca, chat, sharegpt, …)."""
 
 
+SHOWN_BAD_RECORDS = 20
+
+
+def _list_bad_records(problems: list, label: str, rest: str = "") -> None:
+    """The first bad records, one ``file:line reason`` line each, on stderr."""
+    for problem in problems[:SHOWN_BAD_RECORDS]:
+        line = f"[yellow]{label}[/] {escape(str(problem))}"
+        err_console.print(line, highlight=False, soft_wrap=True)  # one line per record
+    if len(problems) > SHOWN_BAD_RECORDS:
+        more = f"… and {len(problems) - SHOWN_BAD_RECORDS} more"
+        err_console.print(f"{more} ({rest})" if rest else more, highlight=False)
+
+
+@contextmanager
+def _bad_records_listed(label: str):
+    """When no record is usable, list the bad ones before the one-line error."""
+    from qwen_mlx.dataprep import NothingUsable
+
+    try:
+        yield
+    except NothingUsable as err:
+        _list_bad_records(err.problems, label)
+        raise
+
+
 @data.command("prepare")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
@@ -163,18 +190,16 @@ def data_prepare(
     """
     from qwen_mlx.dataprep import prepare
 
-    result = prepare(
-        list(inputs),
-        out_dir,
-        valid_ratio=valid_ratio,
-        test_ratio=test_ratio,
-        seed=seed,
-        strict=strict,
-    )
-    for problem in result.report.problems[:20]:
-        err_console.print(f"[yellow]skipped[/] {problem}", highlight=False)
-    if result.report.skipped > 20:
-        err_console.print(f"… and {result.report.skipped - 20} more (all in report.json)")
+    with _bad_records_listed("skipped"):
+        result = prepare(
+            list(inputs),
+            out_dir,
+            valid_ratio=valid_ratio,
+            test_ratio=test_ratio,
+            seed=seed,
+            strict=strict,
+        )
+    _list_bad_records(result.report.problems, "skipped", "all in report.json")
     console.print(result.report.summary(), highlight=False)
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     console.print(f"[green]✓[/] wrote {counts} → {out_dir}", highlight=False)
@@ -195,7 +220,8 @@ def data_stats(path: Path, model_dir: Path | None, max_seq_length: int, as_json:
     """Counts, formats, token-length percentiles and truncation at --max-seq-length."""
     from qwen_mlx.dataprep import stats
 
-    result = stats(path, model_dir, max_seq_length)
+    with _bad_records_listed("bad record"):
+        result = stats(path, model_dir, max_seq_length)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, indent=2))
         return
@@ -207,8 +233,7 @@ def data_stats(path: Path, model_dir: Path | None, max_seq_length: int, as_json:
             value = ", ".join(f"{k} {v}" for k, v in value.items())
         table.add_row(key, str(value))
     console.print(table)
-    for problem in result["problems"][:20]:
-        err_console.print(f"[yellow]bad record[/] {problem}", highlight=False)
+    _list_bad_records(result["problems"], "bad record", "see --json")
 
 
 @cli.command()

@@ -12,15 +12,13 @@ from pathlib import Path
 from qwen_mlx.backends import get_backend
 from qwen_mlx.config import Config, load_config, save_config
 from qwen_mlx.errors import UserError
-from qwen_mlx.model_files import download_hint
+from qwen_mlx.model_files import require_model
 
 RUN_CONFIG = "config.yaml"
 
 
 def _check_inputs(cfg: Config) -> None:
-    model = Path(cfg.model.path)
-    if not (model / "config.json").is_file():
-        raise UserError(f"model folder {model} not found or incomplete: {download_hint(model)}")
+    require_model(cfg.model.path, cfg.lora.target_modules)  # what `check` marks ✗, in one line
     if not Path(cfg.data.train_file).is_file():
         raise UserError(f"training data not found: {cfg.data.train_file} (data.train_file)")
 
