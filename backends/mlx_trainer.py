@@ -24,6 +24,7 @@ from rich.console import Console
 
 from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
 from qwen_mlx.backends.probes import probe_mlx
+from qwen_mlx.checkpoints import read_part
 from qwen_mlx.config import Config, checkpointed_layers
 from qwen_mlx.fsutil import atomic_dir
 
@@ -139,18 +140,28 @@ class MLXHooks:
 
         write_adapter(self.model, self.cfg, folder / "adapter")
         flat = dict(tree_flatten(self.optimizer.state))
-        self.mx.save_safetensors(str(folder / OPTIMIZER_FILE), flat)
+        # Through a Python file: a full disk is then an OSError (reported in one line), not
+        # MLX's "[write] Unable to write" RuntimeError.
+        with open(folder / OPTIMIZER_FILE, "wb") as fh:
+            self.mx.save_safetensors(fh, flat)
         (folder / RNG_FILE).write_text(json.dumps({"dropout_draws": self.snapshot}))
 
     def load_state(self, folder: Path) -> None:
+        """Every file is read (and checked) before any of it is applied."""
         from qwen_mlx.backends.mlx_model import load_peft_weights
 
-        load_peft_weights(self.model, folder / "adapter")
+        optimizer_state = read_part(folder / OPTIMIZER_FILE, lambda p: self.mx.load(str(p)))
+        draws = read_part(
+            folder / RNG_FILE, lambda p: int(json.loads(p.read_bytes())["dropout_draws"])
+        )
+        adapter = folder / "adapter"
+        read_part(
+            adapter / "adapter_model.safetensors", lambda _: load_peft_weights(self.model, adapter)
+        )
         # Leaf by leaf, in place: the compiled update holds this very dict as its state.
-        for key, value in self.mx.load(str(folder / OPTIMIZER_FILE)).items():
+        for key, value in optimizer_state.items():
             _set_leaf(self.optimizer.state, key, value)
-        self.draws = json.loads((folder / RNG_FILE).read_text())["dropout_draws"]
-        self.snapshot = self.draws
+        self.draws = self.snapshot = draws
         self.mx.eval(self.model.parameters(), self.optimizer.state)
 
     def save_adapter(self, folder: Path) -> None:
@@ -186,7 +197,7 @@ def _clip(grads, max_norm: float):
 
 def write_adapter(model, cfg: Config, folder: Path) -> None:
     """The canonical adapter (DESIGN §5): PEFT's files, names, shapes and config keys."""
-    from qwen_mlx.adapters import peft_config
+    from qwen_mlx.adapter_convert import peft_config
     from qwen_mlx.backends.mlx_model import peft_tensors
     from qwen_mlx.tensor_io import save_f32
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -22,6 +23,7 @@ from rich.console import Console
 
 from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
 from qwen_mlx.backends.probes import probe_torch
+from qwen_mlx.checkpoints import read_part
 from qwen_mlx.config import Config
 from qwen_mlx.fsutil import atomic_dir
 
@@ -107,26 +109,37 @@ class TorchHooks:
             self.rng["cuda"] = t.cuda.get_rng_state_all()
 
     def save_state(self, folder: Path) -> None:
-        self.model.save_pretrained(folder / "adapter")
-        self.torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
-        self.torch.save(self.rng, folder / "rng.pt")
+        save_peft_adapter(self.model, folder / "adapter")
+        self._save(self.optimizer.state_dict(), folder / "optimizer.pt")
+        self._save(self.rng, folder / "rng.pt")
+
+    def _save(self, obj, path: Path) -> None:
+        # Through a Python file: a full disk is then the OSError it is, which the run folder's
+        # writers report in one line, rather than torch's "unexpected pos" RuntimeError.
+        with open(path, "wb") as fh:
+            self.torch.save(obj, fh)
 
     def load_state(self, folder: Path) -> None:
+        """Every file is read (and checked) before any of it is applied."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
-        weights = load_file(folder / "adapter" / "adapter_model.safetensors", device="cpu")
+        def load_to(device):
+            return lambda path: self.torch.load(path, map_location=device, weights_only=True)
+
+        adapter = folder / "adapter" / "adapter_model.safetensors"
+        weights = read_part(adapter, lambda path: load_file(path, device="cpu"))
+        optimizer_state = read_part(folder / "optimizer.pt", load_to(self.device))
+        rng = read_part(folder / "rng.pt", load_to("cpu"))
         set_peft_model_state_dict(self.model, weights)
-        optimizer_state = self.torch.load(folder / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(optimizer_state)
-        rng = self.torch.load(folder / "rng.pt", weights_only=False)
         self.torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and self.torch.cuda.is_available():
             self.torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_adapter(self, folder: Path) -> None:
         with atomic_dir(folder) as tmp:
-            self.model.save_pretrained(tmp)
+            save_peft_adapter(self.model, tmp)
 
     def all_reduce_sum(self, value: float) -> float:
         if self.world_size == 1:
@@ -139,6 +152,20 @@ class TorchHooks:
         from qwen_mlx.backends.torch_model import peak_memory_gb
 
         return peak_memory_gb(self.device)
+
+
+def save_peft_adapter(model, folder: Path) -> None:
+    """PEFT's ``save_pretrained``; a full disk, which safetensors reports as its own error
+    ("… (os error 28)"), is raised as the OSError it wraps."""
+    from safetensors import SafetensorError
+
+    try:
+        model.save_pretrained(folder)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(folder)) from err
 
 
 def _init_distributed() -> tuple[int, int, Any]:

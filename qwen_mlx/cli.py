@@ -250,7 +250,8 @@ def data_stats(path: Path, model_dir: Path | None, max_seq_length: int, as_json:
     "--resume",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
     default=None,
-    help="Continue an interrupted run from its last checkpoint (its folder).",
+    help="Continue an interrupted run from its last checkpoint (its folder). Only "
+    "training.max_steps, eval_every and save_every may change.",
 )
 def train(
     config_path: Path | None,
@@ -267,7 +268,9 @@ def train(
     """
     from qwen_mlx.training_run import start
 
-    start(_default_config(config_path), backend, preset, overrides, resume, console)
+    # A resumed run starts from its own config.yaml; only an explicit -c is laid over it.
+    config = config_path if resume is not None else _default_config(config_path)
+    start(config, backend, preset, overrides, resume, console)
 
 
 @cli.command("tiny-model")

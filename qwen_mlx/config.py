@@ -372,6 +372,21 @@ def load_config(
     return cfg
 
 
+def flat_values(cfg: Config) -> dict[str, Any]:
+    """``{"section.key": value}`` for every key of ``cfg``."""
+    return {
+        f"{section}.{key}": value
+        for section, body in cfg.to_dict().items()
+        for key, value in body.items()
+    }
+
+
+def changed_keys(before: Config, after: Config) -> list[tuple[str, Any, Any]]:
+    """``(key, old, new)`` for each key whose value differs between two configs."""
+    old, new = flat_values(before), flat_values(after)
+    return [(key, old[key], new[key]) for key in old if old[key] != new[key]]
+
+
 def config_to_yaml(cfg: Config) -> str:
     """The resolved config as YAML, in the same shape ``load_config`` reads."""
     return yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False)

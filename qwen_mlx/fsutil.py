@@ -31,6 +31,14 @@ def _usual_mode(path: Path, directory: bool) -> None:
         os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
+def _usual_modes(folder: Path) -> None:
+    """The usual permissions for ``folder`` and everything in it: libraries that write
+    through a temporary file of their own (safetensors does) leave it private (0600)."""
+    _usual_mode(folder, directory=True)
+    for path in folder.rglob("*"):
+        _usual_mode(path, directory=path.is_dir())
+
+
 # Write failures that are the disk's or the folder's, not a bug: errno -> what to do.
 _SPACE = "free some space (or write elsewhere) and run it again"
 _ACCESS = "choose a folder you can write to"
@@ -87,7 +95,8 @@ def remove_leftovers(folder: Path) -> list[Path]:
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)
         else:
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder: the next writer says so
+                path.unlink()
     return found
 
 
@@ -126,7 +135,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             yield tmp
-            _usual_mode(tmp, directory=True)
+            _usual_modes(tmp)
             if target.exists():
                 old = tmp.with_suffix(".old")  # unique like tmp: never someone else's folder
                 os.replace(target, old)

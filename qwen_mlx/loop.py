@@ -29,7 +29,7 @@ from rich.console import Console
 from qwen_mlx import checkpoints
 from qwen_mlx.checkpoints import LoopState
 from qwen_mlx.config import Config
-from qwen_mlx.errors import TrainingStopped
+from qwen_mlx.errors import TrainingStopped, UserError
 from qwen_mlx.monitor import LossWatch, MetricsLog, plot_loss, progress_bar
 from qwen_mlx.run_data import RunData
 from qwen_mlx.tokens import Row, collate
@@ -134,9 +134,11 @@ class StepResult:
     tokens: int
 
 
-def _train_window(
-    hooks: Hooks, window: list[dict[str, np.ndarray]], lr: float, step: int, run_dir: Path
-) -> StepResult:
+class _NotFinite(Exception):
+    """The loss of an update was NaN or inf (the update was not applied)."""
+
+
+def _train_window(hooks: Hooks, window: list[dict[str, np.ndarray]], lr: float) -> StepResult:
     """One optimizer update over an accumulation window; the loss is a per-token mean."""
     targets = hooks.all_reduce_sum(float(sum(int(b["loss_mask"][:, 1:].sum()) for b in window)))
     # DDP averages gradients over ranks, hence world_size / (targets of all ranks).
@@ -147,15 +149,20 @@ def _train_window(
     loss = hooks.all_reduce_sum(loss_sum) / max(targets, 1.0)
     if not math.isfinite(loss):
         hooks.discard_gradients()
-        raise TrainingStopped(
-            f"loss became {loss} at step {step + 1}; stopped. The last good checkpoint is kept "
-            f"in {run_dir / 'checkpoints'}. Lower training.learning_rate (e.g. 2-5×) and start "
-            "a new run"
-        )
+        raise _NotFinite(loss)
     grad_norm = hooks.optimizer_step(lr)
     hooks.snapshot_rng()
     tokens = sum(int((b["segment_ids"] > 0).sum()) for b in window) * hooks.world_size
     return StepResult(loss, lr, grad_norm, tokens)
+
+
+def _last_checkpoint(run_dir: Path, last_saved: int, resumable: bool = True) -> str:
+    """The checkpoint written last (if any), for the message of a stopped run."""
+    if last_saved < 0:
+        return "no checkpoint was written yet"
+    folder = checkpoints.checkpoint_dir(run_dir, last_saved)
+    then = f"; `qwen-mlx train --resume {run_dir}` continues from it" if resumable else ""
+    return f"the last checkpoint is {folder}{then}"
 
 
 def _plan(cfg: Config, rows: int, console: Console, main: bool) -> Plan:
@@ -172,16 +179,28 @@ def _plan(cfg: Config, rows: int, console: Console, main: bool) -> Plan:
 
 
 def _resume(run_dir: Path, hooks: Hooks, data: RunData, console: Console) -> LoopState:
-    folder, state = checkpoints.latest(run_dir)
+    main = hooks.rank == 0
+
+    def note(line: str) -> None:
+        console.print(f"[yellow]⚠[/] {line}", highlight=False, soft_wrap=True)
+
+    folder, state = checkpoints.restore(run_dir, hooks.load_state, note, main)
     if state.data_fingerprint != data.fingerprint:
         raise TrainingStopped(
             f"the training data or tokenizer changed since {folder}; resuming needs the same "
             "data (or start a new run)"
         )
-    hooks.load_state(folder)
-    if hooks.rank == 0:
-        console.print(f"resuming from {folder} (step {state.step})")
+    if main:
+        console.print(f"resuming from {folder} (step {state.step})", soft_wrap=True)
     return state
+
+
+def _plot(metrics: MetricsLog, run_dir: Path, console: Console) -> None:
+    """loss.png is a by-product: failing to write it must not hide how training ended."""
+    try:
+        plot_loss(metrics.read(), run_dir / "loss.png")
+    except UserError as err:
+        console.print(f"[yellow]⚠[/] loss.png not written: {err}", highlight=False)
 
 
 def train_loop(
@@ -236,7 +255,7 @@ def train_loop(
                     batch_rows = [[rows[i] for i in b] for b in windows[state.window]]
                     window = [collate(b, data.pad_id) for b in batch_rows]
                     lr = learning_rate(state.step, total, plan.warmup, t.learning_rate)
-                    result = _train_window(hooks, window, lr, state.step, run_dir)
+                    result = _train_window(hooks, window, lr)
                     state.step, state.window = state.step + 1, state.window + 1
                     state.tokens += result.tokens
                     session_tokens += result.tokens
@@ -258,14 +277,23 @@ def train_loop(
                         validate()
                     checkpoint()
         checkpoint()
+    except TrainingStopped:
+        raise
+    except UserError as err:  # a write failed (full disk): what was saved before is intact
+        raise TrainingStopped(f"{err}; {_last_checkpoint(run_dir, saved['step'])}") from None
+    except _NotFinite as err:
+        raise TrainingStopped(
+            f"loss became {err.args[0]} at step {state.step + 1}; stopped. Lower "
+            f"training.learning_rate (e.g. 2-5×) and start a new run "
+            f"({_last_checkpoint(run_dir, saved['step'], resumable=False)})"
+        ) from None
     except KeyboardInterrupt:
         hooks.discard_gradients()
         if ctrl_c.forced:  # mid-step: the model may be ahead of `state`, so save nothing
-            last = saved["step"]
-            then = (f"`qwen-mlx train --resume {run_dir}` continues from step {last}"
-                    if last >= 0 else "no checkpoint was written yet")  # fmt: skip
             raise TrainingStopped(
-                f"stopped at once during step {state.step + 1}; {then}", exit_code=130
+                f"stopped at once during step {state.step + 1}; "
+                f"{_last_checkpoint(run_dir, saved['step'])}",
+                exit_code=130,
             ) from None
         checkpoint()
         raise TrainingStopped(
@@ -275,7 +303,7 @@ def train_loop(
         ) from None
     finally:
         if main:
-            plot_loss(metrics.read(), run_dir / "loss.png")
+            _plot(metrics, run_dir, progress.console)
     return state
 
 

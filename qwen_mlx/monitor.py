@@ -7,6 +7,7 @@ printed while training runs. NaN/inf is not a warning: the loop stops on it.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 from collections import deque
@@ -22,7 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from qwen_mlx.fsutil import atomic_path
+from qwen_mlx.fsutil import atomic_path, disk_errors
 
 
 class MetricsLog:
@@ -37,22 +38,23 @@ class MetricsLog:
 
     def _truncate_after(self, step: int) -> None:
         # Lines logged after the checkpoint we resume from will be logged again.
-        keep = []
-        for line in self.path.read_text(encoding="utf-8").splitlines():
-            if line.strip() and json.loads(line).get("step", 0) <= step:
-                keep.append(line)
+        keep = [json.dumps(m) for m in self.read() if m.get("step", 0) <= step]
         with atomic_path(self.path) as tmp:
             tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
 
     def write(self, **fields: Any) -> None:
-        with open(self.path, "a", encoding="utf-8") as fh:
+        with disk_errors(self.path), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(fields) + "\n")
 
     def read(self) -> list[dict]:
+        """Every complete line; one torn by a kill or a full disk is left out."""
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        out = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
 
 
 def plot_loss(metrics: list[dict], out: Path) -> bool:

@@ -127,6 +127,20 @@ def test_nan_loss_stops_without_an_update(tmp_path):
     assert len(hooks.lrs) == 2 and ("discard",) in hooks.calls
 
 
+def test_nan_stop_names_only_a_checkpoint_that_exists(tmp_path):
+    settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=1",
+                   "training.save_every=2")  # fmt: skip
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    with pytest.raises(TrainingStopped, match="no checkpoint was written yet") as early:
+        train_loop(settings, run_data(6), FakeHooks([math.nan]), tmp_path / "a", QUIET, False)
+    assert "checkpoints" not in str(early.value) and not (tmp_path / "a" / "checkpoints").exists()
+    with pytest.raises(TrainingStopped) as late:
+        train_loop(settings, run_data(6), FakeHooks([2.0] * 3 + [math.inf]), tmp_path / "b",
+                   QUIET, resume=False)  # fmt: skip
+    named = tmp_path / "b" / "checkpoints" / "step-000002"
+    assert f"the last checkpoint is {named}" in str(late.value) and named.is_dir()
+
+
 def test_max_steps_stops_early_and_checkpoints(tmp_path):
     hooks = FakeHooks()
     state = train_loop(cfg("training.batch_size=1", "training.gradient_accumulation_steps=1",

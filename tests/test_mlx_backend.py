@@ -215,6 +215,26 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, small_d
     assert len(losses(tmp_path / "a")) == 6
 
 
+def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(
+    tiny_model_dir, small_data, tmp_path
+):
+    common = ["training.num_epochs=3", "lora.dropout=0.1", "training.save_every=2"]
+    straight = run_config(tiny_model_dir, small_data, tmp_path / "a", *common)
+    straight.training.max_steps = 6
+    train(straight)
+    first = run_config(tiny_model_dir, small_data, tmp_path / "b", *common)
+    first.training.max_steps = 4
+    train(first)
+    optimizer = tmp_path / "b" / "checkpoints" / "step-000004" / "optimizer.safetensors"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])  # as a disk fault leaves it
+    first.training.max_steps = 6
+    train(first, resume=True)
+    assert (tmp_path / "b" / "checkpoints" / "step-000004.corrupt").is_dir()
+    a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
     cfg = run_config(
         tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",

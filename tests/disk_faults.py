@@ -1,0 +1,113 @@
+"""A disk that fails on purpose, for the fault tests: full (ENOSPC) or read-only (EROFS).
+
+Tests run as root in CI, where a chmod'ed folder stays writable, and no test can fill a real
+disk; so the failures are injected where every writer ends up: Python's ``open``, the ``os``
+calls ``tempfile`` uses, and the safetensors writer PEFT calls.
+"""
+
+from __future__ import annotations
+
+import builtins
+import errno
+import io
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+
+class FaultyDisk:
+    """Writes to paths that ``hits`` fail once ``armed()``, as a full disk (ENOSPC: files
+    open, data does not go in) or a read-only folder (EROFS: nothing is created or renamed)
+    fails them, for every writer: Python files, the os calls tempfile uses, and the
+    safetensors writer PEFT calls (which reports the errno inside its own error)."""
+
+    def __init__(self, monkeypatch, code: int, hits: Callable[[str], bool], armed=lambda: True):
+        self.code, self.hits, self.armed, self.full = code, hits, armed, False
+        self.failed: list[str] = []
+        real_open, real_os_open = builtins.open, os.open
+        real_mkdir, real_replace, real_rename = os.mkdir, os.replace, os.rename
+
+        def fake_open(file, mode="r", *args, **kwargs):
+            if not (isinstance(file, str | os.PathLike) and set(mode) & set("wax+")):
+                return real_open(file, mode, *args, **kwargs)
+            if not self._fails(file):
+                return real_open(file, mode, *args, **kwargs)
+            if code != errno.ENOSPC:
+                raise self._error(file)
+            return self._full_file(file, mode, *args, **kwargs)
+
+        def fake_os_open(path, flags, *args, **kwargs):
+            creates = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if creates and code != errno.ENOSPC and self._fails(path):
+                raise self._error(path)
+            return real_os_open(path, flags, *args, **kwargs)
+
+        def creating(real):
+            def fake(path, *args, **kwargs):
+                if code != errno.ENOSPC and self._fails(path):
+                    raise self._error(path)
+                return real(path, *args, **kwargs)
+
+            return fake
+
+        def renaming(real):
+            def fake(src, dst, *args, **kwargs):
+                if code != errno.ENOSPC and self._fails(dst):
+                    raise self._error(dst)
+                return real(src, dst, *args, **kwargs)
+
+            return fake
+
+        def fake_safetensors(tensors, filename, *args, **kwargs):
+            from safetensors import SafetensorError
+
+            if self._fails(filename):
+                raise SafetensorError(f"Error while serializing: I/O error: "
+                                      f"{os.strerror(code)} (os error {code})")  # fmt: skip
+            return real_safetensors(tensors, filename, *args, **kwargs)
+
+        import peft.peft_model
+
+        real_safetensors = peft.peft_model.safe_save_file
+        for target, name, fake in [
+            (builtins, "open", fake_open), (io, "open", fake_open), (os, "open", fake_os_open),
+            (os, "mkdir", creating(real_mkdir)), (os, "replace", renaming(real_replace)),
+            (os, "rename", renaming(real_rename)),
+            (peft.peft_model, "safe_save_file", fake_safetensors),
+        ]:  # fmt: skip
+            monkeypatch.setattr(target, name, fake)
+
+    def _fails(self, path) -> bool:
+        self.full = self.full or self.armed()  # once full, the disk stays full
+        path = os.path.abspath(os.fspath(path))
+        if self.full and self.hits(path):
+            self.failed.append(path)
+            return True
+        return False
+
+    def _error(self, path) -> OSError:
+        return OSError(self.code, os.strerror(self.code), os.fspath(path))
+
+    def _full_file(self, file, mode, buffering=-1, encoding=None, errors=None, newline=None,
+                   closefd=True, opener=None):  # fmt: skip
+        code = self.code
+
+        class Full(io.FileIO):
+            def write(self, data):
+                raise OSError(code, os.strerror(code), self.name)
+
+        raw = Full(file, mode.replace("b", "").replace("t", ""))
+        buffered = io.BufferedRandom(raw) if "+" in mode else io.BufferedWriter(raw)
+        if "b" in mode:
+            return buffered
+        return io.TextIOWrapper(buffered, encoding=encoding or "utf-8", errors=errors,
+                                newline=newline)  # fmt: skip
+
+
+CODES = {"full-disk": errno.ENOSPC, "read-only": errno.EROFS}
+CAUSES = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system"}
+
+
+def under(folder: Path) -> Callable[[str], bool]:
+    folder = os.path.abspath(folder)
+    return lambda path: path == folder or path.startswith(folder + os.sep)
