@@ -303,6 +303,7 @@ def export(
     if ollama:
         require_ollama()
     out = Path(out)
+    _check_replaceable(out)
     name = _model_name(Path(run_or_adapter) if run_or_adapter else source.model_dir)
     if lora_only:
         with atomic_path(out) as tmp:
@@ -314,6 +315,14 @@ def export(
         with atomic_path(out) as tmp:
             notes = write_model_gguf(tmp, source.model_dir, source.adapter, quant, name)
     return _finish(out, source, name, ollama, notes)
+
+
+def _check_replaceable(out: Path) -> None:
+    """-o may replace an earlier GGUF, never another kind of file (a typo of a config)."""
+    if out.is_file():
+        with open(out, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                raise UserError(f"{out} exists and is not a GGUF file; choose another -o")
 
 
 def _model_name(path: Path) -> str:

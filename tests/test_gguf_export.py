@@ -365,6 +365,16 @@ def test_ollama_option_without_ollama_fails_before_writing(tiny_model_dir, tmp_p
     assert not out.parent.exists()
 
 
+def test_output_replaces_an_earlier_gguf_but_no_other_file(tiny_model_dir, tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny_model_dir), "-o", str(notes)])
+    assert result.exit_code == 1 and "not a GGUF file" in result.output, result.output
+    assert notes.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+    export(None, tmp_path / "m.gguf", model=tiny_model_dir, quant="q8_0")
+    assert export(None, tmp_path / "m.gguf", model=tiny_model_dir).path.stat().st_size > 0
+
+
 def test_unsupported_architecture_is_one_clear_line(tiny_model_dir, tmp_path):
     model = tmp_path / "llama"
     shutil.copytree(tiny_model_dir, model)
