@@ -6,7 +6,7 @@ lazily by name, so ``import qwen_mlx`` never pulls in torch or mlx.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -31,6 +31,21 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+
+
+def token_texts(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:
+    """One text piece per token. A character split across byte-level tokens decodes to U+FFFD
+    until its last byte arrives, so its tokens give empty pieces until then; only the tokens
+    since the last whole character are decoded again, which keeps long replies linear."""
+    pending: list[int] = []
+    for token in tokens:
+        pending.append(token)
+        text = decode(pending)
+        if text.endswith("\ufffd"):
+            yield ""
+            continue
+        yield text
+        pending = []
 
 
 @dataclass
@@ -60,10 +75,12 @@ class Backend(Protocol):
         ...
 
     def generate(
-        self, loaded: Any, messages: list[dict[str, str]], settings: GenerationSettings
+        self, loaded: Any, prompt_ids: list[int], settings: GenerationSettings
     ) -> Iterator[str]:
-        """Stream the assistant reply to ``messages`` as text pieces; closing the iterator
-        stops generation."""
+        """The reply to a prompt (token ids, see ``qwen_mlx.chat_template``): one text piece per
+        generated token (empty while a character is incomplete), ending before the model's
+        end-of-turn token or after ``settings.max_tokens`` tokens; closing the iterator stops
+        generation."""
         ...
 
     def score(self, loaded: Any, samples: list) -> tuple[float, int]:

@@ -334,38 +334,24 @@ def load_for_inference(model_dir: Path, adapter_dir: Path | None = None) -> Load
     return Loaded(model, tokenizer)
 
 
-def _held_back(text: str, stops: list[str]) -> tuple[str, bool]:
-    """(text safe to emit now, whether a stop string was hit) for the text so far."""
-    cut = min((text.find(s) for s in stops if s in text), default=-1)
-    if cut >= 0:
-        return text[:cut], True
-    # Hold back a tail that could be the start of a stop string.
-    keep = max((k for s in stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-    return text[: len(text) - keep], False
-
-
-def stream(loaded: Loaded, messages: list[dict[str, str]], settings: GenerationSettings):
-    """Yield the reply to ``messages`` piece by piece (greedy when temperature is 0)."""
+def stream(loaded: Loaded, prompt_ids: list[int], settings: GenerationSettings):
+    """One text piece per generated token of the reply (greedy when temperature is 0)."""
     from mlx_lm.generate import stream_generate
     from mlx_lm.sample_utils import make_sampler
 
-    tokenizer = loaded.tokenizer
-    prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    from qwen_mlx.backends.base import token_texts
+
     sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
-    text, sent = "", 0
-    for response in stream_generate(
-        loaded.model, tokenizer, ids, max_tokens=settings.max_tokens, sampler=sampler
-    ):
-        text += response.text
-        safe, stopped = _held_back(text, settings.stop)
-        if len(safe) > sent:
-            yield safe[sent:]
-            sent = len(safe)
-        if stopped:
-            return
-    if len(text) > sent:
-        yield text[sent:]
+    responses = stream_generate(
+        loaded.model, loaded.tokenizer, prompt_ids, max_tokens=settings.max_tokens, sampler=sampler
+    )
+    # The last response carries the end-of-turn token when the model stopped by itself.
+    tokens = (r.token for r in responses if r.finish_reason != "stop")
+    decode = partial(loaded.tokenizer.decode, skip_special_tokens=True)
+    try:
+        yield from token_texts(tokens, decode)
+    finally:  # stop generating now, not when the garbage collector gets to it
+        responses.close()
 
 
 class MLXBackend:
@@ -384,9 +370,9 @@ class MLXBackend:
         return load_for_inference(model_dir, adapter_dir)
 
     def generate(
-        self, loaded: Loaded, messages: list[dict[str, str]], settings: GenerationSettings
+        self, loaded: Loaded, prompt_ids: list[int], settings: GenerationSettings
     ) -> Iterator[str]:
-        return stream(loaded, messages, settings)
+        return stream(loaded, prompt_ids, settings)
 
     def score(self, loaded: Loaded, samples: list) -> tuple[float, int]:
         """Summed target-token loss of tokenized samples and their count (test loss)."""

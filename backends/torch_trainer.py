@@ -16,6 +16,7 @@ import re
 import threading
 import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -284,15 +285,16 @@ class TorchBackend:
         return model, load_tokenizer(model_dir)
 
     def generate(
-        self, loaded: Any, messages: list[dict[str, str]], settings: GenerationSettings
+        self, loaded: Any, prompt_ids: list[int], settings: GenerationSettings
     ) -> Iterator[str]:
+        import torch
         from transformers import StoppingCriteria, StoppingCriteriaList
 
+        from qwen_mlx.backends.base import token_texts
+
         model, tokenizer = loaded
-        ids = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"].to(model.device)
-        streamer = _TokenQueue()
+        ids = torch.tensor([prompt_ids], device=model.device)
+        streamer = _TokenQueue(_end_ids(model, tokenizer))
         cancel = threading.Event()
 
         class Cancelled(StoppingCriteria):
@@ -300,15 +302,17 @@ class TorchBackend:
                 return cancel.is_set()
 
         kwargs = {
-            "input_ids": ids, "max_new_tokens": settings.max_tokens, "streamer": streamer,
+            "input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": settings.max_tokens, "streamer": streamer,
             "pad_token_id": tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([Cancelled()]),
             **_sampling(settings),
         }  # fmt: skip
-        thread = threading.Thread(target=model.generate, kwargs=kwargs, daemon=True)
+        thread = threading.Thread(target=streamer.run, args=(model.generate, kwargs), daemon=True)
         thread.start()
         try:
-            yield from _decoded(streamer, tokenizer)
+            decode = partial(tokenizer.decode, skip_special_tokens=True)
+            yield from token_texts(streamer, decode)
         finally:  # also when the consumer stops early (stop string, client gone)
             cancel.set()
             thread.join()
@@ -333,13 +337,26 @@ class TorchBackend:
 
 
 class _TokenQueue:
-    """A transformers streamer that hands generated token ids to the consuming thread."""
+    """A transformers streamer that hands generated token ids to the consuming thread, up to
+    (not including) an end-of-turn token."""
 
-    def __init__(self):
+    def __init__(self, end_ids: set[int]):
         import queue
 
         self.queue: queue.Queue = queue.Queue()
+        self.end_ids = end_ids
         self.prompt_seen = False
+        self.error: BaseException | None = None
+
+    def run(self, generate, kwargs) -> None:
+        """``generate(**kwargs)``; a failure is re-raised in the consuming thread, which would
+        otherwise wait for tokens forever."""
+        try:
+            generate(**kwargs)
+        except BaseException as err:
+            self.error = err
+        finally:
+            self.end()
 
     def put(self, value) -> None:
         if not self.prompt_seen:  # generate() first sends the prompt
@@ -350,27 +367,22 @@ class _TokenQueue:
     def end(self) -> None:
         self.queue.put(None)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[int]:
         while (ids := self.queue.get()) is not None:
-            yield ids
+            for token in ids:
+                if token in self.end_ids:
+                    return
+                yield token
+        if self.error is not None:
+            raise self.error
 
 
-def _decoded(tokens: _TokenQueue, tokenizer) -> Iterator[str]:
-    """New text as tokens arrive; a character split across byte-level tokens is held back
-    until complete (decoding half of it would give U+FFFD)."""
-    ids: list[int] = []
-    sent = 0
-    for new in tokens:
-        ids += new
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            continue
-        if len(text) > sent:
-            yield text[sent:]
-            sent = len(text)
-    text = tokenizer.decode(ids, skip_special_tokens=True)
-    if len(text) > sent:
-        yield text[sent:]
+def _end_ids(model, tokenizer) -> set[int]:
+    """The tokens generate() stops at: the generation config's, else the tokenizer's EOS."""
+    ends = getattr(model.generation_config, "eos_token_id", None)
+    if ends is None:
+        ends = tokenizer.eos_token_id
+    return set(ends) if isinstance(ends, list | tuple) else {ends}
 
 
 def _sampling(settings: GenerationSettings) -> dict[str, Any]:

@@ -31,13 +31,10 @@ def _port() -> int:
 
 
 def _start(engine):
-    import uvicorn
-
-    from qwen_mlx.serve import Server, create_app
+    from qwen_mlx.serve import Server, make_server
 
     port = _port()
-    server = uvicorn.Server(uvicorn.Config(create_app(Server(engine)), host="127.0.0.1",
-                                           port=port, log_level="error"))  # fmt: skip
+    server = make_server(Server(engine), "127.0.0.1", port, log_level="error")
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
@@ -57,14 +54,14 @@ def direct(engine, max_tokens: int, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def concurrent(url: str, clients: int, requests: int, max_tokens: int) -> dict:
+def concurrent(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
 
     def one(_):
         t = time.perf_counter()
-        client.chat.completions.create(model="m", messages=QUESTION, max_tokens=max_tokens,
+        client.chat.completions.create(model=model, messages=QUESTION, max_tokens=max_tokens,
                                        temperature=0)  # fmt: skip
         return time.perf_counter() - t
 
@@ -79,17 +76,16 @@ def concurrent(url: str, clients: int, requests: int, max_tokens: int) -> dict:
     }
 
 
-def stream_tokens_per_s(url: str, engine, max_tokens: int) -> float:
+def stream_tokens_per_s(url: str, model: str, max_tokens: int) -> float:
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
     start = time.perf_counter()
-    text = "".join(
-        c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(model="m", messages=QUESTION, stream=True,
-                                                max_tokens=max_tokens, temperature=0)
-    )  # fmt: skip
-    return engine.count_tokens(text) / (time.perf_counter() - start)
+    chunks = list(client.chat.completions.create(
+        model=model, messages=QUESTION, stream=True, max_tokens=max_tokens, temperature=0,
+        stream_options={"include_usage": True},
+    ))  # fmt: skip
+    return chunks[-1].usage.completion_tokens / (time.perf_counter() - start)
 
 
 def bench(name: str, engine, args) -> None:
@@ -99,10 +95,11 @@ def bench(name: str, engine, args) -> None:
         print(f"\n{name}: direct (no HTTP) {base:.2f} req/s")
         print(f"{'clients':>8} {'req/s':>8} {'× direct':>9} {'p50 s':>7} {'p95 s':>7}")
         for clients in (1, 4, 16):
-            r = concurrent(url, clients, max(args.requests, clients), args.max_tokens)
+            r = concurrent(url, engine.model_id, clients, max(args.requests, clients),
+                           args.max_tokens)  # fmt: skip
             print(f"{clients:8d} {r['rps']:8.2f} {r['rps'] / base:9.2f} {r['p50']:7.3f} "
                   f"{r['p95']:7.3f}")  # fmt: skip
-        tps = stream_tokens_per_s(url, engine, args.stream_tokens)
+        tps = stream_tokens_per_s(url, engine.model_id, args.stream_tokens)
         print(f"single stream: {tps:.1f} tokens/s")
     finally:
         server.should_exit = True

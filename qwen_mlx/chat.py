@@ -12,7 +12,8 @@ from typing import Any
 from rich.console import Console
 
 from qwen_mlx.backends.base import GenerationSettings
-from qwen_mlx.inference import stream
+from qwen_mlx.chat_template import PromptTooLong
+from qwen_mlx.inference import ask
 
 HELP = "commands: /reset (new conversation), /system TEXT (set system prompt), /exit"
 
@@ -38,7 +39,7 @@ class Conversation:
 def reply(engine: Any, messages: list[dict], settings: GenerationSettings, out) -> str:
     """Stream the answer to ``out`` (a file-like object) and return it."""
     parts = []
-    for chunk in stream(engine, messages, settings):
+    for chunk in ask(engine, messages, settings):
         if chunk.text:
             out.write(chunk.text)
             out.flush()
@@ -84,5 +85,8 @@ def interactive(engine: Any, settings: GenerationSettings, system: str | None, c
             answer = reply(engine, conversation.messages(line), settings, console.file)
         except KeyboardInterrupt:  # stop this answer, keep the session
             console.print("\n[dim](stopped)[/]")
+            continue
+        except PromptTooLong as err:
+            console.print(f"\n[yellow]{err}[/] (/reset starts a new conversation)")
             continue
         conversation.add(line, answer)

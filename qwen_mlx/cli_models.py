@@ -276,8 +276,16 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
 @click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
-def serve(run_or_adapter, model_dir, gguf, backend, host, port, api_key) -> None:
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable).",
+)
+def serve(run_or_adapter, model_dir, gguf, backend, host, port, api_key, cors_origins) -> None:
     """OpenAI-compatible API: /v1/chat/completions (incl. stream), /v1/models, /health."""
     from qwen_mlx.serve import run
 
-    run(_engine(run_or_adapter, model_dir, gguf, backend), host, port, api_key, console)
+    engine = _engine(run_or_adapter, model_dir, gguf, backend)
+    run(engine, host, port, api_key, console, cors_origins)

@@ -3,18 +3,23 @@
 ``eval``, ``chat`` and ``serve`` all talk to an :class:`Engine`. ``open_engine`` finds the
 base model and adapter behind a run folder (or takes ``--model`` / ``--gguf``) and loads
 it with the chosen backend (``auto`` as for training) or with llama.cpp for a GGUF.
-Stop strings are applied here, the same way for every engine.
+Prompts are encoded through :mod:`qwen_mlx.chat_template` (message text stays text); stop
+strings, token counts and finish reasons are applied here, the same way for every engine.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from contextlib import closing
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 from qwen_mlx.backends import get_backend
-from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.backends.base import GenerationSettings, token_texts
+from qwen_mlx.chat_template import encode_pieces, hf_prompt_ids, template_pieces
 from qwen_mlx.errors import UserError
 
 Messages = list[dict[str, str]]
@@ -24,6 +29,17 @@ Messages = list[dict[str, str]]
 class Chunk:
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
+    completion_tokens: int = 0  # on the last chunk: how many tokens were generated
+
+
+def room(context_length: int, max_tokens: int) -> int:
+    """How many prompt tokens fit in the context beside ``max_tokens`` of reply."""
+    if max_tokens >= context_length:
+        raise UserError(
+            f"max_tokens={max_tokens} does not fit in the model's context of "
+            f"{context_length} tokens; lower it"
+        )
+    return context_length - max_tokens
 
 
 class BackendEngine:
@@ -42,17 +58,12 @@ class BackendEngine:
         )
         self.description = f"{name} ({self.backend.name} backend)"
 
-    def count_prompt_tokens(self, messages: Messages) -> int:
-        encoded = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        return len(encoded["input_ids"])
+    def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
+        """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
+        return hf_prompt_ids(self.tokenizer, messages, room(self.context_length, max_tokens))
 
-    def pieces(self, messages: Messages, settings: GenerationSettings) -> Iterator[str]:
-        return self.backend.generate(self.loaded, messages, settings)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        return self.backend.generate(self.loaded, prompt_ids, settings)
 
     def score(self, samples: list) -> tuple[float, int]:
         """Summed token loss and target count of tokenized samples (test loss)."""
@@ -71,45 +82,77 @@ class GGUFEngine:
             ) from None
         if not path.is_file():
             raise UserError(f"GGUF file not found: {path}")
-        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, seed=0)
+        try:
+            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, seed=0)
+        except ValueError as err:  # llama.cpp says only "Failed to load model from file"
+            raise UserError(
+                f"{path}: llama.cpp cannot load this file ({err}); is it a complete GGUF model? "
+                "(`qwen-mlx export` writes one)"
+            ) from None
+        self.template = self.llm.metadata.get("tokenizer.chat_template")
+        if not self.template:
+            raise UserError(f"{path}: the GGUF has no chat template (tokenizer.chat_template)")
+        self.controls = _llama_controls(self.llm)
         self.model_id = path.stem
         self.context_length = n_ctx
         self.description = f"{path.name} (llama.cpp)"
 
-    def _prompt(self, messages: Messages) -> list[int]:
+    def _render(self, messages: Messages) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        template = self.llm.metadata.get("tokenizer.chat_template")
-        if not template:
-            raise UserError(f"{self.model_id}: the GGUF has no chat template")
-        text = (
-            ImmutableSandboxedEnvironment()
-            .from_string(template)
-            .render(messages=messages, add_generation_prompt=True)
-        )
-        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        template = ImmutableSandboxedEnvironment().from_string(self.template)
+        return template.render(messages=messages, add_generation_prompt=True)
 
-    def count_prompt_tokens(self, messages: Messages) -> int:
-        return len(self._prompt(messages))
+    def _text_ids(self, text: str) -> list[int]:
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def count_tokens(self, text: str) -> int:
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+    def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
+        """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
+        pieces = template_pieces(self._render, messages, self.controls)
+        limit = room(self.context_length, max_tokens)
+        return encode_pieces(pieces, self._text_ids, self.controls.__getitem__, limit)
 
-    def pieces(self, messages: Messages, settings: GenerationSettings) -> Iterator[str]:
-        self.llm.reset()
+    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
         greedy = settings.temperature <= 0
-        stream = self.llm.create_completion(
-            self._prompt(messages), max_tokens=settings.max_tokens, stream=True,
-            temperature=0.0 if greedy else settings.temperature,
+        tokens = self.llm.generate(
+            prompt_ids, temp=0.0 if greedy else settings.temperature,
             top_p=1.0 if greedy else settings.top_p, top_k=1 if greedy else 40,
         )  # fmt: skip
-        for part in stream:
-            text = part["choices"][0]["text"]
-            if text:
-                yield text
+        with closing(tokens):
+            decode = partial(_llama_text, self.llm)
+            yield from token_texts(self._until_end(tokens, settings.max_tokens), decode)
+
+    def _until_end(self, tokens: Iterator[int], max_tokens: int) -> Iterator[int]:
+        """Tokens up to the end of the turn, at most ``max_tokens`` of them (llama.cpp's
+        generator would go on forever)."""
+        from llama_cpp import llama_model_get_vocab, llama_vocab_is_eog
+
+        vocab = llama_model_get_vocab(self.llm.model)
+        for count, token in enumerate(tokens, start=1):
+            if llama_vocab_is_eog(vocab, token):
+                return
+            yield token
+            if count >= max_tokens:
+                return
 
     def score(self, samples: list) -> tuple[float, int]:
         raise UserError("test loss needs the trained run; a GGUF is scored on its answers only")
+
+
+def _llama_text(llm: Any, ids: list[int]) -> str:
+    return llm.detokenize(ids).decode("utf-8", errors="replace")
+
+
+def _llama_controls(llm: Any) -> dict[str, int]:
+    """The GGUF's control tokens (``<|im_end|>`` …) by text."""
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(llm.model)
+    controls = {}
+    for token in range(llm.n_vocab()):
+        if llama_cpp.llama_vocab_get_attr(vocab, token) & llama_cpp.LLAMA_TOKEN_ATTR_CONTROL:
+            controls[llama_cpp.llama_vocab_get_text(vocab, token).decode("utf-8")] = token
+    return controls
 
 
 def with_stops(pieces: Iterator[str], stops: list[str], hit: list[str]) -> Iterator[str]:
@@ -124,9 +167,6 @@ def with_stops(pieces: Iterator[str], stops: list[str], hit: list[str]) -> Itera
             hit.append(stop)
             if buffer[:cut]:
                 yield buffer[:cut]
-            close = getattr(pieces, "close", None)
-            if close:  # tells the backend to stop generating
-                close()
             return
         if len(buffer) > hold:
             yield buffer[: len(buffer) - hold]
@@ -135,24 +175,46 @@ def with_stops(pieces: Iterator[str], stops: list[str], hit: list[str]) -> Itera
         yield buffer
 
 
-def stream(engine: Any, messages: Messages, settings: GenerationSettings) -> Iterator[Chunk]:
-    """Generate a reply as chunks; the last chunk carries the finish reason."""
+def stream(
+    engine: Any,
+    prompt_ids: list[int],
+    settings: GenerationSettings,
+    cancel: threading.Event | None = None,
+) -> Iterator[Chunk]:
+    """Generate a reply as chunks; the last chunk carries the finish reason and the number
+    of generated tokens. Setting ``cancel`` stops generation at the next token (no last
+    chunk then)."""
     hit: list[str] = []
-    produced = []
-    for text in with_stops(engine.pieces(messages, settings), settings.stop, hit):
-        # A stray byte-level token that is not valid UTF-8 decodes to U+FFFD in transformers
-        # and MLX but to nothing in llama.cpp; drop it so every engine gives the same text.
-        text = text.replace("\ufffd", "")
-        if text:
-            produced.append(text)
-            yield Chunk(text)
-    ran_out = not hit and engine.count_tokens("".join(produced)) >= settings.max_tokens
-    yield Chunk("", "length" if ran_out else "stop")
+    counted = [0]
+
+    def tokens(pieces: Iterator[str]) -> Iterator[str]:
+        for piece in pieces:
+            counted[0] += 1
+            if cancel is not None and cancel.is_set():
+                return
+            yield piece
+
+    with closing(engine.pieces(prompt_ids, settings)) as pieces:
+        for text in with_stops(tokens(pieces), settings.stop, hit):
+            # A stray byte-level token that is not valid UTF-8 decodes to U+FFFD; dropping it
+            # gives every engine the same text.
+            text = text.replace("\ufffd", "")
+            if text:
+                yield Chunk(text)
+    if cancel is not None and cancel.is_set():
+        return
+    ran_out = not hit and counted[0] >= settings.max_tokens
+    yield Chunk("", "length" if ran_out else "stop", counted[0])
+
+
+def ask(engine: Any, messages: Messages, settings: GenerationSettings) -> Iterator[Chunk]:
+    """The reply to a conversation, as :func:`stream` chunks."""
+    return stream(engine, engine.prompt_ids(messages, settings.max_tokens), settings)
 
 
 def complete(engine: Any, messages: Messages, settings: GenerationSettings) -> tuple[str, str]:
     """The whole reply and its finish reason."""
-    chunks = list(stream(engine, messages, settings))
+    chunks = list(ask(engine, messages, settings))
     return "".join(c.text for c in chunks), chunks[-1].finish_reason or "stop"
 
 

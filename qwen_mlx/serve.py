@@ -1,100 +1,119 @@
 """``qwen-mlx serve``: an OpenAI-compatible HTTP API over one loaded model.
 
-Endpoints: ``POST /v1/chat/completions`` (plain, or server-sent events with
-``"stream": true``), ``GET /v1/models``, ``GET /health``. Every request body is validated
-and a bad one gets a 400 with an OpenAI-style error object, never a 500. One model serves
-everyone, so generations run one at a time behind a lock, in a worker thread so the event
-loop stays responsive; a streamed reply holds the lock until its last chunk.
+Endpoints: ``POST /v1/chat/completions`` (plain, or server-sent events with ``"stream": true``),
+``GET /v1/models``, ``GET /health``, and ``/docs`` (a self-contained page) with
+``/openapi.json``. The wire format and its errors live in :mod:`qwen_mlx.serve_api`.
+
+One model serves everyone, so generations take turns behind a lock. Each request generates in
+its own worker thread (:class:`Job`) that checks a cancel flag between tokens and frees the
+model when it ends. The request side sets the flag when the client goes away, and stopping the
+server sets every flag, so an abandoned request never keeps the model, and SIGTERM ends the
+server in moments. The API key and the body size are checked before anything is parsed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
+import html
 import threading
-import time
-import uuid
-from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
+import anyio
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, Response
+from starlette.datastructures import Headers
 
 from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.errors import UserError
 from qwen_mlx.inference import Chunk, stream
+from qwen_mlx.serve_api import (
+    ChatRequest,
+    ChunkWriter,
+    ErrorResponse,
+    completion,
+    install_error_handlers,
+    usage,
+)
 
-MAX_TOKENS_LIMIT = 8192
-
-
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
-
-
-class Message(BaseModel):
-    role: Literal["system", "user", "assistant"]
-    content: str | list[TextPart]
-
-    @field_validator("content")
-    @classmethod
-    def _not_empty(cls, value):
-        text = value if isinstance(value, str) else "".join(p.text for p in value)
-        if not text.strip():
-            raise ValueError("content must not be empty")
-        return text
+SHUTDOWN_GRACE_S = 3  # after SIGTERM, in-flight replies are cut off after this long at most
+MIN_BODY_LIMIT = 1 << 20
+BODY_BYTES_PER_TOKEN = 64  # a full context of JSON-escaped CJK text needs about 8
 
 
-class ChatRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we do not use
+class Job:
+    """One request's generation, in its own thread. Chunks reach the event loop through a
+    queue; setting ``cancel`` stops the generation at the next token (or while it waits for
+    the model) and the thread then frees the model."""
 
-    model: str | None = None
-    messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    stream: bool = False
-    n: int = Field(default=1, ge=1, le=1)
+    _END = object()
 
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, value):
-        stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("stop takes up to 4 non-empty strings")
-        return stops
+    def __init__(self, server: Server, prompt_ids: list[int], settings: GenerationSettings):
+        self.cancel = threading.Event()
+        self.prompt_tokens = len(prompt_ids)
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._server = server
+        server.jobs.add(self)
+        args = (prompt_ids, settings)
+        threading.Thread(target=self._run, args=args, daemon=True, name="generate").start()
 
-    @field_validator("messages")
-    @classmethod
-    def _has_user_turn(cls, value):
-        if not any(m.role == "user" for m in value):
-            raise ValueError("messages need at least one user message")
-        return value
+    def _put(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the event loop has closed: nobody is waiting any more
+            self.cancel.set()
 
+    def _run(self, prompt_ids: list[int], settings: GenerationSettings) -> None:
+        server = self._server
+        try:
+            if server.acquire(self.cancel):
+                try:
+                    for chunk in stream(server.engine, prompt_ids, settings, self.cancel):
+                        self._put(chunk)
+                finally:
+                    server.lock.release()
+        except Exception as err:  # a bug or a model failure: the request side reports it
+            self._put(err)
+        finally:
+            server.jobs.discard(self)
+            self._put(self._END)
 
-def _error(status: int, message: str, param: str | None = None, kind: str | None = None):
-    body = {
-        "error": {
-            "message": message,
-            "type": kind or "invalid_request_error",
-            "param": param,
-            "code": None,
-        }
-    }
-    return JSONResponse(status_code=status, content=body)
+    async def next(self) -> Chunk | None:
+        """The next chunk; None when the generation has ended (the last chunk carries the
+        finish reason unless the job was cancelled)."""
+        item = await self._queue.get()
+        if isinstance(item, Exception):
+            raise item
+        return None if item is self._END else item
+
+    async def collect(self) -> list[Chunk]:
+        chunks = []
+        while (chunk := await self.next()) is not None:
+            chunks.append(chunk)
+        return chunks
 
 
 class Server:
-    """The model, its lock, and the request handling that needs both."""
+    """The model, its lock, and the generations in flight."""
 
-    def __init__(self, engine: Any, api_key: str | None = None, default_max_tokens: int = 512):
+    def __init__(
+        self,
+        engine: Any,
+        api_key: str | None = None,
+        default_max_tokens: int = 512,
+        cors_origins: tuple[str, ...] = (),
+    ):
         self.engine = engine
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
-        self.lock = threading.Lock()
+        self.cors_origins = list(cors_origins)
+        self.max_body = max(MIN_BODY_LIMIT, BODY_BYTES_PER_TOKEN * engine.context_length)
+        self.lock = threading.Lock()  # the model: one generation at a time
+        self._encoding = threading.Lock()  # one prompt encoding at a time per tokenizer
+        self.jobs: set[Job] = set()
+        self.closing = False
 
     def settings(self, req: ChatRequest) -> GenerationSettings:
         return GenerationSettings(
@@ -104,75 +123,163 @@ class Server:
             stop=list(req.stop or []),
         )
 
-    def check_length(self, messages: list[dict], settings: GenerationSettings) -> str | None:
-        prompt = self.engine.count_prompt_tokens(messages)
-        room = self.engine.context_length - settings.max_tokens
-        if prompt > room:
-            return (
-                f"the prompt is {prompt} tokens; with max_tokens={settings.max_tokens} it must "
-                f"stay within {room} (context {self.engine.context_length})"
-            )
+    def prompt_ids(self, messages: list[dict], settings: GenerationSettings) -> list[int]:
+        with self._encoding:
+            return self.engine.prompt_ids(messages, settings.max_tokens)
+
+    def acquire(self, cancel: threading.Event) -> bool:
+        """Wait for the model unless cancelled first."""
+        while not cancel.is_set():
+            if self.lock.acquire(timeout=0.05):
+                return True
+        return False
+
+    def stop_all(self) -> None:
+        """The server is stopping: end every generation now, refuse new ones."""
+        self.closing = True
+        for job in list(self.jobs):
+            job.cancel.set()
+
+
+class EventStream(Response):
+    """The server-sent events of a streamed reply. A client that disconnects cancels the job
+    at once, without waiting for the next chunk to fail to send."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, job: Job, writer: ChunkWriter):
+        self.job, self.writer = job, writer
+        self.status_code, self.background = 200, None
+        self.init_headers({"cache-control": "no-cache"})  # no body attribute: no length
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            async with anyio.create_task_group() as group:
+                group.start_soon(_cancel_on_disconnect, receive, group.cancel_scope)
+                start = {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
+                await send(start)
+                await self._events(send)
+                group.cancel_scope.cancel()
+        finally:
+            self.job.cancel.set()
+
+    async def _events(self, send) -> None:
+        async def write(data: bytes, more: bool = True) -> None:
+            await send({"type": "http.response.body", "body": data, "more_body": more})
+
+        await write(self.writer.delta({"role": "assistant", "content": ""}))
+        try:
+            while (chunk := await self.job.next()) is not None:
+                if chunk.text:
+                    await write(self.writer.delta({"content": chunk.text}))
+                if chunk.finish_reason:
+                    tokens = usage(self.job.prompt_tokens, chunk.completion_tokens)
+                    await write(self.writer.finish(chunk.finish_reason, tokens))
+        except Exception as err:  # the status line has gone out: say it in the stream
+            await write(self.writer.error(f"generation failed: {type(err).__name__}"))
+        await write(b"", more=False)
+
+
+async def _cancel_on_disconnect(receive, scope: anyio.CancelScope) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
+async def _answer(job: Job, request: Request, model_id: str) -> Response | dict:
+    """The whole reply of a non-streamed request, polling for a client that gave up."""
+    task = asyncio.ensure_future(job.collect())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.1)
+            if not task.done() and await request.is_disconnected():
+                return Response(status_code=499)  # nobody will read it
+        chunks = task.result()
+    finally:
+        job.cancel.set()
+        task.cancel()
+    if not chunks or not chunks[-1].finish_reason:
+        return ErrorResponse(503, "the server is shutting down", kind="server_error")
+    text = "".join(c.text for c in chunks)
+    tokens = usage(job.prompt_tokens, chunks[-1].completion_tokens)
+    return completion(model_id, text, chunks[-1].finish_reason, tokens)
+
+
+class Guard:
+    """ASGI middleware run before the app parses anything: the API key (every path but
+    /health) and the body size (by Content-Length, then by counting what arrives)."""
+
+    def __init__(self, app, api_key: str | None, max_body: int):
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(Headers(scope=scope), scope["path"])
+        body = None
+        if refusal is None:
+            body, refusal = await self._read(receive)
+        if refusal is not None:
+            await refusal(scope, receive, send)
+        elif body is not None:  # None: the client left while sending
+            await self.app(scope, _replay(body, receive), send)
+
+    def _refusal(self, headers: Headers, path: str) -> Response | None:
+        if self.api_key and path != "/health" and not _authorized(headers, self.api_key):
+            return ErrorResponse(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+        length = headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return self._too_large()
         return None
 
-    def locked_chunks(self, messages, settings) -> Iterator[Chunk]:
-        with self.lock:
-            yield from stream(self.engine, messages, settings)
+    def _too_large(self) -> Response:
+        limit = f"{self.max_body / (1 << 20):.0f} MiB"
+        message = f"the request body is larger than this server's {limit} limit"
+        # Close the connection: the rest of the body would otherwise be read as a request.
+        return ErrorResponse(413, message, headers={"Connection": "close"})
+
+    async def _read(self, receive) -> tuple[bytes | None, Response | None]:
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None, None
+            body += message.get("body", b"")
+            if len(body) > self.max_body:
+                return None, self._too_large()
+            if not message.get("more_body"):
+                return bytes(body), None
 
 
-def _completion(model: str, text: str, reason: str) -> dict:
-    return {
-        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": reason,
-            }
-        ],
-    }
+def _authorized(headers: Headers, api_key: str) -> bool:
+    import secrets
+
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    given = token.strip().encode("latin-1")  # header bytes, as the client sent them
+    return scheme.lower() == "bearer" and secrets.compare_digest(given, api_key.encode())
 
 
-def _sse(model: str, chunks: Iterator[Chunk]) -> Iterator[str]:
-    ident, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+def _replay(body: bytes, receive):
+    """A receive channel that hands the app the body already read, then the real channel
+    (which reports the client's disconnect)."""
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
 
-    def event(delta: dict, reason: str | None) -> str:
-        body = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-        }
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+    async def replay():
+        return pending.pop() if pending else await receive()
 
-    yield event({"role": "assistant", "content": ""}, None)
-    for chunk in chunks:
-        if chunk.text:
-            yield event({"content": chunk.text}, None)
-        if chunk.finish_reason:
-            yield event({}, chunk.finish_reason)
-    yield "data: [DONE]\n\n"
+    return replay
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="qwen-mlx", version="1")
+    app = FastAPI(title="qwen-mlx", version="1", docs_url=None, redoc_url=None)
     model_id = server.engine.model_id
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, exc: RequestValidationError):
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return _error(400, f"{where}: {first.get('msg')}" if where else first.get("msg"), where)
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        protected = server.api_key and request.url.path.startswith("/v1/")
-        if protected and request.headers.get("authorization") != f"Bearer {server.api_key}":
-            return _error(401, "invalid or missing API key", kind="authentication_error")
-        return await call_next(request)
+    install_error_handlers(app)
+    app.add_middleware(Guard, api_key=server.api_key, max_body=server.max_body)
+    if server.cors_origins:  # outermost, so preflights and errors carry the CORS headers
+        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins,
+                           allow_methods=["GET", "POST"],
+                           allow_headers=["authorization", "content-type"])  # fmt: skip
 
     @app.get("/health")
     async def health():
@@ -180,35 +287,73 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "owned_by": "local"}],
-        }
+        return {"object": "list",
+                "data": [{"id": model_id, "object": "model", "owned_by": "local"}]}  # fmt: skip
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(_docs_page(app))
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest):
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+    async def chat(req: ChatRequest, request: Request):
+        if req.model not in (None, model_id):
+            return ErrorResponse(404, f"the model `{req.model}` does not exist; this server "
+                                 f"runs `{model_id}`", "model", code="model_not_found")  # fmt: skip
+        if server.closing:
+            return ErrorResponse(503, "the server is shutting down", kind="server_error")
         settings = server.settings(req)
-        problem = await asyncio.to_thread(server.check_length, messages, settings)
-        if problem:
-            return _error(400, problem, "messages", kind="context_length_exceeded")
+        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        try:
+            ids = await asyncio.to_thread(server.prompt_ids, messages, settings)
+        except UserError as err:
+            return ErrorResponse(400, str(err), "messages", code="context_length_exceeded")
+        job = Job(server, ids, settings)
         if req.stream:
-            chunks = server.locked_chunks(messages, settings)
-            return StreamingResponse(_sse(model_id, chunks), media_type="text/event-stream")
-        pieces = await asyncio.to_thread(lambda: list(server.locked_chunks(messages, settings)))
-        text = "".join(c.text for c in pieces)
-        return _completion(model_id, text, pieces[-1].finish_reason or "stop")
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(job, ChunkWriter(model_id, include_usage))
+        return await _answer(job, request, model_id)
 
     return app
 
 
-def run(engine: Any, host: str, port: int, api_key: str | None, console) -> None:
-    """Serve until Ctrl-C."""
-    import uvicorn
+def _docs_page(app: FastAPI) -> str:
+    """The endpoints, from the OpenAPI schema; no scripts or assets from elsewhere."""
+    rows = "".join(
+        f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td>"
+        f"<td>{html.escape(op.get('summary', ''))}</td></tr>"
+        for path, ops in app.openapi()["paths"].items()
+        for method, op in ops.items()
+    )
+    return (f"<!doctype html><meta charset=utf-8><title>qwen-mlx API</title><h1>qwen-mlx API</h1>"
+            f"<p>OpenAI-compatible. Schema: <a href=openapi.json>/openapi.json</a></p>"
+            f"<table>{rows}</table>")  # fmt: skip
 
-    app = create_app(Server(engine, api_key))
+
+class Uvicorn(uvicorn.Server):
+    """uvicorn's server, which ends every generation in flight as it begins to stop, so
+    open streams close at once instead of holding the shutdown up."""
+
+    def __init__(self, config: uvicorn.Config, server: Server):
+        super().__init__(config)
+        self.app_server = server
+
+    async def shutdown(self, sockets=None) -> None:
+        self.app_server.stop_all()
+        await super().shutdown(sockets)
+
+
+def make_server(server: Server, host: str, port: int, log_level: str = "warning") -> Uvicorn:
+    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)  # fmt: skip
+    return Uvicorn(config, server)
+
+
+def run(engine: Any, host: str, port: int, api_key: str | None, console,
+        cors_origins: tuple[str, ...] = ()) -> None:  # fmt: skip
+    """Serve until Ctrl-C or SIGTERM."""
+    server = Server(engine, api_key, cors_origins=cors_origins)
     where = f"http://{host}:{port}/v1"
     console.print(f"serving {engine.description} at {where} (Ctrl-C stops)", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print("[yellow]⚠[/] listening beyond this machine without --api-key")
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    make_server(server, host, port).run()

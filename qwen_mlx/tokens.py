@@ -6,6 +6,10 @@ computed on the rendered text: each assistant turn's span (its content and the c
 turn, and every token whose offset starts inside a span is a training target. This works for
 any template that renders a conversation as a prefix of its continuation.
 
+Message text is encoded as text even where it spells a control token such as ``<|im_end|>``
+(see :mod:`qwen_mlx.chat_template`, shared with eval, chat and serve); records that do are
+counted in the report.
+
 Packing puts several samples in one row of ``max_seq_length`` tokens. Each row carries
 ``segment_ids`` (1, 2, … per sample, 0 for padding) and ``position_ids`` restarting at 0 for
 every sample, so backends can keep attention inside each sample.
@@ -20,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from qwen_mlx.chat_template import hf_controls, hf_encode, hf_pieces, hf_text, spells_control
 from qwen_mlx.errors import UserError
 
 
@@ -39,6 +44,7 @@ class EncodeReport:
     encoded: int = 0
     truncated: int = 0
     dropped: int = 0  # nothing left to learn after truncation
+    control_text: int = 0  # records whose text spells a control token (encoded as text)
     lengths: list[int] = field(default_factory=list)  # before truncation
 
     def warnings(self, max_seq_length: int) -> list[str]:
@@ -47,6 +53,11 @@ class EncodeReport:
             out.append(
                 f"{self.truncated} of {self.encoded} samples are longer than max_seq_length="
                 f"{max_seq_length} and were truncated; raise training.max_seq_length to keep them"
+            )
+        if self.control_text:
+            out.append(
+                f"{self.control_text} of {self.encoded} records contain control-token text such "
+                "as <|im_end|>; it is trained as plain text, not as control tokens"
             )
         if self.dropped:
             out.append(
@@ -107,15 +118,11 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
 
 
 def encode_chat(tokenizer: Any, messages: list[dict], mask_prompt: bool = True) -> Sample:
-    full, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
+    ids, starts = hf_encode(tokenizer, hf_pieces(tokenizer, messages))
     if not mask_prompt:
         return Sample(ids, [0] + [1] * (len(ids) - 1))
-    mask = [0] * len(ids)
-    for t, (start, _end) in enumerate(enc["offset_mapping"]):
-        if any(a <= start < b for a, b in spans):
-            mask[t] = 1
+    _full, spans = assistant_spans(tokenizer, messages)
+    mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
     return Sample(ids, mask)
 
 
@@ -128,7 +135,7 @@ def end_of_text_id(tokenizer: Any) -> int:
 
 
 def encode_text(tokenizer: Any, text: str) -> Sample:
-    ids = [*list(tokenizer(text, add_special_tokens=False)["input_ids"]), end_of_text_id(tokenizer)]
+    ids = [*hf_text(tokenizer, text)["input_ids"], end_of_text_id(tokenizer)]
     # The first token has no context inside its sample, so it is never a target.
     return Sample(ids, [0] + [1] * (len(ids) - 1))
 
@@ -145,9 +152,12 @@ def encode_records(
     """Encode normalized records; truncate to ``max_seq_length`` and count what that cost."""
     report = EncodeReport()
     samples = []
+    controls = hf_controls(tokenizer)
     for data in records:
         sample = encode_record(tokenizer, data, mask_prompt)
         report.encoded += 1
+        texts = [m.get("content") for m in data.get("messages", [])] + [data.get("text")]
+        report.control_text += spells_control(texts, controls)
         report.lengths.append(len(sample))
         if len(sample) > max_seq_length:
             report.truncated += 1

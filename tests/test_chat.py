@@ -84,3 +84,21 @@ def test_interactive_session_keeps_history(tiny_model_dir):
     out = chat("--model", str(tiny_model_dir), "--backend", "torch", "--max-tokens", "4",
                "--temperature", "0", stdin="你好\n发票丢了怎么办\n/reset\n/exit\n")  # fmt: skip
     assert out.count("model>") == 2 and "conversation cleared" in out
+
+
+def test_a_conversation_too_long_for_the_context_keeps_the_session(monkeypatch):
+    from qwen_mlx.backends.base import GenerationSettings
+    from qwen_mlx.chat import interactive
+    from qwen_mlx.chat_template import PromptTooLong
+
+    class Full:  # an engine whose context the conversation has outgrown
+        description = "full"
+
+        def prompt_ids(self, messages, max_tokens):
+            raise PromptTooLong(5000, 4000)
+
+    lines = iter(["你好", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda *args: next(lines))
+    console = Console(record=True, width=200)
+    interactive(Full(), GenerationSettings(), None, console)
+    assert "the prompt is 5000 tokens" in console.export_text()  # said, and still chatting

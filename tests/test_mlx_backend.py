@@ -25,7 +25,6 @@ from qwen_mlx.backends import mlx_model  # noqa: E402
 from qwen_mlx.backends.base import GenerationSettings  # noqa: E402
 from qwen_mlx.backends.mlx_trainer import (  # noqa: E402
     MLXBackend,
-    _held_back,
     memory_guard,
     run_training,
 )
@@ -289,21 +288,17 @@ def test_a_peft_adapter_gives_the_same_logits_on_mlx(tiny_model_dir, tmp_path):
 
 
 def test_generate_streams_a_greedy_reply(tiny_model_dir):
+    from qwen_mlx.chat_template import hf_prompt_ids
+
     backend = MLXBackend()
     loaded = backend.load(tiny_model_dir)
     messages = [{"role": "user", "content": "差旅费怎么报销？"}]
+    ids = hf_prompt_ids(load_tokenizer(tiny_model_dir), messages)
     settings = GenerationSettings(max_tokens=12, temperature=0.0)
-    pieces = list(backend.generate(loaded, messages, settings))
+    pieces = list(backend.generate(loaded, ids, settings))
     assert all(isinstance(p, str) for p in pieces) and "<|im_end|>" not in "".join(pieces)
-    assert pieces == list(backend.generate(loaded, messages, settings))  # greedy: repeatable
-    assert len(loaded.tokenizer.encode("".join(pieces), add_special_tokens=False)) <= 13
-
-
-def test_stop_strings_cut_the_stream_without_leaking_a_prefix():
-    assert _held_back("abc<|im", ["<|im_end|>"]) == ("abc", False)  # maybe a stop: held back
-    assert _held_back("abc<x", ["<|im_end|>"]) == ("abc<x", False)
-    assert _held_back("abc<|im_end|>xyz", ["<|im_end|>", "x"]) == ("abc", True)
-    assert _held_back("abc", []) == ("abc", False)
+    assert pieces == list(backend.generate(loaded, ids, settings))  # greedy: repeatable
+    assert len(pieces) <= 12  # one piece per generated token
 
 
 def test_memory_guard_advises_on_an_8gb_mac(tmp_path, monkeypatch):

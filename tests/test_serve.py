@@ -3,49 +3,45 @@
 from __future__ import annotations
 
 import json
-import socket
-import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 
 from qwen_mlx.inference import open_engine  # noqa: E402
-from qwen_mlx.serve import Server, create_app  # noqa: E402
+from qwen_mlx.serve import Server  # noqa: E402
+from tests.serve_helpers import running  # noqa: E402
 
 KEY = "sk-test-123"
+MODEL = "tiny-qwen2"  # the model folder's name, which the server answers to
 
 
 class Response:
-    def __init__(self, status: int, body: bytes):
+    def __init__(self, status: int, body: bytes, headers=None):
         self.status_code, self.text = status, body.decode("utf-8", "replace")
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
 
     def json(self):
         return json.loads(self.text)
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 60) -> Response:
+def http(method: str, url: str, body: bytes | None = None, timeout: float = 60,
+         headers: dict | None = None) -> Response:  # fmt: skip
     """A raw HTTP request (stdlib), for what the openai client would refuse to send."""
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"content-type": "application/json"})  # fmt: skip
+    headers = {"content-type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return Response(reply.status, reply.read())
+            return Response(reply.status, reply.read(), dict(reply.headers))
     except urllib.error.HTTPError as err:
-        return Response(err.code, err.read())
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        return Response(err.code, err.read(), dict(err.headers))
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +49,17 @@ def engine(tiny_model_dir):
     return open_engine(None, model=tiny_model_dir, backend="torch")
 
 
-def start(engine, api_key=None):
-    port = free_port()
-    config = uvicorn.Config(create_app(Server(engine, api_key)), host="127.0.0.1", port=port,
-                            log_level="error")  # fmt: skip
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not server.started and time.time() < deadline:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+@contextmanager
+def start(engine, api_key=None, cors=()):
+    """A server of ``engine``; yields its base URL."""
+    with running(Server(engine, api_key, cors_origins=cors)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture(scope="module")
 def live(engine):
-    server, thread, url = start(engine)
-    yield url
-    server.should_exit = True
-    thread.join(timeout=10)
+    with start(engine) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +72,20 @@ LONG = "".join(chr(0x4E00 + i % 3000) for i in range(40000))  # > the 32,768-tok
 
 
 def test_plain_completion(client, engine):
-    reply = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=8,
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8,
                                            temperature=0)  # fmt: skip
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length")
     assert choice.message.content  # a random model still says something
-    if choice.finish_reason == "length":
-        assert engine.count_tokens(choice.message.content) >= 8 - 1
+    assert reply.usage.completion_tokens <= 8
+    assert (choice.finish_reason == "length") == (reply.usage.completion_tokens == 8)
 
 
 def test_streamed_completion_matches_plain(client):
-    plain = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=10,
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10,
                                            temperature=0)  # fmt: skip
-    stream = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=10,
+    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10,
                                             temperature=0, stream=True)  # fmt: skip
     pieces, reasons = [], []
     for chunk in stream:
@@ -108,10 +96,10 @@ def test_streamed_completion_matches_plain(client):
 
 
 def test_stop_strings_cut_the_answer(client):
-    full = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=12,
+    full = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12,
                                           temperature=0).choices[0].message.content  # fmt: skip
     stop = full[3:5]
-    cut = client.chat.completions.create(model="tiny", messages=ASK, max_tokens=12,
+    cut = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12,
                                          temperature=0, stop=[stop])  # fmt: skip
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
@@ -120,7 +108,7 @@ def test_stop_strings_cut_the_answer(client):
 def test_sixteen_concurrent_requests_all_answered(client):
     def ask(i):
         messages = [{"role": "user", "content": f"第{i}个问题：发票丢了怎么办？"}]
-        return client.chat.completions.create(model="tiny", messages=messages, max_tokens=6,
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
                                               temperature=0).choices[0].message.content  # fmt: skip
 
     with ThreadPoolExecutor(16) as pool:
@@ -164,15 +152,47 @@ def test_models_and_health(client, live):
 
 
 def test_api_key_is_enforced(engine):
-    server, thread, url = start(engine, api_key=KEY)
-    try:
+    with start(engine, api_key=KEY) as url:
         wrong = openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0)
         with pytest.raises(openai.AuthenticationError):
-            wrong.chat.completions.create(model="tiny", messages=ASK, max_tokens=2)
+            wrong.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2)
         assert http("GET", f"{url}/v1/models").status_code == 401
         right = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0)
-        assert right.chat.completions.create(model="tiny", messages=ASK, max_tokens=2).choices
+        assert right.chat.completions.create(model=MODEL, messages=ASK, max_tokens=2).choices
         assert http("GET", f"{url}/health").status_code == 200  # health stays open for probes
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+
+
+def test_the_key_guards_everything_but_health(engine):
+    with start(engine, api_key=KEY) as url:
+        for path in ("/v1/models", "/docs", "/openapi.json", "/nope"):
+            refused = http("GET", url + path)
+            assert refused.status_code == 401, path
+            assert refused.headers["www-authenticate"].startswith("Bearer")
+            assert refused.json()["error"]["type"] == "authentication_error"
+        for scheme in ("Bearer", "bearer", "BEARER"):  # the scheme is case-insensitive
+            given = {"Authorization": f"{scheme} {KEY}"}
+            assert http("GET", f"{url}/v1/models", headers=given).status_code == 200
+        assert http("GET", f"{url}/v1/models", headers={"Authorization": KEY}).status_code == 401
+        auth = {"Authorization": f"Bearer {KEY}"}
+        docs = http("GET", f"{url}/docs", headers=auth)
+        assert docs.status_code == 200 and "/v1/chat/completions" in docs.text
+        assert "<script" not in docs.text and "https://" not in docs.text  # nothing from a CDN
+        schema = http("GET", f"{url}/openapi.json", headers=auth).json()
+        assert "/v1/chat/completions" in schema["paths"]
+
+
+def test_cors_only_for_the_origins_given(engine, live):
+    origin = "http://localhost:3000"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    with start(engine, api_key=KEY, cors=(origin,)) as url:
+        answer = http("OPTIONS", f"{url}/v1/chat/completions", headers=preflight)
+        assert answer.status_code == 200  # before the key check: browsers send no key here
+        assert answer.headers["access-control-allow-origin"] == origin
+        refused = http("GET", f"{url}/v1/models", headers={"Origin": origin})
+        assert refused.status_code == 401  # with the header, so the page can read why
+        assert refused.headers["access-control-allow-origin"] == origin
+        other = http("GET", f"{url}/v1/models", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    plain = http("GET", f"{live}/v1/models", headers={"Origin": origin})
+    assert "access-control-allow-origin" not in plain.headers  # off unless asked for

@@ -1,0 +1,185 @@
+"""A conversation through its chat template, with message text kept apart from control tokens.
+
+A chat template writes control tokens (``<|im_start|>``, ``<|im_end|>``) around each message.
+Tokenizing the rendered string in one go would also turn a control-token string that someone
+typed into a message into the real control token, so a user could forge a system turn. So the
+template is rendered with an unguessable marker in place of each message's text; its own text is
+split at its control tokens, and each run between two control tokens (template text and message
+text together) is encoded with control-token strings read as plain characters. Tokenizers
+(transformers and llama.cpp alike) split on control tokens before anything else, so for
+ordinary text the ids are exactly those of the whole string.
+
+Training, eval, chat and serve all encode conversations here.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from qwen_mlx.errors import UserError
+
+# Characters per token that text practically never exceeds on average; it only bounds how much
+# of an overlong prompt is tokenized before it is refused.
+CHARS_PER_TOKEN = 8
+CUT_MARGIN = 16  # tokens a cut through the last word may add
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A control token of the template, or a run of plain text."""
+
+    text: str
+    control: bool = False
+
+
+class PromptTooLong(UserError):
+    """The conversation does not fit in the model's context beside the reply."""
+
+    def __init__(self, tokens: int | None, room: int):
+        self.tokens, self.room = tokens, room
+        size = tokens if tokens is not None else f"more than {room}"
+        super().__init__(
+            f"the prompt is {size} tokens; only {room} fit in the model's context beside "
+            "max_tokens: shorten the conversation or lower max_tokens"
+        )
+
+
+@lru_cache(maxsize=8)
+def _control_pattern(controls: tuple[str, ...]) -> re.Pattern | None:
+    if not controls:
+        return None
+    longest_first = sorted(controls, key=len, reverse=True)
+    return re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+
+def _add(pieces: list[Piece], text: str, control: bool = False) -> None:
+    if not text:
+        return
+    if not control and pieces and not pieces[-1].control:
+        pieces[-1] = Piece(pieces[-1].text + text)
+    else:
+        pieces.append(Piece(text, control))
+
+
+def _add_template(pieces: list[Piece], text: str, pattern: re.Pattern | None) -> None:
+    parts = pattern.split(text) if pattern else [text]
+    for i, part in enumerate(parts):  # a capturing split: odd parts are the control tokens
+        _add(pieces, part, control=i % 2 == 1)
+
+
+def template_pieces(
+    render: Callable[[list[dict]], str], messages: list[dict], controls: Iterable[str]
+) -> list[Piece]:
+    """The rendered conversation as control tokens and text runs (message text is text)."""
+    nonce, marked, texts = uuid.uuid4().hex, [], []
+    for i, message in enumerate(messages):
+        content = message.get("content")
+        if isinstance(content, str) and content:  # empty text may change what a template writes
+            marked.append({**message, "content": f"\x00{nonce}:{i}\x00"})
+            texts.append((marked[-1]["content"], content))
+        else:
+            marked.append(message)
+    pattern = _control_pattern(tuple(sorted(set(controls))))
+    pieces: list[Piece] = []
+    rest = render(marked)
+    for mark, text in texts:
+        before, _, rest = rest.partition(mark)  # a lost marker fails the check below
+        _add_template(pieces, before, pattern)
+        _add(pieces, text)
+    _add_template(pieces, rest, pattern)
+    if "".join(p.text for p in pieces) != render(messages):
+        raise UserError(
+            "the model's chat template changes message text (or writes it more than once), so "
+            "message text cannot be kept apart from control tokens; use Qwen's ChatML template"
+        )
+    return pieces
+
+
+def encode_pieces(
+    pieces: list[Piece],
+    encode_text: Callable[[str], list[int]],
+    control_id: Callable[[str], int],
+    limit: int | None = None,
+) -> list[int]:
+    """Token ids of ``pieces``; with ``limit``, refuse more ids (see :class:`PromptTooLong`)
+    without tokenizing much more of an overlong text than would fit."""
+    ids: list[int] = []
+    for piece in pieces:
+        if piece.control:
+            ids.append(control_id(piece.text))
+            continue
+        if limit is not None:
+            _refuse_early(encode_text, piece.text, limit - len(ids), limit)
+        ids += encode_text(piece.text)
+    if limit is not None and len(ids) > limit:
+        raise PromptTooLong(len(ids), limit)
+    return ids
+
+
+def _refuse_early(encode_text, text: str, budget: int, limit: int) -> None:
+    head = text[: CHARS_PER_TOKEN * (max(budget, 0) + CUT_MARGIN)]
+    if len(head) < len(text) and len(encode_text(head)) > budget + CUT_MARGIN:
+        raise PromptTooLong(None, limit)
+
+
+def spells_control(texts: Iterable[Any], controls: Iterable[str]) -> bool:
+    """Whether any of ``texts`` contains a control-token string (it is encoded as text)."""
+    controls = list(controls)
+    return any(isinstance(t, str) and any(c in t for c in controls) for t in texts)
+
+
+# ---------------------------------------------------------------- transformers tokenizers
+
+
+def hf_controls(tokenizer: Any) -> list[str]:
+    """The tokenizer's control tokens: its added tokens marked special."""
+    return [t.content for t in tokenizer.added_tokens_decoder.values() if t.special]
+
+
+def hf_text(tokenizer: Any, text: str, offsets: bool = False) -> Any:
+    """``text`` encoded as plain text: a control-token string in it becomes ordinary tokens."""
+    return tokenizer(
+        text, add_special_tokens=False, split_special_tokens=True, return_offsets_mapping=offsets
+    )
+
+
+def hf_pieces(tokenizer: Any, messages: list[dict], generation_prompt: bool = False):
+    def render(conversation: list[dict]) -> str:
+        return tokenizer.apply_chat_template(
+            conversation, tokenize=False, add_generation_prompt=generation_prompt
+        )
+
+    return template_pieces(render, messages, hf_controls(tokenizer))
+
+
+def hf_encode(tokenizer: Any, pieces: list[Piece]) -> tuple[list[int], list[int]]:
+    """Ids of ``pieces`` and the character offset at which each token starts."""
+    ids: list[int] = []
+    starts: list[int] = []
+    at = 0
+    for piece in pieces:
+        if piece.control:
+            ids.append(tokenizer.convert_tokens_to_ids(piece.text))
+            starts.append(at)
+        else:
+            enc = hf_text(tokenizer, piece.text, offsets=True)
+            ids += enc["input_ids"]
+            starts += [at + start for start, _ in enc["offset_mapping"]]
+        at += len(piece.text)
+    return ids, starts
+
+
+def hf_prompt_ids(tokenizer: Any, messages: list[dict], limit: int | None = None) -> list[int]:
+    """The prompt that asks for the assistant's next turn, at most ``limit`` tokens."""
+    pieces = hf_pieces(tokenizer, messages, generation_prompt=True)
+    return encode_pieces(
+        pieces,
+        lambda text: hf_text(tokenizer, text)["input_ids"],
+        tokenizer.convert_tokens_to_ids,
+        limit,
+    )

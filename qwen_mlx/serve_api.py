@@ -1,0 +1,240 @@
+"""The OpenAI wire format of ``qwen-mlx serve``: request validation, replies and errors.
+
+Requests are validated as strictly as OpenAI does (``"max_tokens": "4"``, ``"stream": "yes"``
+and unknown arguments are errors), and fields that would change what a reply means but are not
+supported yet (``tools``, ``response_format``, ``logprobs`` …) are refused, not ignored. Every
+error, whatever raised it (validation, an unknown URL, a wrong method, a bug), reaches the
+client in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from starlette.exceptions import HTTPException
+
+MAX_TOKENS_LIMIT = 8192
+# Fields that change the meaning of a reply; refused until they are supported.
+UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
+_STATUS_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}
+
+
+def _utf8(text: str, where: str) -> str:
+    """JSON can carry a lone surrogate (``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        message = f"{where} is not valid Unicode (a lone surrogate such as \\ud800)"
+        raise ValueError(message) from None
+    return text
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True)
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, value):
+        text = value if isinstance(value, str) else "".join(p.text for p in value)
+        if not text.strip():
+            raise ValueError("content must not be empty")
+        return _utf8(text, "content")
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    # Strict like OpenAI, which also refuses arguments it does not know.
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    temperature: float = Field(default=0.7, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = Field(default=1, ge=1, le=1)
+    response_format: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    functions: Any = None
+    function_call: Any = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    # OpenAI's fields that do not change what a reply means: accepted and not used.
+    user: Any = None
+    seed: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    parallel_tool_calls: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+
+    @field_validator(*UNSUPPORTED)
+    @classmethod
+    def _unsupported(cls, value, info: ValidationInfo):
+        if value not in (None, False, 0, [], {}, "none"):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value):
+        if value is not None and value != {"type": "text"}:
+            raise ValueError('only {"type": "text"} is supported')
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value):
+        return value if value is None else _utf8(value, "model")
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value):
+        stops = [value] if isinstance(value, str) else (value or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return [_utf8(s, "stop") for s in stops]
+
+    @field_validator("messages")
+    @classmethod
+    def _has_user_turn(cls, value):
+        if not any(m.role == "user" for m in value):
+            raise ValueError("messages need at least one user message")
+        return value
+
+
+class ErrorResponse(JSONResponse):
+    """An error in OpenAI's shape. ASCII-escaped, so text echoed from a request can never
+    make the error itself fail to encode."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        kind: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        kind = kind or _STATUS_TYPES.get(status, "invalid_request_error")
+        body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        super().__init__(body, status_code=status, headers=headers)
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True).encode("ascii")
+
+
+def _where(loc: tuple) -> str:
+    """A pydantic location as a JSON path: ``messages[0].content``."""
+    path = ""
+    for part in loc:
+        if part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
+    return path
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        first = exc.errors()[0]
+        if first.get("type") == "json_invalid":  # its location is a character offset
+            reason = first.get("ctx", {}).get("error", "")
+            return ErrorResponse(400, f"the body is not valid JSON: {reason}".rstrip(": "))
+        where = _where(tuple(first.get("loc", ())))
+        message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+        if first.get("type") == "extra_forbidden":
+            message = "unrecognized request argument"
+        return ErrorResponse(400, f"{where}: {message}" if where else message, where or None)
+
+    @app.exception_handler(HTTPException)
+    async def _http(request: Request, exc: HTTPException):
+        message = str(exc.detail)
+        if exc.status_code in (404, 405):
+            message = f"{message}: {request.method} {request.url.path}"
+        return ErrorResponse(exc.status_code, message, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # uvicorn logs the traceback
+        return ErrorResponse(500, f"internal error: {type(exc).__name__}", kind="server_error")
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion(model: str, text: str, reason: str, tokens: dict[str, int]) -> dict:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": reason,
+            }
+        ],
+        "usage": tokens,
+    }
+
+
+class ChunkWriter:
+    """The server-sent events of one streamed completion."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.model, self.include_usage = model, include_usage
+        self.ident, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+
+    def event(self, choices: list, **extra) -> bytes:
+        body = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.model, "choices": choices, **extra}  # fmt: skip
+        if self.include_usage:  # OpenAI: null on every chunk but the last
+            body.setdefault("usage", None)
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
+
+    def delta(self, delta: dict, reason: str | None = None) -> bytes:
+        return self.event([{"index": 0, "delta": delta, "finish_reason": reason}])
+
+    def finish(self, reason: str, tokens: dict[str, int]) -> bytes:
+        last = self.delta({}, reason)
+        if self.include_usage:
+            last += self.event([], usage=tokens)
+        return last + b"data: [DONE]\n\n"
+
+    @staticmethod
+    def error(message: str) -> bytes:
+        body = {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+        return f"data: {json.dumps(body)}\n\n".encode()
