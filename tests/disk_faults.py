@@ -24,57 +24,21 @@ class FaultyDisk:
     def __init__(self, monkeypatch, code: int, hits: Callable[[str], bool], armed=lambda: True):
         self.code, self.hits, self.armed, self.full = code, hits, armed, False
         self.failed: list[str] = []
-        real_open, real_os_open = builtins.open, os.open
-        real_mkdir, real_replace, real_rename = os.mkdir, os.replace, os.rename
-
-        def fake_open(file, mode="r", *args, **kwargs):
-            if not (isinstance(file, str | os.PathLike) and set(mode) & set("wax+")):
-                return real_open(file, mode, *args, **kwargs)
-            if not self._fails(file):
-                return real_open(file, mode, *args, **kwargs)
-            if code != errno.ENOSPC:
-                raise self._error(file)
-            return self._full_file(file, mode, *args, **kwargs)
-
-        def fake_os_open(path, flags, *args, **kwargs):
-            creates = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
-            if creates and code != errno.ENOSPC and self._fails(path):
-                raise self._error(path)
-            return real_os_open(path, flags, *args, **kwargs)
-
-        def creating(real):
-            def fake(path, *args, **kwargs):
-                if code != errno.ENOSPC and self._fails(path):
-                    raise self._error(path)
-                return real(path, *args, **kwargs)
-
-            return fake
-
-        def renaming(real):
-            def fake(src, dst, *args, **kwargs):
-                if code != errno.ENOSPC and self._fails(dst):
-                    raise self._error(dst)
-                return real(src, dst, *args, **kwargs)
-
-            return fake
-
-        def fake_safetensors(tensors, filename, *args, **kwargs):
-            from safetensors import SafetensorError
-
-            if self._fails(filename):
-                raise SafetensorError(f"Error while serializing: I/O error: "
-                                      f"{os.strerror(code)} (os error {code})")  # fmt: skip
-            return real_safetensors(tensors, filename, *args, **kwargs)
-
-        import peft.peft_model
-
-        real_safetensors = peft.peft_model.safe_save_file
-        for target, name, fake in [
-            (builtins, "open", fake_open), (io, "open", fake_open), (os, "open", fake_os_open),
-            (os, "mkdir", creating(real_mkdir)), (os, "replace", renaming(real_replace)),
-            (os, "rename", renaming(real_rename)),
-            (peft.peft_model, "safe_save_file", fake_safetensors),
-        ]:  # fmt: skip
+        self.read_only = code != errno.ENOSPC
+        fakes = [
+            (builtins, "open", self._open(builtins.open)), (io, "open", self._open(io.open)),
+            (os, "open", self._os_open(os.open)), (os, "mkdir", self._creating(os.mkdir)),
+            (os, "replace", self._renaming(os.replace)), (os, "rename", self._renaming(os.rename)),
+        ]  # fmt: skip
+        try:
+            import peft.peft_model as peft_model
+        except ImportError:
+            peft_model = None
+        if peft_model is not None:
+            fakes.append(
+                (peft_model, "safe_save_file", self._safetensors(peft_model.safe_save_file))
+            )
+        for target, name, fake in fakes:
             monkeypatch.setattr(target, name, fake)
 
     def _fails(self, path) -> bool:
@@ -88,8 +52,56 @@ class FaultyDisk:
     def _error(self, path) -> OSError:
         return OSError(self.code, os.strerror(self.code), os.fspath(path))
 
+    def _open(self, real):
+        def fake(file, mode="r", *args, **kwargs):
+            writes = isinstance(file, str | os.PathLike) and set(mode) & set("wax+")
+            if not (writes and self._fails(file)):
+                return real(file, mode, *args, **kwargs)
+            if self.read_only:
+                raise self._error(file)
+            return self._full_file(file, mode, *args, **kwargs)
+
+        return fake
+
+    def _os_open(self, real):
+        def fake(path, flags, *args, **kwargs):
+            creates = flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT)
+            if creates and self.read_only and self._fails(path):
+                raise self._error(path)
+            return real(path, flags, *args, **kwargs)
+
+        return fake
+
+    def _creating(self, real):
+        def fake(path, *args, **kwargs):
+            if self.read_only and self._fails(path):
+                raise self._error(path)
+            return real(path, *args, **kwargs)
+
+        return fake
+
+    def _renaming(self, real):
+        def fake(src, dst, *args, **kwargs):
+            if self.read_only and self._fails(dst):
+                raise self._error(dst)
+            return real(src, dst, *args, **kwargs)
+
+        return fake
+
+    def _safetensors(self, real):
+        def fake(tensors, filename, *args, **kwargs):
+            from safetensors import SafetensorError
+
+            if self._fails(filename):
+                why = f"{os.strerror(self.code)} (os error {self.code})"
+                raise SafetensorError(f"Error while serializing: I/O error: {why}")
+            return real(tensors, filename, *args, **kwargs)
+
+        return fake
+
     def _full_file(self, file, mode, buffering=-1, encoding=None, errors=None, newline=None,
                    closefd=True, opener=None):  # fmt: skip
+        """A real file object whose data never reaches the disk (ENOSPC on every write)."""
         code = self.code
 
         class Full(io.FileIO):

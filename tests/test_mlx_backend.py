@@ -234,6 +234,30 @@ def test_a_corrupt_newest_checkpoint_resumes_from_the_one_before(
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
 
+def test_a_full_disk_during_a_checkpoint_is_one_line(
+    tiny_model_dir, small_data, tmp_path, monkeypatch
+):
+    import errno
+
+    from click.testing import CliRunner
+
+    from qwen_mlx.cli import cli
+    from tests.disk_faults import FaultyDisk, under
+
+    run = tmp_path / "run"
+    sets = [f"model.path={tiny_model_dir}", "model.quantization=none", f"output.dir={run}",
+            f"data.train_file={small_data}", "training.max_seq_length=256",
+            "training.max_steps=4", "training.save_every=2"]  # fmt: skip
+    full = FaultyDisk(monkeypatch, errno.ENOSPC, under(run / "checkpoints"),
+                      armed=(run / "checkpoints" / "step-000002").is_dir)  # fmt: skip
+    result = CliRunner().invoke(cli, ["train", "--backend", "mlx", *(f"--set={s}" for s in sets)])
+    line = result.output.strip().splitlines()[-1]
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert full.failed and "step-000004: No space left on device" in line, line
+    assert "the last checkpoint is" in line
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-000002"]
+
+
 def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
     cfg = run_config(
         tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",
