@@ -152,6 +152,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 OUTPUT_MARK = ".qwen-mlx-output"  # in every -o folder a command writes: names the command
 # What only a training run folder holds (the user's project folder has config.yaml too).
 _RUN_PARTS = ("config.yaml", "adapter", "checkpoints", "metrics.jsonl")
+_RUN_FOLDERS = ("adapter", "checkpoints", "data", "eval", "eval-gguf")  # what train/eval write
 
 
 def is_run_dir(path: Path) -> bool:
@@ -163,6 +164,8 @@ def _protected(target: Path, inputs: Iterable[Path]) -> str | None:
     """Why ``target`` may never be replaced, even with --force (None: it may be)."""
     if is_run_dir(target):
         return "is a training run folder (or holds config.yaml)"
+    if target.name in _RUN_FOLDERS and is_run_dir(target.parent):
+        return f"is part of the training run {target.parent}"
     if any(is_run_dir(child) for child in target.iterdir() if child.is_dir()):
         return "holds training run folders"
     resolved = target.resolve()

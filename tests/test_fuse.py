@@ -225,6 +225,11 @@ def test_output_into_a_run_folder_is_refused_even_with_force(command, tiny_model
         assert "training run folder" in result.output and "Traceback" not in result.output
         assert len(result.output.strip().splitlines()) == 1
     assert _tree(run) == before and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (run / "data").mkdir()
+    (run / "data" / "valid.jsonl").write_text("{}\n")
+    inside = CliRunner().invoke(cli, [*_WRITERS[command](run, run / "data"), "--force"])
+    assert inside.exit_code == 1 and "part of the training run" in inside.output
+    assert (run / "data" / "valid.jsonl").read_text() == "{}\n"
 
 
 @pytest.mark.parametrize("command", list(_WRITERS))
