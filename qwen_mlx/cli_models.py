@@ -289,3 +289,25 @@ def serve(run_or_adapter, model_dir, gguf, backend, host, port, api_key, cors_or
 
     engine = _engine(run_or_adapter, model_dir, gguf, backend)
     run(engine, host, port, api_key, console, cors_origins)
+
+
+@cli.command("tiny-model")
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    "data_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="JSONL whose text trains the tiny BPE tokenizer (default: built-in sample text).",
+)
+@_force_option
+def tiny_model(out_dir: Path, data_file: Path | None, force: bool) -> None:
+    """Build the offline demo model: a tiny random-weight Qwen2 with a real tokenizer.
+
+    Saved exactly like a downloaded Qwen2.5-Instruct folder, so every command can be tried
+    (and tested) without downloading anything. Its answers are noise until trained.
+    """
+    from qwen_mlx.tiny import build_tiny_model
+
+    path = build_tiny_model(out_dir, data_file=data_file, force=force)
+    console.print(f"[green]✓[/] tiny Qwen2 model written to {path}", highlight=False)

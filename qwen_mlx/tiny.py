@@ -32,7 +32,7 @@ from tokenizers import (
 )
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import atomic_dir, write_json
+from qwen_mlx.fsutil import output_dir, write_json
 
 # Qwen2's pre-tokenizer split (as in its tokenizer.json); llama.cpp and others key on it.
 QWEN2_SPLIT_PATTERN = (
@@ -90,6 +90,7 @@ def build_tiny_model(
     num_kv_heads: int = 2,
     seed: int = 0,
     dtype: str = "bfloat16",
+    force: bool = False,
 ) -> Path:
     """Write a complete tiny Qwen2.5-Instruct-style model folder to ``out_dir``; return it.
 
@@ -115,7 +116,7 @@ def build_tiny_model(
     }
     weights = init_weights(np.random.default_rng(seed), **dims)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
+    with output_dir(out_dir, "tiny-model", force) as tmp:
         write_safetensors(tmp / "model.safetensors", weights, dtype)
         tokenizer.save(str(tmp / "tokenizer.json"), pretty=True)
         tokenizer.model.save(str(tmp))  # vocab.json + merges.txt, as Qwen folders ship them

@@ -69,7 +69,10 @@ def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
 
 
 def test_folder_has_the_files_and_config_of_a_qwen2_5_instruct_download(tiny_model_dir):
-    names = {p.name for p in tiny_model_dir.iterdir()}
+    from qwen_mlx.fsutil import OUTPUT_MARK
+
+    # Besides the marker that lets a rerun of tiny-model replace its own output.
+    names = {p.name for p in tiny_model_dir.iterdir()} - {OUTPUT_MARK}
     assert names == {
         "config.json",
         "generation_config.json",
@@ -407,3 +410,22 @@ def test_bad_data_file_is_a_one_line_user_error(tmp_path, name, content, needle)
 def test_unsupported_dtype_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="dtype"):
         build_tiny_model(tmp_path / "m", dtype="float16")
+
+
+def test_tiny_model_never_replaces_a_folder_it_did_not_write(tmp_path):
+    """A user's folder is left alone (one line; --force to replace), a rerun rebuilds."""
+    from click.testing import CliRunner
+
+    from qwen_mlx.cli import cli
+
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "budget.xlsx").write_text("keep me")
+    refused = CliRunner().invoke(cli, ["tiny-model", str(mine)])
+    assert refused.exit_code != 0 and "--force" in refused.output
+    assert (mine / "budget.xlsx").read_text() == "keep me"
+
+    built = tmp_path / "tiny"
+    for _ in range(2):  # the second run replaces its own earlier output
+        assert CliRunner().invoke(cli, ["tiny-model", str(built)]).exit_code == 0
+    assert (built / "config.json").is_file()
