@@ -226,8 +226,11 @@ class Guard:
 
     def _refusal(self, headers: Headers, path: str) -> Response | None:
         if self.api_key and path != "/health" and not _authorized(headers, self.api_key):
-            return ErrorResponse(401, "invalid or missing API key (Authorization: Bearer KEY)",
-                                 headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
+            return ErrorResponse(
+                401,
+                "invalid or missing API key (Authorization: Bearer KEY)",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body:
             return self._too_large()
@@ -277,9 +280,12 @@ def create_app(server: Server) -> FastAPI:
     install_error_handlers(app)
     app.add_middleware(Guard, api_key=server.api_key, max_body=server.max_body)
     if server.cors_origins:  # outermost, so preflights and errors carry the CORS headers
-        app.add_middleware(CORSMiddleware, allow_origins=server.cors_origins,
-                           allow_methods=["GET", "POST"],
-                           allow_headers=["authorization", "content-type"])  # fmt: skip
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=server.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )
 
     @app.get("/health")
     async def health():
@@ -287,8 +293,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list",
-                "data": [{"id": model_id, "object": "model", "owned_by": "local"}]}  # fmt: skip
+        return {
+            "object": "list",
+            "data": [{"id": model_id, "object": "model", "owned_by": "local"}],
+        }
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
@@ -297,8 +305,12 @@ def create_app(server: Server) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         if req.model not in (None, model_id):
-            return ErrorResponse(404, f"the model `{req.model}` does not exist; this server "
-                                 f"runs `{model_id}`", "model", code="model_not_found")  # fmt: skip
+            return ErrorResponse(
+                404,
+                f"the model `{req.model}` does not exist; this server runs `{model_id}`",
+                "model",
+                code="model_not_found",
+            )
         if server.closing:
             return ErrorResponse(503, "the server is shutting down", kind="server_error")
         settings = server.settings(req)
@@ -324,9 +336,11 @@ def _docs_page(app: FastAPI) -> str:
         for path, ops in app.openapi()["paths"].items()
         for method, op in ops.items()
     )
-    return (f"<!doctype html><meta charset=utf-8><title>qwen-mlx API</title><h1>qwen-mlx API</h1>"
-            f"<p>OpenAI-compatible. Schema: <a href=openapi.json>/openapi.json</a></p>"
-            f"<table>{rows}</table>")  # fmt: skip
+    return (
+        f"<!doctype html><meta charset=utf-8><title>qwen-mlx API</title><h1>qwen-mlx API</h1>"
+        f"<p>OpenAI-compatible. Schema: <a href=openapi.json>/openapi.json</a></p>"
+        f"<table>{rows}</table>"
+    )
 
 
 class Uvicorn(uvicorn.Server):
@@ -343,13 +357,24 @@ class Uvicorn(uvicorn.Server):
 
 
 def make_server(server: Server, host: str, port: int, log_level: str = "warning") -> Uvicorn:
-    config = uvicorn.Config(create_app(server), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=SHUTDOWN_GRACE_S)  # fmt: skip
+    config = uvicorn.Config(
+        create_app(server),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
     return Uvicorn(config, server)
 
 
-def run(engine: Any, host: str, port: int, api_key: str | None, console,
-        cors_origins: tuple[str, ...] = ()) -> None:  # fmt: skip
+def run(
+    engine: Any,
+    host: str,
+    port: int,
+    api_key: str | None,
+    console,
+    cors_origins: tuple[str, ...] = (),
+) -> None:
     """Serve until Ctrl-C or SIGTERM."""
     server = Server(engine, api_key, cors_origins=cors_origins)
     where = f"http://{host}:{port}/v1"

@@ -219,8 +219,14 @@ class ChunkWriter:
         self.ident, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
 
     def event(self, choices: list, **extra) -> bytes:
-        body = {"id": self.ident, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.model, "choices": choices, **extra}  # fmt: skip
+        body = {
+            "id": self.ident,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            **extra,
+        }
         if self.include_usage:  # OpenAI: null on every chunk but the last
             body.setdefault("usage", None)
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n".encode()
