@@ -7,13 +7,15 @@ template is rendered with an unguessable marker in place of each message's text;
 split at its control tokens, and each run between two control tokens (template text and message
 text together) is encoded with control-token strings read as plain characters. Tokenizers
 (transformers and llama.cpp alike) split on control tokens before anything else, so for
-ordinary text the ids are exactly those of the whole string.
+ordinary text the ids are exactly those of the whole string. Tool-call names and arguments and
+the tools' JSON (function calling) are kept apart the same way.
 
 Training, eval, chat and serve all encode conversations here.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from collections.abc import Callable, Iterable
@@ -72,27 +74,64 @@ def _add_template(pieces: list[Piece], text: str, pattern: re.Pattern | None) ->
         _add(pieces, part, control=i % 2 == 1)
 
 
-def template_pieces(
-    render: Callable[[list[dict]], str], messages: list[dict], controls: Iterable[str]
-) -> list[Piece]:
-    """The rendered conversation as control tokens and text runs (message text is text)."""
-    nonce, marked, texts = uuid.uuid4().hex, [], []
-    for i, message in enumerate(messages):
+class _Marks:
+    """Stand-ins rendered in place of what people wrote, each with the text it stands for."""
+
+    def __init__(self) -> None:
+        self.nonce = uuid.uuid4().hex
+        self.texts: dict[str, str] = {}
+
+    def text(self, value: str) -> str:
+        mark = f"\x00{self.nonce}:{len(self.texts)}\x00"
+        self.texts[mark] = value
+        return mark
+
+    def json(self, value: Any) -> dict:
+        """For what the template writes with ``tojson`` (tools, tool-call arguments): the
+        stand-in is an object (transformers accepts only objects as tools), so the render
+        holds its JSON where the JSON of ``value`` goes."""
+        mark = {self.nonce: len(self.texts)}
+        self.texts[json.dumps(mark)] = json.dumps(value, ensure_ascii=False)
+        return mark
+
+    def message(self, message: dict) -> dict:
+        out = dict(message)
         content = message.get("content")
         if isinstance(content, str) and content:  # empty text may change what a template writes
-            marked.append({**message, "content": f"\x00{nonce}:{i}\x00"})
-            texts.append((marked[-1]["content"], content))
-        else:
-            marked.append(message)
+            out["content"] = self.text(content)
+        if message.get("tool_calls"):
+            out["tool_calls"] = [self._call(call) for call in message["tool_calls"]]
+        return out
+
+    def _call(self, call: dict) -> dict:
+        fn = call.get("function", call)
+        marked = {**fn, "name": self.text(fn["name"]), "arguments": self.json(fn["arguments"])}
+        return {**call, "function": marked} if "function" in call else marked
+
+
+def template_pieces(
+    render: Callable[..., str],
+    messages: list[dict],
+    controls: Iterable[str],
+    tools: list[dict] | None = None,
+) -> list[Piece]:
+    """The rendered conversation as control tokens and text runs: message text, tool-call
+    names and arguments and the tools' JSON are text. ``render(messages)`` renders a
+    conversation; with ``tools`` it is called as ``render(messages, tools)``."""
+    marks = _Marks()
+    marked = [marks.message(m) for m in messages]
+    rendered = render(marked) if tools is None else render(marked, [marks.json(t) for t in tools])
     pattern = _control_pattern(tuple(sorted(set(controls))))
     pieces: list[Piece] = []
-    rest = render(marked)
-    for mark, text in texts:
-        before, _, rest = rest.partition(mark)  # a lost marker fails the check below
-        _add_template(pieces, before, pattern)
-        _add(pieces, text)
-    _add_template(pieces, rest, pattern)
-    if "".join(p.text for p in pieces) != render(messages):
+    at = 0
+    if marks.texts:
+        for found in re.finditer("|".join(map(re.escape, marks.texts)), rendered):
+            _add_template(pieces, rendered[at : found.start()], pattern)
+            _add(pieces, marks.texts[found[0]])
+            at = found.end()
+    _add_template(pieces, rendered[at:], pattern)
+    expected = render(messages) if tools is None else render(messages, tools)
+    if "".join(p.text for p in pieces) != expected:
         raise UserError(
             "the model's chat template changes message text (or writes it more than once), so "
             "message text cannot be kept apart from control tokens; use Qwen's ChatML template"
@@ -148,13 +187,18 @@ def hf_text(tokenizer: Any, text: str, offsets: bool = False) -> Any:
     )
 
 
-def hf_pieces(tokenizer: Any, messages: list[dict], generation_prompt: bool = False):
-    def render(conversation: list[dict]) -> str:
+def hf_pieces(
+    tokenizer: Any,
+    messages: list[dict],
+    generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+) -> list[Piece]:
+    def render(conversation: list[dict], tools: list | None = None) -> str:
         return tokenizer.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=generation_prompt
+            conversation, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
         )
 
-    return template_pieces(render, messages, hf_controls(tokenizer))
+    return template_pieces(render, messages, hf_controls(tokenizer), tools)
 
 
 def hf_encode(tokenizer: Any, pieces: list[Piece]) -> tuple[list[int], list[int]]:

@@ -119,7 +119,7 @@ def download(repo_id: str, local_dir: Path | None, revision: str | None) -> None
 
 @cli.group(cls=_Group)
 def data() -> None:
-    """Prepare and inspect datasets (jsonl/json/csv/parquet; alpaca, chat, sharegpt, …)."""
+    """Prepare and inspect datasets (jsonl/json/csv/parquet/txt; chat, sharegpt, alpaca, …)."""
 
 
 SHOWN_BAD_RECORDS = 20
@@ -145,6 +145,24 @@ def _bad_records_listed(label: str):
     except NothingUsable as err:
         _list_bad_records(err.problems, label)
         raise
+
+
+_preferences_option = click.option(
+    "--sft-from-preferences",
+    is_flag=True,
+    help="Read preference data (chosen/rejected, KTO label) as SFT: the chosen answers only.",
+)
+
+
+def _fill_values(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
+    """``--fill name=value`` options as a dict."""
+    out = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not (sep and name.strip()):
+            raise click.BadParameter(f"{value!r}: expected NAME=VALUE, e.g. --fill name=报销助手")
+        out[name.strip()] = text
+    return out
 
 
 @data.command("prepare")
@@ -174,6 +192,14 @@ def _bad_records_listed(label: str):
 )
 @click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split.")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+@_preferences_option
+@click.option(
+    "--fill",
+    multiple=True,
+    callback=_fill_values,
+    metavar="NAME=VALUE",
+    help="Value for the {{NAME}} placeholders in the records (repeatable).",
+)
 def data_prepare(
     inputs: tuple[Path, ...],
     out_dir: Path,
@@ -181,12 +207,15 @@ def data_prepare(
     test_ratio: float,
     seed: int,
     strict: bool,
+    sft_from_preferences: bool,
+    fill: dict[str, str],
 ) -> None:
     """Normalize INPUT files into chat JSONL and split them (seeded) into train/valid/test.
 
-    Formats are detected per record: instruction/input/output (+system, history), messages,
-    conversations (sharegpt), prompt/completion, text. Bad records are listed by file:line
-    and skipped (or fatal with --strict); exact duplicates are removed.
+    Formats are detected per record: messages (OpenAI, with tools), conversations (sharegpt,
+    with function_call/observation), conversation (Firefly), instruction/input/output,
+    prompt/completion, prompt/response, query/response, text, and .txt paragraphs. Bad records
+    are listed by file:line and skipped (or fatal with --strict); exact duplicates are removed.
     """
     from qwen_mlx.dataprep import prepare
 
@@ -198,9 +227,13 @@ def data_prepare(
             test_ratio=test_ratio,
             seed=seed,
             strict=strict,
+            from_preferences=sft_from_preferences,
+            fill=fill,
         )
     _list_bad_records(result.report.problems, "skipped", "all in report.json")
     console.print(result.report.summary(), highlight=False)
+    for warning in result.report.warnings():
+        err_console.print(f"[yellow]warning[/] {escape(warning)}", highlight=False)
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     console.print(f"[green]✓[/] wrote {counts} → {out_dir}", highlight=False)
 
@@ -216,12 +249,19 @@ def data_prepare(
 )
 @click.option("--max-seq-length", type=click.IntRange(16), default=1024, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
-def data_stats(path: Path, model_dir: Path | None, max_seq_length: int, as_json: bool) -> None:
+@_preferences_option
+def data_stats(
+    path: Path,
+    model_dir: Path | None,
+    max_seq_length: int,
+    as_json: bool,
+    sft_from_preferences: bool,
+) -> None:
     """Counts, formats, token-length percentiles and truncation at --max-seq-length."""
     from qwen_mlx.dataprep import stats
 
     with _bad_records_listed("bad record"):
-        result = stats(path, model_dir, max_seq_length)
+        result = stats(path, model_dir, max_seq_length, sft_from_preferences)
     if as_json:
         click.echo(json.dumps(result, ensure_ascii=False, indent=2))
         return

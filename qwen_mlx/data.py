@@ -1,8 +1,9 @@
-"""Dataset reading and normalization: any supported format → chat records.
+"""Dataset reading: files of any supported format → normalized chat records.
 
-Each input record becomes ``{"messages": [...]}`` (system/user/assistant turns, last one from
-the assistant) or, for plain domain text meant for continued pre-training, ``{"text": ...}``.
-The format is detected per record, so a file may mix them. Bad records are never dropped
+Each input record becomes ``{"messages": [...]}`` (system/user/assistant/tool turns, last one
+from the assistant) or, for plain domain text meant for continued pre-training, ``{"text": ...}``
+(the formats: :mod:`qwen_mlx.data_formats`). The format is detected per record, so a file may mix
+them; preference data is told apart (:mod:`qwen_mlx.data_prefs`). Bad records are never dropped
 silently: each is reported with ``file:line`` and the reason, and ``strict`` makes the first
 one fatal. Exact duplicates are removed and counted.
 """
@@ -14,26 +15,17 @@ import json
 import random
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qwen_mlx.data_formats import fill_placeholders, normalize
+from qwen_mlx.data_prefs import preference_kind, refusal, sft_record
+from qwen_mlx.data_tools import RecordError
 from qwen_mlx.errors import UserError
 
-Messages = list[dict[str, str]]
-
-SHAREGPT_ROLES = {
-    "human": "user",
-    "user": "user",
-    "gpt": "assistant",
-    "assistant": "assistant",
-    "system": "system",
-}
-
-
-class RecordError(ValueError):
-    """One record is unusable; the message is the reason shown to the user."""
+__all__ = ["RecordError", "load_records", "normalize", "read_raw", "split_records"]
 
 
 @dataclass
@@ -61,6 +53,10 @@ class LoadReport:
     duplicates: int = 0
     problems: list[Problem] = field(default_factory=list)
     formats: Counter = field(default_factory=Counter)
+    preferences: Counter = field(
+        default_factory=Counter
+    )  # --sft-from-preferences: what became of them
+    placeholders: Counter = field(default_factory=Counter)  # unfilled {{name}} → records
 
     @property
     def skipped(self) -> int:
@@ -75,124 +71,16 @@ class LoadReport:
             reasons = Counter(p.reason.split(":")[0] for p in self.problems)
             why = "; ".join(f"{n}× {r}" for r, n in reasons.most_common(3))
             parts.append(f"{self.skipped} bad records skipped ({why})")
+        parts += [f"{n} {what}" for what, n in self.preferences.items()]
         return ", ".join(parts)
 
-
-# ---------------------------------------------------------------- format detection
-
-
-def _text(value: Any, what: str) -> str:
-    """Message content as a string; OpenAI-style lists of text parts are joined."""
-    if isinstance(value, list):
-        parts = []
-        for part in value:
-            if not (isinstance(part, dict) and part.get("type") == "text"):
-                raise RecordError(f"{what}: only text content parts are supported")
-            parts.append(_text(part.get("text"), what))
-        value = "".join(parts)
-    if not isinstance(value, str):
-        raise RecordError(f"{what}: expected a string, got {type(value).__name__}")
-    if not value.strip():
-        raise RecordError(f"{what}: empty text")
-    return value
-
-
-def _from_alpaca(obj: dict) -> Messages:
-    instruction = _text(obj.get("instruction"), "instruction")
-    extra = obj.get("input")
-    user = instruction if extra in (None, "") else f"{instruction}\n\n{_text(extra, 'input')}"
-    messages: Messages = []
-    if obj.get("system") not in (None, ""):
-        messages.append({"role": "system", "content": _text(obj["system"], "system")})
-    history = obj.get("history") or []
-    if not isinstance(history, list):
-        raise RecordError("history: expected a list of [question, answer] pairs")
-    for i, pair in enumerate(history):
-        if not (isinstance(pair, list | tuple) and len(pair) == 2):
-            raise RecordError(f"history[{i}]: expected a [question, answer] pair")
-        messages.append({"role": "user", "content": _text(pair[0], f"history[{i}][0]")})
-        messages.append({"role": "assistant", "content": _text(pair[1], f"history[{i}][1]")})
-    messages.append({"role": "user", "content": user})
-    messages.append({"role": "assistant", "content": _text(obj.get("output"), "output")})
-    return messages
-
-
-def _from_messages(obj: dict) -> Messages:
-    turns = obj["messages"]
-    if not isinstance(turns, list):
-        raise RecordError("messages: expected a list")
-    out = []
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError(f"messages[{i}]: expected an object with role and content")
-        role = turn.get("role")
-        if role not in ("system", "user", "assistant"):
-            raise RecordError(f"messages[{i}]: unsupported role {role!r}")
-        out.append({"role": role, "content": _text(turn.get("content"), f"messages[{i}]")})
-    return out
-
-
-def _from_sharegpt(obj: dict) -> Messages:
-    turns = obj["conversations"]
-    if not isinstance(turns, list):
-        raise RecordError("conversations: expected a list")
-    out = []
-    if obj.get("system") not in (None, ""):
-        out.append({"role": "system", "content": _text(obj["system"], "system")})
-    for i, turn in enumerate(turns):
-        if not isinstance(turn, dict):
-            raise RecordError(f"conversations[{i}]: expected an object with from and value")
-        role = SHAREGPT_ROLES.get(str(turn.get("from")).lower())
-        if role is None:
-            raise RecordError(f"conversations[{i}]: unsupported role {turn.get('from')!r}")
-        out.append({"role": role, "content": _text(turn.get("value"), f"conversations[{i}]")})
-    return out
-
-
-def _from_completion(obj: dict) -> Messages:
-    return [
-        {"role": "user", "content": _text(obj.get("prompt"), "prompt")},
-        {"role": "assistant", "content": _text(obj.get("completion"), "completion")},
-    ]
-
-
-# Detection order matters: the first key present decides the format.
-FORMATS: dict[str, tuple[str, Callable[[dict], Messages]]] = {
-    "messages": ("chat", _from_messages),
-    "conversations": ("sharegpt", _from_sharegpt),
-    "instruction": ("alpaca", _from_alpaca),
-    "prompt": ("completion", _from_completion),
-}
-
-
-def _check_turns(messages: Messages) -> None:
-    roles = [m["role"] for m in messages]
-    if "user" not in roles:
-        raise RecordError("no user turn")
-    if roles[-1] != "assistant":
-        raise RecordError("last message must come from the assistant")
-    if "system" in roles[1:]:
-        raise RecordError("a system turn may only come first")
-
-
-def normalize(obj: Any, system_prompt: str | None = None) -> tuple[dict[str, Any], str]:
-    """Turn one raw record into a normalized one; return it with its format's name."""
-    if not isinstance(obj, dict):
-        raise RecordError(f"expected a JSON object, got {type(obj).__name__}")
-    for key, (name, convert) in FORMATS.items():
-        if key in obj:
-            messages = convert(obj)
-            _check_turns(messages)
-            if system_prompt and messages[0]["role"] != "system":
-                messages.insert(0, {"role": "system", "content": system_prompt})
-            return {"messages": messages}, name
-    if "text" in obj:
-        return {"text": _text(obj["text"], "text")}, "text"
-    keys = ", ".join(sorted(map(str, obj))) or "none"
-    raise RecordError(
-        "unknown format: expected messages, conversations, instruction/output, "
-        f"prompt/completion or text (keys: {keys})"
-    )
+    def warnings(self) -> list[str]:
+        """What the user should act on although the records were kept."""
+        if not self.placeholders:
+            return []
+        names = ", ".join(f"{{{{{k}}}}} in {n}" for k, n in self.placeholders.most_common())
+        fills = " ".join(f"--fill {k}=…" for k in sorted(self.placeholders))
+        return [f"placeholders left in records ({names}): fill them with {fills}"]
 
 
 # ---------------------------------------------------------------- reading files
@@ -292,8 +180,23 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         yield number, {k: v for k, v in row.items() if v is not None}
 
 
+def _read_txt(path: Path) -> Iterator[tuple[int, Any]]:
+    """Domain text for continued pre-training: each paragraph (blank-line separated) a record."""
+    lines: list[str] = []
+    start = 0
+    with open(path, encoding="utf-8-sig", newline=None) as fh:
+        for lineno, line in enumerate([*fh, ""], start=1):  # the "" ends the last paragraph
+            if line.strip():
+                start = start or lineno
+                lines.append(line)
+            elif lines:
+                yield start, {"text": "".join(lines).rstrip("\n")}
+                lines, start = [], 0
+
+
 READERS = {
     ".jsonl": _read_jsonl,
+    ".txt": _read_txt,
     ".json": _read_json,
     ".csv": _read_csv,
     ".parquet": _read_parquet,
@@ -323,37 +226,86 @@ def _dedup_key(data: dict[str, Any]) -> str:
     return json.dumps(data, ensure_ascii=False, sort_keys=True)
 
 
+@dataclass
+class ReadOptions:
+    """How records are read: see :func:`load_records`."""
+
+    system_prompt: str | None = None
+    strict: bool = False
+    from_preferences: bool = False
+    fill: dict[str, str] = field(default_factory=dict)
+
+
+PREFERENCE_COUNTS = {
+    "pair": "preference pairs trained on their chosen answer",
+    "kto": "KTO records trained (label true)",
+}
+
+
+def _sft_view(obj: Any, source: str, options: ReadOptions, report: LoadReport) -> Any:
+    """The record to train on: preference data is refused, or reduced to its chosen answer
+    (None for a KTO ``label: false`` record, which is counted and left out)."""
+    kind = preference_kind(obj)
+    if kind is None:
+        return obj
+    if not options.from_preferences:
+        raise refusal(source, kind)
+    sft = sft_record(obj, kind)
+    counted = PREFERENCE_COUNTS[kind] if sft is not None else "KTO records left out (label false)"
+    report.preferences[counted] += 1
+    return sft
+
+
+def _read_one(obj: Any, source: str, options: ReadOptions, report: LoadReport):
+    """``(normalized record, format)`` of one raw record, or None when it is not kept."""
+    try:
+        if isinstance(obj, RecordError):
+            raise obj
+        obj = _sft_view(obj, source, options, report)
+        if obj is None:
+            return None
+        data, fmt = normalize(obj, options.system_prompt)
+    except RecordError as err:
+        if options.strict:
+            hint = "--strict stops at the first bad record"
+            raise UserError(f"{source}: {err} ({hint})") from None
+        report.problems.append(Problem(source, str(err)))
+        return None
+    report.placeholders.update(fill_placeholders(data, options.fill))
+    return data, fmt
+
+
 def load_records(
     paths: list[str | Path] | tuple[str | Path, ...],
     *,
     system_prompt: str | None = None,
     strict: bool = False,
     dedup: bool = True,
+    from_preferences: bool = False,
+    fill: dict[str, str] | None = None,
 ) -> tuple[list[Record], LoadReport]:
-    """Read and normalize every record of ``paths``; bad ones go to the report (or raise)."""
+    """Read and normalize every record of ``paths``; bad ones go to the report (or raise).
+
+    Preference data is refused unless ``from_preferences`` (then the chosen answers are kept);
+    ``fill`` gives values for ``{{name}}`` placeholders.
+    """
+    options = ReadOptions(system_prompt, strict, from_preferences, dict(fill or {}))
     report = LoadReport()
     records: list[Record] = []
     seen: set[str] = set()
     for path in paths:
         for lineno, obj in read_raw(path):
             source = f"{path}:{lineno}"
-            try:
-                if isinstance(obj, RecordError):
-                    raise obj
-                data, fmt = normalize(obj, system_prompt)
-            except RecordError as err:
-                if strict:
-                    hint = "--strict stops at the first bad record"
-                    raise UserError(f"{source}: {err} ({hint})") from None
-                report.problems.append(Problem(source, str(err)))
+            read = _read_one(obj, source, options, report)
+            if read is None:
                 continue
-            key = _dedup_key(data)
+            key = _dedup_key(read[0])
             if dedup and key in seen:
                 report.duplicates += 1
                 continue
             seen.add(key)
-            report.formats[fmt] += 1
-            records.append(Record(data, source))
+            report.formats[read[1]] += 1
+            records.append(Record(read[0], source))
     report.kept = len(records)
     return records, report
 

@@ -32,9 +32,10 @@ class NothingUsable(UserError):
         self.problems = problems
 
 
-def _load_usable(inputs: list[str | Path], strict: bool = False) -> tuple[list[Record], LoadReport]:
-    """The records of ``inputs``; :class:`NothingUsable` when there are none."""
-    records, report = load_records(inputs, strict=strict)
+def _load_usable(inputs: list[str | Path], **options: Any) -> tuple[list[Record], LoadReport]:
+    """The records of ``inputs`` (``options``: :func:`load_records`'); :class:`NothingUsable`
+    when there are none."""
+    records, report = load_records(inputs, **options)
     if not records:
         where = ", ".join(map(str, inputs))
         raise NothingUsable(f"no usable records in {where}: {report.summary()}", report.problems)
@@ -56,10 +57,14 @@ def prepare(
     test_ratio: float = 0.0,
     seed: int = 42,
     strict: bool = False,
+    from_preferences: bool = False,
+    fill: dict[str, str] | None = None,
 ) -> PrepareResult:
     """Normalize ``inputs`` and write the seeded split into ``out_dir``."""
     out_dir = Path(out_dir)
-    records, report = _load_usable(inputs, strict)
+    records, report = _load_usable(
+        inputs, strict=strict, from_preferences=from_preferences, fill=fill
+    )
     parts = split_records(records, valid_ratio, test_ratio, seed)
     counts = {}
     for name in ("train", "valid", "test"):
@@ -74,6 +79,8 @@ def prepare(
             "counts": counts,
             "formats": dict(report.formats),
             "duplicates_removed": report.duplicates,
+            "preferences": dict(report.preferences),
+            "placeholders_left": dict(report.placeholders),
             "skipped": [{"source": p.source, "reason": p.reason} for p in report.problems],
         },
     )
@@ -100,10 +107,13 @@ def _turn_counts(records: list[dict]) -> dict[str, int]:
 
 
 def stats(
-    path: str | Path, model_dir: str | Path | None = None, max_seq_length: int = 1024
+    path: str | Path,
+    model_dir: str | Path | None = None,
+    max_seq_length: int = 1024,
+    from_preferences: bool = False,
 ) -> dict[str, Any]:
     """Describe a dataset file; token statistics need ``model_dir`` (its tokenizer)."""
-    records, report = _load_usable([path])
+    records, report = _load_usable([path], from_preferences=from_preferences)
     data = [r.data for r in records]
     result: dict[str, Any] = {
         "file": str(path),
@@ -112,6 +122,8 @@ def stats(
         "problems": [str(p) for p in report.problems],
         "duplicates_removed": report.duplicates,
         "formats": dict(report.formats),
+        "preferences": dict(report.preferences),
+        "placeholders_left": dict(report.placeholders),
         **_turn_counts(data),
         "characters": _percentiles([len(str(d)) for d in data]),
     }

@@ -91,21 +91,26 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tokenizer
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+def _render(
+    tokenizer: Any, messages: list[dict], generation_prompt: bool = False, tools: Any = None
+) -> str:
     return tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=generation_prompt
+        messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
     )
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant turn."""
-    full = _render(tokenizer, messages)
+def assistant_spans(
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character span of every assistant turn that is
+    trained: its text and tool calls, not a turn with ``weight: 0`` and not tool results."""
+    full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or message.get("weight") == 0:
             continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1])
+        prefix = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
+        upto = _render(tokenizer, messages[: i + 1], tools=tools)
         start = len(prefix)
         if not full.startswith(upto) or not upto.startswith(prefix):
             raise UserError(
@@ -117,11 +122,13 @@ def assistant_spans(tokenizer: Any, messages: list[dict]) -> tuple[str, list[tup
     return full, spans
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], mask_prompt: bool = True) -> Sample:
-    ids, starts = hf_encode(tokenizer, hf_pieces(tokenizer, messages))
+def encode_chat(
+    tokenizer: Any, messages: list[dict], mask_prompt: bool = True, tools: list | None = None
+) -> Sample:
+    ids, starts = hf_encode(tokenizer, hf_pieces(tokenizer, messages, tools=tools))
     if not mask_prompt:
         return Sample(ids, [0] + [1] * (len(ids) - 1))
-    _full, spans = assistant_spans(tokenizer, messages)
+    _full, spans = assistant_spans(tokenizer, messages, tools)
     mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
     return Sample(ids, mask)
 
@@ -142,7 +149,7 @@ def encode_text(tokenizer: Any, text: str) -> Sample:
 
 def encode_record(tokenizer: Any, data: dict, mask_prompt: bool = True) -> Sample:
     if "messages" in data:
-        return encode_chat(tokenizer, data["messages"], mask_prompt)
+        return encode_chat(tokenizer, data["messages"], mask_prompt, data.get("tools"))
     return encode_text(tokenizer, data["text"])
 
 

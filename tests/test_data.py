@@ -102,14 +102,14 @@ def test_config_system_prompt_only_where_missing():
 @pytest.mark.parametrize(
     ("obj", "reason"),
     [
-        ({"instruction": "q"}, "output: expected a string"),
+        ({"instruction": "q"}, "output: missing (read as alpaca because of 'instruction'"),
         ({"instruction": "q", "output": "   "}, "output: empty text"),
         (
             {"messages": [{"role": "user", "content": "q"}]},
             "last message must come from the assistant",
         ),
         ({"messages": [{"role": "assistant", "content": "a"}]}, "no user turn"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "unsupported role 'tool'"),
+        ({"messages": [{"role": "critic", "content": "x"}]}, "unsupported role 'critic'"),
         ({"conversations": [{"from": "bot", "value": "x"}]}, "unsupported role 'bot'"),
         ({"question": "q", "answer": "a"}, "unknown format"),
         (["not", "an", "object"], "expected a JSON object"),
@@ -200,9 +200,9 @@ def test_json_list_csv_and_parquet(tmp_path):
 
 
 def test_unsupported_and_missing_files(tmp_path):
-    (tmp_path / "d.txt").write_text("x")
+    (tmp_path / "d.docx").write_text("x")
     with pytest.raises(UserError, match="unsupported file type"):
-        load_records([tmp_path / "d.txt"])
+        load_records([tmp_path / "d.docx"])
     with pytest.raises(UserError, match="data file not found"):
         load_records([tmp_path / "missing.jsonl"])
     (tmp_path / "gbk.jsonl").write_bytes('{"text": "报销"}\n'.encode("gbk"))
