@@ -323,11 +323,14 @@ def load_for_inference(model_dir: Path, adapter_dir: Path | None = None) -> Load
     from mlx_lm.utils import load
 
     from qwen_mlx.backends.mlx_model import apply_adapter
+    from qwen_mlx.families import family_of
+    from qwen_mlx.model_files import read_model_config
 
+    family = family_of(read_model_config(Path(model_dir)), model_dir)
     model, tokenizer = load(str(model_dir))
     if adapter_dir is not None:
         apply_adapter(model, Path(adapter_dir))
-    for stop in ("<|im_end|>", "<|endoftext|>"):  # ChatML turn end, even without a config
+    for stop in family.stop_tokens:  # the turn's end, even where no config names it
         if stop in tokenizer.get_vocab():
             tokenizer.add_eos_token(stop)
     model.eval()

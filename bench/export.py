@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx import ggml_floats
+from qwen_mlx.families import QWEN2
 from qwen_mlx.tensor_io import SafetensorsWriter, f32_to_bf16, save_f32
-from qwen_mlx.tiny import chat_template, padded_vocab_size, train_tokenizer
+from qwen_mlx.tiny import padded_vocab_size, train_tokenizer
 
 QWEN25_05B = {
     "architectures": ["Qwen2ForCausalLM"],
@@ -89,26 +90,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 
 
 def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    e, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    kv = c["num_key_value_heads"] * e // c["num_attention_heads"]
-    shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (e,),
-            p + "post_attention_layernorm.weight": (e,),
-            p + "self_attn.q_proj.weight": (e, e),
-            p + "self_attn.q_proj.bias": (e,),
-            p + "self_attn.k_proj.weight": (kv, e),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, e),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (e, e),
-            p + "mlp.gate_proj.weight": (f, e),
-            p + "mlp.up_proj.weight": (f, e),
-            p + "mlp.down_proj.weight": (e, f),
-        }
-    return dict(sorted(shapes.items()))
+    return dict(sorted(QWEN2.tensor_shapes(c).items()))
 
 
 def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -137,9 +119,10 @@ def _synthetic_tokenizer(tiny_spec: dict) -> dict:
                 merges.append([left, right])
                 pieces.append(token)
     added = []
-    names = ["endoftext", "im_start", "im_end"] + [f"extra_{i}" for i in range(N_ADDED - 3)]
-    for i, name in enumerate(names):
-        added.append({**tiny_spec["added_tokens"][0], "id": N_BPE + i, "content": f"<|{name}|>"})
+    specials = QWEN2.special_tokens
+    extras = [f"<|extra_{i}|>" for i in range(N_ADDED - len(specials))]
+    for i, content in enumerate([*specials, *extras]):
+        added.append({**tiny_spec["added_tokens"][0], "id": N_BPE + i, "content": content})
     spec = dict(tiny_spec)
     spec["model"] = {**tiny_spec["model"], "vocab": vocab, "merges": merges}
     spec["added_tokens"] = added
@@ -153,12 +136,12 @@ def _tokenizer_config(added: list[dict]) -> dict:
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
         "bos_token": None,
-        "chat_template": chat_template(),
+        "chat_template": QWEN2.chat_template(),
         "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
+        "eos_token": QWEN2.turn_end,
         "errors": "replace",
         "model_max_length": 131072,
-        "pad_token": "<|endoftext|>",
+        "pad_token": QWEN2.document_end,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,

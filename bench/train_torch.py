@@ -51,13 +51,14 @@ OPTIONS = {  # variant suffix -> config overrides
 
 def make_model(folder: Path, shape: str) -> None:
     """A random-weight Qwen2 folder of the given shape (bf16, tied, like Qwen2.5)."""
-    from qwen_mlx.tiny import init_weights, write_safetensors
+    from qwen_mlx.tensor_io import save_tensors
+    from qwen_mlx.tiny import init_weights
 
     e, f, layers, heads, kv, vocab = SHAPES[shape]
     dims = dict(vocab_size=vocab, hidden_size=e, intermediate_size=f, num_hidden_layers=layers,
                 num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
-    write_safetensors(folder / "model.safetensors", init_weights(np.random.default_rng(0), **dims),
-                      "bfloat16")  # fmt: skip
+    weights = init_weights(np.random.default_rng(0), dims)
+    save_tensors(folder / "model.safetensors", weights, "BF16")
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
               "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
               "tie_word_embeddings": True, "torch_dtype": "bfloat16", **dims}  # fmt: skip

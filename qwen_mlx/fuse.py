@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +24,9 @@ from qwen_mlx.progress import byte_progress
 from qwen_mlx.tensor_io import (
     SafetensorsWriter,
     TensorRef,
+    encode_rows,
     f32_to_storage,
     model_tensors,
-    to_f32,
 )
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -58,14 +59,10 @@ def check_adapter_fits(adapter: Adapter, tensors: dict[str, TensorRef]) -> None:
 
 def fused_blocks(ref: TensorRef, pair: LoraPair | None, out_dtype: str) -> Iterator[np.ndarray]:
     """The tensor in blocks of rows, LoRA update added in float32, encoded as ``out_dtype``."""
+    encode = partial(f32_to_storage, dtype=out_dtype)
+    unchanged = (lambda raw: raw) if out_dtype == ref.dtype else None
     for start, stop, raw in ref.blocks():
-        if pair is None and out_dtype == ref.dtype:
-            yield raw
-            continue
-        values = to_f32(raw, ref.dtype)
-        if pair is not None:
-            values += pair.delta(start, stop)
-        yield f32_to_storage(values, out_dtype)
+        yield encode_rows(raw, ref.dtype, (start, stop), pair, encode, unchanged)
 
 
 def _shards(names: list[str], tensors: dict[str, TensorRef], limit: int) -> list[list[str]]:

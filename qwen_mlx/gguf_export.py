@@ -1,4 +1,4 @@
-"""``qwen-mlx export``: our own Hugging Face Qwen2 → GGUF writer (for llama.cpp and ollama).
+"""``qwen-mlx export``: our own Hugging Face → GGUF writer (for llama.cpp and ollama).
 
 Built on the ``gguf`` package, with the format facts checked against llama.cpp's converter.
 Tensors are streamed: the header (metadata and the tensor table, whose sizes are known in
@@ -25,6 +25,7 @@ import numpy as np
 from qwen_mlx import gguf_tensors as gt
 from qwen_mlx.adapters import Adapter, Source, resolve_source
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import Family, family_of
 from qwen_mlx.fsutil import atomic_path
 from qwen_mlx.fuse import check_adapter_fits
 from qwen_mlx.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
@@ -42,7 +43,6 @@ from qwen_mlx.tensor_io import model_tensors
 
 QUANT_CHOICES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
 LORA_QUANTS = ("f32", "f16", "bf16")
-_ARCHITECTURES = ("Qwen2ForCausalLM",)
 _WORKERS = min(4, os.cpu_count() or 1)  # threads encoding tensor blocks
 
 
@@ -65,19 +65,24 @@ def _gguf():
 # ---------------------------------------------------------------- metadata
 
 
-def check_architecture(model_dir: Path) -> dict:
-    """config.json of a Qwen2/2.5 causal LM; anything else is a one-line error."""
+def check_architecture(model_dir: Path) -> tuple[dict, Family]:
+    """config.json of a supported causal LM and its family; anything else is one error line."""
     config = read_model_config(model_dir)
-    archs = config.get("architectures") or ["Qwen2ForCausalLM"]
-    if config.get("model_type") != "qwen2" or archs[0] not in _ARCHITECTURES:
-        raise UserError(
-            f"{model_dir} is {archs[0]} (model_type {config.get('model_type')}); "
-            "GGUF export supports Qwen2/Qwen2.5 (Qwen2ForCausalLM) only"
-        )
+    family = family_of(config, model_dir)
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
         if not isinstance(config.get(key), int):
             raise UserError(f"{model_dir}/config.json lacks {key}")
-    return config
+    return config, family
+
+
+def _name_map(gguf, config: dict, family: Family):
+    """gguf's Hugging Face → GGUF tensor names for this architecture and layer count."""
+    arch = gguf.MODEL_ARCH[family.gguf_arch]
+    return gguf.get_tensor_name_map(arch, config["num_hidden_layers"])
+
+
+def _writer(gguf, path: Path, family: Family):
+    return gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.gguf_arch]])
 
 
 def rope_parameters(config: dict) -> dict:
@@ -141,7 +146,7 @@ def _add_sampling(writer, model_dir: Path) -> None:
 
 
 def add_model_metadata(writer, gguf, config: dict, model_dir: Path, name: str, file_type) -> None:
-    """The ``general.*`` and ``qwen2.*`` keys llama.cpp needs to build the model."""
+    """The ``general.*`` and architecture keys (``qwen2.*``) llama.cpp needs to build the model."""
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     writer.add_file_type(int(gguf.LlamaFileType[file_type]))
@@ -210,13 +215,13 @@ def write_model_gguf(
 ) -> list[str]:
     """Write the (adapter-fused) model at ``model_dir`` as a GGUF; return any notes."""
     gguf = _gguf()
-    config = check_architecture(model_dir)
+    config, family = check_architecture(model_dir)
     tensors = model_tensors(model_dir)
     if adapter is not None:
         check_adapter_fits(adapter, tensors)
-    vocab: GGUFVocab = read_vocab(model_dir, config)
-    jobs, notes = gt.model_jobs(gguf, tensors, config["num_hidden_layers"], adapter, quant)
-    writer = gguf.GGUFWriter(path, "qwen2")
+    vocab: GGUFVocab = read_vocab(model_dir, config, family)
+    jobs, notes = gt.model_jobs(gguf, tensors, _name_map(gguf, config, family), adapter, quant)
+    writer = _writer(gguf, path, family)
     add_model_metadata(writer, gguf, config, model_dir, name, gt.QUANTS[quant].file_type)
     add_vocab(writer, vocab)
     notes += _write(writer, jobs, description)
@@ -226,10 +231,10 @@ def write_model_gguf(
 def write_lora_gguf(path: Path, source: Source, quant: str, name: str) -> list[str]:
     """Write ``source.adapter`` as a LoRA GGUF (llama.cpp ``--lora``, ollama ``ADAPTER``)."""
     gguf = _gguf()
-    config = check_architecture(source.model_dir)
+    config, family = check_architecture(source.model_dir)
     check_adapter_fits(source.adapter, model_tensors(source.model_dir))
-    jobs, alpha = gt.lora_jobs(gguf, source.adapter, config["num_hidden_layers"], quant)
-    writer = gguf.GGUFWriter(path, "qwen2")
+    jobs, alpha = gt.lora_jobs(gguf, source.adapter, _name_map(gguf, config, family), quant)
+    writer = _writer(gguf, path, family)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -334,8 +339,10 @@ def _model_name(path: Path) -> str:
 
 
 def _finish(out: Path, source: Source, name: str, ollama: str | None, notes: list[str]):
-    system = source.system_prompt or default_system(default_chat_template(source.model_dir))
-    modelfile = write_modelfile(out, system)
+    _, family = check_architecture(source.model_dir)
+    template = default_chat_template(source.model_dir)
+    system = source.system_prompt or default_system(template, family)
+    modelfile = write_modelfile(out, system, family)
     notes += [source.qlora_note] if source.qlora_note else []
     command = ollama_command(ollama or name, modelfile)
     if ollama:

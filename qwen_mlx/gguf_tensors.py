@@ -1,4 +1,4 @@
-"""Which GGUF tensors a Qwen2 model (or LoRA adapter) becomes, their types, and their bytes.
+"""Which GGUF tensors a model (or LoRA adapter) becomes, their types, and their bytes.
 
 Type rules follow llama.cpp's converter: norms, biases and other 1-D tensors stay F32; the
 matrices take the requested type; a matrix whose row length is not a multiple of the type's
@@ -16,12 +16,13 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
 from qwen_mlx.adapters import Adapter, LoraPair
 from qwen_mlx.errors import UserError
-from qwen_mlx.tensor_io import TensorRef, bf16_to_f16, f32_to_bf16, f32_to_f16, to_f32
+from qwen_mlx.tensor_io import TensorRef, bf16_to_f16, encode_rows, f32_to_bf16, f32_to_f16
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,12 @@ class EncodedBlock:
 
 
 def _encode_rows(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.ndarray:
+    # With a LoRA update, encoded straight from float32: rounding the fused weight to the
+    # base's bf16 first (as a fused folder stores it) would cost f16 three bits of precision.
     dtype = job.ref.dtype
-    direct = _DIRECT.get((dtype, job.qtype.name)) if job.pair is None else None
-    if direct is not None:
-        return direct(raw)
-    values = to_f32(raw, dtype)
-    if job.pair is not None:
-        # Encoded straight from float32: rounding the fused weight to the base's bf16 first
-        # (as a fused folder stores it) would cost f16 three bits of precision.
-        values += job.pair.delta(start, stop)
-    return encode(values, job.qtype)
+    direct = _DIRECT.get((dtype, job.qtype.name))
+    encoder = partial(encode, qtype=job.qtype)
+    return encode_rows(raw, dtype, (start, stop), job.pair, encoder, direct)
 
 
 def _block(job: TensorJob, rows: tuple[int, int] | None, last: bool, files: dict) -> EncodedBlock:
@@ -200,16 +197,16 @@ def _order(name: str) -> tuple[int, str]:
 def gguf_name(name_map, hf_name: str) -> str:
     found = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if found is None:
-        raise UserError(f"tensor {hf_name} is not part of a Qwen2 model; cannot export it")
+        raise UserError(f"tensor {hf_name} is not part of this architecture; cannot export it")
     return found
 
 
 def model_jobs(
-    gguf, tensors: dict[str, TensorRef], n_layers: int, adapter: Adapter | None, quant: str
+    gguf, tensors: dict[str, TensorRef], name_map, adapter: Adapter | None, quant: str
 ) -> tuple[list[TensorJob], list[str]]:
-    """The model's GGUF tensors in file order, plus notes about type fallbacks."""
+    """The model's GGUF tensors in file order, plus notes about type fallbacks; ``name_map``
+    is gguf's Hugging Face → GGUF name table of the model's architecture."""
     spec = QUANTS[quant]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
     # Tied models (Qwen2.5 0.5B–3B) have no lm_head: the embedding doubles as the output.
     output = "output.weight" if "lm_head.weight" in tensors else "token_embd.weight"
     jobs, notes = [], []
@@ -224,14 +221,13 @@ def model_jobs(
     return sorted(jobs, key=lambda job: _order(job.name)), notes
 
 
-def lora_jobs(gguf, adapter: Adapter, n_layers: int, quant: str) -> tuple[list[TensorJob], float]:
+def lora_jobs(gguf, adapter: Adapter, name_map, quant: str) -> tuple[list[TensorJob], float]:
     """The adapter's ``.lora_a`` / ``.lora_b`` tensors and the alpha to record.
 
     llama.cpp scales each pair by alpha / r with one alpha per file; a pair whose own scale
     differs (rsLoRA, alpha_pattern) gets the difference folded into its B, exactly.
     """
     qtype = gguf.GGMLQuantizationType[QUANTS[quant].weight]
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, n_layers)
     first = next(iter(adapter.pairs.values()))
     alpha = first.scale * first.rank
     jobs = []

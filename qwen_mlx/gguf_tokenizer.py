@@ -1,9 +1,10 @@
-"""The tokenizer half of a Qwen2 GGUF: byte-level BPE vocabulary, merges, special ids, template.
+"""The tokenizer half of a GGUF: byte-level BPE vocabulary, merges, special ids, template.
 
-llama.cpp re-implements Qwen's tokenizer from these keys (model "gpt2", pre-tokenizer
-"qwen2"), so they must reproduce the Hugging Face tokenizer exactly: token strings stay in
-byte-level form, special tokens are CONTROL so ``<|im_end|>`` in a prompt is one token, and
-the list is padded to the embedding's row count with unused ``[PAD<i>]`` entries.
+llama.cpp re-implements the tokenizer from these keys (for Qwen2: model "gpt2",
+pre-tokenizer "qwen2", both named by the model's family), so they must reproduce the Hugging
+Face tokenizer exactly: token strings stay in byte-level form, special tokens are CONTROL so
+``<|im_end|>`` in a prompt is one token, and the list is padded to the embedding's row
+count with unused ``[PAD<i>]`` entries.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.tiny import QWEN2_SPLIT_PATTERN
+from qwen_mlx.families import Family
 
 # An added token that looks like a control token even where "special" is false.
 _LOOKS_SPECIAL = re.compile(r"<\|.*\|>|<｜.*｜>|<pad>|<mask>|<unused.*>")
@@ -25,6 +26,7 @@ _SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "mask")
 class GGUFVocab:
     """Everything the GGUF tokenizer keys need, read from a model folder."""
 
+    family: Family  # names llama.cpp's tokenizer model and pre-tokenizer
     tokens: list[str]
     types: list[int]
     merges: list[str]
@@ -124,14 +126,18 @@ def _split_patterns(node: object) -> list[str]:
     return own + _split_patterns(node.get("pretokenizers"))
 
 
-def _pre_tokenizer_note(spec: dict) -> list[str]:
-    """A warning when the pre-tokenizer is not Qwen2's, which "qwen2" would then misdescribe."""
-    if not spec or _split_patterns(spec.get("pre_tokenizer")) == [QWEN2_SPLIT_PATTERN]:
+def _pre_tokenizer_note(spec: dict, family: Family) -> list[str]:
+    """A warning when the pre-tokenizer is not the family's, which its GGUF name (``qwen2``)
+    would then misdescribe."""
+    if not spec or _split_patterns(spec.get("pre_tokenizer")) == [family.split_pattern]:
         return []
-    return ["the tokenizer's pre-tokenizer is not Qwen2's; llama.cpp may split text differently"]
+    return [
+        f"the tokenizer's pre-tokenizer is not {family.gguf_pre}'s; "
+        "llama.cpp may split text differently"
+    ]
 
 
-def read_vocab(model_dir: Path, config: dict) -> GGUFVocab:
+def read_vocab(model_dir: Path, config: dict, family: Family) -> GGUFVocab:
     """The GGUF vocabulary of ``model_dir``, padded to config.json's ``vocab_size``."""
     vocab, added, merges, spec = _vocab_and_added(model_dir)
     if not merges:
@@ -139,15 +145,15 @@ def read_vocab(model_dir: Path, config: dict) -> GGUFVocab:
     n_vocab = int(config["vocab_size"])
     tokens, types = _token_table(vocab, added, n_vocab)
     special = _special_ids(model_dir, added, config, n_vocab)
-    return GGUFVocab(
-        tokens, types, merges, special, _chat_template(model_dir), _pre_tokenizer_note(spec)
-    )
+    template = _chat_template(model_dir)
+    notes = _pre_tokenizer_note(spec, family)
+    return GGUFVocab(family, tokens, types, merges, special, template, notes)
 
 
 def add_vocab(writer, vocab: GGUFVocab) -> None:
     """Write the tokenizer keys to a ``gguf.GGUFWriter``."""
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("qwen2")
+    writer.add_tokenizer_model(vocab.family.gguf_tokenizer)
+    writer.add_tokenizer_pre(vocab.family.gguf_pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.types)
     writer.add_token_merges(vocab.merges)

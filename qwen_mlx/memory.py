@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from qwen_mlx.families import family_of
+
 if TYPE_CHECKING:
     from qwen_mlx.config import TrainingConfig
 
@@ -58,31 +60,17 @@ class Estimate:
 
 
 def _dims(config: dict[str, Any]) -> dict[str, int]:
-    hidden = config["hidden_size"]
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or hidden // heads
     return {
-        "E": hidden,
-        "F": config["intermediate_size"],
+        "E": config["hidden_size"],
         "L": config["num_hidden_layers"],
         "V": config["vocab_size"],
-        "Q": heads * head_dim,
-        "KV": config.get("num_key_value_heads", heads) * head_dim,
+        "F": config["intermediate_size"],
     }
 
 
 def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
-    """(in, out) of each linear layer of one decoder block."""
-    d = _dims(config)
-    return {
-        "q_proj": (d["E"], d["Q"]),
-        "k_proj": (d["E"], d["KV"]),
-        "v_proj": (d["E"], d["KV"]),
-        "o_proj": (d["Q"], d["E"]),
-        "gate_proj": (d["E"], d["F"]),
-        "up_proj": (d["E"], d["F"]),
-        "down_proj": (d["F"], d["E"]),
-    }
+    """(in, out) of each linear layer of one decoder block, as the model's family says."""
+    return family_of(config, "the model").linear_shapes(config)
 
 
 def parameter_count(config: dict[str, Any]) -> int:

@@ -15,10 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import find_family, supported
 
-# model_type → the architecture class the trainers load; nothing else trains yet.
-SUPPORTED_MODEL_TYPES = {"qwen2": "Qwen2ForCausalLM"}
-SUPPORTED = "Qwen2 and Qwen2.5 models (model_type qwen2, Qwen2ForCausalLM)"
 # The numbers every trainer and the memory estimate read; transformers would silently
 # fill in its own defaults for a missing one and then fail on the weights' shapes.
 REQUIRED_CONFIG_KEYS = (
@@ -102,18 +100,33 @@ def _check_shard(path: Path) -> tuple[Finding | None, Shapes]:
     return None, {k: v.get("shape", []) for k, v in header.items() if k != "__metadata__"}
 
 
-def _shard_names(model_dir: Path) -> tuple[list[str], dict | None] | Finding:
-    """The shard files the folder's weights live in and the index's weight map, if any."""
-    index_path = model_dir / "model.safetensors.index.json"
+INDEX = "model.safetensors.index.json"
+
+
+def shard_names(model_dir: Path) -> tuple[list[str], dict[str, str] | None]:
+    """The safetensors files a model folder's weights live in (none found: an empty list)
+    and the index's weight map, if the weights are sharded. A broken index is a ValueError."""
+    index_path = model_dir / INDEX
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
             return sorted(set(weight_map.values())), weight_map
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return Finding("fail", f"weights: {index_path.name} is not a valid index")
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index_path} is not a valid index") from err
     if (model_dir / "model.safetensors").is_file():
         return ["model.safetensors"], None
-    return Finding("fail", "weights: no model.safetensors or model.safetensors.index.json")
+    return [], None
+
+
+def _shard_names(model_dir: Path) -> tuple[list[str], dict | None] | Finding:
+    """``shard_names``, or the finding that says why there are none."""
+    try:
+        shards, weight_map = shard_names(model_dir)
+    except ValueError:  # JSON errors are ValueErrors too
+        return Finding("fail", f"weights: {INDEX} is not a valid index")
+    if not shards:
+        return Finding("fail", f"weights: no model.safetensors or {INDEX}")
+    return shards, weight_map
 
 
 def check_weights(model_dir: Path) -> tuple[list[Finding], Shapes]:
@@ -189,8 +202,8 @@ def _check_config(model_dir: Path) -> Finding:
     model_type = config.get("model_type")
     archs = config.get("architectures")
     arch = ", ".join(map(str, archs)) if isinstance(archs, list) and archs else "none named"
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        fix = f"qwen-mlx trains {SUPPORTED}: point model.path at one (e.g. Qwen/Qwen2.5-3B)"
+    if find_family(config) is None:
+        fix = f"qwen-mlx trains {supported()}: point model.path at one (e.g. Qwen/Qwen2.5-3B)"
         named = f"{model_type} ({arch})" if model_type else "config.json names no model_type"
         return Finding("fail", f"unsupported architecture: {named}", fix=fix)
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +22,7 @@ import numpy as np
 
 from qwen_mlx import ggml_floats
 from qwen_mlx.errors import UserError
-from qwen_mlx.model_files import safetensors_header
+from qwen_mlx.model_files import INDEX, safetensors_header, shard_names
 
 # Stored bytes per element; bfloat16 is read as its uint16 bit pattern (numpy has no bf16).
 STORAGE = {"BF16": np.dtype("<u2"), "F16": np.dtype("<f2"), "F32": np.dtype("<f4")}
@@ -44,8 +44,8 @@ def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
 def f32_to_bf16(values: np.ndarray) -> np.ndarray:
     """bfloat16 bit patterns (uint16) of float32 ``values``, rounded to nearest even.
 
-    Same result as ``qwen_mlx.tiny.float32_to_bf16`` and torch, in uint32 arithmetic: it
-    cannot overflow for non-NaN inputs, and NaNs are replaced by a quiet NaN afterwards.
+    Same result as torch, in uint32 arithmetic: it cannot overflow for non-NaN inputs, and
+    NaNs are replaced by a quiet NaN afterwards.
     """
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
     rounded = bits + ((bits >> 16) & 1)
@@ -123,6 +123,25 @@ def f32_to_storage(values: np.ndarray, dtype: str) -> np.ndarray:
     encoders = {"BF16": f32_to_bf16, "F16": f32_to_f16}
     encoder = encoders.get(dtype)
     return encoder(values) if encoder else values.astype(STORAGE[dtype], copy=False)
+
+
+def encode_rows(
+    raw: np.ndarray,
+    dtype: str,
+    rows: tuple[int, int],
+    pair,
+    encode: Callable[[np.ndarray], np.ndarray],
+    direct: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
+    """Rows ``rows`` of a stored tensor (``raw``, in ``dtype``) with the LoRA update of
+    ``pair`` (an ``adapters.LoraPair``, or None) added in float32, then encoded. Without
+    an update, ``direct`` (when given) converts the stored bytes without float32 at all."""
+    if pair is None and direct is not None:
+        return direct(raw)
+    values = to_f32(raw, dtype)
+    if pair is not None:
+        values += pair.delta(*rows)
+    return encode(values)
 
 
 @dataclass(frozen=True)
@@ -219,14 +238,13 @@ def index_file(path: Path, fix: str = MODEL_FIX) -> dict[str, TensorRef]:
 
 def model_tensors(model_dir: Path) -> dict[str, TensorRef]:
     """Every tensor of a Hugging Face model folder (one file or shards named by the index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    elif (model_dir / "model.safetensors").is_file():
-        shards = ["model.safetensors"]
-    else:
+    try:
+        shards, _ = shard_names(model_dir)
+    except ValueError as err:
+        raise UserError(f"{err}; {MODEL_FIX}") from None
+    if not shards:
         raise UserError(
-            f"{model_dir} has no model.safetensors or model.safetensors.index.json "
+            f"{model_dir} has no model.safetensors or {INDEX} "
             "(only safetensors weights are supported)"
         )
     refs: dict[str, TensorRef] = {}
@@ -286,10 +304,17 @@ class SafetensorsWriter:
             self._fh.close()
 
 
-def save_f32(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Write small float32 tensors (adapters) to a safetensors file, names sorted."""
+def save_tensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "F32") -> None:
+    """Write in-memory float32 ``tensors`` (adapters, the tiny model) to a safetensors file,
+    names sorted, stored as ``dtype`` (F32, BF16 or F16)."""
     names = sorted(tensors)
-    plan = [(name, "F32", tuple(tensors[name].shape)) for name in names]
+    plan = [(name, dtype, tuple(tensors[name].shape)) for name in names]
     with SafetensorsWriter(path, plan) as writer:
         for name in names:
-            writer.write(name, [np.asarray(tensors[name], dtype="<f4")])
+            values = np.asarray(tensors[name], dtype=np.float32)
+            writer.write(name, [f32_to_storage(values, dtype)])
+
+
+def save_f32(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Write small float32 tensors (adapters) to a safetensors file, names sorted."""
+    save_tensors(path, tensors, "F32")

@@ -6,17 +6,17 @@ with a few hundred thousand random parameters and a small byte-level BPE vocabul
 on the user's data. Tests and demos run every backend, ``fuse`` and ``export`` on it through
 the same loading code a real model goes through, without network or a big download.
 
-Only numpy, tokenizers and a hand-written safetensors writer are used, so building it needs
-neither torch nor mlx and takes about a second.
+The Qwen2 facts (tensor names and shapes, special tokens, split pattern, chat template)
+come from :mod:`qwen_mlx.families.qwen2`. Only numpy, tokenizers and qwen-mlx's own
+safetensors writer are used, so building it needs neither torch nor mlx and takes about a
+second.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 from collections.abc import Iterator
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +32,14 @@ from tokenizers import (
 )
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import QWEN2
 from qwen_mlx.fsutil import output_dir, write_json
+from qwen_mlx.tensor_io import save_tensors
 
-# Qwen2's pre-tokenizer split (as in its tokenizer.json); llama.cpp and others key on it.
-QWEN2_SPLIT_PATTERN = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# Same order as Qwen2.5: these take the ids right after the BPE vocabulary.
-SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END)
-DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
-TEMPLATE_NAME = "qwen2_5_chat_template.jinja"
+ENDOFTEXT, IM_START, IM_END = QWEN2.document_end, QWEN2.turn_start, QWEN2.turn_end
+SPECIAL_TOKENS = QWEN2.special_tokens  # their ids follow the BPE vocabulary, in this order
+# safetensors dtype code of each dtype the builder writes.
+_DTYPES = {"bfloat16": "BF16", "float32": "F32"}
 # Written into config.json as Qwen2.5-3B-Instruct ships it, so the folder reads like a download.
 _SAVED_BY_TRANSFORMERS = "4.43.1"
 _VOCAB_MULTIPLE = 64
@@ -51,7 +47,7 @@ _VOCAB_MULTIPLE = 64
 # Mixed Chinese/English/digits/punctuation so the vocabulary covers what tests and demos type
 # even without a data file; the role names and default system prompt tokenize compactly.
 _BUILTIN_CORPUS = (
-    DEFAULT_SYSTEM_PROMPT,
+    QWEN2.default_system_prompt,
     "system\nuser\nassistant\ntool\n",
     "报销细则：教职工因公出差发生的交通费、住宿费和伙食补助费，凭有效票据按规定报销。",
     "差旅费报销须在出差结束后30日内办理，逾期需由部门负责人签字说明原因。",
@@ -99,8 +95,8 @@ def build_tiny_model(
     real size up to a multiple of 64, leaving unused embedding rows as Qwen does.
     The same arguments always give byte-identical weights and tokenizer files.
     """
-    if dtype not in _ENCODERS:
-        raise ValueError(f"dtype must be one of {sorted(_ENCODERS)}, not {dtype!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
     texts = read_corpus(data_file) if data_file is not None else []
@@ -114,10 +110,10 @@ def build_tiny_model(
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
     }
-    weights = init_weights(np.random.default_rng(seed), **dims)
+    weights = init_weights(np.random.default_rng(seed), dims)
     out_dir = Path(out_dir)
     with output_dir(out_dir, "tiny-model", force) as tmp:
-        write_safetensors(tmp / "model.safetensors", weights, dtype)
+        save_tensors(tmp / "model.safetensors", weights, _DTYPES[dtype])
         tokenizer.save(str(tmp / "tokenizer.json"), pretty=True)
         tokenizer.model.save(str(tmp))  # vocab.json + merges.txt, as Qwen folders ship them
         write_json(tmp / "config.json", _model_config(dims, ids, dtype))
@@ -182,7 +178,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> Tokenizer:
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(QWEN2.split_pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
@@ -237,24 +233,10 @@ def padded_vocab_size(n_tokens: int) -> int:
     return (n_tokens // _VOCAB_MULTIPLE + 1) * _VOCAB_MULTIPLE
 
 
-def chat_template() -> str:
-    """Qwen2.5-Instruct's ChatML chat template (Jinja source)."""
-    return resources.files("qwen_mlx").joinpath("templates", TEMPLATE_NAME).read_text("utf-8")
-
-
 # ---------------------------------------------------------------- weights
 
 
-def init_weights(
-    rng: np.random.Generator,
-    *,
-    vocab_size: int,
-    hidden_size: int,
-    intermediate_size: int,
-    num_hidden_layers: int,
-    num_attention_heads: int,
-    num_key_value_heads: int,
-) -> dict[str, np.ndarray]:
+def init_weights(rng: np.random.Generator, config: dict[str, int]) -> dict[str, np.ndarray]:
     """Random float32 tensors under Qwen2ForCausalLM's names and shapes (tied embeddings).
 
     Biases and norm weights are far from 0 and 1 so a converter that drops or misplaces
@@ -263,68 +245,24 @@ def init_weights(
     than the usual 0.02 init: with 0.02 the frozen, tied output embedding keeps every logit
     near zero and LoRA cannot measurably learn in the few dozen steps tests can afford.
     """
-    head_dim = hidden_size // num_attention_heads
-    q_dim, kv_dim = num_attention_heads * head_dim, num_key_value_heads * head_dim
-    e, f = hidden_size, intermediate_size
-    w = {"model.embed_tokens.weight": _normal(rng, (vocab_size, e), std=0.2)}
-    for i in range(num_hidden_layers):
-        p = f"model.layers.{i}."
-        w[p + "input_layernorm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
-        for name, out_dim in (("q_proj", q_dim), ("k_proj", kv_dim), ("v_proj", kv_dim)):
-            w[p + f"self_attn.{name}.weight"] = _linear(rng, out_dim, e)
-            w[p + f"self_attn.{name}.bias"] = _normal(rng, (out_dim,), std=0.1)
-        w[p + "self_attn.o_proj.weight"] = _linear(rng, e, q_dim)
-        w[p + "post_attention_layernorm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
-        w[p + "mlp.gate_proj.weight"] = _linear(rng, f, e)
-        w[p + "mlp.up_proj.weight"] = _linear(rng, f, e)
-        w[p + "mlp.down_proj.weight"] = _linear(rng, e, f)
-    w["model.norm.weight"] = _normal(rng, (e,), std=0.1, mean=1.0)
-    return w
+    return {
+        name: _initial(rng, name, shape)
+        for name, shape in QWEN2.tensor_shapes({"tie_word_embeddings": True, **config}).items()
+    }
 
 
-def _linear(rng: np.random.Generator, out_features: int, in_features: int) -> np.ndarray:
-    return _normal(rng, (out_features, in_features), std=in_features**-0.5)
+def _initial(rng: np.random.Generator, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    if name.endswith("embed_tokens.weight"):
+        return _normal(rng, shape, std=0.2)
+    if name.endswith("norm.weight"):
+        return _normal(rng, shape, std=0.1, mean=1.0)
+    if name.endswith(".bias"):
+        return _normal(rng, shape, std=0.1)
+    return _normal(rng, shape, std=shape[1] ** -0.5)
 
 
-def _normal(rng: np.random.Generator, shape: tuple, std: float = 0.02, mean: float = 0.0):
+def _normal(rng: np.random.Generator, shape: tuple, std: float, mean: float = 0.0):
     return (mean + std * rng.standard_normal(shape, dtype=np.float32)).astype(np.float32)
-
-
-def float32_to_bf16(array: np.ndarray) -> np.ndarray:
-    """bfloat16 bit patterns (uint16) of ``array``, rounded to nearest even like torch."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-    # Rounding could carry a NaN's payload into the exponent; keep it a (quiet) NaN.
-    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
-
-
-# safetensors dtype code and little-endian encoder per supported dtype.
-_ENCODERS = {
-    "bfloat16": ("BF16", lambda a: float32_to_bf16(a).astype("<u2").tobytes()),
-    "float32": ("F32", lambda a: np.ascontiguousarray(a, dtype="<f4").tobytes()),
-}
-
-
-def write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str) -> None:
-    """Write float32 ``tensors`` as a safetensors file stored in ``dtype``.
-
-    Written by hand because numpy has no bfloat16 and safetensors' numpy API needs one:
-    8-byte little-endian header size, JSON header, then the raw tensor bytes back to back.
-    """
-    code, encode = _ENCODERS[dtype]
-    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    blobs, offset = [], 0
-    for name in sorted(tensors):
-        blob = encode(tensors[name])
-        shape = list(tensors[name].shape)
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + len(blob)]}
-        blobs.append(blob)
-        offset += len(blob)
-    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    head += b" " * (-len(head) % 8)  # safetensors pads the header so tensor data stays aligned
-    with open(path, "wb") as fh:
-        fh.write(struct.pack("<Q", len(head)) + head)
-        fh.writelines(blobs)
 
 
 # ---------------------------------------------------------------- json files
@@ -386,7 +324,7 @@ def _tokenizer_config(ids: dict[str, int]) -> dict:
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [IM_START, IM_END],
         "bos_token": None,
-        "chat_template": chat_template(),
+        "chat_template": QWEN2.chat_template(),
         "clean_up_tokenization_spaces": False,
         "eos_token": IM_END,
         "errors": "replace",

@@ -20,6 +20,7 @@ from qwen_mlx.memory import (
 from qwen_mlx.model_files import check_model_dir
 
 QWEN25_3B = {  # public config.json numbers of Qwen2.5-3B
+    "model_type": "qwen2",
     "hidden_size": 2048,
     "intermediate_size": 11008,
     "num_hidden_layers": 36,

@@ -66,6 +66,20 @@ def test_bf16_round_trip_is_torchs():
     assert np.isnan(bf16_to_f32(ours[nan])).all()
 
 
+def test_bf16_conversion_rounds_to_nearest_even_like_torch():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 10_000)
+    # Exact halfway cases (low 16 bits 0x8000), either parity, plus specials.
+    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], dtype=np.uint32)
+    specials = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 65504.0], dtype=np.float32)
+    values = np.concatenate([values, ties.view(np.float32), specials])
+    ours = f32_to_bf16(values).view(np.int16)
+    theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert f32_to_bf16(np.array([np.nan], dtype=np.float32))[0] == 0x7FC0
+
+
 def test_bf16_to_f16_equals_the_two_casts(float16_path):
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     with np.errstate(all="ignore"):

@@ -17,52 +17,25 @@ import numpy as np
 import pytest
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.tiny import build_tiny_model, float32_to_bf16, init_weights
+from qwen_mlx.families import QWEN2
+from qwen_mlx.tensor_io import f32_to_bf16
+from qwen_mlx.tiny import build_tiny_model, init_weights
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN2_SPLIT = QWEN2.split_pattern
+DEFAULT_SYSTEM = QWEN2.default_system_prompt
 MIXED_TEXTS = [
     "报销细则第3条：住宿费每晚不超过500元。",
     "Hello, world! It's 2024-06-30; total = 1,234.50 CNY (约￥1234.5)",
     "  leading spaces,\ttabs\r\nand CRLF\n\n混合 mixed 文本 text 42\n",
     "emoji 🚀 and rare 龘 characters are byte-encoded",
 ]
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+SPECIALS = list(QWEN2.special_tokens)
 TINY_SHAPES = {"vocab_size": 2048, "hidden_size": 64, "intermediate_size": 128}
 
 
 def _config(model_dir: Path, name: str = "config.json") -> dict:
     return json.loads((model_dir / name).read_text(encoding="utf-8"))
-
-
-def _expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    e, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    d = e // cfg["num_attention_heads"]
-    q, kv = cfg["num_attention_heads"] * d, cfg["num_key_value_heads"] * d
-    shapes = {"model.embed_tokens.weight": (v, e), "model.norm.weight": (e,)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (e,),
-                p + "post_attention_layernorm.weight": (e,),
-                p + "self_attn.q_proj.weight": (q, e),
-                p + "self_attn.q_proj.bias": (q,),
-                p + "self_attn.k_proj.weight": (kv, e),
-                p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, e),
-                p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (e, q),
-                p + "mlp.gate_proj.weight": (f, e),
-                p + "mlp.up_proj.weight": (f, e),
-                p + "mlp.down_proj.weight": (e, f),
-            }
-        )
-    return shapes
 
 
 # ---------------------------------------------------------------- folder and weights
@@ -101,7 +74,7 @@ def test_safetensors_has_qwen2_names_shapes_bf16_and_nontrivial_biases(tiny_mode
         assert fh.metadata() == {"format": "pt"}
         tensors = {name: fh.get_tensor(name) for name in fh.keys()}  # noqa: SIM118
     shapes = {name: tuple(t.shape) for name, t in tensors.items()}
-    assert shapes == _expected_shapes(cfg)  # no lm_head: tied to the embeddings
+    assert shapes == QWEN2.tensor_shapes(cfg)  # no lm_head: tied to the embeddings
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
     # GGUF/fuse tests rely on biases and norms that change the output if dropped.
     for name, t in tensors.items():
@@ -120,30 +93,14 @@ def test_weights_are_stored_exactly_as_initialized_in_both_dtypes(tmp_path):
     bf16_dir = build_tiny_model(tmp_path / "bf16")
     cfg = _config(f32_dir)
     assert cfg["torch_dtype"] == "float32"
-    dims = {k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size")}
-    dims |= {k: cfg[k] for k in cfg if k.startswith("num_")}
-    expected = init_weights(np.random.default_rng(0), **dims)
+    expected = init_weights(np.random.default_rng(0), cfg)
     f32 = load_file(f32_dir / "model.safetensors")
     bf16 = load_torch(bf16_dir / "model.safetensors")
     assert f32.keys() == bf16.keys() == expected.keys()
     for name, value in expected.items():
         np.testing.assert_array_equal(f32[name], value, err_msg=name)
         bits = bf16[name].view(torch.int16).numpy()
-        np.testing.assert_array_equal(bits, float32_to_bf16(value).view(np.int16), err_msg=name)
-
-
-def test_bf16_conversion_rounds_to_nearest_even_like_torch():
-    torch = pytest.importorskip("torch")
-    rng = np.random.default_rng(1)
-    values = rng.standard_normal(10_000).astype(np.float32) * 10.0 ** rng.integers(-8, 8, 10_000)
-    # Exact halfway cases (low 16 bits 0x8000), either parity, plus specials.
-    ties = np.array([0x3F808000, 0x3F818000, 0xBF808000, 0x7F7FFFFF], dtype=np.uint32)
-    specials = np.array([0.0, -0.0, np.inf, -np.inf, 1e-40, 65504.0], dtype=np.float32)
-    values = np.concatenate([values, ties.view(np.float32), specials])
-    ours = float32_to_bf16(values).view(np.int16)
-    theirs = torch.from_numpy(values).to(torch.bfloat16).view(torch.int16).numpy()
-    np.testing.assert_array_equal(ours, theirs)
-    assert float32_to_bf16(np.array([np.nan], dtype=np.float32))[0] == 0x7FC0
+        np.testing.assert_array_equal(bits, f32_to_bf16(value).view(np.int16), err_msg=name)
 
 
 def test_transformers_loads_a_tied_bf16_qwen2_that_runs(tiny_model_dir, tiny_tokenizer):
