@@ -108,15 +108,78 @@ def load_adapter(adapter_dir: Path) -> Adapter:
     raise UserError(f"{adapter_dir} holds no {PEFT_WEIGHTS} or {MLX_WEIGHTS}")
 
 
+# PEFT inits that also change the base weights: the adapter alone is only right on the base
+# PEFT rewrote, until PEFT converts it to a plain LoRA of the original base.
+_CONVERT = (
+    "save it again with PEFT's `save_pretrained(..., "
+    "path_initial_model_for_weight_conversion=<the adapter saved before training>)`, which "
+    "turns it into a plain LoRA of the original base"
+)
+_BASE_CHANGING_INITS = {
+    "pissa": _CONVERT,
+    "olora": _CONVERT,
+    "corda": _CONVERT,
+    "loftq": (
+        "it only fits the base LoftQ quantized, so merge it with PEFT (`merge_and_unload`) "
+        "on that base and pass the merged folder as --model"
+    ),
+}
+_NO_LORA_FIX = "or merge it with PEFT (`merge_and_unload`) and pass the merged folder as --model"
+
+
+def _base_changing_init(config: dict) -> str | None:
+    init = config.get("init_lora_weights")
+    if not isinstance(init, str):
+        return None
+    return next((k for k in _BASE_CHANGING_INITS if init.lower().startswith(k)), None)
+
+
+def _peft_option_problems(config: dict) -> list[tuple[bool, str]]:
+    """``(whether it applies, the PEFT option at fault and what to do)`` for each option
+    that makes an adapter more than LoRA A/B pairs."""
+    targets = config.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else targets
+    saved, bias = config.get("modules_to_save"), config.get("bias", "none")
+    return [
+        (
+            bool(saved),
+            f"sets modules_to_save={saved}: it holds whole trained copies of those layers, "
+            f"which fuse and export cannot apply; train with modules_to_save=None, {_NO_LORA_FIX}",
+        ),
+        (
+            bias != "none",
+            f"sets bias={bias!r}: it holds trained biases besides LoRA A/B; train with "
+            f"bias='none', {_NO_LORA_FIX}",
+        ),
+        (
+            bool(config.get("lora_bias")),
+            "sets lora_bias=true: lora_B has a bias, which fuse and export cannot apply; "
+            f"train with lora_bias=False, {_NO_LORA_FIX}",
+        ),
+        (
+            any("embed_tokens" in t for t in targets),
+            "targets embed_tokens: a LoRA on the embeddings is not supported; train without "
+            f"embed_tokens in target_modules, {_NO_LORA_FIX}",
+        ),
+    ]
+
+
 def _check_peft_config(path: Path, config: dict) -> None:
     problems = {
         "is not a LoRA adapter": config.get("peft_type", "LORA") != "LORA",
         "is a DoRA adapter (not supported)": bool(config.get("use_dora")),
         "uses fan_in_fan_out (GPT-2 style, not supported)": bool(config.get("fan_in_fan_out")),
     }
+    init = _base_changing_init(config)
+    if init:
+        why = f"was made with init_lora_weights={config['init_lora_weights']!r}, which also"
+        problems[f"{why} changes the base weights: {_BASE_CHANGING_INITS[init]}"] = True
     for why, bad in problems.items():
         if bad:
             raise UserError(f"{path} {why}")
+    for bad, why in _peft_option_problems(config):
+        if bad:
+            raise UserError(f"{path / PEFT_CONFIG} {why}")
 
 
 _PATTERNS = {"r": "rank_pattern", "lora_alpha": "alpha_pattern"}  # PEFT's per-module keys
@@ -160,6 +223,22 @@ def _check_agreement(adapter_dir: Path, module: str, rank: int, said: int, targe
     )
 
 
+# Weights PEFT saves besides LoRA A/B whose config does not say so: what made PEFT write them.
+_EXTRA_WEIGHTS = {
+    r".*embed_tokens(\.base_layer)?\.weight": (
+        "is the whole embedding layer, saved by PEFT's save_embedding_layers (on when the "
+        "vocabulary was resized); save the adapter with save_embedding_layers=False"
+    ),
+    r".*\.lora_embedding_[AB]": "is a LoRA on the embeddings; train without embed_tokens",
+    r".*\.bias": "is a trained bias; train with bias='none' and lora_bias=False",
+}
+
+
+def _extra_weight(key: str) -> str:
+    why = next((v for k, v in _EXTRA_WEIGHTS.items() if re.fullmatch(k, key)), None)
+    return f"{why or 'is not a LoRA A/B weight'} ({_NO_LORA_FIX})"
+
+
 def _read_halves(adapter_dir: Path, weights: str, key_pattern: re.Pattern) -> dict[str, dict]:
     """``{module: {"A"|"B"|"a"|"b": float32 array}}`` from the adapter's weights file."""
     halves: dict[str, dict[str, np.ndarray]] = {}
@@ -167,7 +246,7 @@ def _read_halves(adapter_dir: Path, weights: str, key_pattern: re.Pattern) -> di
     for key, ref in index_file(adapter_dir / weights, fix).items():
         match = key_pattern.fullmatch(key)
         if match is None:
-            raise UserError(f"{adapter_dir}: {key} is not a LoRA A/B weight (not supported)")
+            raise UserError(f"{adapter_dir}: {key} {_extra_weight(key)}")
         halves.setdefault(match["module"], {})[match["ab"]] = ref.read_f32()
     return halves
 

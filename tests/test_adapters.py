@@ -177,3 +177,77 @@ def test_a_truncated_adapter_says_to_copy_the_adapter_not_the_model(adapter, tmp
     with pytest.raises(UserError, match="truncated; the adapter is incomplete") as err:
         load_adapter(cut)
     assert "download the model" not in str(err.value)
+
+
+# ---------------------------------------------------------------- adapters that are more than LoRA
+
+
+def test_unconverted_pissa_is_refused_with_the_peft_conversion(tiny_model_dir, tmp_path):
+    # PiSSA also rewrites the base weights: applied to the original base, the adapter alone
+    # gives another model, so fuse/export/convert refuse it and name PEFT's conversion.
+    pissa = make_peft_adapter(tiny_model_dir, tmp_path / "pissa", init_lora_weights="pissa")
+    result = CliRunner().invoke(
+        cli, ["fuse", str(pissa), "--model", str(tiny_model_dir), "-o", "x"]
+    )
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "init_lora_weights='pissa', which also changes the base weights" in result.output
+    assert "path_initial_model_for_weight_conversion" in result.output
+    for init in ("olora", "corda", "loftq", "pissa_niter_4"):
+        with pytest.raises(UserError, match=f"init_lora_weights='{init}'"):
+            load_adapter(_copy_adapter(pissa, tmp_path / init, init_lora_weights=init))
+
+
+def test_converted_pissa_fuses_to_the_model_peft_gives(tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qwen_mlx.fuse import fuse
+    from qwen_mlx.tiny import build_tiny_model
+
+    base = build_tiny_model(tmp_path / "f32", dtype="float32", seed=3)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "initial")
+    with torch.no_grad():  # stands in for training
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.add_(0.05 * torch.randn_like(param))
+    converted = tmp_path / "converted"
+    initial = str(tmp_path / "initial")
+    peft_model.save_pretrained(converted, path_initial_model_for_weight_conversion=initial)
+    fuse(converted, tmp_path / "fused", model=base)
+    expected = hf_logits(base, IDS, converted)
+    assert np.abs(expected - hf_logits(base, IDS)).max() > 0.1  # the adapter matters
+    np.testing.assert_allclose(hf_logits(tmp_path / "fused", IDS), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "needle"),
+    [
+        ({"modules_to_save": ["lm_head"]}, "sets modules_to_save=['lm_head']: it holds whole"),
+        ({"bias": "all"}, "sets bias='all': it holds trained biases"),
+        ({"lora_bias": True}, "sets lora_bias=true: lora_B has a bias"),
+        ({"targets": ["q_proj", "embed_tokens"]}, "targets embed_tokens: a LoRA on the embeddings"),
+    ],
+    ids=["modules_to_save", "bias", "lora_bias", "embedding"],
+)
+def test_peft_options_beyond_lora_are_named_with_the_fix(options, needle, tiny_model_dir, tmp_path):
+    made = make_peft_adapter(tiny_model_dir, tmp_path / "a", **options)
+    with pytest.raises(UserError) as err:
+        load_adapter(made)
+    assert str(err.value).startswith(f"{made / 'adapter_config.json'} {needle}")
+    assert "train with" in str(err.value) or "train without" in str(err.value)
+
+
+def test_saved_embedding_layer_names_save_embedding_layers(adapter, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    extra = _copy_adapter(adapter, tmp_path / "extra")
+    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors["base_model.model.model.embed_tokens.weight"] = np.zeros((4, 2), np.float32)
+    (extra / "adapter_model.safetensors").unlink()
+    save_file(tensors, extra / "adapter_model.safetensors")
+    with pytest.raises(UserError, match="save the adapter with save_embedding_layers=False"):
+        load_adapter(extra)
