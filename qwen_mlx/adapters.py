@@ -27,6 +27,7 @@ _PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.w
 _MLX_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<ab>[ab])")
 LAYER = re.compile(r"model\.layers\.(?P<n>\d+)\.(?P<rest>.+)")
 _PRODUCT_ELEMENTS = 32 * 1024
+_HUB_PART = re.compile(r"[\w][\w.-]*")
 
 
 @dataclass
@@ -309,6 +310,19 @@ class Source:
     @property
     def system_prompt(self) -> str | None:
         return self.run_config.data.system_prompt if self.run_config else None
+
+    def base_repo_id(self) -> str | None:
+        """The base model's Hugging Face id where the files tell it: an id as the adapter's
+        ``base_model_name_or_path``, or the ``models/ORG/NAME`` folder ``qwen-mlx download``
+        made."""
+        named = self.adapter.base_model if self.adapter else None
+        for candidate in (named, str(self.model_dir)):
+            parts = Path(candidate).parts if candidate else ()
+            if "models" in parts:  # download's default folder: models/<repo id>
+                parts = parts[len(parts) - parts[::-1].index("models") :]
+            if len(parts) == 2 and all(_HUB_PART.fullmatch(p) for p in parts):
+                return "/".join(parts)
+        return None
 
     @property
     def qlora_note(self) -> str | None:

@@ -240,7 +240,24 @@ def write_lora_gguf(path: Path, source: Source, quant: str, name: str) -> list[s
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    _add_base_model(writer, source)
     return _write(writer, jobs, "writing LoRA GGUF")
+
+
+def _add_base_model(writer, source: Source) -> None:
+    """``general.base_model.*`` as llama.cpp's LoRA converter writes them: the model the
+    adapter belongs to (name, organization and repo_url from a Hugging Face id, gguf's rules)."""
+    from gguf.metadata import Metadata
+
+    writer.add_base_model_count(1)
+    repo_id = source.base_repo_id()
+    if repo_id is None:
+        writer.add_base_model_name(0, source.model_dir.resolve().name)
+        return
+    card = {"base_model": repo_id}
+    (entry,) = Metadata.apply_metadata_heuristic(Metadata(), model_card=card).base_models
+    for key, value in entry.items():
+        getattr(writer, f"add_base_model_{key}")(0, value)
 
 
 # ---------------------------------------------------------------- q4_k_m via llama.cpp
