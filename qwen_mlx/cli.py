@@ -319,3 +319,4 @@ def main() -> None:
 
 # The model-using commands live in their own module; importing it registers them on `cli`.
 from qwen_mlx import cli_models  # noqa: E402, F401
+from qwen_mlx import cli_distill  # noqa: E402, F401

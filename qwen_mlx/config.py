@@ -133,12 +133,34 @@ class OutputConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher_url: str | None = _f(
+        None, "`data distill`: the teacher's OpenAI-compatible URL, e.g. http://localhost:11434/v1."
+    )
+    teacher_model: str | None = _f(None, "`data distill`: the teacher's model name.")
+    api_key_env: str = _f(
+        "OPENAI_API_KEY",
+        "Environment variable holding the teacher's key (a local teacher may have none).",
+    )
+    questions_per_chunk: int = _f(5, "Questions asked for each chunk.")
+    chunk_tokens: int = _f(512, "Most tokens (of model.path's tokenizer) in one chunk.")
+    test_ratio: float = _f(0.1, "Share of the distilled questions held out in test.jsonl.")
+    concurrency: int = _f(4, "Teacher requests in flight at once.")
+    max_requests: int = _f(0, "Stop after sending this many requests (0: no budget).")
+    prompts: str | None = _f(
+        None, "YAML file overriding prompt templates (see distill/prompts.py)."
+    )
+    timeout: float = _f(120.0, "Seconds to wait for one teacher reply before retrying.")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)
@@ -174,6 +196,12 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "training.save_every": (lambda v: v >= 0, "an integer ≥ 0"),
     "training.max_steps": (lambda v: v >= 0, "an integer ≥ 0"),
     "training.checkpoint_fraction": (lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "distill.questions_per_chunk": (lambda v: 1 <= v <= 50, "an integer in [1, 50]"),
+    "distill.chunk_tokens": (lambda v: v >= 64, "an integer ≥ 64"),
+    "distill.test_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "distill.concurrency": (lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
+    "distill.max_requests": (lambda v: v >= 0, "an integer ≥ 0"),
+    "distill.timeout": (lambda v: v > 0, "a number > 0"),
 }
 
 

@@ -1,0 +1,164 @@
+"""Ask the teacher: questions for each chunk, an answer to each, a grounding verdict.
+
+Each stage is a list of independent requests run ``concurrency`` at a time; results come
+back in input order, so the output never depends on which reply arrived first. A reply
+that should be JSON and is not is asked again once (with a note saying so), then counted
+as a drop; so is a request that still fails after the client's retries.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from qwen_mlx.distill.chunking import Chunk
+from qwen_mlx.distill.prompts import language, messages
+from qwen_mlx.distill.teacher import Teacher
+
+# Sampling per task: varied questions, sober answers, a deterministic verdict.
+PARAMS = {
+    "questions": {"temperature": 0.8, "max_tokens": 1500},
+    "answer": {"temperature": 0.2, "max_tokens": 800},
+    "verify": {"temperature": 0.0, "max_tokens": 200},
+}
+JSON_NUDGE = {
+    "zh": "上面的回复不是有效的 JSON。请只输出要求的 JSON，不要其他文字。",
+    "en": "That reply was not valid JSON. Output only the requested JSON, nothing else.",
+}
+_FENCE = re.compile(r"^```(?:json)?\s*|\s*```$")
+
+
+@dataclass
+class Candidate:
+    """One question on its way to becoming a record (``drop`` says why it did not)."""
+
+    chunk: Chunk
+    question: str
+    context: str = ""
+    answer: str = ""
+    drop: str | None = None
+
+
+def parse_json(text: str) -> Any:
+    """The JSON value in a reply (code fences and chatter around it tolerated), or None."""
+    text = _FENCE.sub("", text.strip())
+    for start, end in (("{", "}"), ("[", "]")):
+        i, j = text.find(start), text.rfind(end)
+        if 0 <= i < j:
+            try:
+                return json.loads(text[i : j + 1])
+            except ValueError:
+                continue
+    return None
+
+
+class Asker:
+    """Builds each task's messages and runs a stage of requests in parallel, in order."""
+
+    def __init__(self, teacher: Teacher, prompts: dict, concurrency: int):
+        self.teacher, self.prompts, self.concurrency = teacher, prompts, concurrency
+
+    def run(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        pool = ThreadPoolExecutor(max_workers=self.concurrency)
+        try:
+            results = list(pool.map(fn, items))
+        except BaseException:
+            # Ctrl-C or a spent budget: send nothing more, but let the requests already
+            # sent land in the ledger (they are paid for).
+            pool.shutdown(cancel_futures=True)
+            raise
+        pool.shutdown()
+        return results
+
+    def _messages(self, chunk: Chunk, task: str, fields: dict) -> tuple[list[dict], str]:
+        lang = language(chunk.text)
+        msgs = messages(
+            self.prompts,
+            lang,
+            task,
+            source=chunk.source,
+            heading=chunk.heading,
+            text=chunk.text,
+            **fields,
+        )
+        return msgs, lang
+
+    def text(self, chunk: Chunk, task: str, **fields: Any) -> dict | None:
+        msgs, _ = self._messages(chunk, task, fields)
+        return self.teacher.ask(msgs, PARAMS[task])
+
+    def json(self, chunk: Chunk, task: str, **fields: Any) -> tuple[Any, str | None]:
+        """(value, None), or (None, drop reason)."""
+        msgs, lang = self._messages(chunk, task, fields)
+        reply = self.teacher.ask(msgs, PARAMS[task])
+        if reply is None:
+            return None, "teacher_error"
+        value = parse_json(reply["content"])
+        if value is None:
+            nudge = [
+                {"role": "assistant", "content": reply["content"]},
+                {"role": "user", "content": JSON_NUDGE[lang]},
+            ]
+            again = self.teacher.ask(msgs + nudge, PARAMS[task])
+            value = parse_json(again["content"]) if again else None
+        return (value, None) if value is not None else (None, "unparseable")
+
+
+def _question_items(value: Any, n: int) -> list[tuple[str, str]]:
+    """``[(question, input)]`` from ``{"questions": [...]}`` or a bare list."""
+    items = value.get("questions", []) if isinstance(value, dict) else value
+    out = []
+    for item in items if isinstance(items, list) else []:
+        if isinstance(item, str):
+            item = {"question": item}
+        if isinstance(item, dict) and str(item.get("question") or "").strip():
+            out.append((str(item["question"]).strip(), str(item.get("input") or "").strip()))
+    return out[:n]
+
+
+def ask_questions(asker: Asker, chunks: list[Chunk], n: int, drops: Callable[[str], None]):
+    """Candidates for every chunk, in chunk order."""
+
+    def one(chunk: Chunk) -> list[Candidate]:
+        value, reason = asker.json(chunk, "questions", n=n)
+        items = _question_items(value, n) if reason is None else []
+        if reason is None and not items:
+            reason = "no_questions"
+        if reason:
+            drops(reason)
+        return [Candidate(chunk, q, ctx) for q, ctx in items]
+
+    return [c for batch in asker.run(one, chunks) for c in batch]
+
+
+def _full_question(c: Candidate) -> str:
+    return f"{c.question}\n{c.context}" if c.context else c.question
+
+
+def ask_answers(asker: Asker, candidates: list[Candidate], check: Callable[[dict], str | None]):
+    """Fill in each answer, or its drop reason (``check`` judges a reply's text)."""
+
+    def one(c: Candidate) -> None:
+        reply = asker.text(c.chunk, "answer", question=_full_question(c))
+        c.drop = "teacher_error" if reply is None else check(reply)
+        c.answer = (reply or {}).get("content", "").strip()
+
+    asker.run(one, candidates)
+
+
+def ask_verdicts(asker: Asker, candidates: list[Candidate]) -> None:
+    """Drop each answer the teacher says its passage does not support."""
+
+    def one(c: Candidate) -> None:
+        value, reason = asker.json(c.chunk, "verify", question=_full_question(c), answer=c.answer)
+        if reason is None and not isinstance(value, dict):
+            reason = "unparseable"
+        elif reason is None and str(value.get("supported")).lower() not in ("true", "yes"):
+            reason = "unsupported"
+        c.drop = reason
+
+    asker.run(one, candidates)

@@ -1,0 +1,170 @@
+"""``data distill`` from start to end: read, chunk, (plan), ask, curate, write.
+
+Writes into OUT_DIR: ``ledger.jsonl`` (every teacher reply, as it arrives),
+``chunks.jsonl``, ``train.jsonl`` and ``test.jsonl`` (the seed's instruction/input/output
+plus ``source``), ``report.json`` and ``report.md``. The same documents, settings and
+ledger give the same files, whatever the concurrency and however often it was stopped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from qwen_mlx.config import Config
+from qwen_mlx.distill import curate, generate
+from qwen_mlx.distill.chunking import Chunk, chunk_document, token_counter
+from qwen_mlx.distill.documents import read_documents
+from qwen_mlx.distill.progress import distill_progress
+from qwen_mlx.distill.prompts import load_prompts
+from qwen_mlx.distill.report import write_report
+from qwen_mlx.distill.teacher import Teacher
+from qwen_mlx.errors import UserError
+from qwen_mlx.fsutil import OUTPUT_MARK, check_output_dir, disk_errors, write_jsonl
+
+COMMAND = "data distill"
+# Rough completion sizes for --plan: a list of questions, an answer, a verdict (tokens).
+EST_QUESTION, EST_ANSWER, EST_VERDICT, EST_OVERHEAD = 40, 150, 30, 150
+
+
+@dataclass
+class Corpus:
+    documents: list[dict]
+    chunks: list[Chunk]
+    problems: list[str]
+
+
+def read_corpus(docs: list[Path], cfg: Config, console: Console) -> Corpus:
+    """Every readable document cut into chunks; unreadable ones listed, not fatal."""
+    documents, problems = read_documents(docs)
+    for problem in problems:
+        console.print(f"[yellow]skipped[/] {problem}", highlight=False)
+    count, note = token_counter(cfg.model.path)
+    if note:
+        console.print(note, highlight=False)
+    chunks, rows = [], []
+    for doc in documents:
+        found = chunk_document(doc.text, str(doc.path), cfg.distill.chunk_tokens, count)
+        rows.append({"file": str(doc.path), "characters": len(doc.text), "chunks": len(found)})
+        chunks += found
+    return Corpus(rows, chunks, problems)
+
+
+def plan(corpus: Corpus, cfg: Config) -> dict:
+    """What a run would send: requests and tokens, estimated (nothing is sent)."""
+    n = cfg.distill.questions_per_chunk
+    per_chunk = 1 + 2 * n  # questions, then an answer and a verdict for each
+    chunk_tokens = sum(c.tokens for c in corpus.chunks)
+    return {
+        "documents": corpus.documents,
+        "unreadable": corpus.problems,
+        "chunks": len(corpus.chunks),
+        "chunk_tokens": chunk_tokens,
+        "requests": len(corpus.chunks) * per_chunk,
+        "prompt_tokens": (chunk_tokens + EST_OVERHEAD) * per_chunk,
+        "completion_tokens": len(corpus.chunks) * n * (EST_QUESTION + EST_ANSWER + EST_VERDICT),
+    }
+
+
+def _record(c: generate.Candidate) -> dict:
+    source = {"file": c.chunk.source, "heading": c.chunk.heading, "chunk": c.chunk.id}
+    return {"instruction": c.question, "input": c.context, "output": c.answer, "source": source}
+
+
+class Drops(Counter):
+    """Drops by reason, counted from the worker threads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+
+    def add(self, reason: str, n: int = 1) -> None:
+        with self.lock:
+            self[reason] += n
+
+
+def _survivors(cands: list, drops: Drops) -> list:
+    for c in cands:
+        if c.drop:
+            drops.add(c.drop)
+    return [c for c in cands if not c.drop]
+
+
+def _dedupe(cands: list, drops: Drops) -> list:
+    gone = set(curate.near_duplicates([c.question for c in cands]))
+    drops.add("near_duplicate", len(gone)) if gone else None
+    return [c for i, c in enumerate(cands) if i not in gone]
+
+
+def _distil(corpus: Corpus, cfg: Config, teacher: Teacher, drops: Drops, bar) -> list:
+    d = cfg.distill
+    asker = generate.Asker(teacher, load_prompts(d.prompts), d.concurrency)
+    bar.stage("questions", len(corpus.chunks))
+    cands = generate.ask_questions(asker, corpus.chunks, d.questions_per_chunk, drops.add)
+    cands = _dedupe(cands, drops)  # before answering: a duplicate costs no more requests
+    bar.stage("answers", len(cands))
+    generate.ask_answers(asker, cands, curate.answer_problem)
+    cands = _survivors(cands, drops)
+    bar.stage("grounding", len(cands))
+    generate.ask_verdicts(asker, cands)
+    return _survivors(cands, drops)
+
+
+def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_run: bool):
+    """Run (or with ``dry_run`` only plan) a distillation; return the report dict."""
+    d = cfg.distill
+    if not dry_run and not (d.teacher_url and d.teacher_model):
+        raise UserError(
+            "name the teacher: --teacher-url URL --teacher-model NAME "
+            "(or distill.teacher_url / teacher_model in config.yaml)"
+        )
+    if not dry_run:
+        check_output_dir(out_dir, COMMAND, inputs=docs)
+        load_prompts(d.prompts)  # a bad prompts file fails before any work
+        teacher = Teacher(
+            d.teacher_url,
+            d.teacher_model,
+            d.api_key_env,
+            out_dir / "ledger.jsonl",
+            timeout=d.timeout,
+            max_requests=d.max_requests,
+        )
+        teacher.probe()
+    corpus = read_corpus(docs, cfg, console)
+    estimate = plan(corpus, cfg)
+    if dry_run:
+        return estimate
+    with disk_errors(out_dir):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / OUTPUT_MARK).write_text(COMMAND + "\n", encoding="utf-8")
+    drops = Drops()
+    with distill_progress(teacher, drops, console) as bar:
+        kept = _distil(corpus, cfg, teacher, drops, bar)
+    return _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
+
+
+def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
+    test_idx = curate.split(len(kept), cfg.distill.test_ratio, cfg.training.seed)
+    records = [_record(c) for c in kept]
+    train = [r for i, r in enumerate(records) if i not in test_idx]
+    test = [r for i, r in enumerate(records) if i in test_idx]
+    write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in corpus.chunks))
+    write_jsonl(out_dir / "train.jsonl", train)
+    write_jsonl(out_dir / "test.jsonl", test)
+    report = {
+        "teacher": {"url": teacher.url, "model": teacher.model},
+        "documents": corpus.documents,
+        "unreadable": corpus.problems,
+        "chunks": len(corpus.chunks),
+        "planned_requests": estimate["requests"],
+        "requests": teacher.usage.as_dict(),
+        "records": {"train": len(train), "test": len(test)},
+        "drops": dict(sorted(drops.items())),
+        "settings": asdict(cfg.distill),
+    }
+    write_report(out_dir, report)
+    return report

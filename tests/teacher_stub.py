@@ -1,0 +1,205 @@
+"""A scripted OpenAI-compatible teacher on 127.0.0.1, for the distill and judge tests.
+
+It speaks ``GET /v1/models`` and ``POST /v1/chat/completions`` over real HTTP, so the
+official ``openai`` client is tested as users run it. Replies are deterministic functions
+of the request (questions from the passage's sentences, an answer quoting the sentence
+asked about, a verdict), and faults can be queued for the next requests: ``429`` (with
+Retry-After), ``500``, ``slow`` (past the client's timeout), ``drop`` (connection closed),
+``garbage`` (a body that is not JSON) and ``not_json`` (a completion whose text is not the
+JSON asked for). Every request body is kept, with the time it arrived.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+UNSUPPORTED_MARK = "火星"  # an answer containing this is one the passage does not support
+
+
+def _passage(text: str) -> str:
+    for marker in ("材料：\n", "Passage:\n"):
+        if marker in text:
+            return text.split(marker, 1)[1].split("\n\n问题", 1)[0]
+    for marker in ("：\n",):  # the answer prompt: 材料（…）：\n
+        if marker in text:
+            return text.split(marker, 1)[1].split("\n\n问题", 1)[0]
+    return text
+
+
+def sentences(passage: str) -> list[str]:
+    parts = re.split(r"(?<=[。；])|\n", passage)
+    return [p.strip() for p in parts if len(p.strip()) >= 8 and not p.startswith("#")]
+
+
+def default_reply(body: dict) -> str:
+    """The stub's answer to one chat request, from its messages alone."""
+    system, user = body["messages"][0]["content"], body["messages"][1]["content"]
+    if "出题" in system:
+        n = int(re.search(r"提出 (\d+) 个", user).group(1))
+        questions = [
+            {"question": f"“{s[:24]}”这一条具体是怎么规定的？", "input": ""}
+            for s in sentences(_passage(user))[:n]
+        ]
+        return json.dumps({"questions": questions}, ensure_ascii=False)
+    if "审核员" in system:
+        answer = user.split("回答：", 1)[1]
+        return json.dumps({"supported": UNSUPPORTED_MARK not in answer, "reason": "对照材料"})
+    asked = re.search(r"“(.+?)”这一条", user)
+    matches = [s for s in sentences(_passage(user)) if asked and s.startswith(asked.group(1))]
+    return (matches[0] if matches else "材料没有规定。") + "（依据本细则相应条款）"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    stub: TeacherStub
+
+    def log_message(self, *args) -> None:  # keep pytest output clean
+        pass
+
+    def _send(self, status: int, payload: object, headers: dict | None = None) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _authorised(self) -> bool:
+        if self.stub.key is None or self.headers.get("Authorization") == f"Bearer {self.stub.key}":
+            return True
+        self._send(401, {"error": {"message": "invalid api key", "type": "auth"}})
+        return False
+
+    def do_GET(self) -> None:
+        if not self._authorised():
+            return
+        if self.path.rstrip("/") != "/v1/models":
+            self._send(404, {"error": {"message": "not found"}})
+            return
+        models = [
+            {"id": m, "object": "model", "created": 0, "owned_by": "stub"} for m in self.stub.models
+        ]
+        self._send(200, {"object": "list", "data": models})
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        fault = self.stub.arrived(body)
+        if not self._authorised():
+            return
+        if self.path != "/v1/chat/completions" or body.get("model") not in self.stub.models:
+            self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
+            return
+        if fault and self._fault(fault):
+            return
+        self.stub.hold_if_asked()
+        content = self.stub.reply(body)
+        self.stub.answered_one(body)
+        self._send(200, _completion(body, content))
+
+    def _fault(self, fault: str) -> bool:
+        """Act out one fault; True when no normal reply should follow."""
+        if fault == "429":
+            self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "2"})
+        elif fault == "500":
+            self._send(500, {"error": {"message": "boom"}})
+        elif fault == "garbage":
+            self._send(200, b"<html>oops")
+        elif fault == "drop":
+            self.close_connection = True
+            self.connection.close()
+        elif fault == "slow":
+            time.sleep(self.stub.slow_seconds)
+            return False
+        return fault != "not_json" or self._not_json()
+
+    def _not_json(self) -> bool:
+        self._send(200, _completion({"model": "x", "messages": []}, "好的，下面是问题：一、二、三"))
+        return True
+
+
+def _completion(body: dict, content: str) -> dict:
+    prompt = sum(len(m.get("content", "")) for m in body["messages"])
+    return {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 0,
+        "model": body["model"],
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": {
+            "prompt_tokens": prompt,
+            "completion_tokens": len(content),
+            "total_tokens": prompt + len(content),
+        },
+    }
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a held or dropped request ends its handler by raising: nothing to report
+
+
+class TeacherStub:
+    """The server; ``with TeacherStub() as stub: stub.url``."""
+
+    def __init__(self, models=("teacher",), key: str | None = None, latency: float = 0.0):
+        self.models, self.key, self.latency = list(models), key, latency
+        self.reply: Callable[[dict], str] = default_reply
+        self.faults: list[str] = []
+        self.slow_seconds = 1.5
+        self.requests: list[tuple[float, dict]] = []
+        self.answered: list[dict] = []
+        self.hold_after: int | None = None  # answer this many, then hold every request
+        self.release = threading.Event()
+        self._granted = 0
+        self._lock = threading.Lock()
+        handler = type("Handler", (_Handler,), {"stub": self})
+        self.server = _Server(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def arrived(self, body: dict) -> str | None:
+        with self._lock:
+            self.requests.append((time.monotonic(), body))
+            return self.faults.pop(0) if self.faults else None
+
+    def hold_if_asked(self) -> None:
+        if self.latency:
+            time.sleep(self.latency)
+        with self._lock:  # check and count in one step, so exactly hold_after get through
+            hold = self.hold_after is not None and self._granted >= self.hold_after
+            self._granted += not hold
+        if hold:
+            self.release.wait()
+            raise ConnectionAbortedError  # never answer a held request
+
+    def answered_one(self, body: dict) -> None:
+        with self._lock:
+            self.answered.append(body)
+
+    def repeats(self, since: int = 0) -> int:
+        """How many answered requests (from index ``since``) had been answered before."""
+        seen = Counter(json.dumps(b["messages"], sort_keys=True) for b in self.answered[since:])
+        return sum(n - 1 for n in seen.values())
+
+    def __enter__(self) -> TeacherStub:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,321 @@
+"""`data distill` end to end against a real loopback teacher (tests/teacher_stub.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from qwen_mlx.cli import cli
+from qwen_mlx.distill.curate import jaccard, shingles
+from qwen_mlx.distill.ledger import Ledger
+from tests.conftest import REPO_ROOT
+from tests.teacher_stub import UNSUPPORTED_MARK, TeacherStub, default_reply
+
+pytest.importorskip("openai")
+
+RULES = """# 差旅费报销细则
+## 第一章 总则
+第一条 为规范学校差旅费管理，根据国家有关规定，制定本细则。
+第二条 本细则适用于学校全体教职工因公出差。出差人员应当先审批后出差。
+## 第二章 住宿费
+第三条 住宿费在标准内凭发票据实报销，超出部分自理。
+第四条 讲师到北京出差，住宿标准为每人每晚550元；到上海出差，标准为每人每晚500元。
+（一）会议主办方统一安排住宿的，不再报销住宿费；
+（二）与亲友同住的，不得报销住宿费。
+## 第三章 伙食补助
+第五条 伙食补助按出差天数包干发放，每人每天100元。到西藏、青海、新疆出差，每人每天120元。
+第六条 参加会议期间由主办方提供全天用餐的，不发放伙食补助。
+"""
+FILES = ("train.jsonl", "test.jsonl", "chunks.jsonl")
+
+
+@pytest.fixture
+def rules(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no ./config.yaml of the repo's
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = tmp_path / "rules.md"
+    path.write_text(RULES, encoding="utf-8")
+    return path
+
+
+# Small chunks and few questions: three chunks, about twenty requests.
+SETTINGS = [
+    "--teacher-model",
+    "teacher",
+    "--questions-per-chunk",
+    "3",
+    "--chunk-tokens",
+    "80",
+    "--test-ratio",
+    "0.3",
+]
+
+
+def distill(stub_url, doc, out, *extra, env=None):
+    args = ["data", "distill", str(doc), "-o", str(out), "--teacher-url", stub_url, *SETTINGS]
+    return CliRunner().invoke(cli, [*args, *extra], env=env)
+
+
+def outputs(out):
+    return {name: (out / name).read_text(encoding="utf-8") for name in FILES}
+
+
+def rows(path):
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_distill_writes_seed_format_the_same_at_any_concurrency(rules, tmp_path):
+    from qwen_mlx.data import load_records
+
+    with TeacherStub() as stub:
+        one = distill(stub.url, rules, tmp_path / "c1", "--concurrency", "1")
+        eight = distill(stub.url, rules, tmp_path / "c8", "--concurrency", "8")
+    assert one.exit_code == 0, one.output
+    assert eight.exit_code == 0, eight.output
+    assert outputs(tmp_path / "c1") == outputs(tmp_path / "c8")
+    train, test = rows(tmp_path / "c1" / "train.jsonl"), rows(tmp_path / "c1" / "test.jsonl")
+    assert len(train) >= 6 and len(test) >= 2
+    for row in train + test:
+        assert set(row) == {"instruction", "input", "output", "source"}
+        assert row["source"]["file"] == str(rules) and row["source"]["chunk"].startswith(str(rules))
+    assert any(r["source"]["heading"].endswith("第二章 住宿费") for r in train + test)
+    records, report = load_records([tmp_path / "c1" / "train.jsonl"])  # usable as data.train_file
+    assert len(records) == len(train) and not report.problems
+    for t in test:  # no test question has a near-duplicate in training
+        assert all(
+            jaccard(shingles(t["instruction"]), shingles(r["instruction"])) < 0.6 for r in train
+        )
+    summary = json.loads((tmp_path / "c1" / "report.json").read_text(encoding="utf-8"))
+    assert summary["records"] == {"train": len(train), "test": len(test)}
+    assert summary["requests"]["sent"] == summary["planned_requests"]
+    assert summary["requests"]["prompt_tokens"] > 0
+    assert "| reason | count |" in (tmp_path / "c1" / "report.md").read_text(encoding="utf-8")
+
+
+def test_a_rerun_asks_nothing_and_writes_the_same(rules, tmp_path):
+    with TeacherStub() as stub:
+        first = distill(stub.url, rules, tmp_path / "out")
+        before = outputs(tmp_path / "out")
+        asked = len(stub.requests)
+        again = distill(stub.url, rules, tmp_path / "out")
+        assert len(stub.requests) == asked
+    assert first.exit_code == 0 and again.exit_code == 0, again.output
+    assert outputs(tmp_path / "out") == before
+    summary = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert summary["requests"]["sent"] == 0 and summary["requests"]["from_ledger"] == asked
+
+
+def test_faults_are_retried_and_the_result_is_unchanged(rules, tmp_path):
+    with TeacherStub() as clean:
+        assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
+    with TeacherStub() as stub:
+        stub.faults = ["429", "500", "drop", "garbage", "slow", "not_json"]
+        stub.slow_seconds = 2.0
+        result = distill(
+            stub.url,
+            rules,
+            tmp_path / "faulty",
+            "--concurrency",
+            "1",
+            "--set",
+            "distill.timeout=0.7",
+        )
+        assert result.exit_code == 0, result.output
+        times = [t for t, _ in stub.requests]
+    assert outputs(tmp_path / "faulty") == outputs(tmp_path / "clean")
+    assert times[1] - times[0] >= 1.9  # the 429's Retry-After: 2 was honoured
+    nudged = [b for _, b in stub.requests if len(b["messages"]) == 4]
+    assert len(nudged) == 1  # the reply that was not JSON was asked again once
+    summary = json.loads((tmp_path / "faulty" / "report.json").read_text(encoding="utf-8"))
+    assert summary["drops"] == {} and summary["requests"]["failed"] == 0
+
+
+def test_bad_questions_and_answers_are_dropped_by_reason(rules, tmp_path):
+    def scripted(body):
+        text = default_reply(body)
+        system = body["messages"][0]["content"]
+        if "出题" in system and "第五条" in body["messages"][1]["content"]:
+            questions = json.loads(text)["questions"]
+            # an exact and a near repeat, within the questions_per_chunk we keep
+            questions[1:1] = [questions[0], {"question": questions[0]["question"] + "呢"}]
+            return json.dumps({"questions": questions}, ensure_ascii=False)
+        if "出题" in system and "第三条" in body["messages"][1]["content"]:
+            return "这一章没什么可问的。"  # never JSON, even when asked again
+        if "审核员" in system:
+            return text
+        if "第一条" in body["messages"][1]["content"].split("问题：")[-1]:
+            return "根据上文，" + text
+        if "第二条" in body["messages"][1]["content"].split("问题：")[-1]:
+            return text + UNSUPPORTED_MARK
+        return text
+
+    with TeacherStub() as stub:
+        stub.reply = scripted
+        result = distill(stub.url, rules, tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
+    assert summary["drops"] == {"meta": 1, "near_duplicate": 2, "unparseable": 1, "unsupported": 1}
+    kept = rows(tmp_path / "out" / "train.jsonl") + rows(tmp_path / "out" / "test.jsonl")
+    assert not any(UNSUPPORTED_MARK in r["output"] or "根据上文" in r["output"] for r in kept)
+    assert "unsupported" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+
+
+def test_wrong_url_model_or_key_stop_in_one_line_before_any_reading(rules, tmp_path):
+    missing_doc = tmp_path / "not-there.pdf"  # were documents read first, this would fail
+    with TeacherStub(key="sk-right") as stub:
+        wrong_model = CliRunner().invoke(
+            cli,
+            [
+                "data",
+                "distill",
+                str(missing_doc),
+                "-o",
+                str(tmp_path / "o"),
+                "--teacher-url",
+                stub.url,
+                "--teacher-model",
+                "nope",
+            ],
+            env={"OPENAI_API_KEY": "sk-right"},
+        )
+        wrong_key = distill(stub.url, missing_doc, tmp_path / "o", env={"OPENAI_API_KEY": "x"})
+        no_key = distill(stub.url, missing_doc, tmp_path / "o")
+    port_closed = distill("http://127.0.0.1:9/v1", missing_doc, tmp_path / "o")
+    remote = distill("https://teacher.example.com/v1", missing_doc, tmp_path / "o")
+    cases = {
+        "does not serve 'nope'; it serves: teacher": wrong_model,
+        "rejected the API key in $OPENAI_API_KEY": wrong_key,
+        "rejected the API key": no_key,  # a local teacher may go without, this one may not
+        "cannot reach the teacher at http://127.0.0.1:9/v1": port_closed,
+        "no API key for https://teacher.example.com/v1: set it with `export OPENAI_API_KEY": remote,
+    }
+    for expected, result in cases.items():
+        assert result.exit_code == 1
+        assert expected in result.output and "Traceback" not in result.output
+        assert len(result.output.strip().splitlines()) <= 2  # one line, maybe wrapped once
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_key_comes_from_the_named_variable_and_is_written_nowhere(rules, tmp_path):
+    with TeacherStub(key="sk-very-secret") as stub:
+        result = distill(
+            stub.url,
+            rules,
+            tmp_path / "out",
+            "--api-key-env",
+            "MY_TEACHER_KEY",
+            env={"MY_TEACHER_KEY": "sk-very-secret"},
+        )
+    assert result.exit_code == 0, result.output
+    for path in (tmp_path / "out").iterdir():
+        assert "sk-very-secret" not in path.read_text(encoding="utf-8"), path.name
+
+
+def test_plan_reads_and_chunks_but_sends_nothing(rules, tmp_path):
+    (tmp_path / "config.yaml").write_text("distill:\n  questions_per_chunk: 4\n", encoding="utf-8")
+    with TeacherStub() as stub:
+        result = CliRunner().invoke(
+            cli,
+            [
+                "data",
+                "distill",
+                str(rules),
+                "-o",
+                str(tmp_path / "out"),
+                "--plan",
+                "--chunk-tokens",
+                "80",
+            ],
+        )
+        assert stub.requests == []
+    assert result.exit_code == 0, result.output
+    assert "3 chunks" in result.output and "27 requests" in result.output  # 3 × (1 + 2 × 4)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_spent_budget_stops_and_the_rerun_goes_on(rules, tmp_path):
+    with TeacherStub() as stub:
+        stopped = distill(stub.url, rules, tmp_path / "out", "--max-requests", "5")
+        assert len(stub.answered) == 5
+        done = distill(stub.url, rules, tmp_path / "out")
+        assert stub.repeats() == 0
+    assert stopped.exit_code == 1 and "--max-requests 5" in stopped.output
+    assert done.exit_code == 0, done.output
+    assert (tmp_path / "out" / "train.jsonl").is_file()
+
+
+def test_prompts_file_overrides_a_template_and_rejects_unknown_keys(rules, tmp_path):
+    good = tmp_path / "prompts.yaml"
+    good.write_text("zh:\n  answer:\n    system: 你是财务处的老师。\n", encoding="utf-8")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("zh:\n  anwser:\n    system: x\n", encoding="utf-8")
+    with TeacherStub() as stub:
+        ok = distill(stub.url, rules, tmp_path / "out", "--prompts", str(good))
+        systems = {b["messages"][0]["content"] for _, b in stub.requests}
+        wrong = distill(stub.url, rules, tmp_path / "out2", "--prompts", str(bad))
+    assert ok.exit_code == 0, ok.output
+    assert "你是财务处的老师。" in systems
+    assert wrong.exit_code == 1 and "bad.yaml: expected language → task" in wrong.output
+
+
+def test_a_torn_last_ledger_line_is_cut_and_the_rest_kept(tmp_path):
+    path = tmp_path / "ledger.jsonl"
+    good = json.dumps({"key": "a", "reply": {"content": "好"}}, ensure_ascii=False)
+    path.write_text(good + "\n" + '{"key": "b", "rep', encoding="utf-8")
+    ledger = Ledger(path)
+    assert ledger.get("a") == {"content": "好"} and ledger.get("b") is None
+    ledger.add("c", {"content": "新"})
+    assert [json.loads(x)["key"] for x in path.read_text(encoding="utf-8").splitlines()] == [
+        "a",
+        "c",
+    ]
+
+
+def test_kill_9_mid_run_then_rerun_asks_nothing_twice(rules, tmp_path):
+    with TeacherStub() as clean:
+        assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
+        total = len(clean.answered)
+    out = tmp_path / "killed"
+    cmd = [
+        sys.executable,
+        "-m",
+        "qwen_mlx",
+        "data",
+        "distill",
+        str(rules),
+        "-o",
+        str(out),
+        *SETTINGS,
+        "--concurrency",
+        "3",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    with TeacherStub() as stub:
+        cmd += ["--teacher-url", stub.url]
+        stub.hold_after = total // 2
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while _ledger_lines(out) < total // 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert _ledger_lines(out) == total // 2
+        stub.hold_after = None
+        stub.release.set()
+        rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert stub.repeats() == 0  # nothing the teacher answered was asked again
+        assert len(stub.answered) == total
+    assert outputs(out) == outputs(tmp_path / "clean")
+
+
+def _ledger_lines(out):
+    path = out / "ledger.jsonl"
+    return path.read_bytes().count(b"\n") if path.is_file() else 0

@@ -1,0 +1,154 @@
+"""`data distill`, reading and chunking: every document type, made here, and the cuts."""
+
+from __future__ import annotations
+
+import pytest
+
+from qwen_mlx.distill.chunking import chunk_document, estimate_tokens, token_counter
+from qwen_mlx.distill.documents import read_documents
+from qwen_mlx.errors import UserError
+
+RULES = [
+    "第一章 总则",
+    "第一条 为规范学校差旅费管理，制定本细则。",
+    "第二章 住宿费",
+    "第二条 讲师到北京出差，住宿标准为每人每晚550元。",
+]
+
+
+def make_docx(path, lines, table=None):
+    docx = pytest.importorskip("docx")
+    document = docx.Document()
+    document.add_heading("差旅费报销细则", level=1)
+    for line in lines:
+        document.add_paragraph(line)
+    if table:
+        grid = document.add_table(rows=len(table), cols=len(table[0]))
+        for r, row in enumerate(table):
+            for c, text in enumerate(row):
+                grid.cell(r, c).text = text
+    document.save(str(path))
+
+
+def make_pdf(path, lines):
+    pytest.importorskip("reportlab")
+    from reportlab.pdfbase import pdfmetrics
+    from reportlab.pdfbase.cidfonts import UnicodeCIDFont
+    from reportlab.pdfgen import canvas
+
+    pdfmetrics.registerFont(UnicodeCIDFont("STSong-Light"))  # built in: no font file
+    page = canvas.Canvas(str(path))
+    page.setFont("STSong-Light", 12)
+    for i, line in enumerate(lines):
+        page.drawString(72, 760 - 20 * i, line)
+    page.save()
+
+
+def make_image_pdf(path):
+    pytest.importorskip("reportlab")
+    from reportlab.pdfgen import canvas
+
+    page = canvas.Canvas(str(path))
+    page.rect(72, 600, 300, 100, fill=1)  # drawn shapes only: no text layer
+    page.save()
+
+
+def test_every_type_is_read_with_its_chinese_text(tmp_path):
+    (tmp_path / "a.txt").write_bytes("\n".join(RULES).encode("gbk"))
+    (tmp_path / "b.md").write_text("# 细则\n" + "\n".join(RULES), encoding="utf-8")
+    make_docx(tmp_path / "c.docx", RULES, table=[["职级", "北京"], ["讲师", "550元"]])
+    make_pdf(tmp_path / "d.pdf", RULES)
+    html = "<html><body><h2>住宿费</h2><p>" + "</p><p>".join(RULES) + "</p>"
+    html += "<table><tr><td>讲师</td><td>550元</td></tr></table><script>x()</script></body></html>"
+    (tmp_path / "e.html").write_text(html, encoding="utf-8")
+    documents, problems = read_documents([tmp_path])
+    assert problems == []
+    texts = {d.path.suffix: d.text for d in documents}
+    assert set(texts) == {".txt", ".md", ".docx", ".pdf", ".html"}
+    for suffix, text in texts.items():
+        assert "每人每晚550元" in text, suffix
+    assert "# 差旅费报销细则" in texts[".docx"]  # a Word heading becomes a heading line
+    assert "| 讲师 | 550元 |" in texts[".docx"]
+    assert "## 住宿费" in texts[".html"] and "| 讲师 | 550元 |" in texts[".html"]
+    assert "x()" not in texts[".html"]
+
+
+def test_unreadable_files_are_one_line_each_and_the_rest_go_on(tmp_path):
+    (tmp_path / "good.md").write_text("\n".join(RULES), encoding="utf-8")
+    make_image_pdf(tmp_path / "scan.pdf")
+    (tmp_path / "broken.pdf").write_bytes(b"%PDF-1.4\n garbage")
+    (tmp_path / "broken.docx").write_bytes(b"PK\x03\x04 not really a zip")
+    documents, problems = read_documents([tmp_path])
+    assert [d.path.name for d in documents] == ["good.md"]
+    by_file = {p.split(":")[0].rsplit("/", 1)[-1]: p for p in problems}
+    assert set(by_file) == {"scan.pdf", "broken.pdf", "broken.docx"}
+    assert "no text layer" in by_file["scan.pdf"] and "OCR" in by_file["scan.pdf"]
+    assert all("\n" not in p for p in problems)
+
+
+def test_an_encrypted_pdf_is_named_as_such(tmp_path):
+    pypdf = pytest.importorskip("pypdf")
+    make_pdf(tmp_path / "plain.pdf", RULES)
+    writer = pypdf.PdfWriter(clone_from=str(tmp_path / "plain.pdf"))
+    writer.encrypt("secret")
+    writer.write(str(tmp_path / "locked.pdf"))
+    (tmp_path / "plain.pdf").unlink()
+    (tmp_path / "ok.md").write_text(RULES[1], encoding="utf-8")
+    _, problems = read_documents([tmp_path])
+    assert len(problems) == 1 and "locked.pdf" in problems[0] and "encrypted" in problems[0]
+
+
+def test_nothing_readable_is_a_user_error(tmp_path):
+    make_image_pdf(tmp_path / "scan.pdf")
+    with pytest.raises(UserError, match=r"scan\.pdf: no text layer"):
+        read_documents([tmp_path / "scan.pdf"])
+    with pytest.raises(UserError, match="not found"):
+        read_documents([tmp_path / "missing.pdf"])
+
+
+REGULATION = """# 报销细则
+第一章 总则
+第一条 为规范报销，制定本细则。
+第二条 本细则适用于全校。报销应当：
+（一）真实；
+（二）合法。
+第三章 差旅费
+3.1 交通
+乘坐高铁二等座。
+3.2 住宿
+| 职级 | 北京 | 上海 |
+| 讲师 | 550 | 500 |
+| 教授 | 800 | 700 |
+"""
+
+
+def test_chunks_follow_the_structure_and_never_split_an_article_or_table():
+    chunks = chunk_document(REGULATION, "r.md", 30, estimate_tokens)
+    texts = [c.text for c in chunks]
+    # 第二条 keeps its items; the table stays with its section and whole.
+    assert any("第二条" in t and "（二）合法" in t for t in texts)
+    assert any("| 讲师 | 550 | 500 |\n| 教授 | 800 | 700 |" in t for t in texts)
+    assert not any("第一条" in t and "3.1 交通" in t for t in texts)  # chapters not mixed
+    assert all(c.tokens <= 30 for c in chunks)
+    assert [c.id for c in chunks] == [f"r.md#{i}" for i in range(1, len(chunks) + 1)]
+    by_text = {c.text.splitlines()[0]: c.heading for c in chunks}
+    assert by_text["第二条 本细则适用于全校。报销应当："] == "报销细则 > 第一章 总则 > 第二条"
+    assert any(h.startswith("报销细则 > 第三章 差旅费") for h in by_text.values())
+
+
+def test_an_article_too_long_alone_is_cut_below_the_limit():
+    long_article = "第九条 " + "出差人员应当按规定标准乘坐交通工具。" * 60
+    chunks = chunk_document(long_article, "r.md", 64, estimate_tokens)
+    assert len(chunks) > 1
+    assert all(c.tokens <= 64 for c in chunks)
+    assert "".join(c.text for c in chunks) == long_article
+    assert {c.heading for c in chunks} == {"第九条"}
+
+
+def test_the_model_tokenizer_counts_when_the_folder_exists(tiny_model_dir, tiny_tokenizer):
+    count, note = token_counter(str(tiny_model_dir))
+    assert note is None
+    text = "第一条 为规范学校差旅费管理，制定本细则。"
+    assert count(text) == len(tiny_tokenizer.encode(text, add_special_tokens=False))
+    estimate, note = token_counter("models/none")
+    assert estimate is estimate_tokens and "estimated" in note
