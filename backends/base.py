@@ -53,7 +53,6 @@ class TrainResult:
     run_dir: Path
     adapter_dir: Path
     steps: int
-    final_loss: float | None = None
 
 
 @runtime_checkable

@@ -168,18 +168,18 @@ def block_causal_mask(segment_ids: mx.array | None) -> mx.array | str:
 
 
 def hidden_states(
-    model: nn.Module, input_ids: mx.array, mask: mx.array | str, checkpoint: int = 0
+    model: nn.Module, input_ids: mx.array, mask: mx.array | str, recompute: int = 0
 ) -> mx.array:
     """The final-norm hidden states of ``model`` under an explicit attention mask; the first
-    ``checkpoint`` layers recompute their activations in the backward pass."""
+    ``recompute`` layers recompute their activations in the backward pass."""
     inner = model.model
     h = inner.embed_tokens(input_ids)
     for i, layer in enumerate(inner.layers):
-        h = _checkpointed(layer, h, mask) if i < checkpoint else layer(h, mask, None)
+        h = _recomputed(layer, h, mask) if i < recompute else layer(h, mask, None)
     return inner.norm(h)
 
 
-def _checkpointed(layer: nn.Module, h: mx.array, mask: mx.array | str) -> mx.array:
+def _recomputed(layer: nn.Module, h: mx.array, mask: mx.array | str) -> mx.array:
     """Run ``layer`` keeping only its input; its activations are recomputed for backward."""
 
     def run(params: dict, x: mx.array) -> mx.array:
@@ -206,7 +206,7 @@ def target_loss(
     positions: mx.array,
     labels: mx.array,
     weights: mx.array,
-    checkpoint: int = 0,
+    recompute: int = 0,
 ) -> mx.array:
     """Summed cross-entropy of ``labels`` predicted from the flat hidden ``positions``.
 
@@ -214,7 +214,7 @@ def target_loss(
     targets up to a bucket size (see :func:`targets`). ``segment_ids`` is None for rows of
     one sample each (see :func:`block_causal_mask`).
     """
-    h = hidden_states(model, input_ids, block_causal_mask(segment_ids), checkpoint)
+    h = hidden_states(model, input_ids, block_causal_mask(segment_ids), recompute)
     h = h.reshape(-1, h.shape[-1])[positions]
     head = lm_head(model)
     # One chunk's logits are alive in the backward pass anyway; with several, recomputing

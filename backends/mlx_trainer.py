@@ -25,10 +25,10 @@ from rich.console import Console
 from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
 from qwen_mlx.backends.probes import probe_mlx
 from qwen_mlx.checkpoints import read_part
-from qwen_mlx.config import Config, checkpointed_layers
+from qwen_mlx.config import Config, recomputed_layers
 from qwen_mlx.fsutil import atomic_dir
+from qwen_mlx.memory import GiB
 
-GiB = 1024**3
 OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.json"
 
 
@@ -63,10 +63,10 @@ class MLXHooks:
         from qwen_mlx.backends.mlx_model import target_loss
 
         mx, model = self.mx, self.model
-        checkpoint = checkpointed_layers(self.cfg.training, len(self.model.model.layers))
+        recompute = recomputed_layers(self.cfg.training, len(self.model.model.layers))
 
         def scaled(model, *arrays, scale):
-            loss = target_loss(model, *arrays, checkpoint=checkpoint)
+            loss = target_loss(model, *arrays, recompute=recompute)
             return loss * scale, loss
 
         grad_fn = nn.value_and_grad(model, scaled)
@@ -226,24 +226,28 @@ def memory_guard(cfg: Config, console: Console) -> None:
     """Fit the run into unified memory where possible, and say plainly when it won't fit."""
     import mlx.core as mx
 
-    from qwen_mlx.memory import estimate_training_memory, fit_checkpointing
+    from qwen_mlx.memory import estimate_training_memory, fit_recompute
 
     model_config = json.loads((Path(cfg.model.path) / "config.json").read_text("utf-8"))
     t = cfg.training
     estimate = estimate_training_memory(
-        model_config, quantization=cfg.model.quantization, rank=cfg.lora.rank,
-        targets=list(cfg.lora.target_modules), max_seq_length=t.max_seq_length,
-        batch_size=t.batch_size, fp32=mx.default_device() == mx.cpu,
-    )  # fmt: skip
+        model_config,
+        quantization=cfg.model.quantization,
+        rank=cfg.lora.rank,
+        targets=list(cfg.lora.target_modules),
+        max_seq_length=t.max_seq_length,
+        batch_size=t.batch_size,
+        fp32=mx.default_device() == mx.cpu,
+    )
     total, info = _device_memory()
     if "max_recommended_working_set_size" in info:  # Metal: keep the weights wired
         mx.set_wired_limit(info["max_recommended_working_set_size"])
     if total is None:
         return
-    note = fit_checkpointing(t, estimate, total)  # before MLXHooks compiles the step
+    note = fit_recompute(t, estimate, total)  # before MLXHooks compiles the step
     if note:
         console.print(f"[yellow]⚠[/] {note}", highlight=False)
-    estimate = estimate.with_checkpointing(checkpointed_layers(t, estimate.layers))
+    estimate = estimate.with_recompute(recomputed_layers(t, estimate.layers))
     if estimate.total < 0.6 * total:
         return
     # Tight: hand freed buffers back instead of caching them, so the OS does not swap.
@@ -289,8 +293,11 @@ def run_training(
     console.print(f"device: MLX on {_device_name()}", highlight=False)
     for key, torch_only in (("attention", "flex"), ("kernels", "liger")):
         if getattr(cfg.training, key) == torch_only:
-            console.print(f"[yellow]⚠[/] training.{key}: {torch_only} is for the torch backend; "
-                          "MLX uses its own kernels", highlight=False)  # fmt: skip
+            console.print(
+                f"[yellow]⚠[/] training.{key}: {torch_only} is for the torch backend; "
+                "MLX uses its own kernels",
+                highlight=False,
+            )
     data = build_run_data(cfg, load_tokenizer(cfg.model.path), run_dir)
     for line in data.messages:
         console.print(line, highlight=False)
@@ -298,8 +305,9 @@ def run_training(
     if note:
         console.print(f"[yellow]⚠[/] {note}", highlight=False)
     lora = cfg.lora
-    add_lora(model, list(lora.target_modules), lora.rank, lora.alpha, lora.dropout,
-             cfg.training.seed)  # fmt: skip
+    add_lora(
+        model, list(lora.target_modules), lora.rank, lora.alpha, lora.dropout, cfg.training.seed
+    )
     memory_guard(cfg, console)
     hooks = MLXHooks(model, cfg)
     state = train_loop(cfg, data, hooks, run_dir, console, resume)

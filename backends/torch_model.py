@@ -26,7 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from qwen_mlx import memory
-from qwen_mlx.config import Config, checkpointed_layers
+from qwen_mlx.config import Config, recomputed_layers
 
 # Target rows per LM-head chunk: 1024 × 151,936 fp32 logits ≈ 0.6 GB (the memory estimate
 # counts on it).
@@ -154,9 +154,13 @@ def apply_liger(model: nn.Module) -> None:
     from liger_kernel.transformers import apply_liger_kernel_to_qwen2
 
     apply_liger_kernel_to_qwen2(
-        rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
-        fused_linear_cross_entropy=False, model=model,
-    )  # fmt: skip
+        rope=True,
+        rms_norm=True,
+        swiglu=True,
+        cross_entropy=False,
+        fused_linear_cross_entropy=False,
+        model=model,
+    )
 
 
 def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
@@ -164,7 +168,7 @@ def add_lora(model: nn.Module, cfg: Config) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
     layers = model.model.layers
-    recomputed = checkpointed_layers(cfg.training, len(layers))
+    recomputed = recomputed_layers(cfg.training, len(layers))
     if recomputed:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         for layer in layers[recomputed:]:  # selective: the rest keep their activations

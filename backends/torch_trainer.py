@@ -58,9 +58,11 @@ class TorchHooks:
             self.loss = DistributedDataParallel(self.loss, device_ids=ids)
         self.params = [p for p in peft_model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.training.learning_rate, weight_decay=0.0,
+            self.params,
+            lr=cfg.training.learning_rate,
+            weight_decay=0.0,
             fused=device.type == "cuda",
-        )  # fmt: skip
+        )
         self.rng: dict[str, Any] = {}
 
     def _tensors(self, batch):
@@ -236,23 +238,27 @@ def run_training(
 
 
 def _fit_memory(cfg: Config, quantization: str, device) -> str | None:
-    """Checkpoint as few layers as make the run fit the device (see fit_checkpointing)."""
+    """Checkpoint as few layers as make the run fit the device (see fit_recompute)."""
     import torch
 
-    from qwen_mlx.memory import estimate_training_memory, fit_checkpointing, system_memory
+    from qwen_mlx.memory import estimate_training_memory, fit_recompute, system_memory
 
     model_config = json.loads((Path(cfg.model.path) / "config.json").read_text("utf-8"))
     t = cfg.training
     estimate = estimate_training_memory(
-        model_config, quantization=quantization, rank=cfg.lora.rank,
-        targets=list(cfg.lora.target_modules), max_seq_length=t.max_seq_length,
-        batch_size=t.batch_size, fp32=device.type == "cpu" and quantization == "none",
-    )  # fmt: skip
+        model_config,
+        quantization=quantization,
+        rank=cfg.lora.rank,
+        targets=list(cfg.lora.target_modules),
+        max_seq_length=t.max_seq_length,
+        batch_size=t.batch_size,
+        fp32=device.type == "cpu" and quantization == "none",
+    )
     if device.type == "cuda":
         available = torch.cuda.get_device_properties(device).total_memory
     else:  # CPU, and MPS's unified memory
         available = system_memory()
-    return fit_checkpointing(t, estimate, available) if available else None
+    return fit_recompute(t, estimate, available) if available else None
 
 
 class TorchBackend:
@@ -302,12 +308,14 @@ class TorchBackend:
                 return cancel.is_set()
 
         kwargs = {
-            "input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": settings.max_tokens, "streamer": streamer,
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "max_new_tokens": settings.max_tokens,
+            "streamer": streamer,
             "pad_token_id": tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([Cancelled()]),
             **_sampling(settings),
-        }  # fmt: skip
+        }
         thread = threading.Thread(target=streamer.run, args=(model.generate, kwargs), daemon=True)
         thread.start()
         try:
@@ -390,10 +398,20 @@ def _sampling(settings: GenerationSettings) -> dict[str, Any]:
     and repetition_penalty 1.05, which transformers would apply even to greedy decoding;
     the MLX and llama.cpp engines do not, so they are switched off here."""
     if settings.temperature <= 0:  # greedy; None silences the sampling defaults
-        return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None,
-                "repetition_penalty": 1.0}  # fmt: skip
-    return {"do_sample": True, "temperature": settings.temperature, "top_p": settings.top_p,
-            "top_k": 0, "repetition_penalty": 1.0}  # fmt: skip
+        return {
+            "do_sample": False,
+            "temperature": None,
+            "top_p": None,
+            "top_k": None,
+            "repetition_penalty": 1.0,
+        }
+    return {
+        "do_sample": True,
+        "temperature": settings.temperature,
+        "top_p": settings.top_p,
+        "top_k": 0,
+        "repetition_penalty": 1.0,
+    }
 
 
 class _Plain:

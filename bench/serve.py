@@ -61,8 +61,9 @@ def concurrent(url: str, model: str, clients: int, requests: int, max_tokens: in
 
     def one(_):
         t = time.perf_counter()
-        client.chat.completions.create(model=model, messages=QUESTION, max_tokens=max_tokens,
-                                       temperature=0)  # fmt: skip
+        client.chat.completions.create(
+            model=model, messages=QUESTION, max_tokens=max_tokens, temperature=0
+        )
         return time.perf_counter() - t
 
     start = time.perf_counter()
@@ -81,10 +82,16 @@ def stream_tokens_per_s(url: str, model: str, max_tokens: int) -> float:
 
     client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
     start = time.perf_counter()
-    chunks = list(client.chat.completions.create(
-        model=model, messages=QUESTION, stream=True, max_tokens=max_tokens, temperature=0,
-        stream_options={"include_usage": True},
-    ))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=QUESTION,
+            stream=True,
+            max_tokens=max_tokens,
+            temperature=0,
+            stream_options={"include_usage": True},
+        )
+    )
     return chunks[-1].usage.completion_tokens / (time.perf_counter() - start)
 
 
@@ -95,10 +102,13 @@ def bench(name: str, engine, args) -> None:
         print(f"\n{name}: direct (no HTTP) {base:.2f} req/s")
         print(f"{'clients':>8} {'req/s':>8} {'× direct':>9} {'p50 s':>7} {'p95 s':>7}")
         for clients in (1, 4, 16):
-            r = concurrent(url, engine.model_id, clients, max(args.requests, clients),
-                           args.max_tokens)  # fmt: skip
-            print(f"{clients:8d} {r['rps']:8.2f} {r['rps'] / base:9.2f} {r['p50']:7.3f} "
-                  f"{r['p95']:7.3f}")  # fmt: skip
+            r = concurrent(
+                url, engine.model_id, clients, max(args.requests, clients), args.max_tokens
+            )
+            print(
+                f"{clients:8d} {r['rps']:8.2f} {r['rps'] / base:9.2f} {r['p50']:7.3f} "
+                f"{r['p95']:7.3f}"
+            )
         tps = stream_tokens_per_s(url, engine.model_id, args.stream_tokens)
         print(f"single stream: {tps:.1f} tokens/s")
     finally:

@@ -47,15 +47,27 @@ MARK = "RESULT "
 def _config(args, model_dir: Path, variant: str):
     from qwen_mlx.config import load_config
 
-    return load_config(None, None, [
-        f"model.path={model_dir}", f"model.quantization={args.quant}", "lora.rank=16",
-        "lora.alpha=32", "lora.dropout=0.05", "training.batch_size=1",
-        "training.gradient_accumulation_steps=4", f"training.max_seq_length={args.seq}",
-        "training.learning_rate=5e-5", "training.warmup_steps=2", "training.num_epochs=1",
-        f"training.gradient_checkpointing={variant == 'ours-gc'}",
-        f"training.packing={variant != 'ours-unpacked'}",
-        "training.save_every=100000", "training.eval_every=100000",
-    ])  # fmt: skip
+    return load_config(
+        None,
+        None,
+        [
+            f"model.path={model_dir}",
+            f"model.quantization={args.quant}",
+            "lora.rank=16",
+            "lora.alpha=32",
+            "lora.dropout=0.05",
+            "training.batch_size=1",
+            "training.gradient_accumulation_steps=4",
+            f"training.max_seq_length={args.seq}",
+            "training.learning_rate=5e-5",
+            "training.warmup_steps=2",
+            "training.num_epochs=1",
+            f"training.gradient_checkpointing={variant == 'ours-gc'}",
+            f"training.packing={variant != 'ours-unpacked'}",
+            "training.save_every=100000",
+            "training.eval_every=100000",
+        ],
+    )
 
 
 def run_ours(args, model_dir: Path, samples) -> float:
@@ -102,10 +114,16 @@ def run_mlx_lm(args, model_dir: Path, samples) -> float:
     dataset = [(s.input_ids, s.loss_mask.index(1)) for s in samples]
     with tempfile.TemporaryDirectory() as tmp:
         training = TrainingArgs(
-            batch_size=1, iters=len(dataset), val_batches=0, steps_per_report=len(dataset),
-            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=args.seq,
-            adapter_file=str(Path(tmp) / "adapters.safetensors"), grad_accumulation_steps=4,
-        )  # fmt: skip
+            batch_size=1,
+            iters=len(dataset),
+            val_batches=0,
+            steps_per_report=len(dataset),
+            steps_per_eval=10**9,
+            steps_per_save=10**9,
+            max_seq_length=args.seq,
+            adapter_file=str(Path(tmp) / "adapters.safetensors"),
+            grad_accumulation_steps=4,
+        )
         optimizer = optim.AdamW(learning_rate=5e-5, weight_decay=0.0)
         start = time.perf_counter()
         train(model, optimizer, dataset, None, args=training)
@@ -121,9 +139,14 @@ def worker(args) -> dict:
     tokens = sum(len(s) for s in samples)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     rss_gb = rss / (1024**3 if sys.platform == "darwin" else 1024**2)
-    return {"variant": args.worker, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "peak_gb": mx.get_peak_memory() / 1024**3,
-            "rss_gb": rss_gb}  # fmt: skip
+    return {
+        "variant": args.worker,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_gb": mx.get_peak_memory() / 1024**3,
+        "rss_gb": rss_gb,
+    }
 
 
 def main() -> None:
@@ -146,9 +169,22 @@ def main() -> None:
 
 
 def _run_variant(args, model_dir: str, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", model_dir,
-           "--shape", args.shape, "--quant", args.quant, "--samples", str(args.samples),
-           "--seq", str(args.seq)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--model-dir",
+        model_dir,
+        "--shape",
+        args.shape,
+        "--quant",
+        args.quant,
+        "--samples",
+        str(args.samples),
+        "--seq",
+        str(args.seq),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = [line for line in out.stdout.splitlines() if line.startswith(MARK)]
     if out.returncode != 0 or not found:
@@ -168,16 +204,20 @@ def machine() -> str:
 def _print(results: list[dict], args) -> None:
     base = next((r for r in results if r["variant"] == "mlx-lm" and "error" not in r), None)
     print(f"machine: {machine()}")
-    print(f"shape {args.shape} {SHAPES[args.shape]}, quant {args.quant}, {args.samples} samples, "
-          f"rows of {args.seq}")  # fmt: skip
+    print(
+        f"shape {args.shape} {SHAPES[args.shape]}, quant {args.quant}, {args.samples} samples, "
+        f"rows of {args.seq}"
+    )
     print(f"{'variant':14} {'tokens/s':>9} {'× mlx-lm':>9} {'peak GB':>8} {'RSS GB':>7} {'s':>7}")
     for r in results:
         if "error" in r:
             print(f"{r['variant']:14} failed: {r['error']}")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-        print(f"{r['variant']:14} {r['tokens_per_s']:9.1f} {ratio:9.2f} {r['peak_gb']:8.3f} "
-              f"{r['rss_gb']:7.2f} {r['seconds']:7.1f}")  # fmt: skip
+        print(
+            f"{r['variant']:14} {r['tokens_per_s']:9.1f} {ratio:9.2f} {r['peak_gb']:8.3f} "
+            f"{r['rss_gb']:7.2f} {r['seconds']:7.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -55,13 +55,27 @@ def make_model(folder: Path, shape: str) -> None:
     from qwen_mlx.tiny import init_weights
 
     e, f, layers, heads, kv, vocab = SHAPES[shape]
-    dims = dict(vocab_size=vocab, hidden_size=e, intermediate_size=f, num_hidden_layers=layers,
-                num_attention_heads=heads, num_key_value_heads=kv)  # fmt: skip
+    dims = dict(
+        vocab_size=vocab,
+        hidden_size=e,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+    )
     weights = init_weights(np.random.default_rng(0), dims)
     save_tensors(folder / "model.safetensors", weights, "BF16")
-    config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
-              "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-              "tie_word_embeddings": True, "torch_dtype": "bfloat16", **dims}  # fmt: skip
+    config = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "hidden_act": "silu",
+        "max_position_embeddings": 32768,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": True,
+        "torch_dtype": "bfloat16",
+        **dims,
+    }
     (folder / "config.json").write_text(json.dumps(config))
 
 
@@ -84,14 +98,27 @@ def _config(args, model_dir: Path, options: list[str]):
     extra = [o for name in options for o in OPTIONS[name]]
     if "sel" in options:
         extra.append(f"training.checkpoint_fraction={args.sel_fraction}")
-    return load_config(None, None, [
-        f"model.path={model_dir}", f"model.quantization={args.quant}", "lora.rank=16",
-        "lora.alpha=32", f"training.batch_size={args.batch}",
-        "training.gradient_accumulation_steps=4",
-        f"training.max_seq_length={args.seq}", "training.learning_rate=5e-5",
-        "training.warmup_steps=2", "training.num_epochs=1", "training.save_every=100000",
-        "training.eval_every=100000", "training.attention=sdpa", "training.kernels=none", *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        None,
+        [
+            f"model.path={model_dir}",
+            f"model.quantization={args.quant}",
+            "lora.rank=16",
+            "lora.alpha=32",
+            f"training.batch_size={args.batch}",
+            "training.gradient_accumulation_steps=4",
+            f"training.max_seq_length={args.seq}",
+            "training.learning_rate=5e-5",
+            "training.warmup_steps=2",
+            "training.num_epochs=1",
+            "training.save_every=100000",
+            "training.eval_every=100000",
+            "training.attention=sdpa",
+            "training.kernels=none",
+            *extra,
+        ],
+    )
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:
@@ -193,9 +220,14 @@ def worker(args) -> dict:
     seconds = time.perf_counter() - start
     tokens = sum(len(s) for s in samples)
     rate = steady[1] / steady[0] if steady[0] > 0 else float("nan")
-    return {"variant": args.worker, "tokens": tokens, "seconds": seconds,
-            "tokens_per_s": tokens / seconds, "peak_gb": tm.peak_memory_gb(device),
-            "steady_tokens_per_s": rate}  # fmt: skip
+    return {
+        "variant": args.worker,
+        "tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_s": tokens / seconds,
+        "peak_gb": tm.peak_memory_gb(device),
+        "steady_tokens_per_s": rate,
+    }
 
 
 def main() -> None:
@@ -209,9 +241,11 @@ def main() -> None:
     parser.add_argument("--sel-fraction", type=float, default=0.5, help="layers recomputed")
     parser.add_argument("--batch", type=int, default=1, help="rows per micro-step (ours)")
     parser.add_argument(
-        "--baseline-samples", type=int, default=0,
+        "--baseline-samples",
+        type=int,
+        default=0,
         help="samples for the slow plain loop (0: --samples); tokens/s is a rate either way",
-    )  # fmt: skip
+    )
     parser.add_argument("--model-cache", type=Path, help="build the model here once, reuse it")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -235,11 +269,30 @@ def main() -> None:
 
 
 def _run_variant(args, model_dir: str, variant: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", variant, "--model-dir", model_dir,
-           "--device", args.device, "--shape", args.shape, "--quant", args.quant,
-           "--samples", str(args.samples), "--seq", str(args.seq),
-           "--sel-fraction", str(args.sel_fraction), "--batch", str(args.batch),
-           "--baseline-samples", str(args.baseline_samples)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        variant,
+        "--model-dir",
+        model_dir,
+        "--device",
+        args.device,
+        "--shape",
+        args.shape,
+        "--quant",
+        args.quant,
+        "--samples",
+        str(args.samples),
+        "--seq",
+        str(args.seq),
+        "--sel-fraction",
+        str(args.sel_fraction),
+        "--batch",
+        str(args.batch),
+        "--baseline-samples",
+        str(args.baseline_samples),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ}, check=False)
     if out.returncode != 0:
         return {"variant": variant, "error": out.stderr.strip().splitlines()[-1]}
@@ -250,19 +303,25 @@ def _print(results: list[dict], args) -> None:
     base = next((r for r in results if r["variant"] == "plain" and "error" not in r), None)
     cpu = f"{platform.machine()} {os.cpu_count()} cores"
     machine = cpu if args.device == "cpu" else _gpu_name()
-    print(f"machine: {machine}; shape {args.shape}, quant {args.quant}, {args.samples} samples, "
-          f"rows of {args.seq}")  # fmt: skip
-    print(f"{'variant':22} {'tokens/s':>9} {'× plain':>8} {'steady':>9} {'× plain':>8} "
-          f"{'peak GB':>8} {'seconds':>8}")  # fmt: skip
+    print(
+        f"machine: {machine}; shape {args.shape}, quant {args.quant}, {args.samples} samples, "
+        f"rows of {args.seq}"
+    )
+    print(
+        f"{'variant':22} {'tokens/s':>9} {'× plain':>8} {'steady':>9} {'× plain':>8} "
+        f"{'peak GB':>8} {'seconds':>8}"
+    )
     for r in results:
         if "error" in r:
             print(f"{r['variant']:22} failed: {r['error']}")
             continue
         ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
         steady = r["steady_tokens_per_s"] / base["steady_tokens_per_s"] if base else float("nan")
-        print(f"{r['variant']:22} {r['tokens_per_s']:9.0f} {ratio:8.2f} "
-              f"{r['steady_tokens_per_s']:9.0f} {steady:8.2f} {r['peak_gb']:8.2f} "
-              f"{r['seconds']:8.1f}")  # fmt: skip
+        print(
+            f"{r['variant']:22} {r['tokens_per_s']:9.0f} {ratio:8.2f} "
+            f"{r['steady_tokens_per_s']:9.0f} {steady:8.2f} {r['peak_gb']:8.2f} "
+            f"{r['seconds']:8.1f}"
+        )
 
 
 def _gpu_name() -> str:

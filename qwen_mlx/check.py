@@ -13,10 +13,10 @@ from pathlib import Path
 
 from qwen_mlx.backends import detect, probe
 from qwen_mlx.backends.probes import PROBES
-from qwen_mlx.config import Config, checkpointed_layers, load_config
+from qwen_mlx.config import Config, load_config, recomputed_layers
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
-from qwen_mlx.memory import GiB, estimate_training_memory, fit_checkpointing, system_memory
+from qwen_mlx.memory import GiB, estimate_training_memory, fit_recompute, system_memory
 from qwen_mlx.model_files import Finding, check_model_dir, read_model_config
 
 SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]⚠[/]", "fail": "[red]✗[/]"}
@@ -161,11 +161,11 @@ def check_memory(cfg: Config, chosen: str | None) -> Finding:
     if available is None:
         return Finding("ok", "memory", f"needs {est.describe()}")
     training = copy.deepcopy(cfg.training)
-    fitted = fit_checkpointing(training, est, available)  # what training will do
-    est = est.with_checkpointing(checkpointed_layers(training, est.layers))
+    fitted = fit_recompute(training, est, available)  # what training will do
+    est = est.with_recompute(recomputed_layers(training, est.layers))
     detail = f"needs {est.describe()}; this machine has {available / GiB:.0f} GiB"
     if fitted:
-        recomputed = checkpointed_layers(training, est.layers)
+        recomputed = recomputed_layers(training, est.layers)
         detail += f" (training will recompute {recomputed} of {est.layers} layers to fit)"
     advice = "lower training.max_seq_length, use model.quantization: 4bit, or a smaller model"
     if est.total > available:

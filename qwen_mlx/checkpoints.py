@@ -89,9 +89,11 @@ def _state(folder: Path) -> LoopState:
 
 
 def restore(
-    run_dir: Path, load_backend_state: Callable[[Path], None], note: Callable[[str], None],
+    run_dir: Path,
+    load_backend_state: Callable[[Path], None],
+    note: Callable[[str], None],
     main: bool = True,
-) -> tuple[Path, LoopState]:  # fmt: skip
+) -> tuple[Path, LoopState]:
     """Load the newest checkpoint that reads back whole, and return it with its state.
 
     Newer ones that do not are moved aside (by the main rank) with a note each; when none

@@ -11,30 +11,13 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from qwen_mlx import __version__
+from qwen_mlx import __version__, cli_models
 from qwen_mlx.backends import CHOICES
-from qwen_mlx.config import PRESETS
-from qwen_mlx.errors import UserError
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-class _Group(click.Group):
-    """A click group that turns UserError into a clean one-line error."""
-
-    def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except UserError as err:
-            clean = click.ClickException(str(err))
-            clean.exit_code = err.exit_code
-            raise clean from None
-
+from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
+from qwen_mlx.config import PRESETS, DataConfig, TrainingConfig
 
 _config_option = click.option(
     "-c",
@@ -66,7 +49,7 @@ def _default_config(path: Path | None) -> Path | None:
     return Path("config.yaml") if Path("config.yaml").is_file() else None
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ErrorLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qwen-mlx")
 def cli() -> None:
     """Fine-tune Qwen2.5 on your own data and run it locally.
@@ -79,6 +62,10 @@ def cli() -> None:
 
     Every command has --help. Configuration lives in config.yaml (see `check`).
     """
+
+
+for _command in cli_models.COMMANDS:
+    cli.add_command(_command)
 
 
 @cli.command()
@@ -117,7 +104,7 @@ def download(repo_id: str, local_dir: Path | None, revision: str | None) -> None
     console.print(f"[green]✓[/] {repo_id} is complete in {path}")
 
 
-@cli.group(cls=_Group)
+@cli.group(cls=ErrorLineGroup)
 def data() -> None:
     """Prepare and inspect datasets (jsonl/json/csv/parquet/txt; chat, sharegpt, alpaca, …)."""
 
@@ -179,7 +166,7 @@ def _fill_values(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 @click.option(
     "--valid-ratio",
     type=click.FloatRange(0, 1, max_open=True),
-    default=0.05,
+    default=DataConfig.valid_ratio,
     show_default=True,
     help="Share of records for valid.jsonl.",
 )
@@ -190,7 +177,9 @@ def _fill_values(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     show_default=True,
     help="Share of records held out in test.jsonl for `eval`.",
 )
-@click.option("--seed", type=int, default=42, show_default=True, help="Seed of the split.")
+@click.option(
+    "--seed", type=int, default=TrainingConfig.seed, show_default=True, help="Seed of the split."
+)
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
 @_preferences_option
 @click.option(
@@ -247,7 +236,12 @@ def data_prepare(
     default=None,
     help="Model folder whose tokenizer counts tokens (without it: characters only).",
 )
-@click.option("--max-seq-length", type=click.IntRange(16), default=1024, show_default=True)
+@click.option(
+    "--max-seq-length",
+    type=click.IntRange(16),
+    default=TrainingConfig.max_seq_length,
+    show_default=True,
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the numbers as JSON.")
 @_preferences_option
 def data_stats(
@@ -316,7 +310,3 @@ def train(
 def main() -> None:
     cli(prog_name="qwen-mlx")
 
-
-# The model-using commands live in their own module; importing it registers them on `cli`.
-from qwen_mlx import cli_models  # noqa: E402, F401
-from qwen_mlx import cli_distill  # noqa: E402, F401

@@ -1,8 +1,7 @@
 """``qwen-mlx`` commands that use a trained model: fuse, export, adapter, eval, chat, serve.
 
-Registered on the group defined in :mod:`qwen_mlx.cli` (which imports this module at its
-end); like every command they are thin wrappers over library functions, imported lazily so
-the CLI starts without torch, mlx or gguf.
+:mod:`qwen_mlx.cli` adds ``COMMANDS`` to its group. Like every command they are thin
+wrappers over library functions, imported lazily so the CLI starts without torch, mlx or gguf.
 """
 
 from __future__ import annotations
@@ -12,10 +11,10 @@ from pathlib import Path
 import click
 
 from qwen_mlx.backends import CHOICES
-from qwen_mlx.cli import _Group, cli, console, err_console
+from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
 from qwen_mlx.errors import UserError
+from qwen_mlx.gguf_quants import QUANT_CHOICES
 
-_QUANTS = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")  # qwen_mlx.gguf_export.QUANT_CHOICES
 _model_option = click.option(
     "--model",
     "model_dir",
@@ -30,7 +29,7 @@ _force_option = click.option(
 )
 
 
-@cli.command()
+@click.command()
 @click.argument("run_or_adapter", type=click.Path(path_type=Path))
 @_model_option
 @click.option(
@@ -60,7 +59,7 @@ def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path, force: boo
     )
 
 
-@cli.command()
+@click.command()
 @click.argument("run_or_adapter", required=False, type=click.Path(path_type=Path))
 @_model_option
 @click.option(
@@ -73,7 +72,7 @@ def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path, force: boo
 )
 @click.option(
     "--quant",
-    type=click.Choice(_QUANTS),
+    type=click.Choice(QUANT_CHOICES),
     default=None,
     help="Weight type: f16 (default), bf16, q8_0, q4_0, or q4_k_m (needs llama-cpp-python). "
     "With --lora-only: f16 or bf16 (default f32).",
@@ -133,7 +132,7 @@ def export(
         console.print(f"load it into ollama with:\n  {command}", highlight=False, soft_wrap=True)
 
 
-@cli.group(cls=_Group)
+@click.group(cls=ErrorLineGroup)
 def adapter() -> None:
     """Work with LoRA adapters: convert between PEFT and mlx-lm formats."""
 
@@ -199,7 +198,7 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
     return open_engine(run_or_adapter, model_dir, gguf, backend)
 
 
-@cli.command("eval")
+@click.command("eval")
 @click.argument("run_or_adapter", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--data",
@@ -219,11 +218,19 @@ def eval_command(run_or_adapter, data, compare_base, gguf, backend, max_tokens, 
     """
     from qwen_mlx.evaluate import evaluate
 
-    evaluate(run_or_adapter, data, compare_base=compare_base, gguf=gguf, backend=backend,
-             max_tokens=max_tokens, limit=limit, console=console)  # fmt: skip
+    evaluate(
+        run_or_adapter,
+        data,
+        compare_base=compare_base,
+        gguf=gguf,
+        backend=backend,
+        max_tokens=max_tokens,
+        limit=limit,
+        console=console,
+    )
 
 
-@cli.command()
+@click.command()
 @_run_argument
 @_plain_model_option
 @_gguf_option
@@ -268,7 +275,7 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
     return source.system_prompt
 
 
-@cli.command()
+@click.command()
 @_run_argument
 @_plain_model_option
 @_gguf_option
@@ -291,7 +298,7 @@ def serve(run_or_adapter, model_dir, gguf, backend, host, port, api_key, cors_or
     run(engine, host, port, api_key, console, cors_origins)
 
 
-@cli.command("tiny-model")
+@click.command("tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--data",
@@ -311,3 +318,6 @@ def tiny_model(out_dir: Path, data_file: Path | None, force: bool) -> None:
 
     path = build_tiny_model(out_dir, data_file=data_file, force=force)
     console.print(f"[green]✓[/] tiny Qwen2 model written to {path}", highlight=False)
+
+
+COMMANDS = (fuse, export, adapter, eval_command, chat, serve, tiny_model)

@@ -120,8 +120,9 @@ class TrainingConfig:
     )
 
 
-def checkpointed_layers(training: TrainingConfig, n_layers: int) -> int:
-    """How many decoder layers (the first ones) recompute their activations."""
+def recomputed_layers(training: TrainingConfig, n_layers: int) -> int:
+    """How many decoder layers (the first ones) recompute their activations in the backward
+    pass (``training.gradient_checkpointing`` / ``checkpoint_fraction``)."""
     if not training.gradient_checkpointing:
         return 0
     return max(1, round(training.checkpoint_fraction * n_layers))
@@ -209,15 +210,6 @@ def _sections() -> dict[str, type]:
     """``{"model": ModelConfig, ...}``, read off the ``Config`` dataclass."""
     hints = typing.get_type_hints(Config)
     return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
-
-
-def field_help() -> dict[str, str]:
-    """``{"section.key": help text}`` for every config key (used by docs and ``--help``)."""
-    out = {}
-    for section, cls in _sections().items():
-        for f in dataclasses.fields(cls):
-            out[f"{section}.{f.name}"] = f.metadata["help"]
-    return out
 
 
 def _did_you_mean(name: str, options: list[str]) -> str:

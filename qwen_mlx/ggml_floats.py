@@ -11,8 +11,10 @@ The library is opened with ctypes from llama-cpp-python's folder without importi
 so the export's worker threads convert at the same time.
 
 Every function returns None where the library is missing, lacks the function (llama.cpp
-before spring 2025), or gives a different float16 than numpy for any probe value at load;
-callers then use numpy. ``QWEN_MLX_GGML=0`` turns it off (benchmarks compare both paths).
+before spring 2025), fails in any way, or gives a different float16 than numpy for any probe
+value at load; callers then use numpy, so a changed or missing library can slow an export
+down but never change or stop it. ``QWEN_MLX_GGML=0`` turns it off (benchmarks compare both
+paths).
 """
 
 from __future__ import annotations
@@ -98,9 +100,9 @@ def _load() -> _Ggml | None:
         if hasattr(os, "add_dll_directory"):  # Windows: ggml-cpu.dll needs ggml-base.dll
             os.add_dll_directory(str(path.parent))
         ggml = _Ggml(ctypes.CDLL(str(path)))
-    except (OSError, AttributeError):  # unloadable, or too old to have these functions
+        return ggml if _agrees_with_numpy(ggml) else None
+    except Exception:  # unloadable, too old to have these functions, or failing: use numpy
         return None
-    return ggml if _agrees_with_numpy(ggml) else None
 
 
 def _ggml() -> _Ggml | None:
@@ -124,17 +126,32 @@ def _worth_it(array: np.ndarray) -> _Ggml | None:
     return _ggml() if array.size >= _MIN_VALUES else None
 
 
-def f32_to_f16(values: np.ndarray) -> np.ndarray | None:
+def _or_none(convert):
+    """``convert`` returning None (numpy's turn) instead of raising: a library that passed
+    the load check and fails later must not stop an export."""
+
+    @functools.wraps(convert)
+    def guarded(array: np.ndarray) -> np.ndarray | None:
+        ggml = _worth_it(array)
+        if ggml is None:
+            return None
+        try:
+            return convert(ggml, array)
+        except Exception:
+            return None
+
+    return guarded
+
+
+@_or_none
+def f32_to_f16(ggml: _Ggml, values: np.ndarray) -> np.ndarray:
     """float16 of float32 ``values`` (round to nearest even, overflow to ±inf), or None."""
-    ggml = _worth_it(values)
-    return None if ggml is None else _to_halves(ggml, np.ascontiguousarray(values, np.float32))
+    return _to_halves(ggml, np.ascontiguousarray(values, np.float32))
 
 
-def bf16_to_f16(bits: np.ndarray) -> np.ndarray | None:
+@_or_none
+def bf16_to_f16(ggml: _Ggml, bits: np.ndarray) -> np.ndarray:
     """float16 of bfloat16 bit patterns (uint16), through float32 as a cast would, or None."""
-    ggml = _worth_it(bits)
-    if ggml is None:
-        return None
     bits = np.ascontiguousarray(bits, dtype=np.uint16)
     values = np.empty(bits.shape, dtype=np.float32)
     ggml.bf16_to_fp32(bits.ctypes.data, values.ctypes.data, bits.size)

@@ -28,6 +28,7 @@ from qwen_mlx.errors import UserError
 from qwen_mlx.families import Family, family_of
 from qwen_mlx.fsutil import atomic_path
 from qwen_mlx.fuse import check_adapter_fits
+from qwen_mlx.gguf_quants import LORA_QUANTS, QUANT_CHOICES
 from qwen_mlx.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
 from qwen_mlx.llama_quant import llama_quantize, require_llama_cpp
 from qwen_mlx.model_files import read_model_config
@@ -41,8 +42,6 @@ from qwen_mlx.modelfile import (
 from qwen_mlx.progress import byte_progress
 from qwen_mlx.tensor_io import model_tensors
 
-QUANT_CHOICES = ("f16", "bf16", "q8_0", "q4_0", "q4_k_m")
-LORA_QUANTS = ("f32", "f16", "bf16")
 _WORKERS = min(4, os.cpu_count() or 1)  # threads encoding tensor blocks
 
 

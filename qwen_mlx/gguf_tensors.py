@@ -22,27 +22,9 @@ import numpy as np
 
 from qwen_mlx.adapters import Adapter, LoraPair
 from qwen_mlx.errors import UserError
+from qwen_mlx.gguf_quants import QUANTS, QuantSpec
 from qwen_mlx.tensor_io import TensorRef, bf16_to_f16, encode_rows, f32_to_bf16, f32_to_f16
 
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """A ``--quant`` choice: the file's nominal type and the matrices' GGML types."""
-
-    file_type: str  # gguf.LlamaFileType member
-    weight: str | None  # gguf.GGMLQuantizationType member for matrices
-    output: str | None  # … for the output matrix
-    needs_llama_cpp: bool = False
-
-
-QUANTS = {
-    "f32": QuantSpec("ALL_F32", "F32", "F32"),
-    "f16": QuantSpec("MOSTLY_F16", "F16", "F16"),
-    "bf16": QuantSpec("MOSTLY_BF16", "BF16", "BF16"),
-    "q8_0": QuantSpec("MOSTLY_Q8_0", "Q8_0", "Q8_0"),
-    "q4_0": QuantSpec("MOSTLY_Q4_0", "Q4_0", "Q8_0"),
-    "q4_k_m": QuantSpec("MOSTLY_Q4_K_M", None, None, needs_llama_cpp=True),
-}
 # Tensors llama.cpp does not expect (it checks the count); transformers may save them.
 _SKIP = re.compile(r".*\.(rotary_emb\.inv_freq|attention\.masked_bias|attention\.bias)")
 _LAYER = re.compile(r"blk\.(\d+)\.")

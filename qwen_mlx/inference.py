@@ -115,9 +115,11 @@ class GGUFEngine:
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
         greedy = settings.temperature <= 0
         tokens = self.llm.generate(
-            prompt_ids, temp=0.0 if greedy else settings.temperature,
-            top_p=1.0 if greedy else settings.top_p, top_k=1 if greedy else 40,
-        )  # fmt: skip
+            prompt_ids,
+            temp=0.0 if greedy else settings.temperature,
+            top_p=1.0 if greedy else settings.top_p,
+            top_k=1 if greedy else 40,
+        )
         with closing(tokens):
             decode = partial(_llama_text, self.llm)
             yield from token_texts(self._until_end(tokens, settings.max_tokens), decode)

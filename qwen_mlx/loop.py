@@ -223,9 +223,15 @@ def train_loop(
     watch = LossWatch(total, plan.warmup)
     progress = progress_bar(console)
     task = progress.add_task(
-        "train", total=stop_at, completed=state.step, epoch=state.epoch + 1,
-        loss="-", lr="-", tps="-", mem="-",
-    )  # fmt: skip
+        "train",
+        total=stop_at,
+        completed=state.step,
+        epoch=state.epoch + 1,
+        loss="-",
+        lr="-",
+        tps="-",
+        mem="-",
+    )
     saved = {"step": state.step if resume else -1}
     hooks.snapshot_rng()
 
@@ -238,8 +244,13 @@ def train_loop(
         val = _evaluate(hooks, data.valid, t.batch_size, data.pad_id) if main else None
         if val is not None:
             epoch = round(state.epoch + state.window / plan.windows_per_epoch, 4)
-            metrics.write(type="eval", step=state.step, epoch=epoch, val_loss=val,
-                          val_ppl=math.exp(min(val, 50)))  # fmt: skip
+            metrics.write(
+                type="eval",
+                step=state.step,
+                epoch=epoch,
+                val_loss=val,
+                val_ppl=math.exp(min(val, 50)),
+            )
             progress.console.print(f"step {state.step}: validation loss {val:.4f}")
 
     session_start, session_tokens = time.perf_counter(), 0
@@ -262,8 +273,17 @@ def train_loop(
                     seconds = time.perf_counter() - session_start
                     state.elapsed_s = elapsed_before + seconds
                     if main:
-                        _report(state, result, session_tokens / max(seconds, 1e-9), len(windows),
-                                hooks, metrics, progress, task, watch)  # fmt: skip
+                        _report(
+                            state,
+                            result,
+                            session_tokens / max(seconds, 1e-9),
+                            len(windows),
+                            hooks,
+                            metrics,
+                            progress,
+                            task,
+                            watch,
+                        )
                     if state.step % eval_every == 0:
                         validate()
                     if state.step % save_every == 0:
@@ -311,18 +331,29 @@ def _report(state, result, tps, windows, hooks, metrics, progress, task, watch) 
     """Log one optimizer step: metrics.jsonl, the progress bar and any loss warning."""
     mem = hooks.peak_memory_gb()
     metrics.write(
-        type="train", step=state.step, epoch=round(state.epoch + state.window / windows, 4),
-        loss=result.loss, lr=result.lr, grad_norm=result.grad_norm, tokens=state.tokens,
-        tokens_per_s=round(tps, 1), peak_memory_gb=round(mem, 3),
+        type="train",
+        step=state.step,
+        epoch=round(state.epoch + state.window / windows, 4),
+        loss=result.loss,
+        lr=result.lr,
+        grad_norm=result.grad_norm,
+        tokens=state.tokens,
+        tokens_per_s=round(tps, 1),
+        peak_memory_gb=round(mem, 3),
         elapsed_s=round(state.elapsed_s, 2),
-    )  # fmt: skip
+    )
     for warning in watch.update(state.step, result.loss):
         progress.console.print(f"[yellow]⚠[/] {warning}")
     # The bar shows the smoothed loss (EMA); metrics.jsonl keeps every raw value.
     progress.update(
-        task, completed=state.step, epoch=state.epoch + 1, loss=f"{watch.ema:.4f}",
-        lr=f"{result.lr:.2e}", tps=f"{tps:,.0f}", mem=f"{mem:.1f}G",
-    )  # fmt: skip
+        task,
+        completed=state.step,
+        epoch=state.epoch + 1,
+        loss=f"{watch.ema:.4f}",
+        lr=f"{result.lr:.2e}",
+        tps=f"{tps:,.0f}",
+        mem=f"{mem:.1f}G",
+    )
 
 
 class _CtrlC:

@@ -30,14 +30,14 @@ LOSS_CHUNK = 1024  # target rows per LM-head chunk in both trainers' loss
 @dataclass
 class Estimate:
     parts: dict[str, float]  # bytes
-    layers: int = 0  # decoder layers, for what checkpointing changes
-    layer_input: float = 0.0  # bytes a checkpointed layer keeps (its input)
+    layers: int = 0  # decoder layers, for what recomputing changes
+    layer_input: float = 0.0  # bytes a recomputed layer keeps (its input)
 
     @property
     def total(self) -> float:
         return sum(self.parts.values())
 
-    def with_checkpointing(self, recomputed: int) -> Estimate:
+    def with_recompute(self, recomputed: int) -> Estimate:
         """The estimate when the first ``recomputed`` layers keep only their input and are
         rebuilt in the backward pass (one at a time, so one layer's activations come back)."""
         if not recomputed or not self.layers:
@@ -50,7 +50,7 @@ class Estimate:
         """The fewest recomputed layers that bring the estimate within ``budget`` bytes: 0
         when it fits as it is, None when recomputing every layer is not enough."""
         for recomputed in range(self.layers + 1):
-            if self.with_checkpointing(recomputed).total <= budget:
+            if self.with_recompute(recomputed).total <= budget:
                 return recomputed
         return None
 
@@ -129,7 +129,7 @@ def system_memory() -> int | None:
         return None
 
 
-def fit_checkpointing(training: TrainingConfig, estimate: Estimate, available: float) -> str | None:
+def fit_recompute(training: TrainingConfig, estimate: Estimate, available: float) -> str | None:
     """Turn on (selective) gradient checkpointing in ``training`` (changed in place) when
     the run would not fit in 90% of ``available`` bytes without it; return a note saying so,
     or None. Recomputing only as many layers as needed costs the least time.
@@ -144,6 +144,6 @@ def fit_checkpointing(training: TrainingConfig, estimate: Estimate, available: f
     return (
         f"training memory ≈{estimate.total / GiB:.1f} GiB would not fit in "
         f"{available / GiB:.0f} GiB: recomputing {recomputed} of {estimate.layers} layers' "
-        f"activations (≈{estimate.with_checkpointing(recomputed).total / GiB:.1f} GiB); "
+        f"activations (≈{estimate.with_recompute(recomputed).total / GiB:.1f} GiB); "
         "set training.gradient_checkpointing: true to choose yourself"
     )

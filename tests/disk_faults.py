@@ -26,10 +26,13 @@ class FaultyDisk:
         self.failed: list[str] = []
         self.read_only = code != errno.ENOSPC
         fakes = [
-            (builtins, "open", self._open(builtins.open)), (io, "open", self._open(io.open)),
-            (os, "open", self._os_open(os.open)), (os, "mkdir", self._creating(os.mkdir)),
-            (os, "replace", self._renaming(os.replace)), (os, "rename", self._renaming(os.rename)),
-        ]  # fmt: skip
+            (builtins, "open", self._open(builtins.open)),
+            (io, "open", self._open(io.open)),
+            (os, "open", self._os_open(os.open)),
+            (os, "mkdir", self._creating(os.mkdir)),
+            (os, "replace", self._renaming(os.replace)),
+            (os, "rename", self._renaming(os.rename)),
+        ]
         try:
             import peft.peft_model as peft_model
         except ImportError:
@@ -99,8 +102,17 @@ class FaultyDisk:
 
         return fake
 
-    def _full_file(self, file, mode, buffering=-1, encoding=None, errors=None, newline=None,
-                   closefd=True, opener=None):  # fmt: skip
+    def _full_file(
+        self,
+        file,
+        mode,
+        buffering=-1,
+        encoding=None,
+        errors=None,
+        newline=None,
+        closefd=True,
+        opener=None,
+    ):
         """A real file object whose data never reaches the disk (ENOSPC on every write)."""
         code = self.code
 
@@ -112,8 +124,9 @@ class FaultyDisk:
         buffered = io.BufferedRandom(raw) if "+" in mode else io.BufferedWriter(raw)
         if "b" in mode:
             return buffered
-        return io.TextIOWrapper(buffered, encoding=encoding or "utf-8", errors=errors,
-                                newline=newline)  # fmt: skip
+        return io.TextIOWrapper(
+            buffered, encoding=encoding or "utf-8", errors=errors, newline=newline
+        )
 
 
 CODES = {"full-disk": errno.ENOSPC, "read-only": errno.EROFS}

@@ -58,9 +58,13 @@ def make_peft_adapter(
     torch.manual_seed(seed)  # PEFT draws A from torch's global generator
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, target_modules=list(targets), task_type="CAUSAL_LM",
-        lora_dropout=0.05, **lora_kwargs,
-    )  # fmt: skip
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=list(targets),
+        task_type="CAUSAL_LM",
+        lora_dropout=0.05,
+        **lora_kwargs,
+    )
     peft_model = get_peft_model(model, config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():

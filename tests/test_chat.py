@@ -27,12 +27,23 @@ def run(tiny_model_dir, tmp_path_factory):
     rows = [json.loads(x) for x in BUNDLED_TEST.read_text(encoding="utf-8").splitlines()[:8]]
     data = root / "qa.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    cfg = load_config(None, None, [
-        f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={data}",
-        "data.valid_ratio=0", f"output.dir={root / 'run'}", "training.max_seq_length=256",
-        "training.batch_size=2", "training.gradient_accumulation_steps=1",
-        "training.learning_rate=5e-3", "training.num_epochs=10", "training.warmup_steps=2",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            "model.quantization=none",
+            f"data.train_file={data}",
+            "data.valid_ratio=0",
+            f"output.dir={root / 'run'}",
+            "training.max_seq_length=256",
+            "training.batch_size=2",
+            "training.gradient_accumulation_steps=1",
+            "training.learning_rate=5e-3",
+            "training.num_epochs=10",
+            "training.warmup_steps=2",
+        ],
+    )
     (root / "run").mkdir()
     save_config(cfg, root / "run" / "config.yaml")
     run_training(cfg, root / "run", False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
@@ -40,8 +51,13 @@ def run(tiny_model_dir, tmp_path_factory):
 
 
 def chat(*args, stdin: str | None = None):
-    out = subprocess.run([sys.executable, "-m", "qwen_mlx", "chat", *args], input=stdin,
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "qwen_mlx", "chat", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
 
@@ -58,8 +74,10 @@ def test_same_greedy_answer_from_the_exported_gguf(run, tmp_path):
     gguf = tmp_path / "run.gguf"
     export = subprocess.run(
         [sys.executable, "-m", "qwen_mlx", "export", str(run), "-o", str(gguf), "--quant", "f16"],
-        capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert export.returncode == 0, export.stderr
     torch_answer = chat(str(run), "--backend", "torch", "--prompt", QUESTION, "--max-tokens", "12")
     gguf_answer = chat("--gguf", str(gguf), "--prompt", QUESTION, "--max-tokens", "12")
@@ -81,8 +99,17 @@ def test_interactive_commands():
 
 def test_interactive_session_keeps_history(tiny_model_dir):
     pytest.importorskip("torch")
-    out = chat("--model", str(tiny_model_dir), "--backend", "torch", "--max-tokens", "4",
-               "--temperature", "0", stdin="你好\n发票丢了怎么办\n/reset\n/exit\n")  # fmt: skip
+    out = chat(
+        "--model",
+        str(tiny_model_dir),
+        "--backend",
+        "torch",
+        "--max-tokens",
+        "4",
+        "--temperature",
+        "0",
+        stdin="你好\n发票丢了怎么办\n/reset\n/exit\n",
+    )
     assert out.count("model>") == 2 and "conversation cleared" in out
 
 

@@ -13,7 +13,7 @@ from qwen_mlx.config import load_config
 from qwen_mlx.memory import (
     GiB,
     estimate_training_memory,
-    fit_checkpointing,
+    fit_recompute,
     lora_parameter_count,
     parameter_count,
 )
@@ -110,12 +110,17 @@ def test_memory_estimate_uses_real_model_sizes():
 def demo_args(model_dir, data_dir):
     return [
         "check",
-        "--set", f"model.path={model_dir}",
-        "--set", "model.quantization=none",
-        "--set", f"data.train_file={data_dir / 'train.jsonl'}",
-        "--set", "data.test_file=null",
-        "--set", "training.backend=torch",
-    ]  # fmt: skip
+        "--set",
+        f"model.path={model_dir}",
+        "--set",
+        "model.quantization=none",
+        "--set",
+        f"data.train_file={data_dir / 'train.jsonl'}",
+        "--set",
+        "data.test_file=null",
+        "--set",
+        "training.backend=torch",
+    ]
 
 
 @pytest.fixture
@@ -164,38 +169,38 @@ def test_checkpointing_estimate_keeps_layer_inputs_and_one_layer():
     est = _estimate_3b(4096)
     layers = QWEN25_3B["num_hidden_layers"]
     per_layer = est.parts["activations"] / layers
-    every = est.with_checkpointing(layers)
+    every = est.with_recompute(layers)
     assert every.parts["activations"] == pytest.approx(layers * est.layer_input + per_layer)
-    half = est.with_checkpointing(layers // 2)
+    half = est.with_recompute(layers // 2)
     assert every.total < half.total < est.total
     assert est.parts["logits"] == 1024 * QWEN25_3B["vocab_size"] * 8  # one loss chunk only
 
 
-def test_fewest_checkpointed_layers_that_fit():
+def test_fewest_recomputed_layers_that_fit():
     est = _estimate_3b(4096)
     assert est.layers_to_fit(est.total) == 0
     fewest = est.layers_to_fit(12 * GiB)
     assert 0 < fewest < QWEN25_3B["num_hidden_layers"]
-    assert est.with_checkpointing(fewest).total <= 12 * GiB
-    assert est.with_checkpointing(fewest - 1).total > 12 * GiB
+    assert est.with_recompute(fewest).total <= 12 * GiB
+    assert est.with_recompute(fewest - 1).total > 12 * GiB
     assert est.layers_to_fit(2 * GiB) is None  # the 4-bit weights alone are about 2 GB
 
 
-def test_fit_checkpointing_turns_on_only_what_memory_needs():
+def test_fit_recompute_turns_on_only_what_memory_needs():
     est = _estimate_3b(4096)
     roomy = load_config(None, None, []).training
-    assert fit_checkpointing(roomy, est, 80 * GiB) is None
+    assert fit_recompute(roomy, est, 80 * GiB) is None
     assert not roomy.gradient_checkpointing
     tight = load_config(None, None, []).training
-    note = fit_checkpointing(tight, est, 16 * GiB)
+    note = fit_recompute(tight, est, 16 * GiB)
     recomputed = round(tight.checkpoint_fraction * QWEN25_3B["num_hidden_layers"])
     assert tight.gradient_checkpointing and recomputed == est.layers_to_fit(0.9 * 16 * GiB)
     assert f"recomputing {recomputed} of 36 layers" in note
     chosen = load_config(None, None, ["training.gradient_checkpointing=true"]).training
-    assert fit_checkpointing(chosen, est, 16 * GiB) is None  # the user's choice stands
+    assert fit_recompute(chosen, est, 16 * GiB) is None  # the user's choice stands
     assert chosen.checkpoint_fraction == 1.0
     hopeless = load_config(None, None, []).training
-    assert fit_checkpointing(hopeless, est, 2 * GiB) is None  # check and the guard say so
+    assert fit_recompute(hopeless, est, 2 * GiB) is None  # check and the guard say so
     assert not hopeless.gradient_checkpointing
 
 
@@ -204,9 +209,15 @@ def test_check_says_when_training_will_checkpoint_to_fit(tmp_path, monkeypatch):
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_3B))
     monkeypatch.setattr(check, "system_memory", lambda: 16 * GiB)
-    cfg = load_config(None, None, [
-        f"model.path={tmp_path}", "model.quantization=4bit", "training.max_seq_length=4096",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        None,
+        [
+            f"model.path={tmp_path}",
+            "model.quantization=4bit",
+            "training.max_seq_length=4096",
+        ],
+    )
     finding = check.check_memory(cfg, chosen="mlx")
     assert finding.status != "fail", finding  # fitted to 90%: "tight" at most
     assert "training will recompute" in finding.detail and "of 36 layers" in finding.detail

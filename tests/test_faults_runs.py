@@ -32,15 +32,31 @@ pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 STEPS = 6
-SETTINGS = ["model.quantization=none", "training.max_seq_length=256", "training.batch_size=2",
-            "training.gradient_accumulation_steps=1", "training.num_epochs=3",
-            "training.warmup_steps=2", "training.learning_rate=5e-3", "lora.rank=8",
-            "lora.alpha=16", "lora.dropout=0.1", "data.valid_ratio=0.2"]  # fmt: skip
+SETTINGS = [
+    "model.quantization=none",
+    "training.max_seq_length=256",
+    "training.batch_size=2",
+    "training.gradient_accumulation_steps=1",
+    "training.num_epochs=3",
+    "training.warmup_steps=2",
+    "training.learning_rate=5e-3",
+    "lora.rank=8",
+    "lora.alpha=16",
+    "lora.dropout=0.1",
+    "data.valid_ratio=0.2",
+]
 
 
 def train_args(model: Path, data: Path, run: Path, *extra: str) -> list[str]:
-    sets = [f"model.path={model}", f"data.train_file={data}", f"output.dir={run}", *SETTINGS,
-            f"training.max_steps={STEPS}", "training.save_every=2", *extra]  # fmt: skip
+    sets = [
+        f"model.path={model}",
+        f"data.train_file={data}",
+        f"output.dir={run}",
+        *SETTINGS,
+        f"training.max_steps={STEPS}",
+        "training.save_every=2",
+        *extra,
+    ]
     return ["train", "--backend", "torch", *[x for s in sets for x in ("--set", s)]]
 
 
@@ -131,8 +147,9 @@ main()
 
 
 def _python(*args: str, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, *args], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
 
 
 def _finish(proc: subprocess.Popen) -> None:
@@ -166,8 +183,9 @@ def test_kill_9_anywhere_then_resume_equals_a_straight_run(tiny_model_dir, small
     # complete but not yet renamed into place. Then a last resume runs to the end. Every
     # process is separate, as for a user, so the straight run is one too.
     straight, run = tmp_path / "straight", tmp_path / "run"
-    _finish(_python("-m", "qwen_mlx", *train_args(tiny_model_dir, small_data, straight),
-                    cwd=tmp_path))  # fmt: skip
+    _finish(
+        _python("-m", "qwen_mlx", *train_args(tiny_model_dir, small_data, straight), cwd=tmp_path)
+    )
     rng = random.Random(15)
     killed = rng.randint(2, STEPS - 2)  # from step 2 on, a checkpoint exists to resume from
     torn = rng.randint(killed + 1, STEPS - 1)
@@ -243,9 +261,16 @@ def _out_writers(tiny_model_dir: Path, adapter: Path, out: Path) -> dict[str, li
         "fuse": ["fuse", adapter, "--model", tiny_model_dir, "-o", out],
         "adapter convert": ["adapter", "convert", adapter, "--to", "mlx-lm", "-o", out],
         "export": ["export", adapter, "--model", tiny_model_dir, "-o", gguf, "--quant", "q8_0"],
-        "export --lora-only": ["export", adapter, "--model", tiny_model_dir, "-o", gguf,
-                               "--lora-only"],
-    }  # fmt: skip
+        "export --lora-only": [
+            "export",
+            adapter,
+            "--model",
+            tiny_model_dir,
+            "-o",
+            gguf,
+            "--lora-only",
+        ],
+    }
 
 
 @pytest.fixture(scope="module")
@@ -352,8 +377,15 @@ def test_a_config_file_given_with_resume_is_applied_and_checked(halfway, tmp_pat
 
 def test_a_resume_may_change_when_it_stops_saves_and_validates(halfway, straight, tmp_path):
     run = copy_of(halfway, tmp_path)
-    result = resume(run, "--set", "training.eval_every=1", "--set", "training.save_every=1",
-                    "-c", run / "config.yaml")  # fmt: skip
+    result = resume(
+        run,
+        "--set",
+        "training.eval_every=1",
+        "--set",
+        "training.save_every=1",
+        "-c",
+        run / "config.yaml",
+    )
     assert result.exit_code == 0, result.output
     assert "save_every: 1" in (run / "config.yaml").read_text()
     assert (run / "checkpoints" / "step-000005").is_dir()  # saved every step now

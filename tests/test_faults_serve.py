@@ -86,8 +86,13 @@ def live(request, tiny_model_dir):
 
 
 def raw_request(body: bytes, path="/v1/chat/completions", method="POST", headers=()) -> bytes:
-    head = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
-            f"Content-Length: {len(body)}", *headers]  # fmt: skip
+    head = [
+        f"{method} {path} HTTP/1.1",
+        "Host: 127.0.0.1",
+        "Content-Type: application/json",
+        f"Content-Length: {len(body)}",
+        *headers,
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
@@ -173,11 +178,19 @@ def test_usage_counts_generated_tokens_and_max_tokens_is_length(live):
     status, reply = ask(live.port, max_tokens=8)
     assert status == 200, reply
     prompt = len(live.engine.prompt_ids(ASK, 8))
-    assert reply["usage"] == {"prompt_tokens": prompt, "completion_tokens": 8,
-                              "total_tokens": prompt + 8}  # fmt: skip
+    assert reply["usage"] == {
+        "prompt_tokens": prompt,
+        "completion_tokens": 8,
+        "total_tokens": prompt + 8,
+    }
     assert reply["choices"][0]["finish_reason"] == "length"  # the tiny model never stops by 8
-    body = {"messages": ASK, "max_tokens": 8, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}  # fmt: skip
+    body = {
+        "messages": ASK,
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     status, events = send(live.port, json.dumps(body).encode())
     chunks = [json.loads(e) for e in events.split("data: ")[1:] if e.strip() != "[DONE]"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == reply["usage"]
@@ -229,9 +242,13 @@ BAD_FIELDS = {
     "n": {"n": 2},
     "stream_options junk": {"stream": True, "stream_options": {"include_usage": "yes"}},
     "unknown model": {"model": "gpt-4o"},
-    "too long for the context": {"max_tokens": 16, "messages": [
-        {"role": "user", "content": "".join(chr(0x4E00 + i % 3000) for i in range(40_000))}]},
-}  # fmt: skip
+    "too long for the context": {
+        "max_tokens": 16,
+        "messages": [
+            {"role": "user", "content": "".join(chr(0x4E00 + i % 3000) for i in range(40_000))}
+        ],
+    },
+}
 
 
 def assert_openai_error(status: int, reply, expected: int | None = None) -> None:
@@ -274,8 +291,10 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(live):
 
 
 def test_a_chunked_upload_over_the_limit_is_refused_as_it_arrives(live):
-    head = ("POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     piece = b"x" * 65536
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
         sock.sendall(head.encode())
@@ -330,8 +349,9 @@ def test_sigterm_during_a_long_generation_ends_the_server(kind, tiny_model_dir, 
         pytest.importorskip("torch")
         args, long_reply = ["--model", str(tiny_model_dir), "--backend", "torch"], LONG_REPLY
     port = free_port()
-    process = subprocess.Popen(serve_command(*args, "--port", str(port)),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    process = subprocess.Popen(
+        serve_command(*args, "--port", str(port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     try:
         wait_healthy(process, port)
         streaming = open_stream(port, long_reply)
@@ -358,8 +378,12 @@ def test_a_file_that_is_not_a_gguf_is_one_error_line(tmp_path, content):
     pytest.importorskip("llama_cpp")
     junk = tmp_path / "model.gguf"
     junk.write_bytes(content)
-    out = subprocess.run(serve_command("--gguf", str(junk), "--port", str(free_port())),
-                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    out = subprocess.run(
+        serve_command("--gguf", str(junk), "--port", str(free_port())),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr
     assert out.stderr.startswith("Error: ") and str(junk) in out.stderr

@@ -92,9 +92,13 @@ def test_fused_float32_model_matches_peft_in_float32(tmp_path):
 
 def test_rslora_and_per_module_alpha_are_honoured(tiny_model_dir, tmp_path):
     adapter = make_peft_adapter(
-        tiny_model_dir, tmp_path / "rs", rank=16, alpha=8, use_rslora=True,
+        tiny_model_dir,
+        tmp_path / "rs",
+        rank=16,
+        alpha=8,
+        use_rslora=True,
         alpha_pattern={"down_proj": 3},
-    )  # fmt: skip
+    )
     fuse(adapter, tmp_path / "fused")
     ours = _state_dict(tmp_path / "fused", torch.bfloat16)
     merged = _peft_merged(tiny_model_dir, adapter, torch.bfloat16)
@@ -203,9 +207,16 @@ def test_failure_leaves_no_half_written_folder(adapter, tmp_path, monkeypatch):
 
 _WRITERS = {
     "fuse": lambda src, out: ["fuse", str(src), "-o", str(out)],
-    "adapter convert": lambda src, out: ["adapter", "convert", str(src), "--to", "mlx-lm",
-                                         "-o", str(out)],
-}  # fmt: skip
+    "adapter convert": lambda src, out: [
+        "adapter",
+        "convert",
+        str(src),
+        "--to",
+        "mlx-lm",
+        "-o",
+        str(out),
+    ],
+}
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -213,8 +224,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("command", list(_WRITERS))
-def test_output_into_a_run_folder_is_refused_even_with_force(command, tiny_model_dir, adapter,
-                                                              tmp_path):  # fmt: skip
+def test_output_into_a_run_folder_is_refused_even_with_force(
+    command, tiny_model_dir, adapter, tmp_path
+):
     run = make_run(tmp_path / "run", tiny_model_dir, adapter)
     (run / "checkpoints" / "step-000004").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')

@@ -42,10 +42,16 @@ def _as_array(address: int, ctype, n: int) -> np.ndarray:
 
 class _FakeGgml:
     """A stand-in for ggml's CPU library: numpy's conversions, or (``truncate``) a float16
-    conversion that is wrong in the last bit for half the values."""
+    conversion that is wrong in the last bit for half the values, or (``fail_after``) one
+    that raises from its that-many-th call on."""
 
-    def __init__(self, truncate: bool):
+    def __init__(self, truncate: bool, fail_after: int | None = None):
+        calls = [0]
+
         def fp32_to_fp16(source, target, n):
+            calls[0] += 1
+            if fail_after is not None and calls[0] > fail_after:
+                raise OSError("exception: access violation writing 0x0000000000000000")
             values, halves = (
                 _as_array(source, ctypes.c_float, n),
                 _as_array(target, ctypes.c_uint16, n),
@@ -74,6 +80,37 @@ def test_used_only_if_it_gives_numpys_bytes(truncate, fresh_load, monkeypatch, t
     monkeypatch.setattr(ggml_floats.ctypes, "CDLL", lambda path: _FakeGgml(truncate))
     assert ggml_floats.available() is not truncate
     assert_float16_is_numpys()
+
+
+class _Symbols:
+    """A library that loads but has none of the functions (llama.cpp before spring 2025)."""
+
+
+# What a changed llama-cpp-python may do to us: each must leave the export's bytes alone.
+_BROKEN = {
+    "functions missing": lambda: _Symbols(),
+    "raises at the load check": lambda: _FakeGgml(False, fail_after=0),
+    "raises during the export": lambda: _FakeGgml(False, fail_after=2),
+    "wrong values": lambda: _FakeGgml(True),
+}
+
+
+@pytest.mark.parametrize("broken", list(_BROKEN))
+def test_a_changed_library_never_changes_or_stops_an_export(
+    broken, tiny_model_dir, fresh_load, monkeypatch, tmp_path
+):
+    from qwen_mlx.gguf_export import export
+
+    monkeypatch.setenv("QWEN_MLX_GGML", "0")
+    expected = export(None, tmp_path / "numpy.gguf", model=tiny_model_dir, quant="f16").path
+    monkeypatch.delenv("QWEN_MLX_GGML")
+    fake = tmp_path / "libggml-cpu.so"
+    fake.touch()
+    monkeypatch.setattr(ggml_floats, "_library_file", lambda: fake)
+    monkeypatch.setattr(ggml_floats.ctypes, "CDLL", lambda path: _BROKEN[broken]())
+    ggml_floats._load.cache_clear()
+    got = export(None, tmp_path / "ggml.gguf", model=tiny_model_dir, quant="f16").path
+    assert got.read_bytes() == expected.read_bytes()
 
 
 def test_a_missing_library_falls_back_to_numpy(fresh_load, monkeypatch):

@@ -134,9 +134,11 @@ def test_rope_settings_follow_the_config(tiny_model_dir, tmp_path):
     config = json.loads((model / "config.json").read_text())
     del config["rope_theta"]  # transformers 5 style, with Qwen2.5's long-context recipe
     config["rope_parameters"] = {
-        "rope_theta": 5e5, "rope_type": "yarn", "factor": 4.0,
+        "rope_theta": 5e5,
+        "rope_type": "yarn",
+        "factor": 4.0,
         "original_max_position_embeddings": 32768,
-    }  # fmt: skip
+    }
     (model / "config.json").write_text(json.dumps(config))
     fields = _fields(export(None, tmp_path / "long.gguf", model=model).path)
     assert fields["qwen2.rope.freq_base"] == 5e5

@@ -108,8 +108,14 @@ def test_ranks_get_disjoint_equal_shares():
 
 def test_accumulation_scales_by_window_targets(tmp_path):
     hooks = FakeHooks()
-    train_loop(cfg("training.batch_size=1", "training.gradient_accumulation_steps=3"),
-               run_data(7), hooks, tmp_path, QUIET, resume=False)  # fmt: skip
+    train_loop(
+        cfg("training.batch_size=1", "training.gradient_accumulation_steps=3"),
+        run_data(7),
+        hooks,
+        tmp_path,
+        QUIET,
+        resume=False,
+    )
     micro = [c for c in hooks.calls if c[0] == "micro"]
     assert len(micro) == 7 and len(hooks.lrs) == 3  # windows of 3, 3 and 1 rows
     assert [c[3] for c in micro[:3]] == [False, False, True]  # DDP sync on the last only
@@ -122,30 +128,53 @@ def test_accumulation_scales_by_window_targets(tmp_path):
 def test_nan_loss_stops_without_an_update(tmp_path):
     hooks = FakeHooks(losses=[2.0, 2.0, math.nan])
     with pytest.raises(TrainingStopped, match=r"loss became nan at step 3.*learning_rate"):
-        train_loop(cfg("training.batch_size=1", "training.gradient_accumulation_steps=1"),
-                   run_data(6), hooks, tmp_path, QUIET, resume=False)  # fmt: skip
+        train_loop(
+            cfg("training.batch_size=1", "training.gradient_accumulation_steps=1"),
+            run_data(6),
+            hooks,
+            tmp_path,
+            QUIET,
+            resume=False,
+        )
     assert len(hooks.lrs) == 2 and ("discard",) in hooks.calls
 
 
 def test_nan_stop_names_only_a_checkpoint_that_exists(tmp_path):
-    settings = cfg("training.batch_size=1", "training.gradient_accumulation_steps=1",
-                   "training.save_every=2")  # fmt: skip
+    settings = cfg(
+        "training.batch_size=1", "training.gradient_accumulation_steps=1", "training.save_every=2"
+    )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     with pytest.raises(TrainingStopped, match="no checkpoint was written yet") as early:
         train_loop(settings, run_data(6), FakeHooks([math.nan]), tmp_path / "a", QUIET, False)
     assert "checkpoints" not in str(early.value) and not (tmp_path / "a" / "checkpoints").exists()
     with pytest.raises(TrainingStopped) as late:
-        train_loop(settings, run_data(6), FakeHooks([2.0] * 3 + [math.inf]), tmp_path / "b",
-                   QUIET, resume=False)  # fmt: skip
+        train_loop(
+            settings,
+            run_data(6),
+            FakeHooks([2.0] * 3 + [math.inf]),
+            tmp_path / "b",
+            QUIET,
+            resume=False,
+        )
     named = tmp_path / "b" / "checkpoints" / "step-000002"
     assert f"the last checkpoint is {named}" in str(late.value) and named.is_dir()
 
 
 def test_max_steps_stops_early_and_checkpoints(tmp_path):
     hooks = FakeHooks()
-    state = train_loop(cfg("training.batch_size=1", "training.gradient_accumulation_steps=1",
-                           "training.max_steps=4", "training.num_epochs=3"),
-                       run_data(6), hooks, tmp_path, QUIET, resume=False)  # fmt: skip
+    state = train_loop(
+        cfg(
+            "training.batch_size=1",
+            "training.gradient_accumulation_steps=1",
+            "training.max_steps=4",
+            "training.num_epochs=3",
+        ),
+        run_data(6),
+        hooks,
+        tmp_path,
+        QUIET,
+        resume=False,
+    )
     assert state.step == 4 and state.window == 4
     assert (tmp_path / "checkpoints" / "step-000004" / "adapter").is_dir()
     # The schedule still spans all 18 updates of the 3 epochs.

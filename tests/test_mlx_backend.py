@@ -112,8 +112,12 @@ def test_chunked_target_loss_equals_full_cross_entropy(tiny_model_dir, monkeypat
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 500, (2, 40)).astype(np.int32)
     mask = rng.integers(0, 2, (2, 40)).astype(np.int8)
-    batch = {"input_ids": ids, "loss_mask": mask, "segment_ids": np.ones_like(ids),
-             "position_ids": np.tile(np.arange(40, dtype=np.int32), (2, 1))}  # fmt: skip
+    batch = {
+        "input_ids": ids,
+        "loss_mask": mask,
+        "segment_ids": np.ones_like(ids),
+        "position_ids": np.tile(np.arange(40, dtype=np.int32), (2, 1)),
+    }
     monkeypatch.setattr(mlx_model, "LOSS_CHUNK", 7)  # several chunks, the last one partial
     chunked = float(mlx_model.target_loss(model, *mlx_model.device_batch(batch)))
     logits = np.array(model(mx.array(ids)), dtype=np.float64)[:, :-1]
@@ -245,11 +249,21 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(
     from tests.disk_faults import FaultyDisk, under
 
     run = tmp_path / "run"
-    sets = [f"model.path={tiny_model_dir}", "model.quantization=none", f"output.dir={run}",
-            f"data.train_file={small_data}", "training.max_seq_length=256",
-            "training.max_steps=4", "training.save_every=2"]  # fmt: skip
-    full = FaultyDisk(monkeypatch, errno.ENOSPC, under(run / "checkpoints"),
-                      armed=(run / "checkpoints" / "step-000002").is_dir)  # fmt: skip
+    sets = [
+        f"model.path={tiny_model_dir}",
+        "model.quantization=none",
+        f"output.dir={run}",
+        f"data.train_file={small_data}",
+        "training.max_seq_length=256",
+        "training.max_steps=4",
+        "training.save_every=2",
+    ]
+    full = FaultyDisk(
+        monkeypatch,
+        errno.ENOSPC,
+        under(run / "checkpoints"),
+        armed=(run / "checkpoints" / "step-000002").is_dir,
+    )
     result = CliRunner().invoke(cli, ["train", "--backend", "mlx", *(f"--set={s}" for s in sets)])
     line = result.output.strip().splitlines()[-1]
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
@@ -260,9 +274,14 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(
 
 def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
     cfg = run_config(
-        tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",
-        "training.num_epochs=5", "training.learning_rate=1e-2", "training.eval_every=100",
-    )  # fmt: skip
+        tiny_model_dir,
+        small_data,
+        tmp_path / "run",
+        "model.quantization=4bit",
+        "training.num_epochs=5",
+        "training.learning_rate=1e-2",
+        "training.eval_every=100",
+    )
     _, model = train(cfg)
     curve = losses(tmp_path / "run")
     assert curve[-1] < 0.8 * curve[0], curve
@@ -292,8 +311,9 @@ def peft_adapter(model_dir, out_dir, seed=0):
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    lora = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj", "o_proj", "down_proj"],
-                      task_type="CAUSAL_LM")  # fmt: skip
+    lora = LoraConfig(
+        r=4, lora_alpha=12, target_modules=["q_proj", "o_proj", "down_proj"], task_type="CAUSAL_LM"
+    )
     model = get_peft_model(base, lora)
     for name, param in model.named_parameters():
         if "lora_B" in name:
@@ -330,9 +350,16 @@ def test_memory_guard_advises_on_an_8gb_mac(tmp_path, monkeypatch):
 
     model_dir = tmp_path / "Qwen2.5-3B"
     model_dir.mkdir()
-    qwen_3b = {"hidden_size": 2048, "intermediate_size": 11008, "num_hidden_layers": 36,
-               "num_attention_heads": 16, "num_key_value_heads": 2, "vocab_size": 151936,
-               "tie_word_embeddings": True}  # fmt: skip
+    qwen_3b = {
+        "model_type": "qwen2",
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "tie_word_embeddings": True,
+    }
     (model_dir / "config.json").write_text(json.dumps(qwen_3b))
     cfg = load_config(None, None, [f"model.path={model_dir}", "model.quantization=none"])
     monkeypatch.setattr(trainer, "_device_memory", lambda: (8 * 1024**3, {}))
@@ -349,15 +376,23 @@ def test_memory_guard_advises_on_an_8gb_mac(tmp_path, monkeypatch):
 
 def cli(*args, cwd):
     return subprocess.run(
-        [sys.executable, "-m", "qwen_mlx", *args], capture_output=True, text=True, cwd=cwd,
+        [sys.executable, "-m", "qwen_mlx", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
         timeout=600,
-    )  # fmt: skip
+    )
 
 
 def test_train_command_end_to_end(tiny_model_dir, small_data, tmp_path):
-    sets = [f"model.path={tiny_model_dir}", "model.quantization=none",
-            f"data.train_file={small_data}", "output.dir=run", "training.max_seq_length=256",
-            "training.max_steps=3"]  # fmt: skip
+    sets = [
+        f"model.path={tiny_model_dir}",
+        "model.quantization=none",
+        f"data.train_file={small_data}",
+        "output.dir=run",
+        "training.max_seq_length=256",
+        "training.max_steps=3",
+    ]
     done = cli("train", "--backend", "mlx", *[x for s in sets for x in ("--set", s)], cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "backend: mlx" in done.stdout
@@ -365,8 +400,11 @@ def test_train_command_end_to_end(tiny_model_dir, small_data, tmp_path):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     assert (run / "adapter" / "adapter_config.json").is_file()
     assert (run / "loss.png").is_file()
-    assert [m["step"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-            if m["type"] == "train"] == [1, 2, 3]  # fmt: skip
+    assert [
+        m["step"]
+        for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if m["type"] == "train"
+    ] == [1, 2, 3]
 
 
 def test_importing_the_trainer_does_not_import_mlx():
@@ -386,11 +424,16 @@ def test_memory_guard_recomputes_only_the_layers_memory_needs(tiny_model_dir, mo
     cfg = load_config(None, None, [f"model.path={tiny_model_dir}", "model.quantization=none"])
     config = json.loads((tiny_model_dir / "config.json").read_text())
     estimate = estimate_training_memory(
-        config, quantization="none", rank=16, targets=ALL_LINEAR, max_seq_length=1024,
-        batch_size=1, fp32=True,
-    )  # fmt: skip
+        config,
+        quantization="none",
+        rank=16,
+        targets=ALL_LINEAR,
+        max_seq_length=1024,
+        batch_size=1,
+        fp32=True,
+    )
     layers = config["num_hidden_layers"]
-    short = int(estimate.with_checkpointing(layers).total / 0.9) + 1
+    short = int(estimate.with_recompute(layers).total / 0.9) + 1
     monkeypatch.setattr(mlx_trainer, "_device_memory", lambda: (short, {}))
     monkeypatch.setattr(mx, "set_cache_limit", lambda limit: 0)  # keep the tests' cache
     out = io.StringIO()
@@ -405,9 +448,13 @@ def test_torch_only_speed_options_are_named_on_mlx(tiny_model_dir, small_data, t
     from qwen_mlx.backends.mlx_trainer import run_training
 
     cfg = run_config(
-        tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=1",
-        "training.kernels=liger", "training.attention=flex",
-    )  # fmt: skip
+        tiny_model_dir,
+        small_data,
+        tmp_path / "run",
+        "training.max_steps=1",
+        "training.kernels=liger",
+        "training.attention=flex",
+    )
     out = io.StringIO()
     start_run(run_training, cfg, console=Console(file=out, width=400))
     assert "training.kernels: liger is for the torch backend" in out.getvalue()

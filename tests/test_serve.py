@@ -32,8 +32,13 @@ class Response:
         return json.loads(self.text)
 
 
-def http(method: str, url: str, body: bytes | None = None, timeout: float = 60,
-         headers: dict | None = None) -> Response:  # fmt: skip
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    timeout: float = 60,
+    headers: dict | None = None,
+) -> Response:
     """A raw HTTP request (stdlib), for what the openai client would refuse to send."""
     headers = {"content-type": "application/json", **(headers or {})}
     request = urllib.request.Request(url, data=body, method=method, headers=headers)
@@ -72,8 +77,7 @@ LONG = "".join(chr(0x4E00 + i % 3000) for i in range(40000))  # > the 32,768-tok
 
 
 def test_plain_completion(client, engine):
-    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8,
-                                           temperature=0)  # fmt: skip
+    reply = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=8, temperature=0)
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
     assert choice.finish_reason in ("stop", "length")
@@ -83,10 +87,10 @@ def test_plain_completion(client, engine):
 
 
 def test_streamed_completion_matches_plain(client):
-    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10,
-                                           temperature=0)  # fmt: skip
-    stream = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10,
-                                            temperature=0, stream=True)  # fmt: skip
+    plain = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=10, temperature=0, stream=True
+    )
     pieces, reasons = [], []
     for chunk in stream:
         pieces.append(chunk.choices[0].delta.content or "")
@@ -96,11 +100,15 @@ def test_streamed_completion_matches_plain(client):
 
 
 def test_stop_strings_cut_the_answer(client):
-    full = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12,
-                                          temperature=0).choices[0].message.content  # fmt: skip
+    full = (
+        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12, temperature=0)
+        .choices[0]
+        .message.content
+    )
     stop = full[3:5]
-    cut = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=12,
-                                         temperature=0, stop=[stop])  # fmt: skip
+    cut = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=12, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].message.content == full[: full.index(stop)]
     assert cut.choices[0].finish_reason == "stop"
 
@@ -108,8 +116,13 @@ def test_stop_strings_cut_the_answer(client):
 def test_sixteen_concurrent_requests_all_answered(client):
     def ask(i):
         messages = [{"role": "user", "content": f"第{i}个问题：发票丢了怎么办？"}]
-        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6,
-                                              temperature=0).choices[0].message.content  # fmt: skip
+        return (
+            client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=6, temperature=0
+            )
+            .choices[0]
+            .message.content
+        )
 
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(ask, range(16)))
@@ -183,8 +196,11 @@ def test_the_key_guards_everything_but_health(engine):
 
 def test_cors_only_for_the_origins_given(engine, live):
     origin = "http://localhost:3000"
-    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization, content-type"}  # fmt: skip
+    preflight = {
+        "Origin": origin,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
     with start(engine, api_key=KEY, cors=(origin,)) as url:
         answer = http("OPTIONS", f"{url}/v1/chat/completions", headers=preflight)
         assert answer.status_code == 200  # before the key check: browsers send no key here

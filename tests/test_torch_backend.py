@@ -160,9 +160,12 @@ def test_peft_reproduces_the_trainers_logits(tiny_model_dir, small_data, tmp_pat
 def test_four_bit_path_trains(tiny_model_dir, small_data, tmp_path):
     pytest.importorskip("bitsandbytes")
     cfg = run_config(
-        tiny_model_dir, small_data, tmp_path / "run", "model.quantization=4bit",
+        tiny_model_dir,
+        small_data,
+        tmp_path / "run",
+        "model.quantization=4bit",
         "training.num_epochs=6",
-    )  # fmt: skip
+    )
     train(cfg)
     curve = losses(tmp_path / "run")
     assert curve[-1] < 0.8 * curve[0]
@@ -182,16 +185,26 @@ def test_four_bit_without_bitsandbytes_falls_back_with_one_line(monkeypatch):
 
 def cli_sets(model_dir, data, *extra) -> list[str]:
     """`--set` arguments for a short CLI run on the tiny model."""
-    sets = [f"model.path={model_dir}", "model.quantization=none", f"data.train_file={data}",
-            "output.dir=run", "training.max_seq_length=256", *extra]  # fmt: skip
+    sets = [
+        f"model.path={model_dir}",
+        "model.quantization=none",
+        f"data.train_file={data}",
+        "output.dir=run",
+        "training.max_seq_length=256",
+        *extra,
+    ]
     return [x for s in sets for x in ("--set", s)]
 
 
 def cli(*args, cwd, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "qwen_mlx", *args], capture_output=True, text=True, cwd=cwd,
-        timeout=600, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        [sys.executable, "-m", "qwen_mlx", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def test_train_command_end_to_end_and_interrupt_free_resume_hint(
@@ -230,8 +243,20 @@ def test_bad_input_is_one_clear_line(change, needle, tiny_model_dir, small_data,
 
 
 def test_two_process_ddp_run_writes_one_adapter(tiny_model_dir, small_data, tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29561", "-m", "qwen_mlx", "train", "--backend", "torch"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29561",
+        "-m",
+        "qwen_mlx",
+        "train",
+        "--backend",
+        "torch",
+    ]
     cmd += cli_sets(tiny_model_dir, small_data, "training.max_steps=3")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600, env=env)
@@ -247,13 +272,21 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues(
     import signal
     import time
 
-    sets = cli_sets(tiny_model_dir, small_data, "training.num_epochs=500", "training.batch_size=1",
-                    "training.gradient_accumulation_steps=1")  # fmt: skip
+    sets = cli_sets(
+        tiny_model_dir,
+        small_data,
+        "training.num_epochs=500",
+        "training.batch_size=1",
+        "training.gradient_accumulation_steps=1",
+    )
     args = [sys.executable, "-m", "qwen_mlx", "train", "--backend", "torch", *sets]
     proc = subprocess.Popen(
-        args, cwd=tmp_path, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-    )  # fmt: skip
+        args,
+        cwd=tmp_path,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and (not metrics.exists() or metrics.read_text().count("\n") < 3):

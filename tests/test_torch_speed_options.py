@@ -154,11 +154,16 @@ def test_training_checkpoints_layers_by_itself_when_memory_is_short(
     cfg = run_config(tiny_model_dir, data, tmp_path / "run", "training.max_steps=1")
     config = json.loads((tiny_model_dir / "config.json").read_text())
     estimate = memory.estimate_training_memory(
-        config, quantization="none", rank=8, targets=list(cfg.lora.target_modules),
-        max_seq_length=256, batch_size=2, fp32=True,
-    )  # fmt: skip
+        config,
+        quantization="none",
+        rank=8,
+        targets=list(cfg.lora.target_modules),
+        max_seq_length=256,
+        batch_size=2,
+        fp32=True,
+    )
     # Room for the run only with every layer recomputed: this machine, made small.
-    short = estimate.with_checkpointing(estimate.layers).total / 0.9 + 1
+    short = estimate.with_recompute(estimate.layers).total / 0.9 + 1
     monkeypatch.setattr(memory, "system_memory", lambda: short)
     out = io.StringIO()
     _, model = start_run(run_training, cfg, console=Console(file=out, width=400))

@@ -32,13 +32,25 @@ def write_short_records(path: Path, n: int = 12) -> Path:
 
 def run_config(model_dir, data, run_dir, *extra: str) -> Config:
     """A short LoRA run on the tiny model that visibly learns (lr 5e-3, rank 8)."""
-    return load_config(None, None, [
-        f"model.path={model_dir}", "model.quantization=none", f"data.train_file={data}",
-        "data.valid_ratio=0.2", f"output.dir={run_dir}", "training.max_seq_length=256",
-        "training.batch_size=2", "training.gradient_accumulation_steps=1",
-        "training.warmup_steps=2", "training.learning_rate=5e-3", "lora.rank=8", "lora.alpha=16",
-        *extra,
-    ])  # fmt: skip
+    return load_config(
+        None,
+        None,
+        [
+            f"model.path={model_dir}",
+            "model.quantization=none",
+            f"data.train_file={data}",
+            "data.valid_ratio=0.2",
+            f"output.dir={run_dir}",
+            "training.max_seq_length=256",
+            "training.batch_size=2",
+            "training.gradient_accumulation_steps=1",
+            "training.warmup_steps=2",
+            "training.learning_rate=5e-3",
+            "lora.rank=8",
+            "lora.alpha=16",
+            *extra,
+        ],
+    )
 
 
 def metrics(run_dir: Path) -> list[dict]:
