@@ -310,3 +310,6 @@ def train(
 def main() -> None:
     cli(prog_name="qwen-mlx")
 
+
+# Command modules that register themselves on `cli` when imported.
+from qwen_mlx import cli_distill  # noqa: E402, F401
