@@ -153,11 +153,12 @@ def _from_sharegpt(obj: dict) -> dict:
     return _with_tools(obj, _system(obj) + messages)
 
 
-def _pairs(pairs: list, what: str, first: str, second: str) -> Messages:
-    """[question, answer] pairs (``history``) or {human, assistant} objects (Firefly)."""
+def _pairs(pairs: list, what: str, keys: tuple[str, str] | None = None) -> Messages:
+    """[question, answer] pairs (``history``), or objects with ``keys`` (Firefly's)."""
     out = []
     for i, pair in enumerate(pairs):
-        if isinstance(pair, dict):
+        if isinstance(pair, dict) and keys:
+            first, second = keys
             pair = (pair.get(first), pair.get(second))
             names = (f"{what}[{i}].{first}", f"{what}[{i}].{second}")
         elif isinstance(pair, list | tuple) and len(pair) == 2:
@@ -173,7 +174,7 @@ def _history(obj: dict) -> Messages:
     history = obj.get("history") or []
     if not isinstance(history, list):
         raise RecordError("history: expected a list of [question, answer] pairs")
-    return _pairs(history, "history", "", "")
+    return _pairs(history, "history")
 
 
 def _from_alpaca(obj: dict) -> dict:
@@ -201,7 +202,7 @@ def _question_answer(question: str, answers: tuple[str, ...]) -> Callable[[dict]
 
 def _from_firefly(obj: dict) -> dict:
     turns = _turn_list(obj, "conversation")
-    return {"messages": _system(obj) + _pairs(turns, "conversation", "human", "assistant")}
+    return {"messages": _system(obj) + _pairs(turns, "conversation", ("human", "assistant"))}
 
 
 # Detection order matters: the first key present decides the format. Each entry: the name
