@@ -1,10 +1,12 @@
 """Normalized records → token ids + loss mask, and packing of samples into rows.
 
-Chat records go through the model's own chat template (Qwen2.5: ChatML). The loss mask is
-computed on the rendered text: each assistant turn's span (its content and the closing
-``<|im_end|>``, not the newline after it) is found by rendering the conversation up to that
-turn, and every token whose offset starts inside a span is a training target. This works for
-any template that renders a conversation as a prefix of its continuation.
+Chat records go through the model's own chat template (Qwen2.5: ChatML), with their ``tools``.
+The loss mask is computed on the rendered text: each assistant turn's span (its content and
+tool calls and the closing ``<|im_end|>``, not the newline after it) is found by rendering the
+conversation up to that turn, and every token whose offset starts inside a span is a training
+target; a turn with ``weight: 0`` (OpenAI's fine-tuning format) is context only, even with
+``mask_prompt: false``. This works for any template that renders a conversation as a prefix
+of its continuation.
 
 Message text is encoded as text even where it spells a control token such as ``<|im_end|>``
 (see :mod:`qwen_mlx.chat_template`, shared with eval, chat and serve); records that do are
@@ -100,14 +102,14 @@ def _render(
 
 
 def assistant_spans(
-    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None
+    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None, weight: int = 1
 ) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span of every assistant turn that is
-    trained: its text and tool calls, not a turn with ``weight: 0`` and not tool results."""
+    """The rendered conversation and the character span (text and tool calls) of every
+    assistant turn of ``weight``: 1, the trained turns; 0, those marked ``weight: 0``."""
     full = _render(tokenizer, messages, tools=tools)
     spans = []
     for i, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight") == 0:
+        if message["role"] != "assistant" or message.get("weight", 1) != weight:
             continue
         prefix = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
         upto = _render(tokenizer, messages[: i + 1], tools=tools)
@@ -127,7 +129,10 @@ def encode_chat(
 ) -> Sample:
     ids, starts = hf_encode(tokenizer, hf_pieces(tokenizer, messages, tools=tools))
     if not mask_prompt:
-        return Sample(ids, [0] + [1] * (len(ids) - 1))
+        # Everything is a target but the first token and the turns marked weight 0.
+        _full, spans = assistant_spans(tokenizer, messages, tools, weight=0)
+        mask = [int(not any(a <= start < b for a, b in spans)) for start in starts]
+        return Sample(ids, [0, *mask[1:]])
     _full, spans = assistant_spans(tokenizer, messages, tools)
     mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
     return Sample(ids, mask)

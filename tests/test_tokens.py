@@ -263,3 +263,13 @@ def test_weight_zero_turn_is_context_not_target(tiny_tokenizer):
     sample = encode_chat(tiny_tokenizer, messages)
     assert masked_spans(tiny_tokenizer, sample) == [CONVERSATION[4]["content"] + "<|im_end|>"]
     assert sample.input_ids == encode_chat(tiny_tokenizer, CONVERSATION).input_ids
+
+
+def test_weight_zero_holds_without_prompt_masking_too(tiny_tokenizer):
+    messages = [dict(m) for m in CONVERSATION]
+    messages[2]["weight"] = 0
+    sample = encode_chat(tiny_tokenizer, messages, mask_prompt=False)
+    untrained = [
+        t for t, target in zip(sample.input_ids, sample.loss_mask, strict=True) if not target
+    ]
+    assert tiny_tokenizer.decode(untrained[1:]) == CONVERSATION[2]["content"] + "<|im_end|>"
