@@ -222,7 +222,7 @@ def data_prepare(
     _list_bad_records(result.report.problems, "skipped", "all in report.json")
     console.print(result.report.summary(), highlight=False)
     for warning in result.report.warnings():
-        err_console.print(f"[yellow]warning[/] {escape(warning)}", highlight=False)
+        err_console.print(f"[yellow]warning[/] {escape(warning)}", highlight=False, soft_wrap=True)
     counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
     console.print(f"[green]✓[/] wrote {counts} → {out_dir}", highlight=False)
 
