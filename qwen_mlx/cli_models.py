@@ -210,13 +210,27 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
 @_engine_backend
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N questions.")
-def eval_command(run_or_adapter, data, compare_base, gguf, backend, max_tokens, limit) -> None:
+@click.option("--judge-url", help="OpenAI-compatible URL of a model that grades each answer.")
+@click.option("--judge-model", help="The judge's model name (with --judge-url).")
+@click.option(
+    "--judge-key-env",
+    metavar="VAR",
+    default="OPENAI_API_KEY",
+    show_default=True,
+    help="Environment variable with the judge's key (a local judge may have none).",
+)
+def eval_command(
+    run_or_adapter, data, compare_base, gguf, backend, max_tokens, limit, **judge
+) -> None:
     """Test loss, perplexity and greedy answers scored with ROUGE-L / BLEU-4 (characters).
 
     Writes RUN/eval/ (RUN/eval-gguf/ with --gguf): report.html (loss curve, side-by-side table),
-    report.md, summary.json and answers.jsonl.
+    report.md, summary.json and answers.jsonl. With --judge-url/--judge-model, a teacher model
+    grades every answer correct / partly / wrong against the reference (and, for a test file
+    from `data distill`, its source passage); the accuracy joins the report.
     """
     from qwen_mlx.evaluate import evaluate
+    from qwen_mlx.judge import judge_settings
 
     evaluate(
         run_or_adapter,
@@ -226,6 +240,7 @@ def eval_command(run_or_adapter, data, compare_base, gguf, backend, max_tokens, 
         backend=backend,
         max_tokens=max_tokens,
         limit=limit,
+        judge=judge_settings(judge["judge_url"], judge["judge_model"], judge["judge_key_env"]),
         console=console,
     )
 

@@ -27,7 +27,9 @@ from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import GGUFEngine, complete, open_engine
-from qwen_mlx.report import write_reports
+from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages
+from qwen_mlx.judge import summary as judge_summary
+from qwen_mlx.report import summary_table, write_reports
 from qwen_mlx.text_metrics import bleu4, rouge_l
 
 
@@ -36,6 +38,7 @@ class Case:
     prompt: list[dict[str, str]]  # the conversation up to the last answer
     reference: str
     record: dict
+    where: str = ""  # file:line, to find a distilled record's source passage
 
 
 @dataclass
@@ -43,12 +46,14 @@ class ModelResult:
     label: str
     description: str
     answers: list[str] = field(default_factory=list)
+    verdicts: list[tuple[str, str]] = field(default_factory=list)  # judge: (grade, reason)
     test_loss: float | None = None
     seconds: float = 0.0
 
     def summary(self, cases: list[Case]) -> dict[str, Any]:
         pairs = list(zip(self.answers, (c.reference for c in cases), strict=True))
         n = max(len(pairs), 1)
+        judged = {"judge": judge_summary([g for g, _ in self.verdicts])} if self.verdicts else {}
         return {
             "model": self.description,
             "test_loss": self.test_loss,
@@ -57,13 +62,14 @@ class ModelResult:
             "bleu4": sum(bleu4(p, r) for p, r in pairs) / n,
             "answers": len(pairs),
             "seconds": round(self.seconds, 2),
+            **judged,
         }
 
 
 def load_cases(path: Path, limit: int | None) -> list[Case]:
     records, report = load_records([path])
     cases = [
-        Case(r.data["messages"][:-1], r.data["messages"][-1]["content"], r.data)
+        Case(r.data["messages"][:-1], r.data["messages"][-1]["content"], r.data, r.source)
         for r in records
         if "messages" in r.data
     ]
@@ -119,6 +125,7 @@ def evaluate(
     backend: str = "auto",
     max_tokens: int = 256,
     limit: int | None = None,
+    judge: JudgeSettings | None = None,
     console: Console,
 ) -> Path:
     """Evaluate and write the report; return the report folder."""
@@ -126,7 +133,11 @@ def evaluate(
 
     source = resolve_source(run_or_adapter, None)
     run_dir = _run_dir(Path(run_or_adapter), source)
-    cases = load_cases(test_data(source, run_dir, data), limit)
+    # A GGUF report goes beside the run's own, so the two can be compared.
+    out_dir = run_dir / ("eval-gguf" if gguf else "eval")
+    judge_teacher = open_judge(judge, out_dir) if judge else None  # fail before answering
+    data = test_data(source, run_dir, data)
+    cases = load_cases(data, limit)
     max_len = source.run_config.training.max_seq_length if source.run_config else 2048
     console.print(f"evaluating on {len(cases)} questions", highlight=False)
     tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
@@ -136,12 +147,23 @@ def evaluate(
     if compare_base:
         base = open_engine(None, model=source.model_dir, backend=backend)
         results.insert(0, run_model(base, "base", cases, max_tokens, max_len))
-    # A GGUF report goes beside the run's own, so the two can be compared.
-    out_dir = run_dir / ("eval-gguf" if gguf else "eval")
+    if judge_teacher is not None:
+        _judge(judge_teacher, judge.concurrency, data, cases, results)
     summary = _write(out_dir, cases, results, run_dir)
     print_summary(summary, console)
     console.print(f"[green]✓[/] report: {out_dir / 'report.html'}", highlight=False)
     return out_dir
+
+
+def _judge(teacher, concurrency: int, data: Path, cases: list[Case], results) -> None:
+    """The judge's (grade, reason) for every answer of every model."""
+    sources = passages(data, [c.where for c in cases])
+    for result in results:
+        items = [
+            (c.prompt[-1]["content"], c.reference, p, a)
+            for c, p, a in zip(cases, sources, result.answers, strict=True)
+        ]
+        result.verdicts = grade(teacher, items, concurrency)
 
 
 def _run_dir(path: Path, source) -> Path:
@@ -159,6 +181,10 @@ def _write(out_dir: Path, cases: list[Case], results: list[ModelResult], run_dir
             row[result.label] = answer
             row[f"{result.label}_rouge_l"] = rouge_l(answer, case.reference)
             row[f"{result.label}_bleu4"] = bleu4(answer, case.reference)
+            if result.verdicts:
+                row[f"{result.label}_judge"], row[f"{result.label}_judge_reason"] = result.verdicts[
+                    i
+                ]
         rows.append(row)
     summary = {r.label: r.summary(cases) for r in results}
     write_jsonl(out_dir / "answers.jsonl", rows)
@@ -168,13 +194,10 @@ def _write(out_dir: Path, cases: list[Case], results: list[ModelResult], run_dir
 
 
 def print_summary(summary: dict, console: Console) -> None:
+    head, rows = summary_table(summary)
     table = Table(title="evaluation")
-    table.add_column("model")
-    for column in ("test loss", "perplexity", "ROUGE-L", "BLEU-4", "answers"):
-        table.add_column(column, justify="right")
-    for label, s in summary.items():
-        loss = "n/a" if s["test_loss"] is None else f"{s['test_loss']:.4f}"
-        ppl = "n/a" if s["perplexity"] is None else f"{s['perplexity']:.2f}"
-        table.add_row(label, loss, ppl, f"{s['rouge_l']:.2f}", f"{s['bleu4']:.2f}",
-                      str(s["answers"]))  # fmt: skip
+    for i, column in enumerate(head[:-1]):  # the engine is in the report
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row[:-1])
     console.print(table)

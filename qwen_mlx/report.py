@@ -23,27 +23,50 @@ def _fmt(value, digits: int = 4) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _summary_rows(summary: dict) -> list[list[str]]:
-    return [
-        [label, _fmt(s["test_loss"]), _fmt(s["perplexity"], 2), f"{s['rouge_l']:.2f}",
-         f"{s['bleu4']:.2f}", str(s["answers"]), s["model"]]
+def _judge_cell(judge: dict | None) -> str:
+    if not judge or judge["accuracy"] is None:
+        return "n/a"
+    return f"{judge['accuracy']:.1f} ({judge['correct']}✓ {judge['partly']}½ {judge['wrong']}✗)"
+
+
+def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Column names and one row of cells per model (a judge column when a judge graded)."""
+    judged = any("judge" in s for s in summary.values())
+    head = ["model", "test loss", "perplexity", "ROUGE-L", "BLEU-4"]
+    head += ["judge accuracy"] * judged + ["answers", "engine"]
+    rows = [
+        [
+            label,
+            _fmt(s["test_loss"]),
+            _fmt(s["perplexity"], 2),
+            f"{s['rouge_l']:.2f}",
+            f"{s['bleu4']:.2f}",
+            *[_judge_cell(s.get("judge"))] * judged,
+            str(s["answers"]),
+            s["model"],
+        ]
         for label, s in summary.items()
-    ]  # fmt: skip
+    ]
+    return head, rows
 
 
-HEAD = ["model", "test loss", "perplexity", "ROUGE-L", "BLEU-4", "answers", "engine"]
+def _scores(row: dict, label: str) -> str:
+    text = f"ROUGE-L {row[f'{label}_rouge_l']:.1f} · BLEU-4 {row[f'{label}_bleu4']:.1f}"
+    if f"{label}_judge" in row:
+        text += f" · judge: {row[f'{label}_judge']} ({row[f'{label}_judge_reason']})"
+    return text
 
 
 def markdown(summary: dict, rows: list[dict], labels: list[str]) -> str:
-    lines = ["# Evaluation", "", "| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    lines += ["| " + " | ".join(r) + " |" for r in _summary_rows(summary)]
+    head, table = summary_table(summary)
+    lines = ["# Evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in table]
     lines += ["", "ROUGE-L and BLEU-4: character level, 0–100, greedy answers.", ""]
     lines += ["## Answers", ""]
     for i, row in enumerate(rows, start=1):
         lines += [f"### {i}. {row['question']}", "", f"**reference**: {row['reference']}", ""]
         for label in labels:
-            score = f"ROUGE-L {row[f'{label}_rouge_l']:.1f}, BLEU-4 {row[f'{label}_bleu4']:.1f}"
-            lines += [f"**{label}** ({score}): {row[label]}", ""]
+            lines += [f"**{label}** ({_scores(row, label)}): {row[label]}", ""]
     return "\n".join(lines)
 
 
@@ -82,16 +105,14 @@ def loss_svg(metrics_path: Path, width: int = 640, height: int = 240) -> str:
 
 def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path) -> str:
     esc = html.escape
-    head = "".join(f"<th>{esc(h)}</th>" for h in HEAD)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in _summary_rows(summary)
-    )
+    names, table = summary_table(summary)
+    head = "".join(f"<th>{esc(h)}</th>" for h in names)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in table)
     cols = "".join(f"<th>{esc(label)}</th>" for label in labels)
     answers = ""
     for row in rows:
         cells = "".join(
-            f"<td>{esc(row[label])}<div class='score'>ROUGE-L {row[f'{label}_rouge_l']:.1f} · "
-            f"BLEU-4 {row[f'{label}_bleu4']:.1f}</div></td>"
+            f"<td>{esc(row[label])}<div class='score'>{esc(_scores(row, label))}</div></td>"
             for label in labels
         )
         answers += (

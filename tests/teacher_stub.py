@@ -47,12 +47,25 @@ def default_reply(body: dict) -> str:
             for s in sentences(_passage(user))[:n]
         ]
         return json.dumps({"questions": questions}, ensure_ascii=False)
+    if "阅卷" in system:
+        return json.dumps(_grade(user), ensure_ascii=False)
     if "审核员" in system:
         answer = user.split("回答：", 1)[1]
         return json.dumps({"supported": UNSUPPORTED_MARK not in answer, "reason": "对照材料"})
     asked = re.search(r"“(.+?)”这一条", user)
     matches = [s for s in sentences(_passage(user)) if asked and s.startswith(asked.group(1))]
     return (matches[0] if matches else "材料没有规定。") + "（依据本细则相应条款）"
+
+
+def _grade(user: str) -> dict:
+    """correct when the answer is (a part of) the reference, partly when it shares half its
+    characters, else wrong."""
+    reference = user.split("参考答案：", 1)[1].split("\n", 1)[0].strip()
+    answer = user.split("待评回答：", 1)[1].split("\n\n", 1)[0].strip()
+    if answer and (answer in reference or reference in answer):
+        return {"grade": "correct", "reason": "与参考答案一致"}
+    shared = len(set(answer) & set(reference)) / max(len(set(reference)), 1)
+    return {"grade": "partly" if shared > 0.5 else "wrong", "reason": f"重合 {shared:.0%}"}
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -48,13 +48,25 @@ def overfit_run(tiny_model_dir, tmp_path_factory):
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     run = root / "run"
     run.mkdir()
-    cfg = load_config(None, None, [
-        f"model.path={tiny_model_dir}", "model.quantization=none", f"data.train_file={data}",
-        "data.valid_ratio=0", f"output.dir={run}", "training.max_seq_length=256",
-        "training.batch_size=2", "training.gradient_accumulation_steps=1",
-        "training.warmup_steps=2", "training.learning_rate=5e-3", "training.num_epochs=15",
-        "lora.rank=8", "lora.alpha=16",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        None,
+        [
+            f"model.path={tiny_model_dir}",
+            "model.quantization=none",
+            f"data.train_file={data}",
+            "data.valid_ratio=0",
+            f"output.dir={run}",
+            "training.max_seq_length=256",
+            "training.batch_size=2",
+            "training.gradient_accumulation_steps=1",
+            "training.warmup_steps=2",
+            "training.learning_rate=5e-3",
+            "training.num_epochs=15",
+            "lora.rank=8",
+            "lora.alpha=16",
+        ],
+    )
     save_config(cfg, run / "config.yaml")
     run_training(cfg, run, False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
     return run, data
@@ -64,8 +76,9 @@ def test_eval_report_base_vs_tuned(overfit_run):
     from qwen_mlx.evaluate import evaluate
 
     run, data = overfit_run
-    out = evaluate(run, data, compare_base=True, backend="torch", max_tokens=24,
-                   console=Console(quiet=True))  # fmt: skip
+    out = evaluate(
+        run, data, compare_base=True, backend="torch", max_tokens=24, console=Console(quiet=True)
+    )
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["tuned"]["test_loss"] < 0.8 * summary["base"]["test_loss"]
     assert summary["tuned"]["perplexity"] < summary["base"]["perplexity"]
@@ -102,3 +115,97 @@ def test_eval_on_the_exported_gguf_answers_like_the_run(overfit_run, tmp_path):
     assert [json.loads(r)["tuned"] for r in gguf_rows] == [
         json.loads(r)["tuned"] for r in torch_rows
     ]
+
+
+def test_a_judge_grades_every_answer_beside_rouge_and_a_rerun_asks_nothing(overfit_run):
+    pytest.importorskip("openai")
+    from qwen_mlx.evaluate import evaluate
+    from qwen_mlx.judge import GRADES, JudgeSettings
+    from tests.teacher_stub import TeacherStub
+
+    run, data = overfit_run
+    with TeacherStub() as stub:
+        judge = JudgeSettings(stub.url, "teacher")
+        out = evaluate(
+            run,
+            data,
+            compare_base=True,
+            backend="torch",
+            max_tokens=24,
+            judge=judge,
+            console=Console(quiet=True),
+        )
+        asked = len(stub.requests)
+        evaluate(
+            run,
+            data,
+            compare_base=True,
+            backend="torch",
+            max_tokens=24,
+            judge=judge,
+            console=Console(quiet=True),
+        )
+        assert len(stub.requests) == asked == 16  # 8 questions × 2 models, then the ledger
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    rows = [json.loads(x) for x in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
+    for label in ("base", "tuned"):
+        grades = [r[f"{label}_judge"] for r in rows]
+        assert set(grades) <= set(GRADES) and all(r[f"{label}_judge_reason"] for r in rows)
+        counts = summary[label]["judge"]
+        assert counts["correct"] == grades.count("correct")
+        assert counts["accuracy"] == pytest.approx(100 * grades.count("correct") / len(rows))
+    assert summary["tuned"]["judge"]["accuracy"] > summary["base"]["judge"]["accuracy"]
+    assert "judge accuracy" in (out / "report.md").read_text(encoding="utf-8")
+    assert "judge: " in (out / "report.html").read_text(encoding="utf-8")
+
+
+def test_a_wrong_judge_stops_before_any_answer_is_generated(overfit_run, monkeypatch):
+    pytest.importorskip("openai")
+    from qwen_mlx import evaluate as ev
+    from qwen_mlx.errors import UserError
+    from qwen_mlx.judge import JudgeSettings, judge_settings
+    from tests.teacher_stub import TeacherStub
+
+    def never(*args, **kwargs):
+        raise AssertionError("answers were generated before the judge was checked")
+
+    monkeypatch.setattr(ev, "run_model", never)
+    run, data = overfit_run
+    with TeacherStub() as stub, pytest.raises(UserError, match="does not serve 'nope'"):
+        ev.evaluate(run, data, judge=JudgeSettings(stub.url, "nope"), console=Console(quiet=True))
+    with pytest.raises(UserError, match="both --judge-url URL and --judge-model"):
+        judge_settings("http://127.0.0.1:1/v1", None, "OPENAI_API_KEY")
+
+
+def test_the_judge_sees_the_source_passage_of_a_distilled_test_file(tmp_path):
+    pytest.importorskip("openai")
+    from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages
+    from tests.teacher_stub import TeacherStub
+
+    chunk = {
+        "id": "r.md#2",
+        "source": "r.md",
+        "heading": "住宿",
+        "tokens": 20,
+        "text": "第四条 讲师到北京出差，住宿标准为每人每晚550元。",
+    }
+    (tmp_path / "chunks.jsonl").write_text(json.dumps(chunk, ensure_ascii=False), "utf-8")
+    record = {
+        "instruction": "讲师在北京住宿能报多少？",
+        "input": "",
+        "output": "每晚550元。",
+        "source": {"file": "r.md", "heading": "住宿", "chunk": "r.md#2"},
+    }
+    (tmp_path / "test.jsonl").write_text(json.dumps(record, ensure_ascii=False), "utf-8")
+    found = passages(tmp_path / "test.jsonl", [f"{tmp_path / 'test.jsonl'}:1"])
+    assert found == [chunk["text"]]
+    with TeacherStub() as stub:
+        judge = open_judge(JudgeSettings(stub.url, "teacher"), tmp_path)
+        items = [
+            (record["instruction"], record["output"], found[0], "每晚550元。"),
+            (record["instruction"], record["output"], None, "出差住宿不能报销。"),
+        ]
+        verdicts = grade(judge, items, concurrency=2)
+        prompts = [b["messages"][1]["content"] for _, b in stub.requests]
+    assert [g for g, _ in verdicts] == ["correct", "wrong"]
+    assert sum(chunk["text"] in p for p in prompts) == 1  # the passage, where it is known

@@ -24,6 +24,7 @@ PARAMS = {
     "questions": {"temperature": 0.8, "max_tokens": 1500},
     "answer": {"temperature": 0.2, "max_tokens": 800},
     "verify": {"temperature": 0.0, "max_tokens": 200},
+    "judge": {"temperature": 0.0, "max_tokens": 200},  # eval --judge-url
 }
 JSON_NUDGE = {
     "zh": "上面的回复不是有效的 JSON。请只输出要求的 JSON，不要其他文字。",
@@ -92,8 +93,11 @@ class Asker:
         return self.teacher.ask(msgs, PARAMS[task])
 
     def json(self, chunk: Chunk, task: str, **fields: Any) -> tuple[Any, str | None]:
+        msgs, _ = self._messages(chunk, task, fields)
+        return self.ask_json(msgs, task)
+
+    def ask_json(self, msgs: list[dict], task: str) -> tuple[Any, str | None]:
         """(value, None), or (None, drop reason)."""
-        msgs, lang = self._messages(chunk, task, fields)
         reply = self.teacher.ask(msgs, PARAMS[task])
         if reply is None:
             return None, "teacher_error"
@@ -101,7 +105,7 @@ class Asker:
         if value is None:
             nudge = [
                 {"role": "assistant", "content": reply["content"]},
-                {"role": "user", "content": JSON_NUDGE[lang]},
+                {"role": "user", "content": JSON_NUDGE[language(msgs[-1]["content"])]},
             ]
             again = self.teacher.ask(msgs + nudge, PARAMS[task])
             value = parse_json(again["content"]) if again else None
