@@ -319,3 +319,30 @@ def test_kill_9_mid_run_then_rerun_asks_nothing_twice(rules, tmp_path):
 def _ledger_lines(out):
     path = out / "ledger.jsonl"
     return path.read_bytes().count(b"\n") if path.is_file() else 0
+
+
+def test_a_question_with_context_keeps_it_as_input(rules, tmp_path):
+    def with_context(body):
+        text = default_reply(body)
+        if "出题" in body["messages"][0]["content"]:
+            questions = json.loads(text)["questions"]
+            questions[0]["input"] = "我是讲师，出差3天"
+            return json.dumps({"questions": questions}, ensure_ascii=False)
+        return text
+
+    with TeacherStub() as stub:
+        stub.reply = with_context
+        assert distill(stub.url, rules, tmp_path / "out").exit_code == 0
+        answer_prompts = [b["messages"][1]["content"] for _, b in stub.requests]
+    kept = rows(tmp_path / "out" / "train.jsonl") + rows(tmp_path / "out" / "test.jsonl")
+    assert sum(r["input"] == "我是讲师，出差3天" for r in kept) == 3  # one per chunk
+    assert sum("我是讲师，出差3天" in p for p in answer_prompts) == 6  # its answer and check
+
+
+def test_distill_settings_in_the_config_are_checked(rules, tmp_path):
+    (tmp_path / "config.yaml").write_text("distill:\n  teacher_ur: x\n", encoding="utf-8")
+    typo = CliRunner().invoke(cli, ["data", "distill", str(rules), "-o", "o", "--plan"])
+    assert typo.exit_code == 1 and "did you mean 'distill.teacher_url'" in typo.output
+    (tmp_path / "config.yaml").write_text("distill:\n  test_ratio: 1.5\n", encoding="utf-8")
+    bad = CliRunner().invoke(cli, ["data", "distill", str(rules), "-o", "o", "--plan"])
+    assert bad.exit_code == 1 and "'distill.test_ratio' is 1.5" in bad.output

@@ -3,7 +3,8 @@
 Writes into OUT_DIR: ``ledger.jsonl`` (every teacher reply, as it arrives),
 ``chunks.jsonl``, ``train.jsonl`` and ``test.jsonl`` (the seed's instruction/input/output
 plus ``source``), ``report.json`` and ``report.md``. The same documents, settings and
-ledger give the same files, whatever the concurrency and however often it was stopped.
+ledger give the same chunks, train and test files, whatever the concurrency and however
+often it was stopped (the report counts what this run itself sent).
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
         "unreadable": corpus.problems,
         "chunks": len(corpus.chunks),
         "planned_requests": estimate["requests"],
-        "requests": teacher.usage.as_dict(),
+        "requests": teacher.usage.as_dict(),  # this run's; the ledger holds every run's
+        "ledger_replies": len(teacher.ledger),
         "records": {"train": len(train), "test": len(test)},
         "drops": dict(sorted(drops.items())),
         "settings": asdict(cfg.distill),
