@@ -146,6 +146,9 @@ class DistillConfig:
     questions_per_chunk: int = _f(5, "Questions asked for each chunk.")
     chunk_tokens: int = _f(512, "Most tokens (of model.path's tokenizer) in one chunk.")
     test_ratio: float = _f(0.1, "Share of the distilled questions held out in test.jsonl.")
+    followup_ratio: float = _f(
+        0.05, "Share of kept questions that get a follow-up turn (a record with history)."
+    )
     concurrency: int = _f(4, "Teacher requests in flight at once.")
     max_requests: int = _f(0, "Stop after sending this many requests (0: no budget).")
     prompts: str | None = _f(
@@ -200,6 +203,7 @@ _RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "distill.questions_per_chunk": (lambda v: 1 <= v <= 50, "an integer in [1, 50]"),
     "distill.chunk_tokens": (lambda v: v >= 64, "an integer ≥ 64"),
     "distill.test_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "distill.followup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
     "distill.concurrency": (lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "distill.max_requests": (lambda v: v >= 0, "an integer ≥ 0"),
     "distill.timeout": (lambda v: v > 0, "a number > 0"),

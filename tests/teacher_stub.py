@@ -11,6 +11,7 @@ JSON asked for). Every request body is kept, with the time it arrived.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
@@ -47,6 +48,9 @@ def default_reply(body: dict) -> str:
             for s in sentences(_passage(user))[:n]
         ]
         return json.dumps({"questions": questions}, ensure_ascii=False)
+    if "追问" in system:  # distinct per request, so follow-ups never look alike
+        tag = hashlib.sha256(user.encode()).hexdigest()[:8]
+        return json.dumps({"question": f"追问{tag}：那换一种情形会怎样？"}, ensure_ascii=False)
     if "阅卷" in system:
         return json.dumps(_grade(user), ensure_ascii=False)
     if "审核员" in system:

@@ -55,6 +55,8 @@ SETTINGS = [
     "80",
     "--test-ratio",
     "0.3",
+    "--set",
+    "distill.followup_ratio=0",  # follow-ups have a test of their own
 ]
 
 
@@ -236,7 +238,8 @@ def test_plan_reads_and_chunks_but_sends_nothing(rules, tmp_path):
         )
         assert stub.requests == []
     assert result.exit_code == 0, result.output
-    assert "3 chunks" in result.output and "27 requests" in result.output  # 3 × (1 + 2 × 4)
+    # 3 × (1 + 2 × 4), and 3 more for the 5% of 12 questions (one) that get a follow-up
+    assert "3 chunks" in result.output and "30 requests" in result.output
     assert not (tmp_path / "out").exists()
 
 
@@ -346,3 +349,21 @@ def test_distill_settings_in_the_config_are_checked(rules, tmp_path):
     (tmp_path / "config.yaml").write_text("distill:\n  test_ratio: 1.5\n", encoding="utf-8")
     bad = CliRunner().invoke(cli, ["data", "distill", str(rules), "-o", "o", "--plan"])
     assert bad.exit_code == 1 and "'distill.test_ratio' is 1.5" in bad.output
+
+
+def test_follow_ups_are_multi_turn_records_in_their_first_turns_split(rules, tmp_path):
+    from qwen_mlx.data import load_records
+
+    with TeacherStub() as stub:
+        result = distill(stub.url, rules, tmp_path / "out", "--set", "distill.followup_ratio=1")
+    assert result.exit_code == 0, result.output
+    for name in ("train.jsonl", "test.jsonl"):
+        split = rows(tmp_path / "out" / name)
+        firsts = {(r["instruction"], r["output"]) for r in split if "history" not in r}
+        follows = [r for r in split if "history" in r]
+        assert len(follows) == len(firsts) > 0  # every kept question got one, beside it
+        assert all(tuple(r["history"][0]) in firsts for r in follows)
+        assert all(r["instruction"].startswith("追问") for r in follows)
+        records, report = load_records([tmp_path / "out" / name])
+        turns = sorted(len(r.data["messages"]) for r in records)
+        assert not report.problems and turns.count(4) == len(follows)  # user/assistant × 2

@@ -12,6 +12,7 @@ set before the split, so no test question has a near-duplicate in training.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import unicodedata
@@ -83,3 +84,9 @@ def split(n: int, test_ratio: float, seed: int) -> set[int]:
     if test_ratio > 0 and n >= 2:
         n_test = min(max(n_test, 1), n - 1)
     return set(order[:n_test])
+
+
+def chosen(text: str, ratio: float, seed: int) -> bool:
+    """Whether ``text`` falls in a seeded ``ratio`` share (the same whatever else is kept)."""
+    digest = hashlib.sha256(f"{seed}:{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") < ratio * 2**64

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qwen_mlx.distill.chunking import Chunk
-from qwen_mlx.distill.prompts import language, messages
+from qwen_mlx.distill.prompts import FOLLOWUP_FRAME, language, messages
 from qwen_mlx.distill.teacher import Teacher
 
 # Sampling per task: varied questions, sober answers, a deterministic verdict.
@@ -24,6 +24,7 @@ PARAMS = {
     "questions": {"temperature": 0.8, "max_tokens": 1500},
     "answer": {"temperature": 0.2, "max_tokens": 800},
     "verify": {"temperature": 0.0, "max_tokens": 200},
+    "followup": {"temperature": 0.8, "max_tokens": 300},
     "judge": {"temperature": 0.0, "max_tokens": 200},  # eval --judge-url
 }
 JSON_NUDGE = {
@@ -42,6 +43,7 @@ class Candidate:
     context: str = ""
     answer: str = ""
     drop: str | None = None
+    parent: Candidate | None = None  # a follow-up's first turn
 
 
 def parse_json(text: str) -> Any:
@@ -139,8 +141,17 @@ def ask_questions(asker: Asker, chunks: list[Chunk], n: int, drops: Callable[[st
     return [c for batch in asker.run(one, chunks) for c in batch]
 
 
-def _full_question(c: Candidate) -> str:
+def user_turn(c: Candidate) -> str:
+    """What the reader says: the question, with its context when it has one."""
     return f"{c.question}\n{c.context}" if c.context else c.question
+
+
+def _full_question(c: Candidate) -> str:
+    """The question as the answer and verify prompts see it (a follow-up with its turn)."""
+    if c.parent is None:
+        return user_turn(c)
+    frame = FOLLOWUP_FRAME[language(c.chunk.text)]
+    return frame.format(question=user_turn(c.parent), answer=c.parent.answer, followup=c.question)
 
 
 def ask_answers(asker: Asker, candidates: list[Candidate], check: Callable[[dict], str | None]):
@@ -166,3 +177,19 @@ def ask_verdicts(asker: Asker, candidates: list[Candidate]) -> None:
         c.drop = reason
 
     asker.run(one, candidates)
+
+
+def ask_followups(asker: Asker, parents: list[Candidate], drops: Callable[[str], None]):
+    """One follow-up question for each parent (a kept question and its answer)."""
+
+    def one(parent: Candidate) -> Candidate | None:
+        value, reason = asker.json(
+            parent.chunk, "followup", question=user_turn(parent), answer=parent.answer
+        )
+        question = str(value.get("question") or "").strip() if isinstance(value, dict) else ""
+        if reason or not question:
+            drops(reason or "no_questions")
+            return None
+        return Candidate(parent.chunk, question, parent=parent)
+
+    return [c for c in asker.run(one, parents) if c is not None]

@@ -1,9 +1,10 @@
 """The prompt templates, in the document's language, and ``--prompts FILE`` overrides.
 
-Three tasks: ``questions`` (what a reader of the passage would ask), ``answer`` (from the
-passage alone, naming the article it rests on) and ``verify`` (does the passage support
-the answer?). Each has a ``system`` and a ``user`` text with ``{placeholders}``. A prompts
-file (YAML) replaces any of them, e.g. ``zh: {answer: {system: "..."}}``.
+Four tasks: ``questions`` (what a reader of the passage would ask), ``answer`` (from the
+passage alone, naming the article it rests on), ``verify`` (does the passage support the
+answer?) and ``followup`` (the reader's next question, for multi-turn records). Each has
+a ``system`` and a ``user`` text with ``{placeholders}``. A prompts file (YAML) replaces
+any of them, e.g. ``zh: {answer: {system: "..."}}``.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ ZH = {
             '输出 {{"supported": true 或 false, "reason": "一句话理由"}}'
         ),
     },
+    "followup": {
+        "system": "你是提出追问的读者。只输出 JSON。",
+        "user": (
+            "材料：\n{text}\n\n你问过：{question}\n得到的回答：{answer}\n\n"
+            "请以同一位读者的身份提一个紧接着的追问（例如换一种情形：职称、地点、天数或金额不同），"
+            '它必须能只凭这段材料回答。输出 {{"question": "..."}}'
+        ),
+    },
 }
 
 EN = {
@@ -73,9 +82,23 @@ EN = {
             'Output {{"supported": true or false, "reason": "one sentence"}}'
         ),
     },
+    "followup": {
+        "system": "You are the reader asking a follow-up question. Output JSON only.",
+        "user": (
+            "Passage:\n{text}\n\nYou asked: {question}\nThe answer: {answer}\n\n"
+            "As the same reader, ask the natural next question (e.g. a different case: role, "
+            "place, days or amount), answerable from this passage alone. "
+            'Output {{"question": "..."}}'
+        ),
+    },
 }
 
 DEFAULTS = {"zh": ZH, "en": EN}
+# How a follow-up is put to the answer and verify prompts: with the turn before it.
+FOLLOWUP_FRAME = {
+    "zh": "此前的对话——问：{question}\n答：{answer}\n\n追问：{followup}",
+    "en": "Earlier: Q: {question}\nA: {answer}\n\nFollow-up: {followup}",
+}
 
 
 def language(text: str) -> str:

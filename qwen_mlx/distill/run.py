@@ -58,22 +58,31 @@ def read_corpus(docs: list[Path], cfg: Config, console: Console) -> Corpus:
 def plan(corpus: Corpus, cfg: Config) -> dict:
     """What a run would send: requests and tokens, estimated (nothing is sent)."""
     n = cfg.distill.questions_per_chunk
+    followups = round(len(corpus.chunks) * n * cfg.distill.followup_ratio)
     per_chunk = 1 + 2 * n  # questions, then an answer and a verdict for each
     chunk_tokens = sum(c.tokens for c in corpus.chunks)
+    mean_chunk = chunk_tokens / max(len(corpus.chunks), 1)
     return {
         "documents": corpus.documents,
         "unreadable": corpus.problems,
         "chunks": len(corpus.chunks),
         "chunk_tokens": chunk_tokens,
-        "requests": len(corpus.chunks) * per_chunk,
-        "prompt_tokens": (chunk_tokens + EST_OVERHEAD) * per_chunk,
-        "completion_tokens": len(corpus.chunks) * n * (EST_QUESTION + EST_ANSWER + EST_VERDICT),
+        # each follow-up: its question, answer and verdict
+        "requests": len(corpus.chunks) * per_chunk + 3 * followups,
+        "prompt_tokens": round(
+            (chunk_tokens + EST_OVERHEAD) * per_chunk + 3 * followups * (mean_chunk + EST_OVERHEAD)
+        ),
+        "completion_tokens": (len(corpus.chunks) * n + followups)
+        * (EST_QUESTION + EST_ANSWER + EST_VERDICT),
     }
 
 
 def _record(c: generate.Candidate) -> dict:
     source = {"file": c.chunk.source, "heading": c.chunk.heading, "chunk": c.chunk.id}
-    return {"instruction": c.question, "input": c.context, "output": c.answer, "source": source}
+    record = {"instruction": c.question, "input": c.context, "output": c.answer}
+    if c.parent is not None:
+        record["history"] = [[generate.user_turn(c.parent), c.parent.answer]]
+    return {**record, "source": source}
 
 
 class Drops(Counter):
@@ -97,7 +106,8 @@ def _survivors(cands: list, drops: Drops) -> list:
 
 def _dedupe(cands: list, drops: Drops) -> list:
     gone = set(curate.near_duplicates([c.question for c in cands]))
-    drops.add("near_duplicate", len(gone)) if gone else None
+    if gone:
+        drops.add("near_duplicate", len(gone))
     return [c for i, c in enumerate(cands) if i not in gone]
 
 
@@ -107,10 +117,20 @@ def _distil(corpus: Corpus, cfg: Config, teacher: Teacher, drops: Drops, bar) ->
     bar.stage("questions", len(corpus.chunks))
     cands = generate.ask_questions(asker, corpus.chunks, d.questions_per_chunk, drops.add)
     cands = _dedupe(cands, drops)  # before answering: a duplicate costs no more requests
-    bar.stage("answers", len(cands))
+    kept = _answered(asker, cands, drops, bar, "")
+    parents = [c for c in kept if curate.chosen(c.question, d.followup_ratio, cfg.training.seed)]
+    bar.stage("follow-ups", len(parents))
+    followups = generate.ask_followups(asker, parents, drops.add)
+    followups = _dedupe(kept + followups, drops)[len(kept) :]  # kept ones are distinct already
+    return kept + _answered(asker, followups, drops, bar, " (follow-ups)")
+
+
+def _answered(asker, cands: list, drops: Drops, bar, label: str) -> list:
+    """Answer and check each candidate; the ones that pass."""
+    bar.stage(f"answers{label}", len(cands))
     generate.ask_answers(asker, cands, curate.answer_problem)
     cands = _survivors(cands, drops)
-    bar.stage("grounding", len(cands))
+    bar.stage(f"grounding{label}", len(cands))
     generate.ask_verdicts(asker, cands)
     return _survivors(cands, drops)
 
@@ -148,11 +168,19 @@ def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_
     return _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
 
 
+def _split(kept: list, cfg: Config) -> tuple[list[dict], list[dict]]:
+    """Train and test records; a follow-up goes where its first turn went."""
+    firsts = [c for c in kept if c.parent is None]
+    picked = curate.split(len(firsts), cfg.distill.test_ratio, cfg.training.seed)
+    in_test = {id(c) for i, c in enumerate(firsts) if i in picked}
+    train, test = [], []
+    for c in kept:
+        (test if id(c.parent or c) in in_test else train).append(_record(c))
+    return train, test
+
+
 def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
-    test_idx = curate.split(len(kept), cfg.distill.test_ratio, cfg.training.seed)
-    records = [_record(c) for c in kept]
-    train = [r for i, r in enumerate(records) if i not in test_idx]
-    test = [r for i, r in enumerate(records) if i in test_idx]
+    train, test = _split(kept, cfg)
     write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in corpus.chunks))
     write_jsonl(out_dir / "train.jsonl", train)
     write_jsonl(out_dir / "test.jsonl", test)
