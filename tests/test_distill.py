@@ -286,27 +286,11 @@ def test_kill_9_mid_run_then_rerun_asks_nothing_twice(rules, tmp_path):
         assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
         total = len(clean.answered)
     out = tmp_path / "killed"
-    cmd = [
-        sys.executable,
-        "-m",
-        "qwen_mlx",
-        "data",
-        "distill",
-        str(rules),
-        "-o",
-        str(out),
-        *SETTINGS,
-        "--concurrency",
-        "3",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     with TeacherStub() as stub:
-        cmd += ["--teacher-url", stub.url]
+        cmd, env = _command(rules, out, stub.url), _env()
         stub.hold_after = total // 2
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while _ledger_lines(out) < total // 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        _wait_for_ledger(out, total // 2)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert _ledger_lines(out) == total // 2
@@ -317,6 +301,35 @@ def test_kill_9_mid_run_then_rerun_asks_nothing_twice(rules, tmp_path):
         assert stub.repeats() == 0  # nothing the teacher answered was asked again
         assert len(stub.answered) == total
     assert outputs(out) == outputs(tmp_path / "clean")
+
+
+def _command(rules, out, url):
+    """``data distill`` as its own process (so it can be killed), concurrency 3."""
+    return [
+        sys.executable,
+        "-m",
+        "qwen_mlx",
+        "data",
+        "distill",
+        str(rules),
+        "-o",
+        str(out),
+        "--teacher-url",
+        url,
+        *SETTINGS,
+        "--concurrency",
+        "3",
+    ]
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+
+
+def _wait_for_ledger(out, lines):
+    deadline = time.monotonic() + 60
+    while _ledger_lines(out) < lines and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _ledger_lines(out):
@@ -367,3 +380,22 @@ def test_follow_ups_are_multi_turn_records_in_their_first_turns_split(rules, tmp
         records, report = load_records([tmp_path / "out" / name])
         turns = sorted(len(r.data["messages"]) for r in records)
         assert not report.problems and turns.count(4) == len(follows)  # user/assistant × 2
+
+
+def test_ctrl_c_keeps_every_reply_already_sent_for(rules, tmp_path, sigint_as_in_a_terminal):
+    with TeacherStub() as clean:
+        assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
+    out = tmp_path / "stopped"
+    with TeacherStub(latency=0.3) as stub:
+        cmd = _command(rules, out, stub.url)
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        _wait_for_ledger(out, 4)
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=30)[0].decode()
+        assert proc.returncode == 130, output
+        assert "run the same command again" in output and "Traceback" not in output
+        assert _ledger_lines(out) == len(stub.answered)  # replies in flight were waited for
+        rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+        assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+        assert stub.repeats() == 0
+    assert outputs(out) == outputs(tmp_path / "clean")

@@ -32,6 +32,12 @@ COMMAND = "data distill"
 EST_QUESTION, EST_ANSWER, EST_VERDICT, EST_OVERHEAD = 40, 150, 30, 150
 
 
+class Stopped(UserError):
+    """Ctrl-C: the replies already sent for were waited for and kept."""
+
+    exit_code = 130  # as a shell reports SIGINT
+
+
 @dataclass
 class Corpus:
     documents: list[dict]
@@ -163,8 +169,14 @@ def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / OUTPUT_MARK).write_text(COMMAND + "\n", encoding="utf-8")
     drops = Drops()
-    with distill_progress(teacher, drops, console) as bar:
-        kept = _distil(corpus, cfg, teacher, drops, bar)
+    try:
+        with distill_progress(teacher, drops, console) as bar:
+            kept = _distil(corpus, cfg, teacher, drops, bar)
+    except KeyboardInterrupt:
+        raise Stopped(
+            f"stopped: the {len(teacher.ledger)} replies so far are kept in "
+            f"{teacher.ledger.path}; run the same command again to go on (nothing is asked twice)"
+        ) from None
     return _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
 
 
