@@ -49,7 +49,7 @@ class JudgeSettings:
 def open_judge(settings: JudgeSettings, out_dir: Path) -> Teacher:
     """The judge, checked (URL, key, model) before any answer is generated."""
     teacher = Teacher(
-        settings.url, settings.model, settings.key_env, out_dir / "judge_ledger.jsonl"
+        settings.url, settings.model, settings.key_env, out_dir / "judge_ledger.jsonl", role="judge"
     )
     teacher.probe()
     return teacher

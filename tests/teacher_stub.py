@@ -110,7 +110,8 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.stub.arrived(body)
         if not self._authorised():
             return
-        if self.path != "/v1/chat/completions" or body.get("model") not in self.stub.models:
+        served = {body.get("model"), f"{body.get('model')}:latest"} & set(self.stub.models)
+        if self.path != "/v1/chat/completions" or not served:  # as ollama: "m" is "m:latest"
             self._send(404, {"error": {"message": f"model {body.get('model')} not found"}})
             return
         if fault and self._fault(fault):

@@ -399,3 +399,22 @@ def test_ctrl_c_keeps_every_reply_already_sent_for(rules, tmp_path, sigint_as_in
         assert rerun.returncode == 0, rerun.stdout + rerun.stderr
         assert stub.repeats() == 0
     assert outputs(out) == outputs(tmp_path / "clean")
+
+
+def test_an_ollama_model_may_be_named_without_its_latest_tag(rules, tmp_path):
+    with TeacherStub(models=("qwen2.5:latest",)) as stub:
+        args = [
+            "data",
+            "distill",
+            str(rules),
+            "-o",
+            str(tmp_path / "out"),
+            "--teacher-url",
+            stub.url,
+            "--teacher-model",
+            "qwen2.5",
+            "--max-requests",
+            "1",
+        ]
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 1 and "--max-requests 1" in result.output  # past the probe

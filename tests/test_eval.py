@@ -167,6 +167,13 @@ def test_a_wrong_judge_stops_before_any_answer_is_generated(overfit_run, monkeyp
     run, data = overfit_run
     with TeacherStub() as stub, pytest.raises(UserError, match="does not serve 'nope'"):
         ev.evaluate(run, data, judge=JudgeSettings(stub.url, "nope"), console=Console(quiet=True))
+    with pytest.raises(UserError, match="check --judge-url and that the server is running"):
+        ev.evaluate(
+            run,
+            data,
+            judge=JudgeSettings("http://127.0.0.1:9/v1", "m"),
+            console=Console(quiet=True),
+        )
     with pytest.raises(UserError, match="both --judge-url URL and --judge-model"):
         judge_settings("http://127.0.0.1:1/v1", None, "OPENAI_API_KEY")
 

@@ -71,19 +71,17 @@ def read_docx(path: Path) -> str:
 
 def read_pdf(path: Path) -> str:
     from pypdf import PdfReader
-    from pypdf.errors import PdfReadError
+    from pypdf.errors import DependencyError, FileNotDecryptedError
 
     try:
         reader = PdfReader(str(path))
         if reader.is_encrypted and not reader.decrypt(""):
-            raise Unreadable("encrypted; save an unprotected copy")
+            raise FileNotDecryptedError("a password is needed")
         text = "\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PdfReadError, ValueError, KeyError, OSError) as err:
+    except (FileNotDecryptedError, DependencyError):  # AES needs the cryptography package
+        raise Unreadable("encrypted; save an unprotected copy") from None
+    except Exception as err:  # a corrupt file can fail anywhere inside the parser
         raise Unreadable(f"not a readable PDF ({type(err).__name__})") from None
-    except Exception as err:  # pypdf's FileNotDecryptedError and crypto errors
-        if "decrypt" in str(err).lower() or "encrypt" in type(err).__name__.lower():
-            raise Unreadable("encrypted; save an unprotected copy") from None
-        raise
     if not text.strip():
         raise Unreadable("no text layer (a scanned PDF?); run OCR on it first")
     return text

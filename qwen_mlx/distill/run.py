@@ -141,26 +141,31 @@ def _answered(asker, cands: list, drops: Drops, bar, label: str) -> list:
     return _survivors(cands, drops)
 
 
-def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_run: bool):
-    """Run (or with ``dry_run`` only plan) a distillation; return the report dict."""
+def open_teacher(cfg: Config, out_dir: Path, docs: list[Path]) -> Teacher:
+    """The teacher, checked (URL, key, model, output folder, prompts) before any work."""
     d = cfg.distill
-    if not dry_run and not (d.teacher_url and d.teacher_model):
+    if not (d.teacher_url and d.teacher_model):
         raise UserError(
             "name the teacher: --teacher-url URL --teacher-model NAME "
             "(or distill.teacher_url / teacher_model in config.yaml)"
         )
-    if not dry_run:
-        check_output_dir(out_dir, COMMAND, inputs=docs)
-        load_prompts(d.prompts)  # a bad prompts file fails before any work
-        teacher = Teacher(
-            d.teacher_url,
-            d.teacher_model,
-            d.api_key_env,
-            out_dir / "ledger.jsonl",
-            timeout=d.timeout,
-            max_requests=d.max_requests,
-        )
-        teacher.probe()
+    check_output_dir(out_dir, COMMAND, inputs=docs)
+    load_prompts(d.prompts)
+    teacher = Teacher(
+        d.teacher_url,
+        d.teacher_model,
+        d.api_key_env,
+        out_dir / "ledger.jsonl",
+        timeout=d.timeout,
+        max_requests=d.max_requests,
+    )
+    teacher.probe()
+    return teacher
+
+
+def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_run: bool):
+    """Run (or with ``dry_run`` only plan) a distillation; return the report dict."""
+    teacher = None if dry_run else open_teacher(cfg, out_dir, docs)
     corpus = read_corpus(docs, cfg, console)
     estimate = plan(corpus, cfg)
     if dry_run:

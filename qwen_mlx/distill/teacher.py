@@ -23,7 +23,12 @@ from qwen_mlx.errors import UserError
 
 RETRIES = 5
 _MALFORMED = object()  # a 200 reply whose body is not a chat completion
-LOCAL_KEY = "no-key"  # what a key-less local server (ollama, qwen-mlx serve) is sent
+LOCAL_KEY = "no-key"
+# The options that name a teacher's URL, model and key, for the messages that name them.
+FLAGS = {
+    "teacher": {"url": "--teacher-url", "model": "--teacher-model", "key": "--api-key-env"},
+    "judge": {"url": "--judge-url", "model": "--judge-model", "key": "--judge-key-env"},
+}  # what a key-less local server (ollama, qwen-mlx serve) is sent
 
 
 def is_local(url: str) -> bool:
@@ -38,7 +43,7 @@ def is_local(url: str) -> bool:
     return address.is_loopback or address.is_private
 
 
-def api_key(url: str, env: str) -> str:
+def api_key(url: str, env: str, flag: str = "--api-key-env") -> str:
     """The key from environment variable ``env``; a placeholder only for a local teacher."""
     key = os.environ.get(env, "").strip()
     if key:
@@ -47,7 +52,7 @@ def api_key(url: str, env: str) -> str:
         return LOCAL_KEY
     raise UserError(
         f"no API key for {url}: set it with `export {env}=...` (or name the variable that "
-        "holds it with --api-key-env); keys are never taken on the command line"
+        f"holds it with {flag}); keys are never taken on the command line"
     )
 
 
@@ -88,12 +93,17 @@ class Teacher:
         *,
         timeout: float = 120.0,
         max_requests: int = 0,
+        role: str = "teacher",
     ):
         import openai
 
         self.url, self.model, self.key_env = url, model, key_env
+        self.flags = FLAGS[role]
         self.client = openai.OpenAI(
-            base_url=url, api_key=api_key(url, key_env), timeout=timeout, max_retries=RETRIES
+            base_url=url,
+            api_key=api_key(url, key_env, self.flags["key"]),
+            timeout=timeout,
+            max_retries=RETRIES,
         )
         self.ledger = Ledger(ledger_path)
         self.usage = Usage()
@@ -108,12 +118,12 @@ class Teacher:
         if isinstance(err, openai.AuthenticationError | openai.PermissionDeniedError):
             return UserError(
                 f"{self.url} rejected the API key in ${self.key_env} ({status}); "
-                "check the key, or --api-key-env"
+                f"check the key, or {self.flags['key']}"
             )
         if isinstance(err, openai.NotFoundError):
             return UserError(
                 f"{self.url} has no model '{self.model}' (404); check "
-                "--teacher-model and that the URL ends in /v1"
+                f"{self.flags['model']} and that the URL ends in /v1"
             )
         return None
 
@@ -129,7 +139,7 @@ class Teacher:
         except openai.APIConnectionError as err:
             raise UserError(
                 f"cannot reach the teacher at {self.url} ({err.__class__.__name__}); "
-                "check --teacher-url and that the server is running"
+                f"check {self.flags['url']} and that the server is running"
             ) from None
         except (openai.APIError, ValueError, TypeError, AttributeError) as err:
             raise (
@@ -140,7 +150,8 @@ class Teacher:
                     "in /v1, e.g. http://localhost:11434/v1"
                 )
             ) from None
-        if served is not None and self.model not in served:
+        # ollama answers to "qwen2.5" for the "qwen2.5:latest" it lists
+        if served is not None and not {self.model, f"{self.model}:latest"} & set(served):
             raise UserError(
                 f"{self.url} does not serve '{self.model}'; it serves: "
                 f"{', '.join(sorted(served)) or 'no models'}"
