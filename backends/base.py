@@ -1,5 +1,15 @@
 """The ``Backend`` protocol every trainer implements, and the small types it exchanges.
 
+A run is orchestrated once, in :func:`qwen_mlx.training_run.train`; a backend answers four
+questions for it and for ``check``, ``eval``, ``chat`` and ``serve``:
+
+- ``availability()``: can it run here at all (packages, device)? Cheap, never raises.
+- ``plan(cfg)``: what a run of ``cfg`` would do here (device, ranks, the quantization,
+  attention and kernels really used, device memory, notes); loads no model.
+- ``trainer(cfg, plan)``: the loop's :class:`~qwen_mlx.loop.Hooks` for a loaded base with
+  LoRA and an optimizer; ``close()`` ends what it started (DDP).
+- ``engine(model_dir, adapter_dir)``: an :class:`~qwen_mlx.inference.Engine` for inference.
+
 A backend is a plain class (no shared base class): the registry in ``__init__`` imports it
 lazily by name, so ``import qwen_mlx`` never pulls in torch or mlx.
 """
@@ -13,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from qwen_mlx.config import Config
+    from qwen_mlx.inference import Engine
+    from qwen_mlx.loop import Hooks
 
 
 @dataclass(frozen=True)
@@ -23,6 +35,27 @@ class Availability:
     reason: str
     device: str = "cpu"
     packages: dict[str, str] = field(default_factory=dict)  # name -> version found
+
+
+@dataclass
+class TrainPlan:
+    """What a training run of a config does on this machine, decided before loading."""
+
+    device: str  # what the user is told, e.g. "cuda:0 ×2 (DDP)" or "MLX on CPU"
+    quantization: str  # the base's quantization really used ("none" where it cannot be)
+    fp32: bool  # weights and activations in float32 (CPU paths): the memory estimate needs it
+    device_memory: int | None  # bytes the run may use, when known
+    rank: int = 0
+    world_size: int = 1
+    facts: list[tuple[str, str]] = field(default_factory=list)  # (title, detail) for check
+    notes: list[str] = field(default_factory=list)  # where the run differs from the config
+    settings: dict[str, Any] = field(default_factory=dict)  # the backend's own, for trainer()
+    tight_memory: bool = False  # set by training_run when the estimate is near the limit
+
+    @property
+    def main(self) -> bool:
+        """Whether this process writes the run folder and talks to the user."""
+        return self.rank == 0
 
 
 @dataclass
@@ -57,7 +90,7 @@ class TrainResult:
 
 @runtime_checkable
 class Backend(Protocol):
-    """What ``train``, ``eval``, ``chat`` and ``serve`` need from a trainer."""
+    """What training, ``check``, ``eval``, ``chat`` and ``serve`` need from a backend."""
 
     name: str
 
@@ -65,23 +98,14 @@ class Backend(Protocol):
         """Cheap probe: can this backend run on this machine? (Never raises.)"""
         ...
 
-    def train(self, config: Config, run_dir: Path, resume: bool = False) -> TrainResult:
-        """Train LoRA per ``config``; write the PEFT-format adapter into ``run_dir/adapter``."""
+    def plan(self, cfg: Config) -> TrainPlan:
+        """How a run of ``cfg`` would go here; loads no model (``check`` shows it)."""
         ...
 
-    def load(self, model_dir: Path, adapter_dir: Path | None = None) -> Any:
-        """Load the base model (plus adapter) for inference; the handle goes to ``generate``."""
+    def trainer(self, cfg: Config, plan: TrainPlan) -> Hooks:
+        """Load the base per ``plan``, add LoRA, build the optimizer: the loop's hooks."""
         ...
 
-    def generate(
-        self, loaded: Any, prompt_ids: list[int], settings: GenerationSettings
-    ) -> Iterator[str]:
-        """The reply to a prompt (token ids, see ``qwen_mlx.chat_template``): one text piece per
-        generated token (empty while a character is incomplete), ending before the model's
-        end-of-turn token or after ``settings.max_tokens`` tokens; closing the iterator stops
-        generation."""
-        ...
-
-    def score(self, loaded: Any, samples: list) -> tuple[float, int]:
-        """Summed loss over the target tokens of tokenized samples, and their count."""
+    def engine(self, model_dir: Path, adapter_dir: Path | None = None) -> Engine:
+        """The base model (plus a PEFT adapter) loaded for inference."""
         ...

@@ -48,25 +48,38 @@ def _quantizable(_path: str, module: nn.Module) -> bool:
     )
 
 
+def stored_quantization(model_dir: str | Path, requested: str) -> tuple[str, str | None]:
+    """The quantization a run trains with (a pre-quantized folder's own, else ``requested``)
+    and a note when the folder overrides the config; never raises (``check`` plans too)."""
+    from qwen_mlx.model_files import read_model_config
+
+    try:
+        stored = read_model_config(Path(model_dir)).get("quantization")
+    except (OSError, ValueError):
+        return requested, None
+    if not isinstance(stored, dict):
+        return requested, None
+    bits = stored.get("bits")
+    note = (
+        f"{model_dir} is already quantized ({bits}-bit); training on it as "
+        f"stored (model.quantization: {requested} does not apply)"
+    )
+    return ("8bit" if bits == 8 else "4bit"), note
+
+
 def load_base(model_dir: str | Path, quantization: str) -> tuple[nn.Module, str | None]:
     """The frozen base (quantized per ``quantization``) and a note when that was not done."""
     from mlx_lm.utils import load_model
 
     # Lazy: each weight is read, cast and quantized on its own, so a 3B base never sits in
     # memory at full width (6 GB in bf16) on the way to 4-bit (1.7 GB).
-    model, config = load_model(Path(model_dir), lazy=True)
+    model, _ = load_model(Path(model_dir), lazy=True)
     if mx.default_device() == mx.cpu:
         # MLX's CPU kernels emulate bf16 (its quantized matmul is ~10× slower than in fp32);
         # fp32 is also what the torch backend uses on a CPU. Metal keeps the stored dtype.
         model.set_dtype(mx.float32)
-    note = None
-    stored = config.get("quantization")
-    if stored:
-        note = (
-            f"{model_dir} is already quantized ({stored.get('bits')}-bit); training on it as "
-            f"stored (model.quantization: {quantization} does not apply)"
-        )
-    elif quantization in BITS:
+    _, note = stored_quantization(model_dir, quantization)
+    if note is None and quantization in BITS:
         nn.quantize(model, GROUP_SIZE, BITS[quantization], class_predicate=_quantizable)
     for _, weight in tree_flatten(model.parameters()):  # one at a time: see lazy above
         mx.eval(weight)

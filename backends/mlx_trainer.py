@@ -1,9 +1,9 @@
 """The MLX backend: LoRA / QLoRA on Apple Silicon (Metal), and on CPU with ``mlx[cpu]``.
 
-The shared loop (:mod:`qwen_mlx.loop`) drives training; this module supplies its hooks
-(a compiled forward/backward, AdamW update, checkpoint files) and inference (load +
-generate). Model code lives in ``mlx_model``. Importing this module does not import mlx;
-that happens when a backend method runs.
+:func:`qwen_mlx.training_run.train` runs the shared loop (:mod:`qwen_mlx.loop`); this module
+plans a run here and supplies the loop's hooks (a compiled forward/backward, AdamW update,
+checkpoint files). Model code lives in ``mlx_model``, inference in ``mlx_engine``. Importing
+this module does not import mlx; that happens when a backend method runs.
 
 Dropout randomness is a pure function of (seed, micro-step number): each micro-step
 reseeds MLX's generator from that pair, so a checkpoint only needs the counter to make a
@@ -13,16 +13,13 @@ resumed run draw exactly the masks a straight run would have drawn.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 
-from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
+from qwen_mlx.backends.base import Availability, TrainPlan
 from qwen_mlx.backends.probes import probe_mlx
 from qwen_mlx.checkpoints import read_part
 from qwen_mlx.config import Config, recomputed_layers
@@ -55,6 +52,7 @@ class MLXHooks:
         self.grads: Any = None
         self.draws = 0  # micro-steps taken; the dropout RNG state (see module docstring)
         self.snapshot = 0
+        self.cache_limit: int | None = None  # the MLX cache limit to restore on close
         self._compile()
 
     def _compile(self) -> None:
@@ -174,6 +172,10 @@ class MLXHooks:
     def peak_memory_gb(self) -> float:
         return self.mx.get_peak_memory() / GiB
 
+    def close(self) -> None:
+        if self.cache_limit is not None:  # the limit a tight run set (see mlx_trainer)
+            self.mx.set_cache_limit(self.cache_limit)
+
 
 def _set_leaf(tree, dotted: str, value) -> None:
     """``tree[a][b]… = value`` for the key ``a.b.…`` of ``tree_flatten`` (digits index lists)."""
@@ -210,159 +212,68 @@ def write_adapter(model, cfg: Config, folder: Path) -> None:
     (folder / "adapter_config.json").write_text(text, encoding="utf-8")
 
 
-# ---------------------------------------------------------------- memory guard
+# ---------------------------------------------------------------- plan and trainer
 
 
 def _device_memory() -> tuple[int | None, dict]:
     import mlx.core as mx
 
-    from qwen_mlx.memory import system_memory
+    from qwen_mlx import memory
 
     info = mx.device_info() if hasattr(mx, "device_info") else {}
-    return info.get("memory_size") or system_memory(), info
+    return info.get("memory_size") or memory.system_memory(), info
 
 
-def memory_guard(cfg: Config, console: Console) -> None:
-    """Fit the run into unified memory where possible, and say plainly when it won't fit."""
+def _torch_only_notes(cfg: Config) -> list[str]:
+    return [
+        f"training.{key}: {value} is for the torch backend; MLX uses its own kernels"
+        for key, value in (("attention", "flex"), ("kernels", "liger"))
+        if getattr(cfg.training, key) == value
+    ]
+
+
+def plan(cfg: Config) -> TrainPlan:
+    """A run of ``cfg`` on MLX here: one process, Metal or CPU, the folder's quantization."""
     import mlx.core as mx
 
-    from qwen_mlx.memory import estimate_training_memory, fit_recompute
+    from qwen_mlx.backends.mlx_model import stored_quantization
 
-    model_config = json.loads((Path(cfg.model.path) / "config.json").read_text("utf-8"))
-    t = cfg.training
-    estimate = estimate_training_memory(
-        model_config,
-        quantization=cfg.model.quantization,
-        rank=cfg.lora.rank,
-        targets=list(cfg.lora.target_modules),
-        max_seq_length=t.max_seq_length,
-        batch_size=t.batch_size,
-        fp32=mx.default_device() == mx.cpu,
+    on_cpu = mx.default_device() == mx.cpu
+    quantization, note = stored_quantization(cfg.model.path, cfg.model.quantization)
+    return TrainPlan(
+        device=f"MLX on {'CPU' if on_cpu else 'Metal GPU'}",
+        quantization=quantization,
+        fp32=on_cpu,  # MLX's CPU path trains in float32 (see mlx_model.load_base)
+        device_memory=_device_memory()[0],
+        notes=_torch_only_notes(cfg) + ([note] if note else []),
     )
+
+
+def _limit_memory(plan: TrainPlan) -> int | None:
+    """Keep Metal's weights wired; when memory is tight, hand freed buffers back instead of
+    caching them, so the OS does not swap. Returns the cache limit to restore, if changed."""
+    import mlx.core as mx
+
     total, info = _device_memory()
-    if "max_recommended_working_set_size" in info:  # Metal: keep the weights wired
+    if "max_recommended_working_set_size" in info:
         mx.set_wired_limit(info["max_recommended_working_set_size"])
-    if total is None:
-        return
-    note = fit_recompute(t, estimate, total)  # before MLXHooks compiles the step
-    if note:
-        console.print(f"[yellow]⚠[/] {note}", highlight=False)
-    estimate = estimate.with_recompute(recomputed_layers(t, estimate.layers))
-    if estimate.total < 0.6 * total:
-        return
-    # Tight: hand freed buffers back instead of caching them, so the OS does not swap.
-    mx.set_cache_limit(min(GiB, total // 16))
-    verdict = "will not fit" if estimate.total > 0.9 * total else "is tight"
-    console.print(
-        f"[yellow]⚠[/] training memory {verdict}: estimated {estimate.describe()} of "
-        f"{total / GiB:.0f} GiB. To use less: {'; '.join(_savings(cfg))}",
-        highlight=False,
-    )
+    if not plan.tight_memory or total is None:
+        return None
+    return mx.set_cache_limit(min(GiB, total // 16))
 
 
-def _savings(cfg: Config) -> list[str]:
-    t = cfg.training
-    tips = {
-        "training.gradient_checkpointing: true": not t.gradient_checkpointing,
-        f"training.max_seq_length: {max(16, t.max_seq_length // 2)}": t.max_seq_length > 512,
-        "training.batch_size: 1 (raise gradient_accumulation_steps)": t.batch_size > 1,
-        "model.quantization: 4bit": cfg.model.quantization != "4bit",
-        "lora.rank: 8": cfg.lora.rank > 8,
-    }
-    return [tip for tip, useful in tips.items() if useful] + ["a smaller model (Qwen2.5-1.5B)"]
-
-
-# ---------------------------------------------------------------- training
-
-
-def _device_name() -> str:
-    import mlx.core as mx
-
-    return "Metal GPU" if mx.default_device() == mx.gpu else "CPU"
-
-
-def run_training(
-    cfg: Config, run_dir: Path, resume: bool, console: Console
-) -> tuple[TrainResult, Any]:
-    """Train per ``cfg`` into ``run_dir``; return the result and the trained model."""
+def trainer(cfg: Config, plan: TrainPlan) -> MLXHooks:
+    """The base (quantized per the config), LoRA on the targets, AdamW: the loop's hooks."""
     from qwen_mlx.backends.mlx_model import add_lora, load_base
-    from qwen_mlx.loop import train_loop
-    from qwen_mlx.run_data import build_run_data
-    from qwen_mlx.tokens import load_tokenizer
 
-    console.print(f"device: MLX on {_device_name()}", highlight=False)
-    for key, torch_only in (("attention", "flex"), ("kernels", "liger")):
-        if getattr(cfg.training, key) == torch_only:
-            console.print(
-                f"[yellow]⚠[/] training.{key}: {torch_only} is for the torch backend; "
-                "MLX uses its own kernels",
-                highlight=False,
-            )
-    data = build_run_data(cfg, load_tokenizer(cfg.model.path), run_dir)
-    for line in data.messages:
-        console.print(line, highlight=False)
-    model, note = load_base(cfg.model.path, cfg.model.quantization)
-    if note:
-        console.print(f"[yellow]⚠[/] {note}", highlight=False)
+    previous = _limit_memory(plan)
+    model, _ = load_base(cfg.model.path, cfg.model.quantization)
     lora = cfg.lora
-    add_lora(
-        model, list(lora.target_modules), lora.rank, lora.alpha, lora.dropout, cfg.training.seed
-    )
-    memory_guard(cfg, console)
+    targets = list(lora.target_modules)
+    add_lora(model, targets, lora.rank, lora.alpha, lora.dropout, cfg.training.seed)
     hooks = MLXHooks(model, cfg)
-    state = train_loop(cfg, data, hooks, run_dir, console, resume)
-    adapter_dir = run_dir / "adapter"
-    hooks.save_adapter(adapter_dir)
-    return TrainResult(run_dir, adapter_dir, state.step), model.eval()
-
-
-# ---------------------------------------------------------------- inference
-
-
-@dataclass
-class Loaded:
-    """What ``MLXBackend.load`` returns: the model (adapter applied) and its tokenizer."""
-
-    model: Any
-    tokenizer: Any  # mlx-lm's TokenizerWrapper
-
-
-def load_for_inference(model_dir: Path, adapter_dir: Path | None = None) -> Loaded:
-    from mlx_lm.utils import load
-
-    from qwen_mlx.backends.mlx_model import apply_adapter
-    from qwen_mlx.families import family_of
-    from qwen_mlx.model_files import read_model_config
-
-    family = family_of(read_model_config(Path(model_dir)), model_dir)
-    model, tokenizer = load(str(model_dir))
-    if adapter_dir is not None:
-        apply_adapter(model, Path(adapter_dir))
-    for stop in family.stop_tokens:  # the turn's end, even where no config names it
-        if stop in tokenizer.get_vocab():
-            tokenizer.add_eos_token(stop)
-    model.eval()
-    return Loaded(model, tokenizer)
-
-
-def stream(loaded: Loaded, prompt_ids: list[int], settings: GenerationSettings):
-    """One text piece per generated token of the reply (greedy when temperature is 0)."""
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
-    from qwen_mlx.backends.base import token_texts
-
-    sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
-    responses = stream_generate(
-        loaded.model, loaded.tokenizer, prompt_ids, max_tokens=settings.max_tokens, sampler=sampler
-    )
-    # The last response carries the end-of-turn token when the model stopped by itself.
-    tokens = (r.token for r in responses if r.finish_reason != "stop")
-    decode = partial(loaded.tokenizer.decode, skip_special_tokens=True)
-    try:
-        yield from token_texts(tokens, decode)
-    finally:  # stop generating now, not when the garbage collector gets to it
-        responses.close()
+    hooks.cache_limit = previous
+    return hooks
 
 
 class MLXBackend:
@@ -373,26 +284,13 @@ class MLXBackend:
     def availability(self) -> Availability:
         return probe_mlx()
 
-    def train(self, config: Config, run_dir: Path, resume: bool = False) -> TrainResult:
-        return run_training(config, run_dir, resume, Console())[0]
+    def plan(self, cfg: Config) -> TrainPlan:
+        return plan(cfg)
 
-    def load(self, model_dir: Path, adapter_dir: Path | None = None) -> Loaded:
-        """The base model (plus a PEFT or mlx-lm adapter) for inference."""
-        return load_for_inference(model_dir, adapter_dir)
+    def trainer(self, cfg: Config, plan: TrainPlan) -> MLXHooks:
+        return trainer(cfg, plan)
 
-    def generate(
-        self, loaded: Loaded, prompt_ids: list[int], settings: GenerationSettings
-    ) -> Iterator[str]:
-        return stream(loaded, prompt_ids, settings)
+    def engine(self, model_dir: Path, adapter_dir: Path | None = None):
+        from qwen_mlx.backends.mlx_engine import MLXEngine
 
-    def score(self, loaded: Loaded, samples: list) -> tuple[float, int]:
-        """Summed target-token loss of tokenized samples and their count (test loss)."""
-        from qwen_mlx.backends.mlx_model import device_batch, target_loss
-        from qwen_mlx.tokens import collate, unpacked
-
-        total, count = 0.0, 0
-        for row in unpacked(samples, 0):
-            batch = collate([row], 0)
-            total += target_loss(loaded.model, *device_batch(batch)).item()
-            count += int(batch["loss_mask"][:, 1:].sum())
-        return total, count
+        return MLXEngine(Path(model_dir), adapter_dir)

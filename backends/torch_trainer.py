@@ -1,7 +1,8 @@
 """The PyTorch backend: LoRA / QLoRA with PEFT on CUDA, CPU or MPS.
 
-The shared loop (:mod:`qwen_mlx.loop`) drives training; this module supplies its hooks
-(forward/backward, AdamW update, checkpoint files) and inference (load + generate). Under
+:func:`qwen_mlx.training_run.train` runs the shared loop (:mod:`qwen_mlx.loop`); this module
+plans a run here and supplies the loop's hooks (forward/backward, AdamW update, checkpoint
+files). Model code lives in ``torch_model``, inference in ``torch_engine``. Under
 ``torchrun --nproc_per_node N`` it runs as DDP: each rank trains on its share of rows,
 gradients are averaged, and rank 0 writes the run folder. Importing this module does not
 import torch; that happens when a backend method runs.
@@ -9,20 +10,14 @@ import torch; that happens when a backend method runs.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import threading
 import warnings
-from collections.abc import Iterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-
-from qwen_mlx.backends.base import Availability, GenerationSettings, TrainResult
+from qwen_mlx.backends.base import Availability, TrainPlan
 from qwen_mlx.backends.probes import probe_torch
 from qwen_mlx.checkpoints import read_part
 from qwen_mlx.config import Config
@@ -156,6 +151,11 @@ class TorchHooks:
 
         return peak_memory_gb(self.device)
 
+    def close(self) -> None:
+        """Leave DDP's process group, if this run joined one."""
+        if self.world_size > 1 and self.torch.distributed.is_initialized():
+            self.torch.distributed.destroy_process_group()
+
 
 def save_peft_adapter(model, folder: Path) -> None:
     """PEFT's ``save_pretrained``; a full disk, which safetensors reports as its own error
@@ -171,94 +171,83 @@ def save_peft_adapter(model, folder: Path) -> None:
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(folder)) from err
 
 
-def _init_distributed() -> tuple[int, int, Any]:
-    """(rank, world size, device) — DDP when started by torchrun, else a single process."""
+def _ranks() -> tuple[int, int]:
+    """(rank, world size): torchrun's, else a single process."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _device(world: int):
+    """This process's device: under DDP on CUDA, the GPU of its local rank."""
     import torch
 
     from qwen_mlx.backends.torch_model import pick_device
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1, pick_device()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), world, pick_device()
+    if world > 1 and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return pick_device()
 
 
-def run_training(
-    cfg: Config, run_dir: Path, resume: bool, console: Console
-) -> tuple[TrainResult, Any]:
-    """Train per ``cfg`` into ``run_dir``; return the result and the trained PEFT model."""
+def _device_memory(device) -> int | None:
     import torch
 
-    from qwen_mlx.backends.torch_model import (
-        add_lora,
-        apply_liger,
-        attention_plan,
-        kernel_plan,
-        load_base,
-        quantization_plan,
-    )
-    from qwen_mlx.loop import train_loop
-    from qwen_mlx.run_data import build_run_data
-    from qwen_mlx.tokens import load_tokenizer
+    from qwen_mlx import memory
 
-    rank, world, device = _init_distributed()
-    main = rank == 0
-    quantization, note = quantization_plan(cfg.model.quantization, device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return memory.system_memory()  # CPU, and MPS's unified memory
+
+
+def plan(cfg: Config) -> TrainPlan:
+    """A run of ``cfg`` on torch here: the device, ranks, and the quantization, attention
+    and kernels this machine really allows (each with a note where it differs)."""
+    from qwen_mlx.backends.torch_model import attention_plan, kernel_plan, quantization_plan
+
+    rank, world = _ranks()
+    device = _device(world)
+    quantization, quantization_note = quantization_plan(cfg.model.quantization, device)
     attention, attention_note = attention_plan(cfg.training.attention, device)
     liger, kernel_note = kernel_plan(cfg.training.kernels, device)
-    memory_note = _fit_memory(cfg, quantization, device)
-    if main:
-        console.print(f"device: {device}" + (f" ×{world} (DDP)" if world > 1 else ""))
-        for line in filter(None, (note, attention_note, kernel_note, memory_note)):
-            console.print(f"[yellow]⚠[/] {line}", highlight=False)
-    tokenizer = load_tokenizer(cfg.model.path)
-    data = build_run_data(cfg, tokenizer, run_dir if main else None)
-    if main:
-        for line in data.messages:
-            console.print(line, highlight=False)
-    base = load_base(cfg.model.path, quantization, device, attention)
+    kernels = "Liger Kernel (fused RMSNorm, SwiGLU, RoPE, linear + CE)" if liger else "PyTorch's"
+    facts = [("torch kernels", f"attention {attention}, kernels: {kernels}")]
+    if quantization != "none":
+        where = "CUDA" if device.type == "cuda" else f"{device.type} (bitsandbytes' CPU path: slow)"
+        facts.append(("quantization", f"{quantization} via bitsandbytes on {where}"))
+    return TrainPlan(
+        device=f"{device}" + (f" ×{world} (DDP)" if world > 1 else ""),
+        quantization=quantization,
+        fp32=device.type == "cpu" and quantization == "none",
+        device_memory=_device_memory(device),
+        rank=rank,
+        world_size=world,
+        facts=facts,
+        notes=[n for n in (quantization_note, attention_note, kernel_note) if n],
+        settings={"device": device, "attention": attention, "liger": liger},
+    )
+
+
+def _init_distributed(world: int) -> None:
+    """Join torchrun's process group (NCCL on CUDA, else gloo)."""
+    import torch
+
+    if world == 1 or torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+
+
+def trainer(cfg: Config, plan: TrainPlan) -> TorchHooks:
+    """The base on the planned device (quantized, attention, kernels as planned), PEFT LoRA,
+    AdamW, DDP when started by torchrun: the loop's hooks."""
+    from qwen_mlx.backends.torch_model import add_lora, apply_liger, load_base
+
+    _init_distributed(plan.world_size)
+    device, liger = plan.settings["device"], plan.settings["liger"]
+    base = load_base(cfg.model.path, plan.quantization, device, plan.settings["attention"])
     if liger:
         apply_liger(base)
     model = add_lora(base, cfg)
-    hooks = TorchHooks(model, device, cfg, (rank, world), liger)
-    state = train_loop(cfg, data, hooks, run_dir, console, resume)
-    adapter_dir = run_dir / "adapter"
-    if main:
-        hooks.save_adapter(adapter_dir)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return TrainResult(run_dir, adapter_dir, state.step), model
-
-
-def _fit_memory(cfg: Config, quantization: str, device) -> str | None:
-    """Checkpoint as few layers as make the run fit the device (see fit_recompute)."""
-    import torch
-
-    from qwen_mlx.memory import estimate_training_memory, fit_recompute, system_memory
-
-    model_config = json.loads((Path(cfg.model.path) / "config.json").read_text("utf-8"))
-    t = cfg.training
-    estimate = estimate_training_memory(
-        model_config,
-        quantization=quantization,
-        rank=cfg.lora.rank,
-        targets=list(cfg.lora.target_modules),
-        max_seq_length=t.max_seq_length,
-        batch_size=t.batch_size,
-        fp32=device.type == "cpu" and quantization == "none",
-    )
-    if device.type == "cuda":
-        available = torch.cuda.get_device_properties(device).total_memory
-    else:  # CPU, and MPS's unified memory
-        available = system_memory()
-    return fit_recompute(t, estimate, available) if available else None
+    return TorchHooks(model, device, cfg, (plan.rank, plan.world_size), liger)
 
 
 class TorchBackend:
@@ -269,156 +258,13 @@ class TorchBackend:
     def availability(self) -> Availability:
         return probe_torch()
 
-    def train(self, config: Config, run_dir: Path, resume: bool = False) -> TrainResult:
-        return run_training(config, run_dir, resume, Console())[0]
+    def plan(self, cfg: Config) -> TrainPlan:
+        return plan(cfg)
 
-    def load(self, model_dir: Path, adapter_dir: Path | None = None) -> Any:
-        """(model, tokenizer) in eval mode; a PEFT adapter is applied when given."""
-        import torch
-        from transformers import AutoModelForCausalLM
+    def trainer(self, cfg: Config, plan: TrainPlan) -> TorchHooks:
+        return trainer(cfg, plan)
 
-        from qwen_mlx.backends.torch_model import pick_device
-        from qwen_mlx.tokens import load_tokenizer
+    def engine(self, model_dir: Path, adapter_dir: Path | None = None):
+        from qwen_mlx.backends.torch_engine import TorchEngine
 
-        device = pick_device()
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype).to(device)
-        if adapter_dir is not None:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, str(adapter_dir))
-        model.eval()
-        return model, load_tokenizer(model_dir)
-
-    def generate(
-        self, loaded: Any, prompt_ids: list[int], settings: GenerationSettings
-    ) -> Iterator[str]:
-        import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        from qwen_mlx.backends.base import token_texts
-
-        model, tokenizer = loaded
-        ids = torch.tensor([prompt_ids], device=model.device)
-        streamer = _TokenQueue(_end_ids(model, tokenizer))
-        cancel = threading.Event()
-
-        class Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return cancel.is_set()
-
-        kwargs = {
-            "input_ids": ids,
-            "attention_mask": torch.ones_like(ids),
-            "max_new_tokens": settings.max_tokens,
-            "streamer": streamer,
-            "pad_token_id": tokenizer.pad_token_id,
-            "stopping_criteria": StoppingCriteriaList([Cancelled()]),
-            **_sampling(settings),
-        }
-        thread = threading.Thread(target=streamer.run, args=(model.generate, kwargs), daemon=True)
-        thread.start()
-        try:
-            decode = partial(tokenizer.decode, skip_special_tokens=True)
-            yield from token_texts(streamer, decode)
-        finally:  # also when the consumer stops early (stop string, client gone)
-            cancel.set()
-            thread.join()
-
-    def score(self, loaded: Any, samples: list) -> tuple[float, int]:
-        import torch
-
-        from qwen_mlx.backends.torch_model import TokenLoss
-        from qwen_mlx.tokens import collate, unpacked
-
-        model, _ = loaded
-        loss = TokenLoss(model if hasattr(model, "get_base_model") else _Plain(model))
-        total, count = 0.0, 0
-        with torch.no_grad():
-            for row in unpacked(samples, 0):
-                batch = collate([row], 0)
-                keys = ("input_ids", "position_ids", "loss_mask")
-                tensors = [torch.from_numpy(batch[k]).long().to(model.device) for k in keys]
-                total += float(loss(*tensors))
-                count += int(batch["loss_mask"][:, 1:].sum())
-        return total, count
-
-
-class _TokenQueue:
-    """A transformers streamer that hands generated token ids to the consuming thread, up to
-    (not including) an end-of-turn token."""
-
-    def __init__(self, end_ids: set[int]):
-        import queue
-
-        self.queue: queue.Queue = queue.Queue()
-        self.end_ids = end_ids
-        self.prompt_seen = False
-        self.error: BaseException | None = None
-
-    def run(self, generate, kwargs) -> None:
-        """``generate(**kwargs)``; a failure is re-raised in the consuming thread, which would
-        otherwise wait for tokens forever."""
-        try:
-            generate(**kwargs)
-        except BaseException as err:
-            self.error = err
-        finally:
-            self.end()
-
-    def put(self, value) -> None:
-        if not self.prompt_seen:  # generate() first sends the prompt
-            self.prompt_seen = True
-            return
-        self.queue.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        self.queue.put(None)
-
-    def __iter__(self) -> Iterator[int]:
-        while (ids := self.queue.get()) is not None:
-            for token in ids:
-                if token in self.end_ids:
-                    return
-                yield token
-        if self.error is not None:
-            raise self.error
-
-
-def _end_ids(model, tokenizer) -> set[int]:
-    """The tokens generate() stops at: the generation config's, else the tokenizer's EOS."""
-    ends = getattr(model.generation_config, "eos_token_id", None)
-    if ends is None:
-        ends = tokenizer.eos_token_id
-    return set(ends) if isinstance(ends, list | tuple) else {ends}
-
-
-def _sampling(settings: GenerationSettings) -> dict[str, Any]:
-    """Exactly the requested decoding. Qwen's generation_config.json also asks for top_k 20
-    and repetition_penalty 1.05, which transformers would apply even to greedy decoding;
-    the MLX and llama.cpp engines do not, so they are switched off here."""
-    if settings.temperature <= 0:  # greedy; None silences the sampling defaults
-        return {
-            "do_sample": False,
-            "temperature": None,
-            "top_p": None,
-            "top_k": None,
-            "repetition_penalty": 1.0,
-        }
-    return {
-        "do_sample": True,
-        "temperature": settings.temperature,
-        "top_p": settings.top_p,
-        "top_k": 0,
-        "repetition_penalty": 1.0,
-    }
-
-
-class _Plain:
-    """Lets TokenLoss score a model without an adapter (the --compare-base model)."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def get_base_model(self):
-        return self.model
+        return TorchEngine(Path(model_dir), adapter_dir)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.run_dir import RUN_CONFIG
 from qwen_mlx.tensor_io import index_file
 
-RUN_CONFIG = "config.yaml"  # the run folder's resolved config (qwen_mlx.training_run)
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 MLX_WEIGHTS = "adapters.safetensors"
 _PEFT_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight")

@@ -1,9 +1,11 @@
 """``qwen-mlx check``: is everything ready to train? (the seed's test_training_setup.py)
 
 Runs every check even after a failure, so one run lists everything to fix: the config, the
-model folder, the data files, the backend and its packages, and whether the estimated peak
-memory fits this machine. Each line is ✓ (fine), ⚠ (will work, but read this) or ✗ (training
-cannot start), with the fix beside it. Training can start when there is no ✗.
+model folder, the data files, the backend and its packages, what the backend's plan for the
+run is here (``Backend.plan``: the notes training prints), and whether the estimated peak
+memory fits this machine (``memory.fit``, as training fits it). Each line is ✓ (fine),
+⚠ (will work, but read this) or ✗ (training cannot start), with the fix beside it.
+Training can start when there is no ✗.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from qwen_mlx.backends import detect, probe
+from qwen_mlx import memory
+from qwen_mlx.backends import detect, get_backend, probe
+from qwen_mlx.backends.base import TrainPlan
 from qwen_mlx.backends.probes import PROBES
-from qwen_mlx.config import Config, load_config, recomputed_layers
+from qwen_mlx.config import Config, load_config
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
-from qwen_mlx.memory import GiB, estimate_training_memory, fit_recompute, system_memory
-from qwen_mlx.model_files import Finding, check_model_dir, read_model_config
+from qwen_mlx.memory import GiB
+from qwen_mlx.model_files import Finding, check_model_dir
 
 SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]⚠[/]", "fail": "[red]✗[/]"}
 # Peak learning rates LoRA fine-tuning works with; far outside, a run diverges or learns nothing.
@@ -98,90 +102,35 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
         why = f"{found.reason}" + (f" — {versions}" if versions else "")
         status = "ok" if found.ok else "fail" if picked else "warn"
         findings.append(Finding(status, label, why, "" if found.ok else found.reason))
-        if picked and found.ok and name == "torch" and cfg.model.quantization != "none":
-            findings.append(_torch_quantization(cfg, found.device, found.packages))
-        if picked and found.ok and name == "torch":
-            findings.append(_torch_kernels(cfg))
-    return chosen, findings
+    return (chosen if probe(chosen).ok else None), findings
 
 
-def _torch_kernels(cfg: Config) -> Finding:
-    """Which attention and fused kernels the torch backend will use here (training's rule)."""
-    from qwen_mlx.backends.torch_model import attention_plan, kernel_plan, pick_device
-
-    device = pick_device()
-    attention, attention_note = attention_plan(cfg.training.attention, device)
-    liger, kernel_note = kernel_plan(cfg.training.kernels, device)
-    kernels = "Liger Kernel (fused RMSNorm, SwiGLU, RoPE, linear + CE)" if liger else "PyTorch's"
-    detail = f"attention {attention}, kernels: {kernels}"
-    notes = [n for n in (attention_note, kernel_note) if n]
-    if notes:
-        fix = "set training.attention / training.kernels to auto to silence this"
-        return Finding("warn", "torch kernels", f"{detail} ({'; '.join(notes)})", fix)
-    return Finding("ok", "torch kernels", detail)
+def check_plan(plan: TrainPlan) -> list[Finding]:
+    """What the backend will really do here (training's own plan): its facts, and a
+    warning for each way the run differs from the config."""
+    findings = [Finding("ok", title, detail) for title, detail in plan.facts]
+    fix = "set the key named above as the note says (or to auto) to silence this"
+    return findings + [Finding("warn", "backend plan", note, fix) for note in plan.notes]
 
 
-def _torch_quantization(cfg: Config, device: str, packages: dict[str, str]) -> Finding:
-    """What the torch backend will really do with model.quantization on this machine."""
-    used, note = torch_quantization(cfg.model.quantization)
-    if note:
-        fix = "set model.quantization: none to silence this, or use the mlx backend on a Mac"
-        return Finding("warn", "quantization", note, fix)
-    where = "CUDA" if device == "cuda" else f"{device} (bitsandbytes' CPU path: slow)"
-    return Finding("ok", "quantization", f"{used} via bitsandbytes on {where}")
-
-
-def torch_quantization(requested: str) -> tuple[str, str | None]:
-    """The torch backend's quantization here (same rule as training) and why it differs."""
-    from qwen_mlx.backends.torch_model import pick_device, quantization_plan
-
-    return quantization_plan(requested, pick_device())
-
-
-def check_memory(cfg: Config, chosen: str | None) -> Finding:
-    model_dir = Path(cfg.model.path)
-    torch_device = probe("torch").device if chosen == "torch" else None
-    quantization = cfg.model.quantization
-    if torch_device is not None:
-        quantization = torch_quantization(quantization)[0]
+def check_memory(cfg: Config, plan: TrainPlan) -> Finding:
+    """Whether the run fits, decided as training decides it (:func:`qwen_mlx.memory.fit`)."""
     try:
-        model_config = read_model_config(model_dir)
-        est = estimate_training_memory(
-            model_config,
-            quantization=quantization,
-            rank=cfg.lora.rank,
-            targets=cfg.lora.target_modules,
-            max_seq_length=cfg.training.max_seq_length,
-            batch_size=cfg.training.batch_size,
-            fp32=torch_device == "cpu" and quantization == "none",
-        )
-    except (OSError, ValueError, KeyError):
+        fit = memory.fit(copy.deepcopy(cfg), plan)  # a copy: check changes no setting
+    except (OSError, ValueError, KeyError, UserError):
         return Finding("warn", "memory", "no estimate without a readable model config.json")
-    available = _device_memory(torch_device)
-    if available is None:
+    est = fit.estimate
+    if fit.available is None:
         return Finding("ok", "memory", f"needs {est.describe()}")
-    training = copy.deepcopy(cfg.training)
-    fitted = fit_recompute(training, est, available)  # what training will do
-    est = est.with_recompute(recomputed_layers(training, est.layers))
-    detail = f"needs {est.describe()}; this machine has {available / GiB:.0f} GiB"
-    if fitted:
-        recomputed = recomputed_layers(training, est.layers)
-        detail += f" (training will recompute {recomputed} of {est.layers} layers to fit)"
+    detail = f"needs {est.describe()}; this machine has {fit.available / GiB:.0f} GiB"
+    if fit.recompute_added:
+        detail += f" (training will recompute {fit.recomputed} of {est.layers} layers to fit)"
     advice = "lower training.max_seq_length, use model.quantization: 4bit, or a smaller model"
-    if est.total > available:
+    if est.total > fit.available:
         return Finding("fail", "memory", detail, advice)
-    if est.total > 0.75 * available:
+    if est.total > 0.75 * fit.available:
         return Finding("warn", "memory", detail + " (tight)", advice)
     return Finding("ok", "memory", detail)
-
-
-def _device_memory(torch_device: str | None) -> int | None:
-    """GPU memory when the torch backend trains on CUDA, else this machine's memory."""
-    if torch_device == "cuda":
-        import torch
-
-        return torch.cuda.get_device_properties(0).total_memory
-    return system_memory()
 
 
 def run_checks(
@@ -199,7 +148,10 @@ def run_checks(
     findings += check_data(cfg)
     chosen, backend_findings = check_backend(cfg)
     findings += backend_findings
-    findings.append(check_memory(cfg, chosen))
+    if chosen is not None:
+        plan = get_backend(chosen).plan(cfg)
+        findings += check_plan(plan)
+        findings.append(check_memory(cfg, plan))
     return findings
 
 

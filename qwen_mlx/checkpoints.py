@@ -21,6 +21,7 @@ from typing import TypeVar
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import atomic_dir, disk_errors, remove_leftovers
+from qwen_mlx.run_dir import RunDir
 
 KEEP_LAST = 2
 STATE_FILE = "state.json"
@@ -46,7 +47,7 @@ class CorruptCheckpoint(Exception):
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:06d}"
+    return RunDir(run_dir).checkpoints / f"step-{step:06d}"
 
 
 def save(run_dir: Path, state: LoopState, write_backend_state: Callable[[Path], None]) -> Path:
@@ -66,7 +67,7 @@ def _prune(run_dir: Path) -> None:
 
 def all_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints, oldest first (not ones set aside as corrupt)."""
-    folder = run_dir / "checkpoints"
+    folder = RunDir(run_dir).checkpoints
     if not folder.is_dir():
         return []
     done = [p for p in folder.iterdir() if _NAME.fullmatch(p.name) and (p / STATE_FILE).is_file()]
@@ -100,7 +101,7 @@ def restore(
     is intact, nothing is moved and the error names the newest one's bad file.
     """
     if main:
-        remove_leftovers(run_dir / "checkpoints")  # folders a killed save left half-written
+        remove_leftovers(RunDir(run_dir).checkpoints)  # folders a killed save left half-written
         remove_leftovers(run_dir)
     found = all_checkpoints(run_dir)
     if not found:

@@ -22,6 +22,14 @@ _model_option = click.option(
     default=None,
     help="Base model folder (default: the one the run's config or the adapter names).",
 )
+
+
+def _out_dir_option(text: str):
+    """``-o/--out OUT_DIR``: the folder a command writes."""
+    folder = click.Path(file_okay=False, path_type=Path)
+    return click.option("-o", "--out", "out_dir", required=True, type=folder, help=text)
+
+
 _force_option = click.option(
     "--force",
     is_flag=True,
@@ -32,14 +40,7 @@ _force_option = click.option(
 @click.command()
 @click.argument("run_or_adapter", type=click.Path(path_type=Path))
 @_model_option
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the fused model (replaced only once complete).",
-)
+@_out_dir_option("Folder for the fused model (replaced only once complete).")
 @_force_option
 def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path, force: bool) -> None:
     """Merge a run's LoRA adapter into its base model: a plain Hugging Face folder.
@@ -146,14 +147,7 @@ def adapter() -> None:
     type=click.Choice(["mlx-lm", "peft"]),
     help="Target format: mlx-lm (adapters.safetensors) or peft (adapter_model.safetensors).",
 )
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Folder for the converted adapter.",
-)
+@_out_dir_option("Folder for the converted adapter.")
 @_force_option
 def adapter_convert(adapter_dir: Path, to_format: str, out_dir: Path, force: bool) -> None:
     """Convert ADAPTER_DIR (a PEFT or mlx-lm LoRA adapter, or a run folder) to another format.

@@ -1,10 +1,12 @@
 """One interface for using a model: a trained run through its backend, or a GGUF file.
 
 ``eval``, ``chat`` and ``serve`` all talk to an :class:`Engine`. ``open_engine`` finds the
-base model and adapter behind a run folder (or takes ``--model`` / ``--gguf``) and loads
-it with the chosen backend (``auto`` as for training) or with llama.cpp for a GGUF.
-Prompts are encoded through :mod:`qwen_mlx.chat_template` (message text stays text); stop
-strings, token counts and finish reasons are applied here, the same way for every engine.
+base model and adapter behind a run folder (or takes ``--model`` / ``--gguf``) and asks the
+chosen backend (``auto`` as for training) for its engine (``backends/mlx_engine.py``,
+``backends/torch_engine.py``, both built on :class:`HFEngine`), or loads a GGUF with
+llama.cpp. Prompts are encoded through :mod:`qwen_mlx.chat_template` (message text stays
+text); stop strings (:func:`with_stops`), token counts and finish reasons are applied here,
+the same way for every engine.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from contextlib import closing
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import GenerationSettings, token_texts
@@ -42,32 +44,65 @@ def room(context_length: int, max_tokens: int) -> int:
     return context_length - max_tokens
 
 
-class BackendEngine:
-    """A base model (+ adapter) loaded by a training backend (torch or mlx)."""
+class Engine(Protocol):
+    """A loaded model that answers conversations."""
 
-    def __init__(self, backend_name: str, model_dir: Path, adapter_dir: Path | None, name: str):
+    model_id: str  # the name clients see (the run folder's, or the model's)
+    description: str  # what it is, for the user: "run (torch backend)", "x.gguf (llama.cpp)"
+    context_length: int
+
+    def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
+        """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
+        ...
+
+    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        """One text piece per generated token, up to the end of the turn or
+        ``settings.max_tokens``; closing the iterator stops generation."""
+        ...
+
+    def score(self, samples: list) -> tuple[float, int]:
+        """Summed token loss and target count of tokenized samples (test loss)."""
+        ...
+
+
+class HFEngine:
+    """What the backends' engines share: the model folder's tokenizer (loaded once, as
+    training loads it), the tokens a reply ends at, the context length, and prompts."""
+
+    backend_name = ""
+
+    def __init__(self, model_dir: Path):
+        from qwen_mlx.families import family_of
         from qwen_mlx.model_files import read_model_config
         from qwen_mlx.tokens import load_tokenizer
 
-        self.backend = get_backend(backend_name)
-        self.loaded = self.backend.load(model_dir, adapter_dir)
+        config = read_model_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        self.model_id = name
-        self.context_length = int(
-            read_model_config(model_dir).get("max_position_embeddings", 32768)
-        )
-        self.description = f"{name} ({self.backend.name} backend)"
+        self.end_ids = end_token_ids(self.tokenizer, family_of(config, model_dir), model_dir)
+        self.context_length = int(config.get("max_position_embeddings", 32768))
+        self.name(model_dir.name)
+
+    def name(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.description = f"{model_id} ({self.backend_name} backend)"
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
         return hf_prompt_ids(self.tokenizer, messages, room(self.context_length, max_tokens))
 
-    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
-        return self.backend.generate(self.loaded, prompt_ids, settings)
 
-    def score(self, samples: list) -> tuple[float, int]:
-        """Summed token loss and target count of tokenized samples (test loss)."""
-        return self.backend.score(self.loaded, samples)
+def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
+    """The tokens a reply ends at: the family's stop tokens (even where no config names
+    them) and the ``eos_token_id`` of config.json and generation_config.json."""
+    import json
+
+    vocab = tokenizer.get_vocab()
+    ids = {vocab[token] for token in family.stop_tokens if token in vocab}
+    for name in ("config.json", "generation_config.json"):
+        path = model_dir / name
+        eos = json.loads(path.read_text("utf-8")).get("eos_token_id") if path.is_file() else None
+        ids.update(eos if isinstance(eos, list) else [eos] if isinstance(eos, int) else [])
+    return ids
 
 
 class GGUFEngine:
@@ -178,7 +213,7 @@ def with_stops(pieces: Iterator[str], stops: list[str], hit: list[str]) -> Itera
 
 
 def stream(
-    engine: Any,
+    engine: Engine,
     prompt_ids: list[int],
     settings: GenerationSettings,
     cancel: threading.Event | None = None,
@@ -209,12 +244,12 @@ def stream(
     yield Chunk("", "length" if ran_out else "stop", counted[0])
 
 
-def ask(engine: Any, messages: Messages, settings: GenerationSettings) -> Iterator[Chunk]:
+def ask(engine: Engine, messages: Messages, settings: GenerationSettings) -> Iterator[Chunk]:
     """The reply to a conversation, as :func:`stream` chunks."""
     return stream(engine, engine.prompt_ids(messages, settings.max_tokens), settings)
 
 
-def complete(engine: Any, messages: Messages, settings: GenerationSettings) -> tuple[str, str]:
+def complete(engine: Engine, messages: Messages, settings: GenerationSettings) -> tuple[str, str]:
     """The whole reply and its finish reason."""
     chunks = list(ask(engine, messages, settings))
     return "".join(c.text for c in chunks), chunks[-1].finish_reason or "stop"
@@ -225,7 +260,7 @@ def open_engine(
     model: Path | None = None,
     gguf: Path | None = None,
     backend: str = "auto",
-) -> Any:
+) -> Engine:
     """The engine for a run/adapter folder, a plain model folder, or a GGUF file."""
     if gguf is not None:
         return GGUFEngine(Path(gguf))
@@ -233,5 +268,6 @@ def open_engine(
 
     source = resolve_source(run_or_adapter, model)
     adapter_dir = source.adapter.path if source.adapter else None
-    name = Path(run_or_adapter).name if run_or_adapter else source.model_dir.name
-    return BackendEngine(backend, source.model_dir, adapter_dir, name)
+    engine = get_backend(backend).engine(source.model_dir, adapter_dir)
+    engine.name(Path(run_or_adapter).name if run_or_adapter else source.model_dir.name)
+    return engine

@@ -30,8 +30,9 @@ from qwen_mlx import checkpoints
 from qwen_mlx.checkpoints import LoopState
 from qwen_mlx.config import Config
 from qwen_mlx.errors import TrainingStopped, UserError
-from qwen_mlx.monitor import LossWatch, MetricsLog, plot_loss, progress_bar
+from qwen_mlx.monitor import LossWatch, RunReporter, SilentReporter
 from qwen_mlx.run_data import RunData
+from qwen_mlx.run_dir import RunDir
 from qwen_mlx.tokens import Row, collate
 
 
@@ -66,6 +67,9 @@ class Hooks(Protocol):
     def all_reduce_sum(self, value: float) -> float: ...
 
     def peak_memory_gb(self) -> float: ...
+
+    def close(self) -> None:
+        """End what the trainer started (DDP); called once, however the run ended."""
 
 
 @dataclass
@@ -195,12 +199,71 @@ def _resume(run_dir: Path, hooks: Hooks, data: RunData, console: Console) -> Loo
     return state
 
 
-def _plot(metrics: MetricsLog, run_dir: Path, console: Console) -> None:
-    """loss.png is a by-product: failing to write it must not hide how training ended."""
-    try:
-        plot_loss(metrics.read(), run_dir / "loss.png")
-    except UserError as err:
-        console.print(f"[yellow]⚠[/] loss.png not written: {err}", highlight=False)
+def _reporter(hooks: Hooks, run: RunDir, console: Console, plan: Plan) -> RunReporter:
+    watch = LossWatch(plan.total_steps, plan.warmup)
+    reporter = RunReporter if hooks.rank == 0 else SilentReporter
+    return reporter(run, console, plan.windows_per_epoch, watch)
+
+
+@dataclass
+class _Run:
+    """One call of the loop: what it trains on and how often it validates and saves."""
+
+    cfg: Config
+    data: RunData
+    hooks: Hooks
+    rows: list[Row]
+    plan: Plan
+    stop_at: int
+    reporter: RunReporter
+    eval_every: int
+    save_every: int
+
+    def validate(self, state: LoopState) -> None:
+        if self.hooks.rank != 0:  # validation is rank 0's alone (no collectives in it)
+            return
+        t, data = self.cfg.training, self.data
+        loss = _evaluate(self.hooks, data.valid, t.batch_size, data.pad_id)
+        if loss is not None:
+            self.reporter.validation(state, loss)
+
+    def checkpoint(self, state: LoopState) -> None:
+        self.reporter.checkpoint(state, self.hooks.save_state)
+
+
+def _epochs(run: _Run, state: LoopState, ctrl_c: _CtrlC) -> None:
+    """Train window by window until ``run.stop_at``, validating and saving on schedule."""
+    t, plan, hooks = run.cfg.training, run.plan, run.hooks
+    session_start, session_tokens = time.perf_counter(), 0
+    elapsed_before = state.elapsed_s
+    while state.step < run.stop_at:
+        if not state.order:
+            state.order = epoch_order(t.seed, state.epoch, len(run.rows))
+        windows = _windows(state.order, plan)
+        while state.window < len(windows) and state.step < run.stop_at:
+            batch_rows = [[run.rows[i] for i in b] for b in windows[state.window]]
+            window = [collate(b, run.data.pad_id) for b in batch_rows]
+            lr = learning_rate(state.step, plan.total_steps, plan.warmup, t.learning_rate)
+            result = _train_window(hooks, window, lr)
+            state.step, state.window = state.step + 1, state.window + 1
+            state.tokens += result.tokens
+            session_tokens += result.tokens
+            seconds = time.perf_counter() - session_start
+            state.elapsed_s = elapsed_before + seconds
+            tokens_per_s = session_tokens / max(seconds, 1e-9)
+            run.reporter.step(state, result, tokens_per_s, hooks.peak_memory_gb())
+            if state.step % run.eval_every == 0:
+                run.validate(state)
+            if state.step % run.save_every == 0:
+                run.checkpoint(state)
+            # Every rank stops after the same step, even if only one saw Ctrl-C.
+            if hooks.all_reduce_sum(float(ctrl_c.requested)) > 0:
+                raise KeyboardInterrupt
+        if state.window >= len(windows):  # epoch done
+            state.epoch, state.window, state.order = state.epoch + 1, 0, []
+            if state.step % run.eval_every != 0:
+                run.validate(state)
+            run.checkpoint(state)
 
 
 def train_loop(
@@ -208,152 +271,54 @@ def train_loop(
 ) -> LoopState:
     """Train until the plan (or ``training.max_steps``) is done; return the final state."""
     t = cfg.training
-    main = hooks.rank == 0
     rows = rank_rows(data.train, hooks.rank, hooks.world_size)
-    plan = _plan(cfg, len(rows), console, main)
+    plan = _plan(cfg, len(rows), console, hooks.rank == 0)
     total = plan.total_steps
     state = _resume(run_dir, hooks, data, console) if resume else LoopState()
     state.data_fingerprint = data.fingerprint
     stop_at = min(total, t.max_steps) if t.max_steps else total
-    eval_every, save_every = _every(t.eval_every, total, 10), _every(t.save_every, total, 5)
-    # Only rank 0 writes into the run folder.
-    metrics = (
-        MetricsLog(run_dir / "metrics.jsonl", state.step if resume else None) if main else None
-    )
-    watch = LossWatch(total, plan.warmup)
-    progress = progress_bar(console)
-    task = progress.add_task(
-        "train",
-        total=stop_at,
-        completed=state.step,
-        epoch=state.epoch + 1,
-        loss="-",
-        lr="-",
-        tps="-",
-        mem="-",
-    )
-    saved = {"step": state.step if resume else -1}
+    reporter = _reporter(hooks, RunDir(run_dir), console, plan)
+    reporter.start(state, stop_at, resume)
+    every = _every(t.eval_every, total, 10), _every(t.save_every, total, 5)
+    run = _Run(cfg, data, hooks, rows, plan, stop_at, reporter, *every)
     hooks.snapshot_rng()
-
-    def checkpoint() -> None:
-        if main and saved["step"] != state.step:
-            checkpoints.save(run_dir, state, hooks.save_state)
-            saved["step"] = state.step
-
-    def validate() -> None:
-        val = _evaluate(hooks, data.valid, t.batch_size, data.pad_id) if main else None
-        if val is not None:
-            epoch = round(state.epoch + state.window / plan.windows_per_epoch, 4)
-            metrics.write(
-                type="eval",
-                step=state.step,
-                epoch=epoch,
-                val_loss=val,
-                val_ppl=math.exp(min(val, 50)),
-            )
-            progress.console.print(f"step {state.step}: validation loss {val:.4f}")
-
-    session_start, session_tokens = time.perf_counter(), 0
-    elapsed_before = state.elapsed_s
     ctrl_c = _CtrlC()
     try:
-        with ctrl_c, progress if main else _Quiet():
-            while state.step < stop_at:
-                if not state.order:
-                    state.order = epoch_order(t.seed, state.epoch, len(rows))
-                windows = _windows(state.order, plan)
-                while state.window < len(windows) and state.step < stop_at:
-                    batch_rows = [[rows[i] for i in b] for b in windows[state.window]]
-                    window = [collate(b, data.pad_id) for b in batch_rows]
-                    lr = learning_rate(state.step, total, plan.warmup, t.learning_rate)
-                    result = _train_window(hooks, window, lr)
-                    state.step, state.window = state.step + 1, state.window + 1
-                    state.tokens += result.tokens
-                    session_tokens += result.tokens
-                    seconds = time.perf_counter() - session_start
-                    state.elapsed_s = elapsed_before + seconds
-                    if main:
-                        _report(
-                            state,
-                            result,
-                            session_tokens / max(seconds, 1e-9),
-                            len(windows),
-                            hooks,
-                            metrics,
-                            progress,
-                            task,
-                            watch,
-                        )
-                    if state.step % eval_every == 0:
-                        validate()
-                    if state.step % save_every == 0:
-                        checkpoint()
-                    # Every rank stops after the same step, even if only one saw Ctrl-C.
-                    if hooks.all_reduce_sum(float(ctrl_c.requested)) > 0:
-                        raise KeyboardInterrupt
-                if state.window >= len(windows):  # epoch done
-                    state.epoch, state.window, state.order = state.epoch + 1, 0, []
-                    if state.step % eval_every != 0:
-                        validate()
-                    checkpoint()
-        checkpoint()
+        with ctrl_c, reporter:
+            _epochs(run, state, ctrl_c)
+        run.checkpoint(state)
     except TrainingStopped:
         raise
     except UserError as err:  # a write failed (full disk): what was saved before is intact
-        raise TrainingStopped(f"{err}; {_last_checkpoint(run_dir, saved['step'])}") from None
+        raise TrainingStopped(f"{err}; {_last_checkpoint(run_dir, reporter.saved_step)}") from None
     except _NotFinite as err:
         raise TrainingStopped(
             f"loss became {err.args[0]} at step {state.step + 1}; stopped. Lower "
             f"training.learning_rate (e.g. 2-5×) and start a new run "
-            f"({_last_checkpoint(run_dir, saved['step'], resumable=False)})"
+            f"({_last_checkpoint(run_dir, reporter.saved_step, resumable=False)})"
         ) from None
     except KeyboardInterrupt:
-        hooks.discard_gradients()
-        if ctrl_c.forced:  # mid-step: the model may be ahead of `state`, so save nothing
-            raise TrainingStopped(
-                f"stopped at once during step {state.step + 1}; "
-                f"{_last_checkpoint(run_dir, saved['step'])}",
-                exit_code=130,
-            ) from None
-        checkpoint()
-        raise TrainingStopped(
-            f"interrupted at step {state.step}/{total}; checkpoint saved. Resume with: "
-            f"qwen-mlx train --resume {run_dir}",
-            exit_code=130,
-        ) from None
+        _interrupted(run, state, ctrl_c, run_dir)
     finally:
-        if main:
-            _plot(metrics, run_dir, progress.console)
+        reporter.finish()
     return state
 
 
-def _report(state, result, tps, windows, hooks, metrics, progress, task, watch) -> None:
-    """Log one optimizer step: metrics.jsonl, the progress bar and any loss warning."""
-    mem = hooks.peak_memory_gb()
-    metrics.write(
-        type="train",
-        step=state.step,
-        epoch=round(state.epoch + state.window / windows, 4),
-        loss=result.loss,
-        lr=result.lr,
-        grad_norm=result.grad_norm,
-        tokens=state.tokens,
-        tokens_per_s=round(tps, 1),
-        peak_memory_gb=round(mem, 3),
-        elapsed_s=round(state.elapsed_s, 2),
-    )
-    for warning in watch.update(state.step, result.loss):
-        progress.console.print(f"[yellow]⚠[/] {warning}")
-    # The bar shows the smoothed loss (EMA); metrics.jsonl keeps every raw value.
-    progress.update(
-        task,
-        completed=state.step,
-        epoch=state.epoch + 1,
-        loss=f"{watch.ema:.4f}",
-        lr=f"{result.lr:.2e}",
-        tps=f"{tps:,.0f}",
-        mem=f"{mem:.1f}G",
-    )
+def _interrupted(run: _Run, state: LoopState, ctrl_c: _CtrlC, run_dir: Path) -> None:
+    """Ctrl-C: once, save a checkpoint of the finished step; twice, save nothing."""
+    run.hooks.discard_gradients()
+    if ctrl_c.forced:  # mid-step: the model may be ahead of `state`, so save nothing
+        raise TrainingStopped(
+            f"stopped at once during step {state.step + 1}; "
+            f"{_last_checkpoint(run_dir, run.reporter.saved_step)}",
+            exit_code=130,
+        ) from None
+    run.checkpoint(state)
+    raise TrainingStopped(
+        f"interrupted at step {state.step}/{run.plan.total_steps}; checkpoint saved. Resume "
+        f"with: qwen-mlx train --resume {run_dir}",
+        exit_code=130,
+    ) from None
 
 
 class _CtrlC:
@@ -382,14 +347,4 @@ class _CtrlC:
     def __exit__(self, *exc) -> bool:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
-        return False
-
-
-class _Quiet:
-    """Stands in for the progress bar on ranks other than 0."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
         return False

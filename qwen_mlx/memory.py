@@ -5,18 +5,23 @@ Qwen2.5-3B at 4-bit with ``max_seq_length`` 1024 fits, not the exact peak. The p
 frozen base weights at the quantized width, LoRA weights with their gradients and AdamW
 state (fp32), activations kept for the backward pass, the fp32 logits of a row (Qwen's
 vocabulary is 151,936), and a fixed framework overhead.
+
+:func:`fit` is the one place a run's estimate meets the device's memory, for ``train`` and
+``check`` alike.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qwen_mlx.families import family_of
 
 if TYPE_CHECKING:
-    from qwen_mlx.config import TrainingConfig
+    from qwen_mlx.backends.base import TrainPlan
+    from qwen_mlx.config import Config, TrainingConfig
 
 GiB = 1024**3
 
@@ -147,3 +152,69 @@ def fit_recompute(training: TrainingConfig, estimate: Estimate, available: float
         f"activations (≈{estimate.with_recompute(recomputed).total / GiB:.1f} GiB); "
         "set training.gradient_checkpointing: true to choose yourself"
     )
+
+
+@dataclass
+class Fit:
+    """The memory verdict of a planned run: the estimate as it will run (after any
+    recomputation was switched on), the memory it has, and what to tell the user."""
+
+    estimate: Estimate
+    available: float | None
+    recomputed: int = 0  # decoder layers that recompute their activations
+    recompute_added: bool = False  # fit switched recomputation on to make the run fit
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tight(self) -> bool:
+        """Near the limit: freed buffers should go back to the system, not to a cache."""
+        return self.available is not None and self.estimate.total >= 0.6 * self.available
+
+
+def estimate_run(cfg: Config, plan: TrainPlan) -> Estimate:
+    """The peak-memory estimate of training ``cfg`` as ``plan`` runs it."""
+    from qwen_mlx.model_files import read_model_config
+
+    t = cfg.training
+    return estimate_training_memory(
+        read_model_config(Path(cfg.model.path)),
+        quantization=plan.quantization,
+        rank=cfg.lora.rank,
+        targets=list(cfg.lora.target_modules),
+        max_seq_length=t.max_seq_length,
+        batch_size=t.batch_size,
+        fp32=plan.fp32,
+    )
+
+
+def fit(cfg: Config, plan: TrainPlan) -> Fit:
+    """Fit the run into ``plan.device_memory``: recompute as few layers as make it fit
+    (``cfg.training`` is changed in place, before the trainer is built), and say plainly
+    when it is tight or will not fit. ``train`` and ``check`` both go through here."""
+    from qwen_mlx.config import recomputed_layers
+
+    estimate = estimate_run(cfg, plan)
+    available = plan.device_memory
+    note = fit_recompute(cfg.training, estimate, available) if available else None
+    recomputed = recomputed_layers(cfg.training, estimate.layers)
+    estimate = estimate.with_recompute(recomputed)
+    result = Fit(estimate, available, recomputed, note is not None, [note] if note else [])
+    if result.tight:
+        verdict = "will not fit" if estimate.total > 0.9 * available else "is tight"
+        result.notes.append(
+            f"training memory {verdict}: estimated {estimate.describe()} of "
+            f"{available / GiB:.0f} GiB. To use less: {'; '.join(_savings(cfg))}"
+        )
+    return result
+
+
+def _savings(cfg: Config) -> list[str]:
+    t = cfg.training
+    tips = {
+        "training.gradient_checkpointing: true": not t.gradient_checkpointing,
+        f"training.max_seq_length: {max(16, t.max_seq_length // 2)}": t.max_seq_length > 512,
+        "training.batch_size: 1 (raise gradient_accumulation_steps)": t.batch_size > 1,
+        "model.quantization: 4bit": cfg.model.quantization != "4bit",
+        "lora.rank: 8": cfg.lora.rank > 8,
+    }
+    return [tip for tip, useful in tips.items() if useful] + ["a smaller model (Qwen2.5-1.5B)"]

@@ -1,5 +1,8 @@
 """What a training run shows and records: progress bar, metrics.jsonl, loss.png, warnings.
 
+The loop talks to one reporter object: :class:`RunReporter` on rank 0, which shows and
+writes all of it (checkpoints too), and :class:`SilentReporter` on every other rank.
+
 The seed guide's advice on reading the loss ("steadily falling: good; fluctuating a lot:
 learning rate too high; not falling: data or config problem") is turned into warnings
 printed while training runs. NaN/inf is not a warning: the loop stops on it.
@@ -10,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,11 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from qwen_mlx import checkpoints
+from qwen_mlx.checkpoints import LoopState
+from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import atomic_path, disk_errors
+from qwen_mlx.run_dir import RunDir
 
 
 class MetricsLog:
@@ -154,3 +162,111 @@ def progress_bar(console: Console) -> Progress:
         TimeRemainingColumn(),
         console=console,
     )
+
+
+class RunReporter:
+    """What rank 0 shows and writes while the loop runs: the progress bar, metrics.jsonl,
+    loss warnings, checkpoints and loss.png. Other ranks get a :class:`SilentReporter`."""
+
+    def __init__(self, run: RunDir, console: Console, windows: int, watch: LossWatch):
+        self.run, self.windows, self.watch = run, windows, watch
+        self.progress = progress_bar(console)
+        self.metrics: MetricsLog | None = None
+        self.saved_step = -1  # the step of the newest checkpoint this run has
+
+    def start(self, state: LoopState, stop_at: int, resume: bool) -> None:
+        self.metrics = MetricsLog(self.run.metrics, state.step if resume else None)
+        self.saved_step = state.step if resume else -1
+        self.task = self.progress.add_task(
+            "train",
+            total=stop_at,
+            completed=state.step,
+            epoch=state.epoch + 1,
+            loss="-",
+            lr="-",
+            tps="-",
+            mem="-",
+        )
+
+    def __enter__(self) -> RunReporter:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.progress.__exit__(*exc)
+        return False
+
+    def _epoch(self, state: LoopState) -> float:
+        return round(state.epoch + state.window / self.windows, 4)
+
+    def step(self, state: LoopState, result: Any, tokens_per_s: float, memory_gb: float) -> None:
+        """Log one optimizer step: metrics.jsonl, the progress bar and any loss warning."""
+        self.metrics.write(
+            type="train",
+            step=state.step,
+            epoch=self._epoch(state),
+            loss=result.loss,
+            lr=result.lr,
+            grad_norm=result.grad_norm,
+            tokens=state.tokens,
+            tokens_per_s=round(tokens_per_s, 1),
+            peak_memory_gb=round(memory_gb, 3),
+            elapsed_s=round(state.elapsed_s, 2),
+        )
+        for warning in self.watch.update(state.step, result.loss):
+            self.progress.console.print(f"[yellow]⚠[/] {warning}")
+        # The bar shows the smoothed loss (EMA); metrics.jsonl keeps every raw value.
+        self.progress.update(
+            self.task,
+            completed=state.step,
+            epoch=state.epoch + 1,
+            loss=f"{self.watch.ema:.4f}",
+            lr=f"{result.lr:.2e}",
+            tps=f"{tokens_per_s:,.0f}",
+            mem=f"{memory_gb:.1f}G",
+        )
+
+    def validation(self, state: LoopState, loss: float) -> None:
+        self.metrics.write(
+            type="eval",
+            step=state.step,
+            epoch=self._epoch(state),
+            val_loss=loss,
+            val_ppl=math.exp(min(loss, 50)),
+        )
+        self.progress.console.print(f"step {state.step}: validation loss {loss:.4f}")
+
+    def checkpoint(self, state: LoopState, write_backend_state) -> None:
+        """Save a checkpoint of ``state`` unless this step already has one."""
+        if self.saved_step != state.step:
+            checkpoints.save(self.run.path, state, write_backend_state)
+            self.saved_step = state.step
+
+    def finish(self) -> None:
+        """loss.png is a by-product: failing to write it must not hide how training ended."""
+        try:
+            plot_loss(self.metrics.read(), self.run.loss_plot)
+        except UserError as err:
+            self.progress.console.print(f"[yellow]⚠[/] loss.png not written: {err}")
+
+
+class SilentReporter(RunReporter):
+    """A rank other than 0: shows nothing, writes nothing (rank 0 does both)."""
+
+    def start(self, state: LoopState, stop_at: int, resume: bool) -> None:
+        pass
+
+    def __enter__(self) -> SilentReporter:
+        return self
+
+    def step(self, state: LoopState, result: Any, tokens_per_s: float, memory_gb: float) -> None:
+        pass
+
+    def validation(self, state: LoopState, loss: float) -> None:
+        pass
+
+    def checkpoint(self, state: LoopState, write_backend_state) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass

@@ -17,6 +17,7 @@ from qwen_mlx.config import Config
 from qwen_mlx.data import load_records, split_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_jsonl
+from qwen_mlx.run_dir import RunDir
 from qwen_mlx.tokens import EncodeReport, Row, encode_records, pack, unpacked
 
 
@@ -51,10 +52,10 @@ def _records(cfg: Config, run_dir: Path | None) -> tuple[list[dict], list[dict],
     if not train:
         raise UserError(f"{data.train_file}: no usable training records (see `qwen-mlx check`)")
     if run_dir is not None:
-        write_jsonl(run_dir / "data" / "valid.jsonl", (r.data for r in valid))
+        write_jsonl(RunDir(run_dir).valid_data, (r.data for r in valid))
         if data.test_file and Path(data.test_file).is_file():
             test, _ = load_records([data.test_file], system_prompt=data.system_prompt)
-            write_jsonl(run_dir / "data" / "test.jsonl", (r.data for r in test))
+            write_jsonl(RunDir(run_dir).test_data, (r.data for r in test))
     return [r.data for r in train], [r.data for r in valid], notes
 
 

@@ -1,21 +1,29 @@
-"""Start or resume a training run: resolve the config and backend, set up the run folder.
+"""Start or resume a training run: the one place a run is orchestrated, for every backend.
 
-The run folder (``output.dir``) describes itself: ``config.yaml`` holds the resolved config
-that produced it, so ``--resume RUN`` needs nothing but the folder. The backend does the
-training proper and writes ``adapter/``, ``checkpoints/`` and ``metrics.jsonl`` there.
+:func:`train` asks the backend for its plan (device, ranks, what the config really gets
+here) and prints its notes, builds the run's data (rank 0 writes it into the run folder),
+fits the run into memory once (:func:`qwen_mlx.memory.fit`), gets the loop's hooks from the
+backend's ``trainer``, runs :func:`qwen_mlx.loop.train_loop`, writes the adapter and closes
+the trainer. The run folder (:class:`~qwen_mlx.run_dir.RunDir`) describes itself: its
+``config.yaml`` holds the resolved config, so ``--resume RUN`` needs nothing but the folder.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
+from rich.console import Console
+
+from qwen_mlx import memory
 from qwen_mlx.backends import get_backend, resolve
+from qwen_mlx.backends.base import Backend, TrainResult
 from qwen_mlx.config import Config, changed_keys, load_config, save_config
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import disk_errors
 from qwen_mlx.model_files import require_model
+from qwen_mlx.run_dir import RUN_CONFIG, RunDir
 
-RUN_CONFIG = "config.yaml"
 # What a resumed run may change: when and how often things happen, never what is computed.
 SAFE_ON_RESUME = ("training.max_steps", "training.eval_every", "training.save_every")
 
@@ -69,7 +77,7 @@ def resolve_run(
     else:
         cfg = load_config(config_path, preset, overrides)
         run_dir = Path(cfg.output.dir)
-        if (run_dir / "adapter").exists() or (run_dir / "checkpoints").exists():
+        if RunDir(run_dir).has_run():
             raise UserError(
                 f"{run_dir} already holds a run: resume it with `qwen-mlx train --resume "
                 f"{run_dir}`, or pick a new folder with --set output.dir=…"
@@ -80,14 +88,55 @@ def resolve_run(
     return cfg, run_dir
 
 
+def _warn(console: Console, line: str) -> None:
+    console.print(f"[yellow]⚠[/] {line}", highlight=False)
+
+
+def _prepare(backend: Backend, cfg: Config, run: RunDir, console: Console):
+    """The plan (its notes shown), the run's data and the memory fit, before any loading."""
+    from qwen_mlx.run_data import build_run_data
+    from qwen_mlx.tokens import load_tokenizer
+
+    plan = backend.plan(cfg)
+    out = console if plan.main else Console(quiet=True)  # rank 0 speaks for the run
+    out.print(f"device: {plan.device}", highlight=False)
+    for note in plan.notes:
+        _warn(out, note)
+    data = build_run_data(cfg, load_tokenizer(cfg.model.path), run.path if plan.main else None)
+    for line in data.messages:
+        out.print(line, highlight=False)
+    fit = memory.fit(cfg, plan)  # before the trainer: it builds the step with recomputation
+    for note in fit.notes:
+        _warn(out, note)
+    return dataclasses.replace(plan, tight_memory=fit.tight), data
+
+
+def train(cfg: Config, run_dir: Path, resume: bool, console: Console) -> TrainResult:
+    """Train per ``cfg`` into ``run_dir`` (resuming from its newest checkpoint if asked)."""
+    from qwen_mlx.loop import train_loop
+
+    backend = get_backend(cfg.training.backend)
+    run = RunDir(Path(run_dir))
+    plan, data = _prepare(backend, cfg, run, console)
+    hooks = backend.trainer(cfg, plan)
+    try:
+        state = train_loop(cfg, data, hooks, run.path, console, resume)
+        if plan.main:
+            hooks.save_adapter(run.adapter)
+        hooks.all_reduce_sum(0.0)  # every rank waits until rank 0 has written the adapter
+    finally:
+        hooks.close()
+    return TrainResult(run.path, run.adapter, state.step)
+
+
 def start(config_path, backend, preset, overrides, resume, console) -> Path:
     """``qwen-mlx train``: everything is checked before the run folder is touched."""
     cfg, run_dir = resolve_run(config_path, backend, preset, overrides, resume)
-    trainer = get_backend(cfg.training.backend)
-    console.print(f"backend: [bold]{trainer.name}[/] — run folder {run_dir}", highlight=False)
+    name = get_backend(cfg.training.backend).name
+    console.print(f"backend: [bold]{name}[/] — run folder {run_dir}", highlight=False)
     with disk_errors(run_dir):
         run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / RUN_CONFIG)
-    result = trainer.train(cfg, run_dir, resume=resume is not None)
+    save_config(cfg, RunDir(run_dir).config)
+    result = train(cfg, run_dir, resume is not None, console)
     console.print(f"[green]✓[/] adapter written to {result.adapter_dir}", highlight=False)
     return run_dir

@@ -20,8 +20,8 @@ QUESTION = "出差住宿标准是多少？"
 def run(tiny_model_dir, tmp_path_factory):
     """A short torch run (its adapter moves the logits) to chat with."""
     pytest.importorskip("torch")
-    from qwen_mlx.backends.torch_trainer import run_training
     from qwen_mlx.config import load_config, save_config
+    from qwen_mlx.training_run import train
 
     root = tmp_path_factory.mktemp("chat")
     rows = [json.loads(x) for x in BUNDLED_TEST.read_text(encoding="utf-8").splitlines()[:8]]
@@ -36,6 +36,7 @@ def run(tiny_model_dir, tmp_path_factory):
             f"data.train_file={data}",
             "data.valid_ratio=0",
             f"output.dir={root / 'run'}",
+            "training.backend=torch",
             "training.max_seq_length=256",
             "training.batch_size=2",
             "training.gradient_accumulation_steps=1",
@@ -46,7 +47,7 @@ def run(tiny_model_dir, tmp_path_factory):
     )
     (root / "run").mkdir()
     save_config(cfg, root / "run" / "config.yaml")
-    run_training(cfg, root / "run", False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    train(cfg, root / "run", False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
     return root / "run"
 
 

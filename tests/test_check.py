@@ -204,11 +204,12 @@ def test_fit_recompute_turns_on_only_what_memory_needs():
     assert not hopeless.gradient_checkpointing
 
 
-def test_check_says_when_training_will_checkpoint_to_fit(tmp_path, monkeypatch):
+def test_check_says_when_training_will_checkpoint_to_fit(tmp_path):
     import qwen_mlx.check as check
+    from qwen_mlx.backends.base import TrainPlan
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_3B))
-    monkeypatch.setattr(check, "system_memory", lambda: 16 * GiB)
+    plan = TrainPlan("a 16 GB Mac", "4bit", fp32=False, device_memory=16 * GiB)
     cfg = load_config(
         None,
         None,
@@ -218,8 +219,9 @@ def test_check_says_when_training_will_checkpoint_to_fit(tmp_path, monkeypatch):
             "training.max_seq_length=4096",
         ],
     )
-    finding = check.check_memory(cfg, chosen="mlx")
+    finding = check.check_memory(cfg, plan)
     assert finding.status != "fail", finding  # fitted to 90%: "tight" at most
     assert "training will recompute" in finding.detail and "of 36 layers" in finding.detail
     roomy = load_config(None, None, [f"model.path={tmp_path}", "model.quantization=4bit"])
-    assert "recompute" not in check.check_memory(roomy, chosen="mlx").detail
+    assert "recompute" not in check.check_memory(roomy, plan).detail
+    assert not cfg.training.gradient_checkpointing  # check changes no setting

@@ -38,8 +38,8 @@ def test_bleu4_matches_nltk_method3_on_characters():
 def overfit_run(tiny_model_dir, tmp_path_factory):
     """A torch run trained (to overfitting) on eight held-out questions themselves."""
     pytest.importorskip("torch")
-    from qwen_mlx.backends.torch_trainer import run_training
     from qwen_mlx.config import load_config, save_config
+    from qwen_mlx.training_run import train
 
     root = tmp_path_factory.mktemp("eval")
     lines = BUNDLED_TEST.read_text(encoding="utf-8").splitlines()
@@ -57,6 +57,7 @@ def overfit_run(tiny_model_dir, tmp_path_factory):
             f"data.train_file={data}",
             "data.valid_ratio=0",
             f"output.dir={run}",
+            "training.backend=torch",
             "training.max_seq_length=256",
             "training.batch_size=2",
             "training.gradient_accumulation_steps=1",
@@ -68,7 +69,7 @@ def overfit_run(tiny_model_dir, tmp_path_factory):
         ],
     )
     save_config(cfg, run / "config.yaml")
-    run_training(cfg, run, False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    train(cfg, run, False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
     return run, data
 
 

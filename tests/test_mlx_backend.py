@@ -21,13 +21,10 @@ pytest.importorskip("mlx_lm")
 
 import mlx.nn as nn  # noqa: E402
 
+from qwen_mlx import memory  # noqa: E402
 from qwen_mlx.backends import mlx_model  # noqa: E402
 from qwen_mlx.backends.base import GenerationSettings  # noqa: E402
-from qwen_mlx.backends.mlx_trainer import (  # noqa: E402
-    MLXBackend,
-    memory_guard,
-    run_training,
-)
+from qwen_mlx.backends.mlx_trainer import MLXBackend  # noqa: E402
 from qwen_mlx.config import ALL_LINEAR, load_config  # noqa: E402
 from qwen_mlx.data import normalize  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
@@ -37,7 +34,7 @@ from tests.train_helpers import losses, run_config, start_run  # noqa: E402
 
 
 def train(cfg, resume=False):
-    return start_run(run_training, cfg, resume)
+    return start_run(cfg, "mlx", resume)
 
 
 def adapter_weights(run_dir):
@@ -195,8 +192,8 @@ def test_peft_reproduces_the_trained_mlx_models_logits(tiny_model_dir, small_dat
     assert weights[f"{key}.lora_B.weight"].shape == (64, 8)  # (out, r)
     assert {w.dtype for w in weights.values()} == {np.dtype("float32")}
     # Reading it back for inference gives the trained model again.
-    loaded = MLXBackend().load(tiny_model_dir, adapter)
-    np.testing.assert_allclose(fp32_logits(loaded.model, ids), own, atol=1e-5, rtol=0)
+    engine = MLXBackend().engine(tiny_model_dir, adapter)
+    np.testing.assert_allclose(fp32_logits(engine.model, ids), own, atol=1e-5, rtol=0)
 
 
 def test_resume_gives_the_same_adapter_as_a_straight_run(tiny_model_dir, small_data, tmp_path):
@@ -325,27 +322,23 @@ def peft_adapter(model_dir, out_dir, seed=0):
 def test_a_peft_adapter_gives_the_same_logits_on_mlx(tiny_model_dir, tmp_path):
     adapter = peft_adapter(tiny_model_dir, tmp_path / "peft")
     ids = np.random.default_rng(1).integers(5, 500, (1, 30))
-    loaded = MLXBackend().load(tiny_model_dir, adapter)
+    engine = MLXBackend().engine(tiny_model_dir, adapter)
     np.testing.assert_allclose(
-        fp32_logits(loaded.model, ids), hf_logits(tiny_model_dir, ids, adapter), atol=1e-3, rtol=0
+        fp32_logits(engine.model, ids), hf_logits(tiny_model_dir, ids, adapter), atol=1e-3, rtol=0
     )
 
 
 def test_generate_streams_a_greedy_reply(tiny_model_dir):
-    from qwen_mlx.chat_template import hf_prompt_ids
-
-    backend = MLXBackend()
-    loaded = backend.load(tiny_model_dir)
-    messages = [{"role": "user", "content": "差旅费怎么报销？"}]
-    ids = hf_prompt_ids(load_tokenizer(tiny_model_dir), messages)
+    engine = MLXBackend().engine(tiny_model_dir)
+    ids = engine.prompt_ids([{"role": "user", "content": "差旅费怎么报销？"}], 12)
     settings = GenerationSettings(max_tokens=12, temperature=0.0)
-    pieces = list(backend.generate(loaded, ids, settings))
+    pieces = list(engine.pieces(ids, settings))
     assert all(isinstance(p, str) for p in pieces) and "<|im_end|>" not in "".join(pieces)
-    assert pieces == list(backend.generate(loaded, ids, settings))  # greedy: repeatable
+    assert pieces == list(engine.pieces(ids, settings))  # greedy: repeatable
     assert len(pieces) <= 12  # one piece per generated token
 
 
-def test_memory_guard_advises_on_an_8gb_mac(tmp_path, monkeypatch):
+def test_memory_fit_advises_on_an_8gb_mac(tmp_path, monkeypatch):
     import qwen_mlx.backends.mlx_trainer as trainer
 
     model_dir = tmp_path / "Qwen2.5-3B"
@@ -363,15 +356,11 @@ def test_memory_guard_advises_on_an_8gb_mac(tmp_path, monkeypatch):
     (model_dir / "config.json").write_text(json.dumps(qwen_3b))
     cfg = load_config(None, None, [f"model.path={model_dir}", "model.quantization=none"])
     monkeypatch.setattr(trainer, "_device_memory", lambda: (8 * 1024**3, {}))
-    out = Console(record=True, width=400)
-    previous = mx.set_cache_limit(mx.get_memory_limit())
-    try:
-        memory_guard(cfg, out)
-    finally:
-        mx.set_cache_limit(previous)
-    text = out.export_text()
+    fit = memory.fit(cfg, MLXBackend().plan(cfg))
+    text = " ".join(fit.notes)
     assert "will not fit" in text and "model.quantization: 4bit" in text
     assert "gradient_checkpointing: true" in text
+    assert fit.tight  # the trainer then hands freed buffers back (mx.set_cache_limit)
 
 
 def cli(*args, cwd):
@@ -415,8 +404,7 @@ def test_importing_the_trainer_does_not_import_mlx():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_memory_guard_recomputes_only_the_layers_memory_needs(tiny_model_dir, monkeypatch):
-    import io
+def test_memory_fit_recomputes_only_the_layers_memory_needs(tiny_model_dir, monkeypatch):
 
     from qwen_mlx.backends import mlx_trainer
     from qwen_mlx.memory import estimate_training_memory
@@ -435,17 +423,13 @@ def test_memory_guard_recomputes_only_the_layers_memory_needs(tiny_model_dir, mo
     layers = config["num_hidden_layers"]
     short = int(estimate.with_recompute(layers).total / 0.9) + 1
     monkeypatch.setattr(mlx_trainer, "_device_memory", lambda: (short, {}))
-    monkeypatch.setattr(mx, "set_cache_limit", lambda limit: 0)  # keep the tests' cache
-    out = io.StringIO()
-    mlx_trainer.memory_guard(cfg, Console(file=out, width=400))
+    fit = memory.fit(cfg, MLXBackend().plan(cfg))
     assert cfg.training.gradient_checkpointing and cfg.training.checkpoint_fraction == 1.0
-    assert f"recomputing {layers} of {layers} layers" in out.getvalue()
+    assert f"recomputing {layers} of {layers} layers" in " ".join(fit.notes)
 
 
 def test_torch_only_speed_options_are_named_on_mlx(tiny_model_dir, small_data, tmp_path):
     import io
-
-    from qwen_mlx.backends.mlx_trainer import run_training
 
     cfg = run_config(
         tiny_model_dir,
@@ -456,6 +440,6 @@ def test_torch_only_speed_options_are_named_on_mlx(tiny_model_dir, small_data, t
         "training.attention=flex",
     )
     out = io.StringIO()
-    start_run(run_training, cfg, console=Console(file=out, width=400))
+    start_run(cfg, "mlx", console=Console(file=out, width=400))
     assert "training.kernels: liger is for the torch backend" in out.getvalue()
     assert "training.attention: flex is for the torch backend" in out.getvalue()

@@ -19,7 +19,6 @@ from qwen_mlx.backends.torch_model import (  # noqa: E402
     load_base,
     quantization_plan,
 )
-from qwen_mlx.backends.torch_trainer import run_training  # noqa: E402
 from qwen_mlx.config import load_config  # noqa: E402
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked  # noqa: E402
 from qwen_mlx.tokens import encode_records as encode  # noqa: E402
@@ -33,7 +32,7 @@ from tests.train_helpers import (  # noqa: E402
 
 
 def train(cfg, resume=False):
-    return start_run(run_training, cfg, resume)
+    return start_run(cfg, "torch", resume)
 
 
 def test_loss_falls_clearly_when_overfitting(tiny_model_dir, small_data, tmp_path):

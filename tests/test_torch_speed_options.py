@@ -148,7 +148,6 @@ def test_training_checkpoints_layers_by_itself_when_memory_is_short(
     from train_helpers import run_config, start_run, write_short_records
 
     from qwen_mlx import memory
-    from qwen_mlx.backends.torch_trainer import run_training
 
     data = write_short_records(tmp_path / "train.jsonl", n=6)
     cfg = run_config(tiny_model_dir, data, tmp_path / "run", "training.max_steps=1")
@@ -166,7 +165,7 @@ def test_training_checkpoints_layers_by_itself_when_memory_is_short(
     short = estimate.with_recompute(estimate.layers).total / 0.9 + 1
     monkeypatch.setattr(memory, "system_memory", lambda: short)
     out = io.StringIO()
-    _, model = start_run(run_training, cfg, console=Console(file=out, width=400))
+    _, model = start_run(cfg, "torch", console=Console(file=out, width=400))
     layers = model.get_base_model().model.layers
     assert all(layer.gradient_checkpointing for layer in layers)
     assert f"recomputing {len(layers)} of {len(layers)} layers" in out.getvalue()

@@ -6,20 +6,47 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 from rich.console import Console
 
+from qwen_mlx.backends import get_backend
+from qwen_mlx.backends.base import TrainResult
 from qwen_mlx.config import Config, load_config
 from tests.conftest import BUNDLED_TRAIN
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
 
 
-def start_run(run_training, cfg: Config, resume: bool = False, console: Console = QUIET):
-    """``run_training`` (either backend's) into ``cfg.output.dir``: (result, model)."""
+class _Recording:
+    """A backend that remembers the hooks its trainer built, so tests see the model."""
+
+    def __init__(self, backend):
+        self.backend, self.hooks = backend, None
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def trainer(self, cfg: Config, plan):
+        self.hooks = self.backend.trainer(cfg, plan)
+        return self.hooks
+
+
+def start_run(
+    cfg: Config, backend: str, resume: bool = False, console: Console = QUIET
+) -> tuple[TrainResult, Any]:
+    """``training_run.train`` on ``backend`` into ``cfg.output.dir``: (result, the trained
+    model in eval mode)."""
+    from qwen_mlx import training_run
+
+    cfg.training.backend = backend
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    return run_training(cfg, run_dir, resume, console)
+    recording = _Recording(get_backend(backend))
+    with mock.patch.object(training_run, "get_backend", lambda name: recording):
+        result = training_run.train(cfg, run_dir, resume, console)
+    return result, recording.hooks.model.eval()
 
 
 def write_short_records(path: Path, n: int = 12) -> Path:

@@ -1,0 +1,62 @@
+"""MLX inference: a base model (plus a PEFT or mlx-lm adapter) generating with mlx-lm.
+
+The tokenizer is the model folder's own, loaded once through transformers (as training
+and every other engine load it) and handed to mlx-lm wrapped, so prompts, stop tokens and
+decoding are the same as on the torch backend.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+
+from qwen_mlx.backends.base import GenerationSettings, token_texts
+from qwen_mlx.inference import HFEngine
+
+
+class MLXEngine(HFEngine):
+    """An :class:`qwen_mlx.inference.Engine` on MLX."""
+
+    backend_name = "mlx"
+
+    def __init__(self, model_dir: Path, adapter_dir: Path | None = None):
+        from mlx_lm.tokenizer_utils import TokenizerWrapper
+        from mlx_lm.utils import load_model
+
+        from qwen_mlx.backends.mlx_model import apply_adapter
+
+        super().__init__(model_dir)
+        self.model, _ = load_model(Path(model_dir))
+        if adapter_dir is not None:
+            apply_adapter(self.model, Path(adapter_dir))
+        self.model.eval()
+        self.wrapped = TokenizerWrapper(self.tokenizer, eos_token_ids=self.end_ids)
+
+    def pieces(self, prompt_ids: list[int], settings: GenerationSettings):
+        """One text piece per generated token of the reply (greedy when temperature is 0)."""
+        from mlx_lm.generate import stream_generate
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
+        responses = stream_generate(
+            self.model, self.wrapped, prompt_ids, max_tokens=settings.max_tokens, sampler=sampler
+        )
+        # The last response carries the end-of-turn token when the model stopped by itself.
+        tokens = (r.token for r in responses if r.finish_reason != "stop")
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        try:
+            yield from token_texts(tokens, decode)
+        finally:  # stop generating now, not when the garbage collector gets to it
+            responses.close()
+
+    def score(self, samples: list) -> tuple[float, int]:
+        """Summed target-token loss of tokenized samples and their count (test loss)."""
+        from qwen_mlx.backends.mlx_model import device_batch, target_loss
+        from qwen_mlx.tokens import collate, unpacked
+
+        total, count = 0.0, 0
+        for row in unpacked(samples, 0):
+            batch = collate([row], 0)
+            total += target_loss(self.model, *device_batch(batch)).item()
+            count += int(batch["loss_mask"][:, 1:].sum())
+        return total, count
