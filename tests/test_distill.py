@@ -418,3 +418,21 @@ def test_an_ollama_model_may_be_named_without_its_latest_tag(rules, tmp_path):
         ]
         result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "--max-requests 1" in result.output  # past the probe
+
+
+def test_the_same_request_from_two_threads_is_sent_once(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from qwen_mlx.distill.teacher import Teacher
+
+    with TeacherStub(latency=0.2) as stub:
+        teacher = Teacher(stub.url, "teacher", "OPENAI_API_KEY", tmp_path / "ledger.jsonl")
+        question = [
+            {"role": "system", "content": "你是熟悉规章的人。"},
+            {"role": "user", "content": "材料：\n第一条 出差须先审批。\n\n问题：要审批吗？"},
+        ]
+        with ThreadPoolExecutor(4) as pool:
+            replies = list(pool.map(lambda _: teacher.ask(question, {}), range(4)))
+    assert len(stub.answered) == 1
+    assert all(r == replies[0] for r in replies)
+    assert teacher.usage.sent == 1 and teacher.usage.from_ledger == 3

@@ -109,6 +109,7 @@ class Teacher:
         self.usage = Usage()
         self.max_requests = max_requests
         self.on_reply: Callable[[], None] = lambda: None
+        self._key_locks: dict[str, threading.Lock] = {}
 
     def _fatal(self, err: Exception) -> UserError | None:
         """The failures no retry can fix, as one line; None for the others."""
@@ -201,13 +202,16 @@ class Teacher:
     def ask(self, messages: list[dict], params: dict) -> dict | None:
         """The teacher's reply (from the ledger when it was asked before), or None."""
         key = request_key(self.model, messages, params)
-        reply = self.ledger.get(key)
-        cached = reply is not None
-        if not cached:
-            self._spend()
-            reply = self._call(self.client, messages, params)
-            if reply is not None:
-                self.ledger.add(key, reply)
+        with self.usage.lock:  # one lock per request: the same request in two threads is sent once
+            key_lock = self._key_locks.setdefault(key, threading.Lock())
+        with key_lock:
+            reply = self.ledger.get(key)
+            cached = reply is not None
+            if not cached:
+                self._spend()
+                reply = self._call(self.client, messages, params)
+                if reply is not None:
+                    self.ledger.add(key, reply)
         self.usage.count(reply, cached)
         self.on_reply()
         return reply
