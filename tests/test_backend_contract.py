@@ -1,0 +1,259 @@
+"""What every backend must do, one suite run on each (mlx, torch), through the one run path.
+
+Learning, packing, the chunked loss, exact resume, a PEFT-readable adapter and QLoRA are
+the contract the loop and the shared export rely on; each backend's own details (MLX's
+compiled gradients and quantized layers, torch's DDP and speed options) are tested beside
+it in test_mlx_backend.py and test_torch_backend.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+from qwen_mlx.config import ALL_LINEAR, load_config
+from qwen_mlx.data import normalize
+from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked
+from qwen_mlx.tokens import encode_records as encode
+from tests.conftest import BUNDLED_TRAIN
+from tests.train_helpers import losses, run_config, start_run
+
+
+@dataclass
+class Subject:
+    """One backend as the contract sees it: a LoRA model, its logits and its summed loss."""
+
+    name: str
+    module: Any  # the backend's model module (mlx_model, torch_model)
+    lora_model: Any  # (model_dir, seed) -> model in fp32 with LoRA and a non-zero B
+    logits: Any  # (model, ids, segment_ids or None) -> numpy logits
+    loss: Any  # (model, collated batch) -> summed target loss
+    peft_tolerance: float  # trained logits vs PEFT's from the saved adapter
+    learns_to: float  # the last loss of the overfitting run, as a share of the first
+    four_bit: tuple[str, ...]  # settings a 4-bit run learns with in a few epochs
+    quantized: Any  # (trained model) -> whether its base layers are 4-bit
+
+
+def _mlx() -> Subject:
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+
+    from qwen_mlx.backends import mlx_model
+
+    def lora_model(model_dir, seed=0):
+        model, _ = mlx_model.load_base(model_dir, "none")
+        model.set_dtype(mx.float32)
+        mlx_model.add_lora(model, ALL_LINEAR, rank=8, alpha=16, dropout=0.0, seed=seed)
+        for layer in mlx_model.lora_layers(model).values():
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        return model.eval()
+
+    def logits(model, ids, segment_ids=None):
+        model.set_dtype(mx.float32)  # bf16 base → fp32 is exact; LoRA weights are fp32
+        if segment_ids is None:
+            return np.array(model(mx.array(ids)))
+        return np.array(mlx_model.logits(model, mx.array(ids), mx.array(segment_ids)))
+
+    def loss(model, batch):
+        return float(mlx_model.target_loss(model, *mlx_model.device_batch(batch)))
+
+    def quantized(model):
+        import mlx.nn as nn
+
+        attention = model.model.layers[0].self_attn.q_proj.linear
+        embedding = model.model.embed_tokens
+        return isinstance(attention, nn.QuantizedLinear) and isinstance(
+            embedding, nn.QuantizedEmbedding
+        )
+
+    four_bit = ("training.num_epochs=5", "training.learning_rate=1e-2")
+    return Subject("mlx", mlx_model, lora_model, logits, loss, 1e-3, 0.65, four_bit, quantized)
+
+
+def _torch() -> Subject:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from qwen_mlx.backends import torch_model
+
+    def lora_model(model_dir, seed=0):
+        cfg = load_config(None, None, [f"model.path={model_dir}", "lora.dropout=0"])
+        base = torch_model.load_base(model_dir, "none", torch.device("cpu"))
+        model = torch_model.add_lora(base, cfg)
+        generator = torch.Generator().manual_seed(seed)
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero; make the adapter matter
+                param.data = torch.randn(param.shape, generator=generator) * 0.1
+        return model.eval()
+
+    def logits(model, ids, segment_ids=None):
+        ids = torch.from_numpy(np.asarray(ids)).long()
+        kwargs = {}
+        if segment_ids is not None:  # packed: positions restart at each sample
+            kwargs["position_ids"] = torch.from_numpy(_positions(segment_ids)).long()
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False, **kwargs).logits.float().numpy()
+
+    def loss(model, batch):
+        keys = ("input_ids", "position_ids", "loss_mask")
+        with torch.no_grad():
+            return float(
+                torch_model.TokenLoss(model)(*(torch.from_numpy(batch[k]).long() for k in keys))
+            )
+
+    def quantized(model):
+        base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
+        return type(base).__name__ == "Linear4bit"  # bitsandbytes' NF4 layer
+
+    four_bit = ("training.num_epochs=6",)
+    return Subject("torch", torch_model, lora_model, logits, loss, 1e-5, 0.6, four_bit, quantized)
+
+
+def _positions(segment_ids: np.ndarray) -> np.ndarray:
+    """Position ids that restart at every sample of a packed row (segment 0 is padding)."""
+    out = np.zeros_like(segment_ids)
+    for row, segments in enumerate(segment_ids):
+        for seg in np.unique(segments):
+            where = np.flatnonzero(segments == seg)
+            out[row, where] = np.arange(len(where))
+    return out
+
+
+@pytest.fixture(params=["mlx", "torch"])
+def subject(request) -> Subject:
+    return {"mlx": _mlx, "torch": _torch}[request.param]()
+
+
+def train(subject: Subject, cfg, resume: bool = False):
+    return start_run(cfg, subject.name, resume)
+
+
+def adapter_weights(run_dir) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+
+
+def hf_logits(model_dir, ids: np.ndarray, adapter_dir=None) -> np.ndarray:
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter_dir)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.from_numpy(ids).long()).logits.numpy()
+
+
+def test_loss_falls_clearly_when_overfitting(subject, tiny_model_dir, small_data, tmp_path):
+    run = tmp_path / "run"
+    cfg = run_config(tiny_model_dir, small_data, run, "training.num_epochs=12")
+    result, _ = train(subject, cfg)
+    curve = losses(run)
+    assert curve[-1] < subject.learns_to * curve[0], curve
+    assert len(losses(run, "eval")) >= 10
+    assert (run / "loss.png").stat().st_size > 1000
+    assert result.adapter_dir == run / "adapter"
+    assert json.loads((run / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert (run / "data" / "valid.jsonl").read_text().count("\n") == 2
+    first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["tokens_per_s"] > 0 and first["peak_memory_gb"] > 0
+
+
+def test_packed_rows_equal_per_sample_logits_and_loss(subject, tiny_model_dir):
+    model = subject.lora_model(tiny_model_dir)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    records = [json.loads(x) for x in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()[:5]]
+    samples, _ = encode(tokenizer, [normalize(r)[0] for r in records], 1024)
+    (row,) = pack(samples, sum(len(s) for s in samples) + 7, pad_id=0)  # one row, padded
+    packed = subject.logits(model, row.input_ids[None], row.segment_ids[None])[0]
+    for seg in range(1, row.segment_ids.max() + 1):
+        where = np.flatnonzero(row.segment_ids == seg)
+        alone = subject.logits(model, row.input_ids[where][None])[0]
+        np.testing.assert_allclose(packed[where], alone, atol=1e-4, rtol=1e-4)
+    single = sum(subject.loss(model, collate([r], 0)) for r in unpacked(samples, 0))
+    assert subject.loss(model, collate([row], 0)) == pytest.approx(single, rel=1e-5)
+
+
+def test_chunked_loss_equals_full_cross_entropy(subject, tiny_model_dir, monkeypatch):
+    model = subject.lora_model(tiny_model_dir, seed=1)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 500, (2, 40)).astype(np.int32)
+    mask = rng.integers(0, 2, (2, 40)).astype(np.int8)
+    batch = {
+        "input_ids": ids,
+        "loss_mask": mask,
+        "segment_ids": np.ones_like(ids),
+        "position_ids": np.tile(np.arange(40, dtype=np.int32), (2, 1)),
+    }
+    monkeypatch.setattr(subject.module, "LOSS_CHUNK", 7)  # several chunks, the last partial
+    chunked = subject.loss(model, batch)
+    logits = subject.logits(model, ids).astype(np.float64)[:, :-1]
+    targets = mask[:, 1:].astype(bool)
+    chosen, labels = logits[targets], ids[:, 1:][targets]
+    top = chosen.max(axis=1)
+    full = np.log(np.exp(chosen - top[:, None]).sum(axis=1)) + top
+    full -= chosen[np.arange(len(labels)), labels]
+    assert chunked == pytest.approx(full.sum(), rel=1e-5)
+
+
+def test_resume_gives_the_same_adapter_as_a_straight_run(
+    subject, tiny_model_dir, small_data, tmp_path
+):
+    common = ["training.num_epochs=3", "lora.dropout=0.1", "training.gradient_accumulation_steps=2"]
+    straight = run_config(tiny_model_dir, small_data, tmp_path / "a", *common)
+    straight.training.max_steps = 6
+    train(subject, straight)
+    first = run_config(tiny_model_dir, small_data, tmp_path / "b", *common)
+    first.training.max_steps = 3
+    train(subject, first)
+    first.training.max_steps = 6  # what `--resume RUN --set training.max_steps=6` does
+    train(subject, first, resume=True)
+    a, b = adapter_weights(tmp_path / "a"), adapter_weights(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], atol=1e-6, rtol=1e-5, err_msg=key)
+    assert losses(tmp_path / "a") == pytest.approx(losses(tmp_path / "b"), rel=1e-5)
+    assert len(losses(tmp_path / "a")) == 6
+
+
+def test_peft_reproduces_the_trained_models_logits(subject, tiny_model_dir, small_data, tmp_path):
+    cfg = run_config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=6")
+    _, trained = train(subject, cfg)
+    adapter = tmp_path / "run" / "adapter"
+    ids = np.random.default_rng(0).integers(5, 500, (1, 30))
+    own = subject.logits(trained, ids)
+    tolerance = subject.peft_tolerance
+    np.testing.assert_allclose(own, hf_logits(tiny_model_dir, ids, adapter), atol=tolerance, rtol=0)
+    assert np.abs(own - hf_logits(tiny_model_dir, ids)).max() > 1e-2  # the adapter matters
+    config_json = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config_json["peft_type"], config_json["task_type"]) == ("LORA", "CAUSAL_LM")
+    assert config_json["r"] == 8 and config_json["lora_alpha"] == 16
+    assert sorted(config_json["target_modules"]) == sorted(cfg.lora.target_modules)
+    key = "base_model.model.model.layers.1.mlp.down_proj"
+    weights = adapter_weights(tmp_path / "run")
+    assert weights[f"{key}.lora_A.weight"].shape == (8, 128)  # (r, in)
+    assert weights[f"{key}.lora_B.weight"].shape == (64, 8)  # (out, r)
+    # Its engine reads the adapter back: the trained model again.
+    from qwen_mlx.backends import get_backend
+
+    engine = get_backend(subject.name).engine(tiny_model_dir, adapter)
+    np.testing.assert_allclose(subject.logits(engine.model, ids), own, atol=1e-5, rtol=0)
+
+
+def test_four_bit_path_trains(subject, tiny_model_dir, small_data, tmp_path):
+    if subject.name == "torch":
+        pytest.importorskip("bitsandbytes")
+    extra = ("model.quantization=4bit", "training.eval_every=100", *subject.four_bit)
+    cfg = run_config(tiny_model_dir, small_data, tmp_path / "run", *extra)
+    _, model = train(subject, cfg)
+    curve = losses(tmp_path / "run")
+    assert curve[-1] < 0.8 * curve[0], curve
+    assert subject.quantized(model)
+    layer = "base_model.model.model.layers.0.self_attn.q_proj"
+    assert f"{layer}.lora_A.weight" in adapter_weights(tmp_path / "run")
