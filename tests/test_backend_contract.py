@@ -20,6 +20,7 @@ from qwen_mlx.data import normalize
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked
 from qwen_mlx.tokens import encode_records as encode
 from tests.conftest import BUNDLED_TRAIN
+from tests.lora_helpers import hf_logits
 from tests.train_helpers import losses, run_config, start_run
 
 
@@ -137,19 +138,6 @@ def adapter_weights(run_dir) -> dict[str, np.ndarray]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def hf_logits(model_dir, ids: np.ndarray, adapter_dir=None) -> np.ndarray:
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    with torch.no_grad():
-        return model.eval()(input_ids=torch.from_numpy(ids).long()).logits.numpy()
-
-
 def test_loss_falls_clearly_when_overfitting(subject, tiny_model_dir, small_data, tmp_path):
     run = tmp_path / "run"
     cfg = run_config(tiny_model_dir, small_data, run, "training.num_epochs=12")
@@ -227,10 +215,11 @@ def test_peft_reproduces_the_trained_models_logits(subject, tiny_model_dir, smal
     _, trained = train(subject, cfg)
     adapter = tmp_path / "run" / "adapter"
     ids = np.random.default_rng(0).integers(5, 500, (1, 30))
-    own = subject.logits(trained, ids)
-    tolerance = subject.peft_tolerance
-    np.testing.assert_allclose(own, hf_logits(tiny_model_dir, ids, adapter), atol=tolerance, rtol=0)
-    assert np.abs(own - hf_logits(tiny_model_dir, ids)).max() > 1e-2  # the adapter matters
+    own = subject.logits(trained, ids)[0]
+    theirs = hf_logits(tiny_model_dir, ids[0].tolist(), adapter)
+    np.testing.assert_allclose(own, theirs, atol=subject.peft_tolerance, rtol=0)
+    plain = hf_logits(tiny_model_dir, ids[0].tolist())
+    assert np.abs(own - plain).max() > 1e-2  # the adapter matters
     config_json = json.loads((adapter / "adapter_config.json").read_text())
     assert (config_json["peft_type"], config_json["task_type"]) == ("LORA", "CAUSAL_LM")
     assert config_json["r"] == 8 and config_json["lora_alpha"] == 16
@@ -243,7 +232,7 @@ def test_peft_reproduces_the_trained_models_logits(subject, tiny_model_dir, smal
     from qwen_mlx.backends import get_backend
 
     engine = get_backend(subject.name).engine(tiny_model_dir, adapter)
-    np.testing.assert_allclose(subject.logits(engine.model, ids), own, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(subject.logits(engine.model, ids)[0], own, atol=1e-5, rtol=0)
 
 
 def test_four_bit_path_trains(subject, tiny_model_dir, small_data, tmp_path):
@@ -257,3 +246,19 @@ def test_four_bit_path_trains(subject, tiny_model_dir, small_data, tmp_path):
     assert subject.quantized(model)
     layer = "base_model.model.model.layers.0.self_attn.q_proj"
     assert f"{layer}.lora_A.weight" in adapter_weights(tmp_path / "run")
+
+
+def test_engines_end_replies_at_the_familys_stop_tokens(subject, tiny_model_dir, tmp_path):
+    # Even where neither config.json nor generation_config.json names them.
+    import shutil
+
+    from qwen_mlx.backends import get_backend
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (model / "generation_config.json").unlink()
+    config = json.loads((model / "config.json").read_text())
+    del config["eos_token_id"]
+    (model / "config.json").write_text(json.dumps(config))
+    engine = get_backend(subject.name).engine(model)
+    vocab = engine.tokenizer.get_vocab()
+    assert {vocab["<|im_end|>"], vocab["<|endoftext|>"]} <= engine.end_ids

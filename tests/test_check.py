@@ -18,17 +18,8 @@ from qwen_mlx.memory import (
     parameter_count,
 )
 from qwen_mlx.model_files import check_model_dir
+from tests.conftest import QWEN25_3B
 
-QWEN25_3B = {  # public config.json numbers of Qwen2.5-3B
-    "model_type": "qwen2",
-    "hidden_size": 2048,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -141,6 +132,19 @@ def test_check_command_ready_with_tiny_model(tiny_model_dir, small_data, monkeyp
     assert "ready to train" in result.output
     assert "train.jsonl:11: invalid JSON" in result.output  # the bad line is named
     assert "memory" in result.output and "GiB" in result.output
+
+
+def test_check_shows_what_the_backend_will_do_differently(
+    tiny_model_dir, small_data, monkeypatch, tmp_path
+):
+    # The same plan training prints: here MLX ignoring a torch-only option.
+    pytest.importorskip("mlx.core")
+    monkeypatch.chdir(tmp_path)
+    sets = ["--set", "training.backend=mlx", "--set", "training.kernels=liger"]
+    result = CliRunner().invoke(cli, [*demo_args(tiny_model_dir, small_data), *sets])
+    assert result.exit_code == 0, result.output
+    assert "⚠ backend plan — training.kernels: liger is for the torch backend" in result.output
+    assert "memory" in result.output
 
 
 def test_check_command_not_ready_without_model(small_data, monkeypatch, tmp_path):

@@ -69,6 +69,9 @@ class FakeHooks:
     def peak_memory_gb(self):
         return 0.0
 
+    def close(self):
+        self.calls.append(("close",))
+
 
 def run_data(n_rows=10):
     samples = [Sample([1] * 8, [0] + [1] * 7) for _ in range(n_rows)]
@@ -233,3 +236,45 @@ def test_an_ignored_sigint_stays_ignored(tmp_path, sigint_as_in_a_terminal):
         train_loop(settings, run_data(12), run_hooks, tmp_path / run, QUIET, resume=False)
     assert len(hooks.lrs) == len(undisturbed.lrs) > 3  # the SIGINT passed the run by
     assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
+def test_other_ranks_write_nothing_into_the_run_folder(tmp_path):
+    hooks = FakeHooks()
+    hooks.rank, hooks.world_size = 1, 2
+    state = train_loop(cfg("training.save_every=1"), run_data(8), hooks, tmp_path, QUIET, False)
+    assert state.step > 0 and hooks.saved == [] and list(tmp_path.iterdir()) == []
+
+
+class _FakeBackend:
+    """A backend whose trainer hands out the given hooks (for training_run.train)."""
+
+    name = "fake"
+
+    def __init__(self, hooks):
+        self.hooks = hooks
+
+    def plan(self, config):
+        from qwen_mlx.backends.base import TrainPlan
+
+        return TrainPlan("a fake device", "none", fp32=False, device_memory=None)
+
+    def trainer(self, config, plan):
+        return self.hooks
+
+
+@pytest.mark.parametrize("loss", [2.0, float("nan")])
+def test_the_trainer_is_closed_however_the_run_ends(
+    loss, tiny_model_dir, small_data, tmp_path, monkeypatch
+):
+    from qwen_mlx import training_run
+
+    hooks = FakeHooks([loss] * 100)
+    monkeypatch.setattr(training_run, "get_backend", lambda name: _FakeBackend(hooks))
+    config = cfg(f"model.path={tiny_model_dir}", f"data.train_file={small_data}")
+    if math.isnan(loss):
+        with pytest.raises(TrainingStopped, match="loss became nan"):
+            training_run.train(config, tmp_path / "run", False, QUIET)
+    else:
+        result = training_run.train(config, tmp_path / "run", False, QUIET)
+        assert result.steps > 0 and (tmp_path / "run" / "metrics.jsonl").is_file()
+    assert hooks.calls.count(("close",)) == 1

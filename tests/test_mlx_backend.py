@@ -24,6 +24,8 @@ from qwen_mlx.backends import mlx_model  # noqa: E402
 from qwen_mlx.backends.base import GenerationSettings  # noqa: E402
 from qwen_mlx.backends.mlx_trainer import MLXBackend  # noqa: E402
 from qwen_mlx.config import ALL_LINEAR, load_config  # noqa: E402
+from tests.conftest import QWEN25_3B  # noqa: E402
+from tests.lora_helpers import hf_logits  # noqa: E402
 from tests.train_helpers import run_config, start_run  # noqa: E402
 
 
@@ -40,19 +42,6 @@ def adapter_weights(run_dir):
 def fp32_logits(model, ids: np.ndarray) -> np.ndarray:
     model.set_dtype(mx.float32)  # bf16 base → fp32 is exact; LoRA weights are fp32 already
     return np.array(model(mx.array(ids)))
-
-
-def hf_logits(model_dir, ids: np.ndarray, adapter_dir=None) -> np.ndarray:
-    torch = pytest.importorskip("torch")
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter_dir)
-    with torch.no_grad():
-        return model.eval()(input_ids=torch.from_numpy(ids).long()).logits.numpy()
 
 
 def lora_model(model_dir, seed=0):
@@ -199,7 +188,10 @@ def test_a_peft_adapter_gives_the_same_logits_on_mlx(tiny_model_dir, tmp_path):
     ids = np.random.default_rng(1).integers(5, 500, (1, 30))
     engine = MLXBackend().engine(tiny_model_dir, adapter)
     np.testing.assert_allclose(
-        fp32_logits(engine.model, ids), hf_logits(tiny_model_dir, ids, adapter), atol=1e-3, rtol=0
+        fp32_logits(engine.model, ids)[0],
+        hf_logits(tiny_model_dir, ids[0].tolist(), adapter),
+        atol=1e-3,
+        rtol=0,
     )
 
 
@@ -218,17 +210,7 @@ def test_memory_fit_advises_on_an_8gb_mac(tmp_path, monkeypatch):
 
     model_dir = tmp_path / "Qwen2.5-3B"
     model_dir.mkdir()
-    qwen_3b = {
-        "model_type": "qwen2",
-        "hidden_size": 2048,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "tie_word_embeddings": True,
-    }
-    (model_dir / "config.json").write_text(json.dumps(qwen_3b))
+    (model_dir / "config.json").write_text(json.dumps(QWEN25_3B))
     cfg = load_config(None, None, [f"model.path={model_dir}", "model.quantization=none"])
     monkeypatch.setattr(trainer, "_device_memory", lambda: (8 * 1024**3, {}))
     fit = memory.fit(cfg, MLXBackend().plan(cfg))
