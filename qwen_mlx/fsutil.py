@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.run_dir import ADAPTER, CHECKPOINTS, DATA, RUN_PARTS
 
 
 def _umask() -> int:
@@ -150,14 +151,12 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 # ---------------------------------------------------------------- folders a user names (-o)
 
 OUTPUT_MARK = ".qwen-mlx-output"  # in every -o folder a command writes: names the command
-# What only a training run folder holds (the user's project folder has config.yaml too).
-_RUN_PARTS = ("config.yaml", "adapter", "checkpoints", "metrics.jsonl")
-_RUN_FOLDERS = ("adapter", "checkpoints", "data", "eval", "eval-gguf")  # what train/eval write
+_RUN_FOLDERS = (ADAPTER, CHECKPOINTS, DATA, "eval", "eval-gguf")  # what train/eval write
 
 
 def is_run_dir(path: Path) -> bool:
     """A training run folder, or a folder like the project's (with config.yaml)."""
-    return any((path / part).exists() for part in _RUN_PARTS)
+    return any((path / part).exists() for part in RUN_PARTS)
 
 
 def _protected(target: Path, inputs: Iterable[Path]) -> str | None:

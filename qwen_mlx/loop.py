@@ -1,9 +1,12 @@
 """The training loop shared by every backend.
 
-A backend supplies :class:`Hooks` (forward/backward on one batch, optimizer update, eval,
-checkpoint files); this module owns everything else, so MLX and PyTorch runs behave the
-same: data order, gradient accumulation, warmup + cosine schedule, progress, metrics,
-validation, loss warnings, checkpoints, resume and Ctrl-C.
+A backend's ``trainer`` supplies :class:`Hooks` (forward/backward on one batch, optimizer
+update, eval, checkpoint files); this module owns everything else, so MLX and PyTorch runs
+behave the same: data order, gradient accumulation, warmup + cosine schedule, validation,
+checkpoints, resume and Ctrl-C. What the user sees and the run folder gets (progress, metrics,
+loss warnings, checkpoints, loss.png) goes through one reporter, a
+:class:`~qwen_mlx.monitor.RunReporter` on rank 0 and a silent one elsewhere.
+:func:`qwen_mlx.training_run.train` calls :func:`train_loop`.
 
 Determinism is what makes resume exact: the row order of epoch ``e`` is a permutation
 seeded by ``(seed, e)``, the learning rate is a function of the step, checkpoints are taken

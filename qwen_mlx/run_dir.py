@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RUN_CONFIG = "config.yaml"
+ADAPTER, CHECKPOINTS, METRICS, DATA = "adapter", "checkpoints", "metrics.jsonl", "data"
+# What only a training run folder holds (a user's project folder has config.yaml too).
+RUN_PARTS = (RUN_CONFIG, ADAPTER, CHECKPOINTS, METRICS)
 
 
 @dataclass(frozen=True)
@@ -26,15 +29,15 @@ class RunDir:
 
     @property
     def adapter(self) -> Path:
-        return self.path / "adapter"
+        return self.path / ADAPTER
 
     @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS
 
     @property
     def metrics(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS
 
     @property
     def loss_plot(self) -> Path:
@@ -42,11 +45,11 @@ class RunDir:
 
     @property
     def valid_data(self) -> Path:
-        return self.path / "data" / "valid.jsonl"
+        return self.path / DATA / "valid.jsonl"
 
     @property
     def test_data(self) -> Path:
-        return self.path / "data" / "test.jsonl"
+        return self.path / DATA / "test.jsonl"
 
     def has_run(self) -> bool:
         """Whether a run has already trained here (so a new one must not start)."""
