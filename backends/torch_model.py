@@ -57,13 +57,13 @@ def quantization_plan(quantization: str, device: torch.device) -> tuple[str, str
     if device.type == "mps":
         return (
             "none",
-            f"{quantization} needs bitsandbytes, which has no MPS support; "
+            f"model.quantization {quantization} needs bitsandbytes, which has no MPS support; "
             "training the unquantized base (use the mlx backend on a Mac for QLoRA)",
         )
     if not _bnb_available():
         return (
             "none",
-            f"{quantization} needs bitsandbytes (pip install 'qwen-mlx[cuda]'); "
+            f"model.quantization {quantization} needs bitsandbytes (pip install 'qwen-mlx[cuda]'); "
             "training the unquantized base",
         )
     return quantization, None

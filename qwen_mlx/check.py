@@ -109,8 +109,8 @@ def check_plan(plan: TrainPlan) -> list[Finding]:
     """What the backend will really do here (training's own plan): its facts, and a
     warning for each way the run differs from the config."""
     findings = [Finding("ok", title, detail) for title, detail in plan.facts]
-    fix = "set the key named above as the note says (or to auto) to silence this"
-    return findings + [Finding("warn", "backend plan", note, fix) for note in plan.notes]
+    # Each note names the config key it is about and what happens instead.
+    return findings + [Finding("warn", "backend plan", note) for note in plan.notes]
 
 
 def check_memory(cfg: Config, plan: TrainPlan) -> Finding:
