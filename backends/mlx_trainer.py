@@ -232,23 +232,6 @@ def _torch_only_notes(cfg: Config) -> list[str]:
     ]
 
 
-def plan(cfg: Config) -> TrainPlan:
-    """A run of ``cfg`` on MLX here: one process, Metal or CPU, the folder's quantization."""
-    import mlx.core as mx
-
-    from qwen_mlx.backends.mlx_model import stored_quantization
-
-    on_cpu = mx.default_device() == mx.cpu
-    quantization, note = stored_quantization(cfg.model.path, cfg.model.quantization)
-    return TrainPlan(
-        device=f"MLX on {'CPU' if on_cpu else 'Metal GPU'}",
-        quantization=quantization,
-        fp32=on_cpu,  # MLX's CPU path trains in float32 (see mlx_model.load_base)
-        device_memory=_device_memory()[0],
-        notes=_torch_only_notes(cfg) + ([note] if note else []),
-    )
-
-
 def _limit_memory(plan: TrainPlan) -> int | None:
     """Keep Metal's weights wired; when memory is tight, hand freed buffers back instead of
     caching them, so the OS does not swap. Returns the cache limit to restore, if changed."""
@@ -262,20 +245,6 @@ def _limit_memory(plan: TrainPlan) -> int | None:
     return mx.set_cache_limit(min(GiB, total // 16))
 
 
-def trainer(cfg: Config, plan: TrainPlan) -> MLXHooks:
-    """The base (quantized per the config), LoRA on the targets, AdamW: the loop's hooks."""
-    from qwen_mlx.backends.mlx_model import add_lora, load_base
-
-    previous = _limit_memory(plan)
-    model, _ = load_base(cfg.model.path, cfg.model.quantization)
-    lora = cfg.lora
-    targets = list(lora.target_modules)
-    add_lora(model, targets, lora.rank, lora.alpha, lora.dropout, cfg.training.seed)
-    hooks = MLXHooks(model, cfg)
-    hooks.cache_limit = previous
-    return hooks
-
-
 class MLXBackend:
     """``qwen-mlx train --backend mlx`` and MLX inference."""
 
@@ -285,10 +254,33 @@ class MLXBackend:
         return probe_mlx()
 
     def plan(self, cfg: Config) -> TrainPlan:
-        return plan(cfg)
+        """A run of ``cfg`` on MLX here: one process, Metal or CPU, the folder's quantization."""
+        import mlx.core as mx
+
+        from qwen_mlx.backends.mlx_model import stored_quantization
+
+        on_cpu = mx.default_device() == mx.cpu
+        quantization, note = stored_quantization(cfg.model.path, cfg.model.quantization)
+        return TrainPlan(
+            device=f"MLX on {'CPU' if on_cpu else 'Metal GPU'}",
+            quantization=quantization,
+            fp32=on_cpu,  # MLX's CPU path trains in float32 (see mlx_model.load_base)
+            device_memory=_device_memory()[0],
+            notes=_torch_only_notes(cfg) + ([note] if note else []),
+        )
 
     def trainer(self, cfg: Config, plan: TrainPlan) -> MLXHooks:
-        return trainer(cfg, plan)
+        """The base (quantized per the config), LoRA on the targets, AdamW: the loop's hooks."""
+        from qwen_mlx.backends.mlx_model import add_lora, load_base
+
+        previous = _limit_memory(plan)
+        model, _ = load_base(cfg.model.path, cfg.model.quantization)
+        lora = cfg.lora
+        targets = list(lora.target_modules)
+        add_lora(model, targets, lora.rank, lora.alpha, lora.dropout, cfg.training.seed)
+        hooks = MLXHooks(model, cfg)
+        hooks.cache_limit = previous
+        return hooks
 
     def engine(self, model_dir: Path, adapter_dir: Path | None = None):
         from qwen_mlx.backends.mlx_engine import MLXEngine

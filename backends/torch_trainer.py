@@ -197,34 +197,6 @@ def _device_memory(device) -> int | None:
     return memory.system_memory()  # CPU, and MPS's unified memory
 
 
-def plan(cfg: Config) -> TrainPlan:
-    """A run of ``cfg`` on torch here: the device, ranks, and the quantization, attention
-    and kernels this machine really allows (each with a note where it differs)."""
-    from qwen_mlx.backends.torch_model import attention_plan, kernel_plan, quantization_plan
-
-    rank, world = _ranks()
-    device = _device(world)
-    quantization, quantization_note = quantization_plan(cfg.model.quantization, device)
-    attention, attention_note = attention_plan(cfg.training.attention, device)
-    liger, kernel_note = kernel_plan(cfg.training.kernels, device)
-    kernels = "Liger Kernel (fused RMSNorm, SwiGLU, RoPE, linear + CE)" if liger else "PyTorch's"
-    facts = [("torch kernels", f"attention {attention}, kernels: {kernels}")]
-    if quantization != "none":
-        where = "CUDA" if device.type == "cuda" else f"{device.type} (bitsandbytes' CPU path: slow)"
-        facts.append(("quantization", f"{quantization} via bitsandbytes on {where}"))
-    return TrainPlan(
-        device=f"{device}" + (f" ×{world} (DDP)" if world > 1 else ""),
-        quantization=quantization,
-        fp32=device.type == "cpu" and quantization == "none",
-        device_memory=_device_memory(device),
-        rank=rank,
-        world_size=world,
-        facts=facts,
-        notes=[n for n in (quantization_note, attention_note, kernel_note) if n],
-        settings={"device": device, "attention": attention, "liger": liger},
-    )
-
-
 def _init_distributed(world: int) -> None:
     """Join torchrun's process group (NCCL on CUDA, else gloo)."""
     import torch
@@ -236,20 +208,6 @@ def _init_distributed(world: int) -> None:
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
-def trainer(cfg: Config, plan: TrainPlan) -> TorchHooks:
-    """The base on the planned device (quantized, attention, kernels as planned), PEFT LoRA,
-    AdamW, DDP when started by torchrun: the loop's hooks."""
-    from qwen_mlx.backends.torch_model import add_lora, apply_liger, load_base
-
-    _init_distributed(plan.world_size)
-    device, liger = plan.settings["device"], plan.settings["liger"]
-    base = load_base(cfg.model.path, plan.quantization, device, plan.settings["attention"])
-    if liger:
-        apply_liger(base)
-    model = add_lora(base, cfg)
-    return TorchHooks(model, device, cfg, (plan.rank, plan.world_size), liger)
-
-
 class TorchBackend:
     """``qwen-mlx train --backend torch`` and torch inference."""
 
@@ -259,10 +217,48 @@ class TorchBackend:
         return probe_torch()
 
     def plan(self, cfg: Config) -> TrainPlan:
-        return plan(cfg)
+        """A run of ``cfg`` on torch here: the device, ranks, and the quantization, attention
+        and kernels this machine really allows (each with a note where it differs)."""
+        from qwen_mlx.backends.torch_model import attention_plan, kernel_plan, quantization_plan
+
+        rank, world = _ranks()
+        device = _device(world)
+        quantization, quantization_note = quantization_plan(cfg.model.quantization, device)
+        attention, attention_note = attention_plan(cfg.training.attention, device)
+        liger, kernel_note = kernel_plan(cfg.training.kernels, device)
+        kernels = (
+            "Liger Kernel (fused RMSNorm, SwiGLU, RoPE, linear + CE)" if liger else "PyTorch's"
+        )
+        facts = [("torch kernels", f"attention {attention}, kernels: {kernels}")]
+        if quantization != "none":
+            where = (
+                "CUDA" if device.type == "cuda" else f"{device.type} (bitsandbytes' CPU path: slow)"
+            )
+            facts.append(("quantization", f"{quantization} via bitsandbytes on {where}"))
+        return TrainPlan(
+            device=f"{device}" + (f" ×{world} (DDP)" if world > 1 else ""),
+            quantization=quantization,
+            fp32=device.type == "cpu" and quantization == "none",
+            device_memory=_device_memory(device),
+            rank=rank,
+            world_size=world,
+            facts=facts,
+            notes=[n for n in (quantization_note, attention_note, kernel_note) if n],
+            settings={"device": device, "attention": attention, "liger": liger},
+        )
 
     def trainer(self, cfg: Config, plan: TrainPlan) -> TorchHooks:
-        return trainer(cfg, plan)
+        """The base on the planned device (quantized, attention, kernels as planned), PEFT LoRA,
+        AdamW, DDP when started by torchrun: the loop's hooks."""
+        from qwen_mlx.backends.torch_model import add_lora, apply_liger, load_base
+
+        _init_distributed(plan.world_size)
+        device, liger = plan.settings["device"], plan.settings["liger"]
+        base = load_base(cfg.model.path, plan.quantization, device, plan.settings["attention"])
+        if liger:
+            apply_liger(base)
+        model = add_lora(base, cfg)
+        return TorchHooks(model, device, cfg, (plan.rank, plan.world_size), liger)
 
     def engine(self, model_dir: Path, adapter_dir: Path | None = None):
         from qwen_mlx.backends.torch_engine import TorchEngine

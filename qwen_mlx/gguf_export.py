@@ -40,6 +40,7 @@ from qwen_mlx.modelfile import (
     write_modelfile,
 )
 from qwen_mlx.progress import byte_progress
+from qwen_mlx.run_dir import ADAPTER
 from qwen_mlx.tensor_io import model_tensors
 
 _WORKERS = min(4, os.cpu_count() or 1)  # threads encoding tensor blocks
@@ -349,7 +350,7 @@ def _check_replaceable(out: Path) -> None:
 def _model_name(path: Path) -> str:
     """A name for general.name and ollama: the run's folder (not "adapter"), lower-case."""
     path = path.resolve()
-    if path.name == "adapter":
+    if path.name == ADAPTER:
         path = path.parent
     return re.sub(r"[^a-z0-9._-]+", "-", path.name.lower()).strip("-.") or "model"
 
