@@ -7,6 +7,8 @@ decoding are the same as on the torch backend.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -30,7 +32,24 @@ class MLXEngine(HFEngine):
         if adapter_dir is not None:
             apply_adapter(self.model, Path(adapter_dir))
         self.model.eval()
+        self.has_adapter = adapter_dir is not None
         self.wrapped = TokenizerWrapper(self.tokenizer, eos_token_ids=self.end_ids)
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside, the model answers as its base: every LoRA layer's scale is 0, which
+        leaves exactly the base layer's output (``Wx + 0``)."""
+        from mlx_lm.tuner.lora import LoRALinear
+
+        layers = [m for _, m in self.model.named_modules() if isinstance(m, LoRALinear)]
+        scales = [layer.scale for layer in layers]
+        for layer in layers:
+            layer.scale = 0.0
+        try:
+            yield
+        finally:
+            for layer, scale in zip(layers, scales, strict=True):
+                layer.scale = scale
 
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings):
         """One text piece per generated token of the reply (greedy when temperature is 0)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,16 @@ class TorchEngine(HFEngine):
 
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
+        self.has_adapter = adapter_dir is not None
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[None]:
+        """Inside, the model answers as its base: PEFT bypasses the adapter's layers."""
+        if not self.has_adapter:
+            yield
+            return
+        with self.model.disable_adapter():
+            yield
 
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
         import torch

@@ -299,12 +299,32 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
     metavar="ORIGIN",
     help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable).",
 )
-def serve(run_or_adapter, model_dir, gguf, backend, host, port, api_key, cors_origins) -> None:
-    """OpenAI-compatible API: /v1/chat/completions (incl. stream), /v1/models, /health."""
-    from qwen_mlx.serve import run
+@click.option(
+    "--base-gguf",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="With --gguf: the base model's GGUF, which the page compares the tuned one with.",
+)
+def serve(
+    run_or_adapter, model_dir, gguf, backend, host, port, api_key, cors_origins, base_gguf
+) -> None:
+    """OpenAI-compatible API: /v1/chat/completions (incl. stream), /v1/models, /health.
 
+    A chat page at / (streamed replies, Markdown, settings). Served on a run, the page can
+    ask the base model too and show both answers side by side (the adapter switched off, or
+    --base-gguf beside --gguf), and links the run's eval report and loss curve.
+    """
+    from qwen_mlx.serve import run
+    from qwen_mlx.serve_web import open_base
+
+    if base_gguf is not None and gguf is None:
+        raise UserError("--base-gguf is the base to compare --gguf with: give --gguf TUNED.gguf")
     engine = _engine(run_or_adapter, model_dir, gguf, backend)
-    run(engine, host, port, api_key, console, cors_origins)
+    page = {
+        "base": open_base(engine, run_or_adapter, model_dir, base_gguf),
+        "run_dir": run_or_adapter if run_or_adapter and run_or_adapter.is_dir() else None,
+        "system_prompt": _run_system_prompt(run_or_adapter),
+    }
+    run(engine, host, port, api_key, console, cors_origins, **page)
 
 
 @click.command("tiny-model")

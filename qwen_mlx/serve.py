@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions`` (plain, or server-sent events with ``"stream": true``),
 ``GET /v1/models``, ``GET /health``, and ``/docs`` (a self-contained page) with
-``/openapi.json``. The wire format and its errors live in :mod:`qwen_mlx.serve_api`.
+``/openapi.json``. The wire format and its errors live in :mod:`qwen_mlx.serve_api`; the chat
+page at ``/`` and the base model it compares with, in :mod:`qwen_mlx.serve_web`.
 
 One model serves everyone, so generations take turns behind a lock. Each request generates in
 its own worker thread (:class:`Job`) that checks a cancel flag between tokens and frees the
@@ -16,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import html
 import threading
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -36,6 +38,7 @@ from qwen_mlx.serve_api import (
     install_error_handlers,
     usage,
 )
+from qwen_mlx.serve_web import PUBLIC_PATHS, add_page_routes
 
 SHUTDOWN_GRACE_S = 3  # after SIGTERM, in-flight replies are cut off after this long at most
 MIN_BODY_LIMIT = 1 << 20
@@ -49,12 +52,14 @@ class Job:
 
     _END = object()
 
-    def __init__(self, server: Server, prompt_ids: list[int], settings: GenerationSettings):
+    def __init__(
+        self, server: Server, engine: Any, prompt_ids: list[int], settings: GenerationSettings
+    ):
         self.cancel = threading.Event()
         self.prompt_tokens = len(prompt_ids)
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
-        self._server = server
+        self._server, self._engine = server, engine
         server.jobs.add(self)
         args = (prompt_ids, settings)
         threading.Thread(target=self._run, args=args, daemon=True, name="generate").start()
@@ -70,7 +75,7 @@ class Job:
         try:
             if server.acquire(self.cancel):
                 try:
-                    for chunk in stream(server.engine, prompt_ids, settings, self.cancel):
+                    for chunk in stream(self._engine, prompt_ids, settings, self.cancel):
                         self._put(chunk)
                 finally:
                     server.lock.release()
@@ -96,7 +101,8 @@ class Job:
 
 
 class Server:
-    """The model, its lock, and the generations in flight."""
+    """The model (and the base model it is compared with), its lock, the generations in
+    flight, and what the page shows of the run."""
 
     def __init__(
         self,
@@ -104,8 +110,14 @@ class Server:
         api_key: str | None = None,
         default_max_tokens: int = 512,
         cors_origins: tuple[str, ...] = (),
+        base: Any = None,
+        run_dir: Path | None = None,
+        system_prompt: str | None = None,
     ):
-        self.engine = engine
+        self.engine, self.base = engine, base
+        # Requests pick one by their `model` field; a base adapter-off view shares the weights.
+        self.engines = {e.model_id: e for e in (engine, base) if e is not None}
+        self.run_dir, self.system_prompt = run_dir, system_prompt
         self.api_key = api_key
         self.default_max_tokens = default_max_tokens
         self.cors_origins = list(cors_origins)
@@ -123,9 +135,11 @@ class Server:
             stop=list(req.stop or []),
         )
 
-    def prompt_ids(self, messages: list[dict], settings: GenerationSettings) -> list[int]:
+    def prompt_ids(
+        self, engine: Any, messages: list[dict], settings: GenerationSettings
+    ) -> list[int]:
         with self._encoding:
-            return self.engine.prompt_ids(messages, settings.max_tokens)
+            return engine.prompt_ids(messages, settings.max_tokens)
 
     def acquire(self, cancel: threading.Event) -> bool:
         """Wait for the model unless cancelled first."""
@@ -207,7 +221,8 @@ async def _answer(job: Job, request: Request, model_id: str) -> Response | dict:
 
 class Guard:
     """ASGI middleware run before the app parses anything: the API key (every path but
-    /health) and the body size (by Content-Length, then by counting what arrives)."""
+    /health and the page, which asks for the key) and the body size (by Content-Length,
+    then by counting what arrives)."""
 
     def __init__(self, app, api_key: str | None, max_body: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body
@@ -225,7 +240,7 @@ class Guard:
             await self.app(scope, _replay(body, receive), send)
 
     def _refusal(self, headers: Headers, path: str) -> Response | None:
-        if self.api_key and path != "/health" and not _authorized(headers, self.api_key):
+        if self.api_key and not _public(path) and not _authorized(headers, self.api_key):
             return ErrorResponse(
                 401,
                 "invalid or missing API key (Authorization: Bearer KEY)",
@@ -253,6 +268,10 @@ class Guard:
                 return None, self._too_large()
             if not message.get("more_body"):
                 return bytes(body), None
+
+
+def _public(path: str) -> bool:
+    return path == "/health" or path in PUBLIC_PATHS
 
 
 def _authorized(headers: Headers, api_key: str) -> bool:
@@ -293,10 +312,10 @@ def create_app(server: Server) -> FastAPI:
 
     @app.get("/v1/models")
     async def models():
-        return {
-            "object": "list",
-            "data": [{"id": model_id, "object": "model", "owned_by": "local"}],
-        }
+        listed = [{"id": name, "object": "model", "owned_by": "local"} for name in server.engines]
+        return {"object": "list", "data": listed}
+
+    add_page_routes(app, server)
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
@@ -304,10 +323,12 @@ def create_app(server: Server) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
-        if req.model not in (None, model_id):
+        engine = server.engines.get(req.model or model_id)
+        if engine is None:
+            names = ", ".join(f"`{name}`" for name in server.engines)
             return ErrorResponse(
                 404,
-                f"the model `{req.model}` does not exist; this server runs `{model_id}`",
+                f"the model `{req.model}` does not exist; this server runs {names}",
                 "model",
                 code="model_not_found",
             )
@@ -316,14 +337,14 @@ def create_app(server: Server) -> FastAPI:
         settings = server.settings(req)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         try:
-            ids = await asyncio.to_thread(server.prompt_ids, messages, settings)
+            ids = await asyncio.to_thread(server.prompt_ids, engine, messages, settings)
         except UserError as err:
             return ErrorResponse(400, str(err), "messages", code="context_length_exceeded")
-        job = Job(server, ids, settings)
+        job = Job(server, engine, ids, settings)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return EventStream(job, ChunkWriter(model_id, include_usage))
-        return await _answer(job, request, model_id)
+            return EventStream(job, ChunkWriter(engine.model_id, include_usage))
+        return await _answer(job, request, engine.model_id)
 
     return app
 
@@ -374,11 +395,16 @@ def run(
     api_key: str | None,
     console,
     cors_origins: tuple[str, ...] = (),
+    **page: Any,
 ) -> None:
-    """Serve until Ctrl-C or SIGTERM."""
-    server = Server(engine, api_key, cors_origins=cors_origins)
-    where = f"http://{host}:{port}/v1"
-    console.print(f"serving {engine.description} at {where} (Ctrl-C stops)", highlight=False)
+    """Serve until Ctrl-C or SIGTERM. ``page``: the :class:`Server`'s base model, run folder
+    and system prompt."""
+    server = Server(engine, api_key, cors_origins=cors_origins, **page)
+    where = f"http://{host}:{port}"
+    console.print(f"serving {engine.description} at {where}/v1 (Ctrl-C stops)", highlight=False)
+    if server.base is not None:
+        console.print(f"  and its base, {server.base.description}, to compare", highlight=False)
+    console.print(f"  chat page: {where}/", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print("[yellow]⚠[/] listening beyond this machine without --api-key")
     make_server(server, host, port).run()

@@ -1,0 +1,145 @@
+"""The chat page of ``qwen-mlx serve`` and its base-vs-tuned compare.
+
+The page (``qwen_mlx/web/``: one HTML file, a script and a style sheet of our own, nothing
+from elsewhere) is served at ``/`` without the API key, so it can load and ask for the key;
+everything it then calls is the API, behind the key. ``/ui/info`` tells it the models, and
+``/run/eval/report.html`` and ``/run/loss.png`` hand it the run's eval report and loss curve:
+only those two files of the run folder, by fixed name, so no request reaches any other file.
+
+Compare: a run served with its adapter also answers as its base model (:class:`AdapterOff`,
+the same weights in memory with the adapter bypassed), or, with ``--gguf`` and
+``--base-gguf``, as a second GGUF engine. Requests choose one by the ``model`` field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import closing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import FileResponse, Response
+
+from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.serve_api import ErrorResponse
+
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+# What loads without the key: the page itself, which then asks for it.
+PUBLIC_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
+RUN_FILES = {"/run/eval/report.html": "eval/report.html", "/run/loss.png": "loss.png"}
+# Scripts only from this server; model output never becomes markup, and this is the backstop.
+PAGE_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'none'"
+)
+
+
+class AdapterOff:
+    """The base model of an engine that carries an adapter: the same loaded weights, with
+    the adapter bypassed while this engine generates (the server runs one generation at a
+    time, so the tuned engine never sees it switched off)."""
+
+    def __init__(self, engine: Any, model_id: str):
+        self.engine = engine
+        self.model_id = model_id
+        self.description = f"{model_id} (the base of {engine.model_id}, adapter off)"
+        self.context_length = engine.context_length
+
+    def prompt_ids(self, messages: list[dict], max_tokens: int) -> list[int]:
+        return self.engine.prompt_ids(messages, max_tokens)
+
+    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        pieces = self.engine.pieces(prompt_ids, settings)
+        with self.engine.adapter_disabled(), closing(pieces):
+            yield from pieces
+
+    def score(self, samples: list) -> tuple[float, int]:
+        with self.engine.adapter_disabled():
+            return self.engine.score(samples)
+
+
+def base_engine(
+    engine: Any, base_name: str | None = None, base_gguf: Path | None = None
+) -> Any | None:
+    """The base model to compare ``engine`` with: ``base_gguf`` when given, else ``engine``
+    with its adapter off (``base_name`` names it), else None (nothing to compare)."""
+    if base_gguf is not None:
+        from qwen_mlx.inference import GGUFEngine
+
+        base = GGUFEngine(Path(base_gguf), n_ctx=engine.context_length)
+    elif getattr(engine, "has_adapter", False) and base_name:
+        base = AdapterOff(engine, base_name)
+    else:
+        return None
+    if base.model_id == engine.model_id:  # two models the API must tell apart
+        base.model_id = f"{base.model_id}-base"
+    return base
+
+
+def open_base(
+    engine: Any, run_or_adapter: Path | None, model_dir: Path | None, base_gguf: Path | None
+) -> Any | None:
+    """``serve``'s base model for the page's compare, from its arguments."""
+    if base_gguf is not None or run_or_adapter is None:
+        return base_engine(engine, base_gguf=base_gguf)
+    from qwen_mlx.adapters import resolve_source
+
+    return base_engine(engine, resolve_source(run_or_adapter, model_dir).model_dir.name)
+
+
+def _asset(name: str) -> bytes:
+    return resources.files("qwen_mlx").joinpath("web", name).read_bytes()
+
+
+def add_page_routes(app: FastAPI, server: Any) -> None:
+    """``/`` and its assets, ``/ui/info`` and the run's files (see the module docstring)."""
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
+        return Response(_asset("index.html"), media_type="text/html", headers=headers)
+
+    for name, media_type in ASSETS.items():
+        app.add_api_route(f"/ui/{name}", _asset_route(name, media_type), include_in_schema=False)
+
+    @app.get("/ui/info", include_in_schema=False)
+    async def info():
+        base = server.base.model_id if server.base is not None else None
+        found = {path: _run_file(server.run_dir, path) is not None for path in RUN_FILES}
+        return {
+            "model": server.engine.model_id,
+            "base": base,
+            "report": found["/run/eval/report.html"],
+            "loss": found["/run/loss.png"],
+            "system_prompt": server.system_prompt,
+        }
+
+    for path in RUN_FILES:
+        app.add_api_route(path, _run_file_route(server, path), include_in_schema=False)
+
+
+def _asset_route(name: str, media_type: str):
+    async def asset():
+        return Response(_asset(name), media_type=media_type, headers={"Cache-Control": "no-cache"})
+
+    return asset
+
+
+def _run_file(run_dir: Path | None, path: str) -> Path | None:
+    if run_dir is None:
+        return None
+    file = Path(run_dir) / RUN_FILES[path]
+    return file if file.is_file() else None
+
+
+def _run_file_route(server: Any, path: str):
+    async def run_file():
+        file = _run_file(server.run_dir, path)
+        if file is None:
+            return ErrorResponse(404, f"this run has no {RUN_FILES[path]}", code="not_found")
+        # Opened on its own, the report still runs no script: a sandbox of its own.
+        return FileResponse(file, headers={"Content-Security-Policy": "sandbox"})
+
+    return run_file
