@@ -5,6 +5,7 @@ exactly as the base model does and switches back to the tuned answer exactly; tw
 from __future__ import annotations
 
 import json
+from unittest import mock
 
 import pytest
 from click.testing import CliRunner
@@ -92,3 +93,18 @@ def test_base_gguf_needs_gguf(run, tmp_path):
     assert result.exit_code != 0
     assert result.output.strip().splitlines()[-1].startswith("Error: --base-gguf")
     assert "Traceback" not in result.output
+
+
+def test_serve_on_a_run_gives_the_page_its_base_run_and_system_prompt(
+    run, tiny_model_dir, tmp_path
+):
+    pytest.importorskip("torch")
+    system = "data.system_prompt=你是报销助手。"
+    prompted = make_run(tmp_path / "run", tiny_model_dir, run / "adapter", system)
+    served = {}
+    with mock.patch("qwen_mlx.serve.run", lambda *args, **page: served.update(page)):
+        result = CliRunner().invoke(cli, ["serve", str(prompted), "--backend", "torch"])
+    assert result.exit_code == 0, result.output
+    assert served["base"].model_id == "tiny-qwen2"
+    assert served["run_dir"] == prompted
+    assert served["system_prompt"] == "你是报销助手。"
