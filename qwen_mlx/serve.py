@@ -1,9 +1,9 @@
 """``qwen-mlx serve``: an OpenAI-compatible HTTP API over one loaded model.
 
 Endpoints: ``POST /v1/chat/completions`` (plain, or server-sent events with ``"stream": true``),
-``GET /v1/models``, ``GET /health``, and ``/docs`` (a self-contained page) with
-``/openapi.json``. The wire format and its errors live in :mod:`qwen_mlx.serve_api`; the chat
-page at ``/`` and the base model it compares with, in :mod:`qwen_mlx.serve_web`.
+``GET /v1/models``, ``GET /health``, and ``/openapi.json``. The wire format and its errors live
+in :mod:`qwen_mlx.serve_api`; the pages (the chat page at ``/``, ``/docs``) and the base model
+the chat page compares with, in :mod:`qwen_mlx.serve_web`.
 
 One model serves everyone, so generations take turns behind a lock. Each request generates in
 its own worker thread (:class:`Job`) that checks a cancel flag between tokens and frees the
@@ -15,7 +15,6 @@ server in moments. The API key and the body size are checked before anything is 
 from __future__ import annotations
 
 import asyncio
-import html
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import anyio
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import Response
 from starlette.datastructures import Headers
 
 from qwen_mlx.backends.base import GenerationSettings
@@ -317,10 +316,6 @@ def create_app(server: Server) -> FastAPI:
 
     add_page_routes(app, server)
 
-    @app.get("/docs", include_in_schema=False)
-    async def docs():
-        return HTMLResponse(_docs_page(app))
-
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         engine = server.engines.get(req.model or model_id)
@@ -347,21 +342,6 @@ def create_app(server: Server) -> FastAPI:
         return await _answer(job, request, engine.model_id)
 
     return app
-
-
-def _docs_page(app: FastAPI) -> str:
-    """The endpoints, from the OpenAPI schema; no scripts or assets from elsewhere."""
-    rows = "".join(
-        f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td>"
-        f"<td>{html.escape(op.get('summary', ''))}</td></tr>"
-        for path, ops in app.openapi()["paths"].items()
-        for method, op in ops.items()
-    )
-    return (
-        f"<!doctype html><meta charset=utf-8><title>qwen-mlx API</title><h1>qwen-mlx API</h1>"
-        f"<p>OpenAI-compatible. Schema: <a href=openapi.json>/openapi.json</a></p>"
-        f"<table>{rows}</table>"
-    )
 
 
 class Uvicorn(uvicorn.Server):

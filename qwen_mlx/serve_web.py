@@ -1,4 +1,4 @@
-"""The chat page of ``qwen-mlx serve`` and its base-vs-tuned compare.
+"""The pages of ``qwen-mlx serve``: the chat page with its base-vs-tuned compare, and ``/docs``.
 
 The page (``qwen_mlx/web/``: one HTML file, a script and a style sheet of our own, nothing
 from elsewhere) is served at ``/`` without the API key, so it can load and ask for the key;
@@ -13,6 +13,7 @@ the same weights in memory with the adapter bypassed), or, with ``--gguf`` and
 
 from __future__ import annotations
 
+import html
 from collections.abc import Iterator
 from contextlib import closing
 from importlib import resources
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.serve_api import ErrorResponse
@@ -94,7 +95,8 @@ def _asset(name: str) -> bytes:
 
 
 def add_page_routes(app: FastAPI, server: Any) -> None:
-    """``/`` and its assets, ``/ui/info`` and the run's files (see the module docstring)."""
+    """``/`` and its assets, ``/ui/info``, the run's files (see the module docstring), and
+    ``/docs``: the API's endpoints."""
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -118,6 +120,25 @@ def add_page_routes(app: FastAPI, server: Any) -> None:
 
     for path in RUN_FILES:
         app.add_api_route(path, _run_file_route(server, path), include_in_schema=False)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return HTMLResponse(_docs_page(app))
+
+
+def _docs_page(app: FastAPI) -> str:
+    """The endpoints, from the OpenAPI schema; no scripts or assets from elsewhere."""
+    rows = "".join(
+        f"<tr><td>{method.upper()}</td><td><code>{html.escape(path)}</code></td>"
+        f"<td>{html.escape(op.get('summary', ''))}</td></tr>"
+        for path, ops in app.openapi()["paths"].items()
+        for method, op in ops.items()
+    )
+    return (
+        f"<!doctype html><meta charset=utf-8><title>qwen-mlx API</title><h1>qwen-mlx API</h1>"
+        f"<p>OpenAI-compatible. Schema: <a href=openapi.json>/openapi.json</a></p>"
+        f"<table>{rows}</table>"
+    )
 
 
 def _asset_route(name: str, media_type: str):

@@ -125,6 +125,24 @@ def test_a_chinese_question_streams_and_renders_markdown(browser, tmp_path):
         assert page.locator("section.turn").count() == 0
 
 
+def test_stop_ends_the_reply_and_frees_the_model(browser, tmp_path):
+    engine = ScriptedEngine("很长的回答。" * 100, delay=0.05)
+    with serve(engine) as port:
+        page = open_chat(browser, f"http://127.0.0.1:{port}")
+        ask(page, QUESTION)
+        page.locator(".answer[data-state=streaming]").wait_for()
+        assert page.inner_text("#send") == "Stop"
+        page.click("#send")
+        page.locator(".answer[data-state=stopped]").wait_for()
+        assert page.inner_text(".answer .error") == "(stopped)"
+        assert page.inner_text("#send") == "Send"
+        time.sleep(0.5)
+        stopped_at = engine.produced
+        time.sleep(0.5)
+        assert engine.produced == stopped_at < 200  # the server stopped generating too
+        shot(page, tmp_path, "stopped")
+
+
 def test_model_output_is_shown_as_text_never_run(browser, tmp_path):
     with serve(ScriptedEngine(HOSTILE_REPLY)) as port:
         page = open_chat(browser, f"http://127.0.0.1:{port}")

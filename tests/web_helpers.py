@@ -56,6 +56,7 @@ class ScriptedEngine:
         self.reply, self.model_id, self.delay = reply, model_id, delay
         self.description = f"{model_id} (scripted)"
         self.asked: list[list[dict]] = []
+        self.produced = 0  # pieces generated, over all requests
 
     def prompt_ids(self, messages: list[dict], max_tokens: int) -> list[int]:
         self.asked.append(messages)
@@ -64,6 +65,7 @@ class ScriptedEngine:
     def pieces(self, prompt_ids: list[int], settings) -> Iterator[str]:
         for start in range(0, len(self.reply), 3):
             time.sleep(self.delay)
+            self.produced += 1
             yield self.reply[start : start + 3]
 
     def score(self, samples: list) -> tuple[float, int]:
