@@ -24,8 +24,14 @@ from qwen_mlx.fsutil import disk_errors
 from qwen_mlx.model_files import require_model
 from qwen_mlx.run_dir import RUN_CONFIG, RunDir
 
-# What a resumed run may change: when and how often things happen, never what is computed.
+# What a resumed run may change: when and how often things happen, never what is computed,
+# and whole sections that training never reads (the distill step's settings).
 SAFE_ON_RESUME = ("training.max_steps", "training.eval_every", "training.save_every")
+UNUSED_BY_TRAINING = ("distill",)
+
+
+def _safe_on_resume(key: str) -> bool:
+    return key in SAFE_ON_RESUME or key.split(".", 1)[0] in UNUSED_BY_TRAINING
 
 
 def _check_inputs(cfg: Config) -> None:
@@ -52,7 +58,7 @@ def _resumed_config(
     cfg.output.dir = saved.output.dir  # --resume names the folder, whatever -c says
     if backend is not None and resolve(backend)[0] != resolve(saved.training.backend)[0]:
         cfg.training.backend = backend  # "auto" and the trainer it picks here are the same
-    unsafe = [c for c in changed_keys(saved, cfg) if c[0] not in SAFE_ON_RESUME]
+    unsafe = [c for c in changed_keys(saved, cfg) if not _safe_on_resume(c[0])]
     if unsafe:
         listed = ", ".join(f"{key} changed ({old} → {new})" for key, old, new in unsafe)
         raise UserError(

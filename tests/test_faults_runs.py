@@ -383,6 +383,8 @@ def test_a_resume_may_change_when_it_stops_saves_and_validates(halfway, straight
         "training.eval_every=1",
         "--set",
         "training.save_every=1",
+        "--set",
+        "distill.questions_per_chunk=2",  # the distill step's settings do not touch training
         "-c",
         run / "config.yaml",
     )
