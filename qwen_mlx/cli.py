@@ -14,39 +14,18 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from qwen_mlx import __version__, cli_models
+from qwen_mlx import __version__, cli_distill, cli_models
 from qwen_mlx.backends import CHOICES
-from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
-from qwen_mlx.config import PRESETS, DataConfig, TrainingConfig
-
-_config_option = click.option(
-    "-c",
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="Training config (default: ./config.yaml if present, else built-in defaults).",
+from qwen_mlx.cli_base import (
+    ErrorLineGroup,
+    config_option,
+    console,
+    default_config,
+    err_console,
+    preset_option,
+    set_option,
 )
-_preset_option = click.option(
-    "--preset",
-    type=click.Choice(list(PRESETS)),
-    default=None,
-    help="The seed's presets: quick (1 epoch, lr 1e-4), full (3, 5e-5), "
-    "enhanced (5, 3e-5, rank 32).",
-)
-_set_option = click.option(
-    "--set",
-    "overrides",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="Override one config key, e.g. --set training.num_epochs=1 (repeatable).",
-)
-
-
-def _default_config(path: Path | None) -> Path | None:
-    if path is not None:
-        return path
-    return Path("config.yaml") if Path("config.yaml").is_file() else None
+from qwen_mlx.config import DataConfig, TrainingConfig
 
 
 @click.group(cls=ErrorLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,9 +48,9 @@ for _command in cli_models.COMMANDS:
 
 
 @cli.command()
-@_config_option
-@_preset_option
-@_set_option
+@config_option
+@preset_option
+@set_option
 def check(config_path: Path | None, preset: str | None, overrides: tuple[str, ...]) -> None:
     """Check that training can start: config, model files, data, backend, memory.
 
@@ -79,7 +58,7 @@ def check(config_path: Path | None, preset: str | None, overrides: tuple[str, ..
     """
     from qwen_mlx.check import render, run_checks
 
-    findings = run_checks(_default_config(config_path), preset, overrides)
+    findings = run_checks(default_config(config_path), preset, overrides)
     if not render(findings, console):
         raise SystemExit(1)
 
@@ -107,6 +86,9 @@ def download(repo_id: str, local_dir: Path | None, revision: str | None) -> None
 @cli.group(cls=ErrorLineGroup)
 def data() -> None:
     """Prepare and inspect datasets (jsonl/json/csv/parquet/txt; chat, sharegpt, alpaca, …)."""
+
+
+data.add_command(cli_distill.data_distill)
 
 
 SHOWN_BAD_RECORDS = 20
@@ -271,15 +253,15 @@ def data_stats(
 
 
 @cli.command()
-@_config_option
+@config_option
 @click.option(
     "--backend",
     type=click.Choice(CHOICES),
     default=None,
     help="Trainer (default: training.backend from the config, normally auto).",
 )
-@_preset_option
-@_set_option
+@preset_option
+@set_option
 @click.option(
     "--resume",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
@@ -303,13 +285,9 @@ def train(
     from qwen_mlx.training_run import start
 
     # A resumed run starts from its own config.yaml; only an explicit -c is laid over it.
-    config = config_path if resume is not None else _default_config(config_path)
+    config = config_path if resume is not None else default_config(config_path)
     start(config, backend, preset, overrides, resume, console)
 
 
 def main() -> None:
     cli(prog_name="qwen-mlx")
-
-
-# Command modules that register themselves on `cli` when imported.
-from qwen_mlx import cli_distill  # noqa: E402, F401

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from qwen_mlx.cli import _config_option, _default_config, _set_option, console, data
+from qwen_mlx.cli_base import config_option, console, default_config, set_option
 
 
 def _print_plan(estimate: dict) -> None:
@@ -30,7 +30,7 @@ def _print_plan(estimate: dict) -> None:
     )
 
 
-@data.command("distill")
+@click.command("distill")
 @click.argument("docs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option(
     "-o",
@@ -63,8 +63,8 @@ def _print_plan(estimate: dict) -> None:
     is_flag=True,
     help="Only read and chunk: documents, chunks, estimated requests and tokens.",
 )
-@_config_option
-@_set_option
+@config_option
+@set_option
 def data_distill(docs, out_dir, dry_run, config_path, overrides, **options) -> None:
     """Distill rule documents (.md .txt .docx .pdf .html, or folders) into train/test Q&A.
 
@@ -82,7 +82,7 @@ def data_distill(docs, out_dir, dry_run, config_path, overrides, **options) -> N
         for key, v in options.items()
         if v is not None
     ]
-    cfg = load_config(_default_config(config_path), None, [*overrides, *flags])
+    cfg = load_config(default_config(config_path), None, [*overrides, *flags])
     result = distill(list(docs), out_dir, cfg, console, dry_run)
     if dry_run:
         _print_plan(result)

@@ -94,17 +94,18 @@ def test_command_modules_are_added_explicitly_not_by_import_side_effects():
     # cli_models must not need the group (nor register on it) when imported on its own, and
     # the CLI does not pull in numpy to list the export --quant choices.
     code = (
-        "import sys, qwen_mlx.cli_models\n"
+        "import sys, qwen_mlx.cli_models, qwen_mlx.cli_distill\n"
         "print('qwen_mlx.cli' in sys.modules)\n"
         "import qwen_mlx.cli\n"
         "print('numpy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
-    from qwen_mlx import cli_models
+    from qwen_mlx import cli_distill, cli_models
     from qwen_mlx.gguf_quants import QUANT_CHOICES
 
     assert all(cli.commands[command.name] is command for command in cli_models.COMMANDS)
+    assert cli.commands["data"].commands["distill"] is cli_distill.data_distill
     assert "|".join(QUANT_CHOICES) in CliRunner().invoke(cli, ["export", "--help"]).output
 
 
