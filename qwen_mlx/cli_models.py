@@ -336,17 +336,25 @@ def serve(
     default=None,
     help="JSONL whose text trains the tiny BPE tokenizer (default: built-in sample text).",
 )
+@click.option(
+    "--arch",
+    type=click.Choice(["qwen2", "qwen3"]),
+    default="qwen2",
+    show_default=True,
+    help="Model family: qwen2 (Qwen2.5-Instruct look-alike) or qwen3 (Qwen3, thinking template).",
+)
 @_force_option
-def tiny_model(out_dir: Path, data_file: Path | None, force: bool) -> None:
-    """Build the offline demo model: a tiny random-weight Qwen2 with a real tokenizer.
+def tiny_model(out_dir: Path, data_file: Path | None, arch: str, force: bool) -> None:
+    """Build the offline demo model: a tiny random-weight Qwen2 or Qwen3 with a real tokenizer.
 
-    Saved exactly like a downloaded Qwen2.5-Instruct folder, so every command can be tried
-    (and tested) without downloading anything. Its answers are noise until trained.
+    Saved exactly like a downloaded Qwen2.5-Instruct (or Qwen3) folder, so every command can be
+    tried (and tested) without downloading anything. Its answers are noise until trained.
     """
     from qwen_mlx.tiny import build_tiny_model
 
-    path = build_tiny_model(out_dir, data_file=data_file, force=force)
-    console.print(f"[green]✓[/] tiny Qwen2 model written to {path}", highlight=False)
+    path = build_tiny_model(out_dir, data_file=data_file, force=force, arch=arch)
+    name = arch.replace("qwen", "Qwen")
+    console.print(f"[green]✓[/] tiny {name} model written to {path}", highlight=False)
 
 
 COMMANDS = (fuse, export, adapter, eval_command, chat, serve, tiny_model)

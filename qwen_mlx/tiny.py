@@ -1,4 +1,4 @@
-"""Build a tiny, offline Qwen2.5-Instruct look-alike model folder.
+"""Build a tiny, offline Qwen2.5-Instruct (or Qwen3) look-alike model folder.
 
 The folder has the same files, tensor names, config keys, tokenizer structure and chat
 template as a downloaded Qwen2.5 model (0.5B/1.5B/3B: tied embeddings, bf16 weights), only
@@ -6,10 +6,11 @@ with a few hundred thousand random parameters and a small byte-level BPE vocabul
 on the user's data. Tests and demos run every backend, ``fuse`` and ``export`` on it through
 the same loading code a real model goes through, without network or a big download.
 
-The Qwen2 facts (tensor names and shapes, special tokens, split pattern, chat template)
-come from :mod:`qwen_mlx.families.qwen2`. Only numpy, tokenizers and qwen-mlx's own
-safetensors writer are used, so building it needs neither torch nor mlx and takes about a
-second.
+The family facts (tensor names and shapes, special tokens, split pattern, chat template)
+come from :mod:`qwen_mlx.families` (``arch="qwen3"``: q/k norms, no q/k/v bias, a
+``head_dim`` other than hidden/heads, ``<think>`` tokens and Qwen3's own chat template).
+Only numpy, tokenizers and qwen-mlx's own safetensors writer are used, so building it needs
+neither torch nor mlx and takes about a second.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from tokenizers import (
 )
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.families import QWEN2
+from qwen_mlx.families import FAMILIES, QWEN2, Family
 from qwen_mlx.fsutil import output_dir, write_json
 from qwen_mlx.tensor_io import save_tensors
 
@@ -40,8 +41,25 @@ ENDOFTEXT, IM_START, IM_END = QWEN2.document_end, QWEN2.turn_start, QWEN2.turn_e
 SPECIAL_TOKENS = QWEN2.special_tokens  # their ids follow the BPE vocabulary, in this order
 # safetensors dtype code of each dtype the builder writes.
 _DTYPES = {"bfloat16": "BF16", "float32": "F32"}
-# Written into config.json as Qwen2.5-3B-Instruct ships it, so the folder reads like a download.
-_SAVED_BY_TRANSFORMERS = "4.43.1"
+ARCHES = tuple(family.name for family in FAMILIES)  # tiny-model --arch choices
+# Written into config.json as Qwen2.5-3B-Instruct and Qwen3-0.6B ship it, so the folder reads
+# like a download.
+_SAVED_BY_TRANSFORMERS = {"qwen2": "4.43.1", "qwen3": "4.51.0"}
+# Each family's own config.json keys beyond the shapes (values as the smallest model ships them).
+_ARCH_CONFIG = {
+    "qwen2": {"max_position_embeddings": 32768, "sliding_window": 32768},
+    "qwen3": {
+        "attention_bias": False,
+        "max_position_embeddings": 40960,
+        "rope_scaling": None,
+        "sliding_window": None,
+    },
+}
+# generation_config.json sampling, as each family's Instruct model recommends.
+_SAMPLING = {
+    "qwen2": {"repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+    "qwen3": {"temperature": 0.6, "top_p": 0.95, "top_k": 20},
+}
 _VOCAB_MULTIPLE = 64
 
 # Mixed Chinese/English/digits/punctuation so the vocabulary covers what tests and demos type
@@ -87,8 +105,12 @@ def build_tiny_model(
     seed: int = 0,
     dtype: str = "bfloat16",
     force: bool = False,
+    arch: str = "qwen2",
 ) -> Path:
     """Write a complete tiny Qwen2.5-Instruct-style model folder to ``out_dir``; return it.
+
+    ``arch="qwen3"`` writes a Qwen3 instead, with ``head_dim`` twice hidden/heads so code that
+    assumes hidden/heads is caught.
 
     ``vocab_size`` is the most tokens the tokenizer gets (BPE vocabulary plus the 3 special
     tokens; a small corpus runs out of merges sooner). config.json's ``vocab_size`` pads the
@@ -99,9 +121,10 @@ def build_tiny_model(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
+    family = _family(arch)
     texts = read_corpus(data_file) if data_file is not None else []
-    tokenizer = train_tokenizer([*texts, *_BUILTIN_CORPUS], vocab_size)
-    ids = {tok: tokenizer.token_to_id(tok) for tok in SPECIAL_TOKENS}
+    tokenizer = train_tokenizer([*texts, *_BUILTIN_CORPUS], vocab_size, family)
+    ids = {tok: tokenizer.token_to_id(tok) for tok in _added(family)}
     dims = {
         "vocab_size": padded_vocab_size(tokenizer.get_vocab_size(with_added_tokens=True)),
         "hidden_size": hidden_size,
@@ -110,16 +133,30 @@ def build_tiny_model(
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
     }
-    weights = init_weights(np.random.default_rng(seed), dims)
+    if family.name == "qwen3":
+        dims["head_dim"] = 2 * hidden_size // num_heads
+    weights = init_weights(np.random.default_rng(seed), dims, family)
     out_dir = Path(out_dir)
     with output_dir(out_dir, "tiny-model", force) as tmp:
         save_tensors(tmp / "model.safetensors", weights, _DTYPES[dtype])
         tokenizer.save(str(tmp / "tokenizer.json"), pretty=True)
         tokenizer.model.save(str(tmp))  # vocab.json + merges.txt, as Qwen folders ship them
-        write_json(tmp / "config.json", _model_config(dims, ids, dtype))
-        write_json(tmp / "generation_config.json", _generation_config(ids))
-        write_json(tmp / "tokenizer_config.json", _tokenizer_config(ids))
+        write_json(tmp / "config.json", _model_config(family, dims, ids, dtype))
+        write_json(tmp / "generation_config.json", _generation_config(family, ids))
+        write_json(tmp / "tokenizer_config.json", _tokenizer_config(family, ids))
     return out_dir
+
+
+def _family(arch: str) -> Family:
+    for family in FAMILIES:
+        if family.name == arch:
+            return family
+    raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHES)}")
+
+
+def _added(family: Family) -> tuple[str, ...]:
+    """The added tokens, control tokens first, in the order their ids follow the BPE ones."""
+    return (*family.special_tokens, *family.text_tokens)
 
 
 # ---------------------------------------------------------------- data -> tokenizer
@@ -169,10 +206,12 @@ def _strings(value: object) -> Iterator[str]:
             yield from _strings(item)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> Tokenizer:
-    """Train a byte-level BPE with Qwen2's tokenizer.json structure and special tokens."""
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError("vocab_size must leave room for the 256 byte tokens and 3 specials")
+def train_tokenizer(texts: list[str], vocab_size: int = 2048, family: Family = QWEN2) -> Tokenizer:
+    """Train a byte-level BPE with Qwen2's tokenizer.json structure and the family's added
+    tokens (Qwen3 also has ``<think>`` and ``</think>``, added but not special)."""
+    added = _added(family)
+    if vocab_size < 256 + len(added):
+        raise ValueError("vocab_size must leave room for the 256 byte tokens and the added ones")
     bpe = {"continuing_subword_prefix": "", "end_of_word_suffix": ""}  # Qwen's values
     tokenizer = Tokenizer(models.BPE(unk_token=None, byte_fallback=False, **bpe))
     tokenizer.normalizer = normalizers.NFC()
@@ -186,7 +225,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> Tokenizer:
         add_prefix_space=False, trim_offsets=False, use_regex=False
     )
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
+        vocab_size=vocab_size - len(added),
         # The full byte alphabet means any text, even unseen scripts, still encodes.
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=[],
@@ -195,8 +234,11 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> Tokenizer:
     )
     tokenizer.train_from_iterator(texts, trainer, length=len(texts))
     tokenizer = _with_qwen_decoder(tokenizer)
-    tokenizer.add_special_tokens([_special(tok) for tok in SPECIAL_TOKENS])
-    _check_tokenizer(tokenizer)
+    tokenizer.add_special_tokens([_special(tok) for tok in family.special_tokens])
+    tokenizer.add_tokens(
+        [AddedToken(tok, special=False, normalized=False) for tok in family.text_tokens]
+    )
+    _check_tokenizer(tokenizer, added)
     return tokenizer
 
 
@@ -217,13 +259,13 @@ def _special(content: str) -> AddedToken:
     return AddedToken(content, special=True, normalized=False)
 
 
-def _check_tokenizer(tokenizer: Tokenizer) -> None:
+def _check_tokenizer(tokenizer: Tokenizer, added: tuple[str, ...]) -> None:
     # A broken vocabulary would only show up later as garbled chat output; fail here instead.
     sample = "报销细则 第3条：差旅费 1,234.50 元 (Travel), ok?\n"
     ids = tokenizer.encode(sample, add_special_tokens=False).ids
     if tokenizer.decode(ids, skip_special_tokens=False) != sample:
         raise RuntimeError("tiny tokenizer does not round-trip text; this is a qwen-mlx bug")
-    for tok in SPECIAL_TOKENS:
+    for tok in added:
         if len(tokenizer.encode(tok).ids) != 1:
             raise RuntimeError(f"tiny tokenizer splits {tok}; this is a qwen-mlx bug")
 
@@ -236,8 +278,10 @@ def padded_vocab_size(n_tokens: int) -> int:
 # ---------------------------------------------------------------- weights
 
 
-def init_weights(rng: np.random.Generator, config: dict[str, int]) -> dict[str, np.ndarray]:
-    """Random float32 tensors under Qwen2ForCausalLM's names and shapes (tied embeddings).
+def init_weights(
+    rng: np.random.Generator, config: dict[str, int], family: Family = QWEN2
+) -> dict[str, np.ndarray]:
+    """Random float32 tensors under the family's names and shapes (tied embeddings).
 
     Biases and norm weights are far from 0 and 1 so a converter that drops or misplaces
     them (GGUF export, fuse) changes the logits and a test notices. Matrices are scaled by
@@ -247,7 +291,7 @@ def init_weights(rng: np.random.Generator, config: dict[str, int]) -> dict[str, 
     """
     return {
         name: _initial(rng, name, shape)
-        for name, shape in QWEN2.tensor_shapes({"tie_word_embeddings": True, **config}).items()
+        for name, shape in family.tensor_shapes({"tie_word_embeddings": True, **config}).items()
     }
 
 
@@ -268,45 +312,41 @@ def _normal(rng: np.random.Generator, shape: tuple, std: float, mean: float = 0.
 # ---------------------------------------------------------------- json files
 
 
-def _model_config(dims: dict[str, int], ids: dict[str, int], dtype: str) -> dict:
+def _model_config(family: Family, dims: dict[str, int], ids: dict[str, int], dtype: str) -> dict:
     config = {
-        "architectures": ["Qwen2ForCausalLM"],
+        "architectures": list(family.architectures),
         "attention_dropout": 0.0,
         "bos_token_id": ids[ENDOFTEXT],
         "eos_token_id": ids[IM_END],
         "hidden_act": "silu",
         "initializer_range": 0.02,
-        "max_position_embeddings": 32768,
         "max_window_layers": dims["num_hidden_layers"],
-        "model_type": "qwen2",
+        "model_type": family.name,
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
-        "sliding_window": 32768,
         "tie_word_embeddings": True,
         "torch_dtype": dtype,
-        "transformers_version": _SAVED_BY_TRANSFORMERS,
+        "transformers_version": _SAVED_BY_TRANSFORMERS[family.name],
         "use_cache": True,
         "use_sliding_window": False,
+        **_ARCH_CONFIG[family.name],
         **dims,
     }
     return dict(sorted(config.items()))  # Qwen's config.json lists its keys alphabetically
 
 
-def _generation_config(ids: dict[str, int]) -> dict:
+def _generation_config(family: Family, ids: dict[str, int]) -> dict:
     return {
         "bos_token_id": ids[ENDOFTEXT],
         "pad_token_id": ids[ENDOFTEXT],
         "do_sample": True,
-        "eos_token_id": [ids[IM_END], ids[ENDOFTEXT]],
-        "repetition_penalty": 1.05,
-        "temperature": 0.7,
-        "top_p": 0.8,
-        "top_k": 20,
-        "transformers_version": _SAVED_BY_TRANSFORMERS,
+        "eos_token_id": [ids[token] for token in family.stop_tokens],
+        **_SAMPLING[family.name],
+        "transformers_version": _SAVED_BY_TRANSFORMERS[family.name],
     }
 
 
-def _tokenizer_config(ids: dict[str, int]) -> dict:
+def _tokenizer_config(family: Family, ids: dict[str, int]) -> dict:
     decoder = {
         str(ids[tok]): {
             "content": tok,
@@ -314,9 +354,9 @@ def _tokenizer_config(ids: dict[str, int]) -> dict:
             "normalized": False,
             "rstrip": False,
             "single_word": False,
-            "special": True,
+            "special": tok in family.special_tokens,
         }
-        for tok in SPECIAL_TOKENS
+        for tok in _added(family)
     }
     return {
         "add_bos_token": False,
@@ -324,7 +364,7 @@ def _tokenizer_config(ids: dict[str, int]) -> dict:
         "added_tokens_decoder": decoder,
         "additional_special_tokens": [IM_START, IM_END],
         "bos_token": None,
-        "chat_template": QWEN2.chat_template(),
+        "chat_template": family.chat_template(),
         "clean_up_tokenization_spaces": False,
         "eos_token": IM_END,
         "errors": "replace",

@@ -13,10 +13,11 @@ from typing import Any
 from qwen_mlx.errors import UserError
 from qwen_mlx.families.base import Family
 from qwen_mlx.families.qwen2 import QWEN2
+from qwen_mlx.families.qwen3 import QWEN3
 
-FAMILIES: tuple[Family, ...] = (QWEN2,)
+FAMILIES: tuple[Family, ...] = (QWEN2, QWEN3)
 
-__all__ = ["FAMILIES", "QWEN2", "Family", "family_of", "find_family", "supported"]
+__all__ = ["FAMILIES", "QWEN2", "QWEN3", "Family", "family_of", "find_family", "supported"]
 
 
 def supported() -> str:

@@ -37,10 +37,15 @@ class Family:
     default_system_prompt: str  # what the chat template inserts when there is no system turn
     chat_template_file: str  # the family's Jinja chat template, in qwen_mlx/templates
     ollama_template: str  # the same template in ollama's Go template language
+    # Added tokens that are ordinary text, not control tokens (Qwen3's <think> and </think>):
+    # one id each, but a chat template writes them as text, so message text may spell them.
+    text_tokens: tuple[str, ...] = ()
+    # Whether the template opens a think block (Qwen3): chat.enable_thinking applies to it.
+    thinks: bool = False
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
-        """The added tokens, in the order their ids follow the BPE vocabulary."""
+        """The added control tokens, in the order their ids follow the BPE vocabulary."""
         return (self.document_end, self.turn_start, self.turn_end)
 
     @property

@@ -1,0 +1,102 @@
+"""Qwen3 dense models (``Qwen3ForCausalLM``): shapes, tokens and chat-template facts.
+
+Against Qwen2, a decoder block has no q/k/v biases, an RMSNorm over each query and key head
+(``q_norm``, ``k_norm``, of ``head_dim``), and ``head_dim`` is given in config.json rather than
+hidden/heads (Qwen3-0.6B: 1024 hidden, 16 heads of 128). 0.6B–4B tie the output matrix to the
+embeddings, 8B does not. The tokenizer and split pattern are Qwen2's; ``<think>`` and
+``</think>`` are added tokens that the template writes as text. The chat template opens a
+think block in the last assistant turn: empty when thinking is off (``enable_thinking=False``),
+and it drops the reasoning of turns before the last question.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from qwen_mlx.families import qwen2
+from qwen_mlx.families.base import Family, Shapes
+
+# Go template (ollama) for a model tuned without reasoning: every reply opens with the empty
+# think block that enable_thinking=False renders, so the model answers straight away.
+OLLAMA_TEMPLATE = """{{- if .Messages }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}
+{{- range $i, $_ := .Messages }}
+{{- $last := eq (len (slice $.Messages $i)) 1 }}
+{{- if eq .Role "user" }}<|im_start|>user
+{{ .Content }}<|im_end|>
+{{ else if eq .Role "assistant" }}<|im_start|>assistant
+{{ if $last }}<think>
+
+</think>
+
+{{ end }}{{ .Content }}{{ if not $last }}<|im_end|>
+{{ end }}
+{{- end }}
+{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
+<think>
+
+</think>
+
+{{ end }}
+{{- end }}
+{{- else }}
+{{- if .System }}<|im_start|>system
+{{ .System }}<|im_end|>
+{{ end }}{{ if .Prompt }}<|im_start|>user
+{{ .Prompt }}<|im_end|>
+{{ end }}<|im_start|>assistant
+<think>
+
+</think>
+
+{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+
+
+def head_dim(config: dict[str, Any]) -> int:
+    """Width of one attention head: config.json's ``head_dim``, else hidden/heads."""
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def linear_shapes(config: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(in, out) of each linear layer of one decoder block (Qwen2's, with Qwen3's head_dim)."""
+    return qwen2.linear_shapes({**config, "head_dim": head_dim(config)})
+
+
+def tensor_shapes(config: dict[str, Any]) -> Shapes:
+    """Every tensor of a Qwen3ForCausalLM checkpoint: Qwen2's without the q/k/v biases, with
+    the per-head q/k norms after ``o_proj``; no ``lm_head`` when the embeddings are tied."""
+    width = head_dim(config)
+    shapes: Shapes = {}
+    for name, shape in qwen2.tensor_shapes({**config, "head_dim": width}).items():
+        if name.endswith(".bias"):
+            continue
+        shapes[name] = shape
+        if name.endswith("self_attn.o_proj.weight"):
+            prefix = name.removesuffix("o_proj.weight")
+            shapes[prefix + "q_norm.weight"] = (width,)
+            shapes[prefix + "k_norm.weight"] = (width,)
+    return shapes
+
+
+QWEN3 = Family(
+    name="qwen3",
+    description="Qwen3 dense models (model_type qwen3, Qwen3ForCausalLM: 0.6B to 32B, 2507)",
+    model_types=("qwen3",),
+    architectures=("Qwen3ForCausalLM",),
+    linear_shapes=linear_shapes,
+    tensor_shapes=tensor_shapes,
+    gguf_arch="QWEN3",
+    gguf_tokenizer="gpt2",
+    gguf_pre="qwen2",
+    split_pattern=qwen2.SPLIT_PATTERN,
+    document_end="<|endoftext|>",
+    turn_start="<|im_start|>",
+    turn_end="<|im_end|>",
+    default_system_prompt="",  # Qwen3's template adds no system turn of its own
+    chat_template_file="qwen3_chat_template.jinja",
+    ollama_template=OLLAMA_TEMPLATE,
+    text_tokens=("<think>", "</think>"),
+    thinks=True,
+)
