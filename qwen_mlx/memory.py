@@ -109,8 +109,11 @@ def estimate_training_memory(
     weight_bits = 32.0 if fp32 and quantization == "none" else BITS[quantization]
     tokens = max_seq_length * batch_size
     # Per token and layer, the backward pass keeps the inputs of the norms, attention and MLP
-    # projections (about 16 hidden-size and 6 intermediate-size vectors) without checkpointing.
-    activations = tokens * d["L"] * (16 * d["E"] + 6 * d["F"]) * act_bytes
+    # projections without checkpointing: about 12 hidden-size vectors, 4 as wide as the
+    # queries (hidden size for Qwen2; Qwen3's head_dim can make them wider) and 6
+    # intermediate-size ones.
+    queries = linear_shapes(config)["q_proj"][1]
+    activations = tokens * d["L"] * (12 * d["E"] + 4 * queries + 6 * d["F"]) * act_bytes
     return Estimate(
         layers=d["L"],
         layer_input=tokens * d["E"] * act_bytes,

@@ -136,3 +136,77 @@ def test_tiny_model_cli_builds_a_qwen3(tmp_path):
     assert result.exit_code == 0, result.output
     assert "tiny Qwen3 model" in result.output
     assert _config(tmp_path / "m")["model_type"] == "qwen3"
+
+
+# ---------------------------------------------------------------- unsupported architectures
+
+UNSUPPORTED = {  # model_type, architecture and (for wrappers) text_config as each one ships
+    "Qwen2-MoE": {"model_type": "qwen2_moe", "architectures": ["Qwen2MoeForCausalLM"]},
+    "Qwen3-MoE": {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"]},
+    "Qwen3-Next": {"model_type": "qwen3_next", "architectures": ["Qwen3NextForCausalLM"]},
+    "Qwen3.5": {
+        "model_type": "qwen3_5",
+        "architectures": ["Qwen3_5ForConditionalGeneration"],
+        "text_config": {"model_type": "qwen3_5_text", "layer_types": ["linear_attention"]},
+    },
+    "Qwen2.5-VL": {
+        "model_type": "qwen2_5_vl",
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(UNSUPPORTED))
+def test_unsupported_architectures_are_refused_by_check_train_and_export(
+    name, qwen3_dir, small_data, tmp_path, monkeypatch
+):
+    import shutil
+
+    from click.testing import CliRunner
+
+    from qwen_mlx.cli import cli
+    from tests.test_faults_inputs import one_error_line, settings
+
+    monkeypatch.chdir(tmp_path)
+    folder = shutil.copytree(qwen3_dir, tmp_path / "model")
+    config = {**_config(folder), **UNSUPPORTED[name]}
+    (folder / "config.json").write_text(json.dumps(config))
+    arch = UNSUPPORTED[name]["architectures"][0]
+    args = settings(folder, small_data, tmp_path)
+
+    checked = CliRunner().invoke(cli, ["check", *args])
+    assert checked.exit_code == 1
+    (failed,) = [line for line in checked.output.splitlines() if "unsupported" in line]
+    assert arch in failed and "Qwen3ForCausalLM" in checked.output
+    error = one_error_line(CliRunner().invoke(cli, ["train", *args]))
+    assert "unsupported architecture" in error and arch in error
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+    out = tmp_path / "model.gguf"
+    error = one_error_line(
+        CliRunner().invoke(cli, ["export", "--model", str(folder), "-o", str(out)])
+    )
+    assert arch in error and "Qwen3ForCausalLM" in error and "Qwen2ForCausalLM" in error
+    assert not out.exists() and not list(tmp_path.glob("*.gguf*"))
+
+
+# ---------------------------------------------------------------- memory estimate
+
+
+def test_memory_estimate_counts_qwen3_0_6b_and_its_wide_attention():
+    from qwen_mlx.memory import estimate_training_memory, parameter_count
+
+    # Qwen3-0.6B's model card: 0.6B parameters, 0.44B of them outside the embeddings.
+    embeddings = 151936 * 1024
+    assert round(parameter_count(QWEN3_06B) / 1e9, 2) == 0.60
+    assert round((parameter_count(QWEN3_06B) - embeddings) / 1e9, 2) == 0.44
+
+    def activations(config):
+        settings = {"rank": 8, "targets": ["q_proj"], "max_seq_length": 1024, "batch_size": 1}
+        return estimate_training_memory(config, quantization="none", **settings).parts[
+            "activations"
+        ]
+
+    # 16 heads of 128 make the queries twice the hidden size: more to keep than if head_dim
+    # were hidden/heads.
+    narrow = {**QWEN3_06B, "head_dim": 64}
+    assert activations(QWEN3_06B) > activations(narrow)
