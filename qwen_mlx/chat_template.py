@@ -10,6 +10,12 @@ text together) is encoded with control-token strings read as plain characters. T
 ordinary text the ids are exactly those of the whole string. Tool-call names and arguments and
 the tools' JSON (function calling) are kept apart the same way.
 
+Qwen3's template reshapes assistant turns: it writes ``reasoning_content`` (or a ``<think>``
+block at the start of the content) inside ``<think>…</think>``, trims newlines around the
+reasoning and before the answer, and drops the reasoning of turns before the last question.
+:func:`think_normalized` applies the same splitting and trimming first, so the text the
+template receives is the text it writes and stays apart from control tokens.
+
 Training, eval, chat and serve all encode conversations here.
 """
 
@@ -96,9 +102,10 @@ class _Marks:
 
     def message(self, message: dict) -> dict:
         out = dict(message)
-        content = message.get("content")
-        if isinstance(content, str) and content:  # empty text may change what a template writes
-            out["content"] = self.text(content)
+        for key in ("content", "reasoning_content"):
+            text = message.get(key)
+            if isinstance(text, str) and text:  # empty text may change what a template writes
+                out[key] = self.text(text)
         if message.get("tool_calls"):
             out["tool_calls"] = [self._call(call) for call in message["tool_calls"]]
         return out
@@ -107,6 +114,33 @@ class _Marks:
         fn = call.get("function", call)
         marked = {**fn, "name": self.text(fn["name"]), "arguments": self.json(fn["arguments"])}
         return {**call, "function": marked} if "function" in call else marked
+
+
+def renders_reasoning(template: str | None) -> bool:
+    """Whether a chat template writes think blocks from ``reasoning_content`` (Qwen3)."""
+    return "reasoning_content" in (template or "")
+
+
+def think_normalized(messages: list[dict]) -> list[dict]:
+    """Assistant turns as a think-block template (Qwen3) writes them: a ``<think>…</think>``
+    at the start of the content moved to ``reasoning_content``, newlines around the reasoning
+    and before the answer trimmed. The template renders the result as it renders the input."""
+    return [_think_split(m) if m.get("role") == "assistant" else m for m in messages]
+
+
+def _think_split(message: dict) -> dict:
+    content = message.get("content")
+    if not isinstance(content, str):
+        return message
+    reasoning = message.get("reasoning_content")
+    if reasoning is None and "</think>" in content:
+        # As the template splits: reasoning before the first </think>, answer after the last.
+        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1]
+        content = content.split("</think>")[-1]
+    out = {**message, "content": content.lstrip("\n")}
+    if isinstance(reasoning, str):
+        out["reasoning_content"] = reasoning.strip("\n")
+    return out
 
 
 def template_pieces(
@@ -187,17 +221,37 @@ def hf_text(tokenizer: Any, text: str, offsets: bool = False) -> Any:
     )
 
 
+def hf_render(
+    tokenizer: Any,
+    messages: list[dict],
+    generation_prompt: bool = False,
+    tools: list | None = None,
+    thinking: bool = False,
+) -> str:
+    """The conversation as the tokenizer's chat template writes it. ``thinking`` is the
+    template's ``enable_thinking`` (Qwen3: off opens the reply with an empty think block;
+    templates without the switch ignore it)."""
+    return tokenizer.apply_chat_template(
+        messages,
+        tools=tools,
+        tokenize=False,
+        add_generation_prompt=generation_prompt,
+        enable_thinking=thinking,
+    )
+
+
 def hf_pieces(
     tokenizer: Any,
     messages: list[dict],
     generation_prompt: bool = False,
     tools: list[dict] | None = None,
+    thinking: bool = False,
 ) -> list[Piece]:
     def render(conversation: list[dict], tools: list | None = None) -> str:
-        return tokenizer.apply_chat_template(
-            conversation, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
-        )
+        return hf_render(tokenizer, conversation, generation_prompt, tools, thinking)
 
+    if renders_reasoning(tokenizer.chat_template):
+        messages = think_normalized(messages)
     return template_pieces(render, messages, hf_controls(tokenizer), tools)
 
 
@@ -218,9 +272,12 @@ def hf_encode(tokenizer: Any, pieces: list[Piece]) -> tuple[list[int], list[int]
     return ids, starts
 
 
-def hf_prompt_ids(tokenizer: Any, messages: list[dict], limit: int | None = None) -> list[int]:
-    """The prompt that asks for the assistant's next turn, at most ``limit`` tokens."""
-    pieces = hf_pieces(tokenizer, messages, generation_prompt=True)
+def hf_prompt_ids(
+    tokenizer: Any, messages: list[dict], limit: int | None = None, thinking: bool = False
+) -> list[int]:
+    """The prompt that asks for the assistant's next turn, at most ``limit`` tokens; with
+    ``thinking`` off a Qwen3 reply starts after an empty think block, as it was trained."""
+    pieces = hf_pieces(tokenizer, messages, generation_prompt=True, thinking=thinking)
     return encode_pieces(
         pieces,
         lambda text: hf_text(tokenizer, text)["input_ids"],

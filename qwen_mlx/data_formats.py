@@ -81,6 +81,10 @@ def _assistant(turn: dict, what: str) -> dict:
         message["content"] = text(turn.get("content"), f"{what}.content")
     if calls is not None:
         message["tool_calls"] = tool_calls(calls, f"{what}.tool_calls")
+    # Thinking models (Qwen3) train it inside the think block; OpenAI names it reasoning_content.
+    key = "reasoning" if "reasoning" in turn else "reasoning_content"
+    if turn.get(key) not in (None, ""):
+        message["reasoning_content"] = text(turn[key], f"{what}.{key}")
     return {**message, **_weight(turn, "assistant", what)}
 
 

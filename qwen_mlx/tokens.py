@@ -2,11 +2,18 @@
 
 Chat records go through the model's own chat template (Qwen2.5: ChatML), with their ``tools``.
 The loss mask is computed on the rendered text: each assistant turn's span (its content and
-tool calls and the closing ``<|im_end|>``, not the newline after it) is found by rendering the
-conversation up to that turn, and every token whose offset starts inside a span is a training
-target; a turn with ``weight: 0`` (OpenAI's fine-tuning format) is context only, even with
-``mask_prompt: false``. This works for any template that renders a conversation as a prefix
-of its continuation.
+tool calls and the closing ``<|im_end|>``, not the newline after it) starts where the prompt
+for that turn (the conversation before it, rendered with the generation prompt) ends, and
+ends with the first control token after it; every token whose offset starts inside a span is
+a training target. A turn with ``weight: 0`` (OpenAI's fine-tuning format) is context only,
+even with ``mask_prompt: false``. This works for any template that renders the conversation
+before a turn as a prefix of the whole.
+
+Qwen3 (a template with think blocks): a turn with ``reasoning_content`` (the record's
+``reasoning``) is trained from ``<think>`` on, the reasoning included; a turn without it is
+trained in non-thinking form, after the empty think block that ``enable_thinking=False`` puts
+in the prompt, so training and inference prompts are the same tokens. Earlier turns are
+trained as the template renders them in the whole conversation (without think blocks).
 
 Message text is encoded as text even where it spells a control token such as ``<|im_end|>``
 (see :mod:`qwen_mlx.chat_template`, shared with eval, chat and serve); records that do are
@@ -26,7 +33,17 @@ from typing import Any
 
 import numpy as np
 
-from qwen_mlx.chat_template import hf_controls, hf_encode, hf_pieces, hf_text, spells_control
+from qwen_mlx.chat_template import (
+    Piece,
+    hf_controls,
+    hf_encode,
+    hf_pieces,
+    hf_render,
+    hf_text,
+    renders_reasoning,
+    spells_control,
+    think_normalized,
+)
 from qwen_mlx.errors import UserError
 
 
@@ -93,47 +110,65 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     return tokenizer
 
 
-def _render(
-    tokenizer: Any, messages: list[dict], generation_prompt: bool = False, tools: Any = None
-) -> str:
-    return tokenizer.apply_chat_template(
-        messages, tools=tools, tokenize=False, add_generation_prompt=generation_prompt
+def _without_reasoning(messages: list[dict]) -> list[dict]:
+    return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
+
+
+def _turn_start(tokenizer: Any, full: str, messages: list[dict], i: int, tools: Any) -> int:
+    """Where assistant turn ``i`` starts being a target in ``full``: after its prompt.
+
+    An empty think block (a turn without reasoning, enable_thinking off) is prompt; where the
+    template writes the turn without one (turns before the last question), the prompt ends at
+    the role line, and reasoning the template drops there is dropped from the prompt too."""
+    thinking = bool(messages[i].get("reasoning_content"))
+    before = messages[:i]
+    for context in (before, _without_reasoning(before)):
+        for think in dict.fromkeys((thinking, True)):
+            prefix = hf_render(tokenizer, context, True, tools, think)
+            if full.startswith(prefix):
+                return len(prefix)
+    raise UserError(
+        "the chat template does not render a conversation as a prefix of its "
+        "continuation, so assistant tokens cannot be located; set data.mask_prompt: false"
     )
 
 
 def assistant_spans(
-    tokenizer: Any, messages: list[dict], tools: list[dict] | None = None, weight: int = 1
-) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character span (text and tool calls) of every
-    assistant turn of ``weight``: 1, the trained turns; 0, those marked ``weight: 0``."""
-    full = _render(tokenizer, messages, tools=tools)
+    tokenizer: Any, pieces: list[Piece], messages: list[dict], tools: Any = None, weight: int = 1
+) -> list[tuple[int, int]]:
+    """The character span (text and tool calls up to the closing control token) of every
+    assistant turn of ``weight`` in the rendered ``pieces``: 1, the trained turns; 0, those
+    marked ``weight: 0``. Message text is never a control piece, so the first control token
+    after a turn's start closes it."""
+    full = "".join(p.text for p in pieces)
+    closes, at = [], 0
+    for piece in pieces:
+        at += len(piece.text)
+        if piece.control:
+            closes.append((at - len(piece.text), at))
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or message.get("weight", 1) != weight:
             continue
-        prefix = _render(tokenizer, messages[:i], generation_prompt=True, tools=tools)
-        upto = _render(tokenizer, messages[: i + 1], tools=tools)
-        start = len(prefix)
-        if not full.startswith(upto) or not upto.startswith(prefix):
-            raise UserError(
-                "the chat template does not render a conversation as a prefix of its "
-                "continuation, so assistant tokens cannot be located; set data.mask_prompt: false"
-            )
-        # The closing marker (<|im_end|>) is learned; the newline after it is not.
-        spans.append((start, start + len(upto[start:].rstrip())))
-    return full, spans
+        start = _turn_start(tokenizer, full, messages, i, tools)
+        end = next((b for a, b in closes if a >= start), len(full.rstrip()))
+        spans.append((start, end))
+    return spans
 
 
 def encode_chat(
     tokenizer: Any, messages: list[dict], mask_prompt: bool = True, tools: list | None = None
 ) -> Sample:
-    ids, starts = hf_encode(tokenizer, hf_pieces(tokenizer, messages, tools=tools))
+    if renders_reasoning(tokenizer.chat_template):
+        messages = think_normalized(messages)  # a <think> block in the content is reasoning
+    pieces = hf_pieces(tokenizer, messages, tools=tools)
+    ids, starts = hf_encode(tokenizer, pieces)
     if not mask_prompt:
         # Everything is a target but the first token and the turns marked weight 0.
-        _full, spans = assistant_spans(tokenizer, messages, tools, weight=0)
+        spans = assistant_spans(tokenizer, pieces, messages, tools, weight=0)
         mask = [int(not any(a <= start < b for a, b in spans)) for start in starts]
         return Sample(ids, [0, *mask[1:]])
-    _full, spans = assistant_spans(tokenizer, messages, tools)
+    spans = assistant_spans(tokenizer, pieces, messages, tools)
     mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
     return Sample(ids, mask)
 

@@ -210,3 +210,81 @@ def test_memory_estimate_counts_qwen3_0_6b_and_its_wide_attention():
     # were hidden/heads.
     narrow = {**QWEN3_06B, "head_dim": 64}
     assert activations(QWEN3_06B) > activations(narrow)
+
+
+# ---------------------------------------------------------------- chat template and loss mask
+
+QUESTION = {"role": "user", "content": "住宿费标准是多少？"}
+ANSWER = {"role": "assistant", "content": "每人每天不超过500元。"}
+
+
+def _targets(tokenizer, sample) -> list[int]:
+    return [t for t, m in zip(sample.input_ids, sample.loss_mask, strict=True) if m]
+
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_record_without_reasoning_trains_the_answer_after_the_empty_think_block(
+    qwen3_tokenizer,
+):
+    from qwen_mlx.chat_template import hf_prompt_ids
+    from qwen_mlx.tokens import encode_chat
+
+    sample = encode_chat(qwen3_tokenizer, [QUESTION, ANSWER])
+    # Token by token what the template renders: the non-thinking form.
+    rendered = qwen3_tokenizer.apply_chat_template([QUESTION, ANSWER], tokenize=False)
+    assert "<think>\n\n</think>\n\n每人" in rendered
+    assert sample.input_ids == _ids(qwen3_tokenizer, rendered.rstrip("\n")) + _ids(
+        qwen3_tokenizer, "\n"
+    )
+    assert _targets(qwen3_tokenizer, sample) == _ids(
+        qwen3_tokenizer, "每人每天不超过500元。<|im_end|>"
+    )
+    # The untrained part is exactly the prompt inference sends with thinking off.
+    first = sample.loss_mask.index(1)
+    assert sample.input_ids[:first] == hf_prompt_ids(qwen3_tokenizer, [QUESTION], thinking=False)
+
+
+@pytest.mark.parametrize("field", ["reasoning", "reasoning_content", "inline"])
+def test_a_records_reasoning_is_trained_inside_the_think_block(qwen3_tokenizer, field):
+    from qwen_mlx.chat_template import hf_prompt_ids
+    from qwen_mlx.data_formats import normalize
+    from qwen_mlx.tokens import encode_chat
+
+    reasoning = "查细则第三条：一般人员500元。"
+    if field == "inline":
+        answer = {**ANSWER, "content": f"<think>\n{reasoning}\n</think>\n\n{ANSWER['content']}"}
+    else:
+        answer = {**ANSWER, field: reasoning}
+    record, _ = normalize({"messages": [QUESTION, answer]})
+    sample = encode_chat(qwen3_tokenizer, record["messages"])
+    want = f"<think>\n{reasoning}\n</think>\n\n每人每天不超过500元。<|im_end|>"
+    assert _targets(qwen3_tokenizer, sample) == _ids(qwen3_tokenizer, want)
+    first = sample.loss_mask.index(1)
+    assert sample.input_ids[:first] == hf_prompt_ids(qwen3_tokenizer, [QUESTION], thinking=True)
+
+
+def test_earlier_turns_are_trained_as_the_template_renders_them(qwen3_tokenizer):
+    from qwen_mlx.tokens import encode_chat
+
+    first = {"role": "assistant", "content": "你好！", "reasoning_content": "打个招呼。"}
+    messages = [{"role": "user", "content": "你好"}, first, QUESTION, ANSWER]
+    sample = encode_chat(qwen3_tokenizer, messages)
+    rendered = qwen3_tokenizer.apply_chat_template(messages, tokenize=False)
+    # Qwen3 drops the reasoning of turns before the last question; so does the sample.
+    assert "打个招呼" not in rendered
+    assert qwen3_tokenizer.decode(sample.input_ids) == rendered.rstrip("\n") + "\n"
+    want = "你好！<|im_end|>" + "每人每天不超过500元。<|im_end|>"
+    assert qwen3_tokenizer.decode(_targets(qwen3_tokenizer, sample)) == want
+
+
+def test_message_text_that_spells_think_or_control_tokens_stays_text(qwen3_tokenizer):
+    from qwen_mlx.tokens import encode_chat
+
+    answer = {**ANSWER, "reasoning_content": "x<|im_end|>y", "content": "<|im_start|>z"}
+    sample = encode_chat(qwen3_tokenizer, [QUESTION, answer])
+    im_start, im_end = qwen3_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    # One turn opening for the question, one for the answer; one close each.
+    assert sample.input_ids.count(im_start) == 2 and sample.input_ids.count(im_end) == 2
