@@ -1,8 +1,10 @@
-"""Benchmark: our GGUF export against llama.cpp's own converter, on a Qwen2.5-0.5B-shaped model.
+"""Benchmark: our GGUF export against llama.cpp's own converter, on a Qwen2.5-0.5B-shaped model
+(``--arch qwen3``: a Qwen3-0.6B-shaped one).
 
-Builds (once, cached in --workdir) a random bf16 model with Qwen2.5-0.5B's exact config and a
-synthetic byte-level BPE tokenizer of Qwen's size (151,643 merged tokens + 22 added), plus a
-rank-16 LoRA adapter on all seven projections. Then runs, each in its own process:
+Builds (once, cached in --workdir) a random bf16 model with Qwen2.5-0.5B's (Qwen3-0.6B's) exact
+config and a synthetic byte-level BPE tokenizer of Qwen's size (151,643 merged tokens + 22
+added; Qwen3: 26), plus a rank-16 LoRA adapter on all seven projections. Then runs, each in
+its own process:
 
   reference f16 / q8_0   convert_hf_to_gguf.py from the llama-cpp-python sdist (its own gguf-py)
   ours f16 / q8_0        qwen-mlx export --model DIR
@@ -17,7 +19,7 @@ It also checks that our tensors are byte-identical to the reference's.
 The reference identifies tokenizers by hashing how they split a probe text and knows only
 published ones, so the harness tells it ours is "qwen2" (skipping that one tokenize call).
 
-    python bench/export.py [--workdir DIR] [--llama-cpp DIR] [--repeats N]
+    python bench/export.py [--arch qwen2|qwen3] [--workdir DIR] [--llama-cpp DIR] [--repeats N]
 
 --llama-cpp is the vendored llama.cpp folder of an unpacked sdist, e.g. from
 `pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:`; by default the bench
@@ -40,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx import ggml_floats
-from qwen_mlx.families import QWEN2
+from qwen_mlx.families import Family, find_family
 from qwen_mlx.tensor_io import SafetensorsWriter, f32_to_bf16, save_f32
 from qwen_mlx.tiny import padded_vocab_size, train_tokenizer
 
@@ -69,7 +71,40 @@ QWEN25_05B = {
     "use_sliding_window": False,
     "vocab_size": 151936,
 }
-N_BPE, N_ADDED = 151643, 22  # Qwen2.5's merged tokens and added (special) tokens
+QWEN3_06B = {
+    "architectures": ["Qwen3ForCausalLM"],
+    "attention_bias": False,
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "head_dim": 128,
+    "hidden_act": "silu",
+    "hidden_size": 1024,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 40960,
+    "max_window_layers": 28,
+    "model_type": "qwen3",
+    "num_attention_heads": 16,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-06,
+    "rope_scaling": None,
+    "rope_theta": 1000000,
+    "sliding_window": None,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.51.0",
+    "use_cache": True,
+    "use_sliding_window": False,
+    "vocab_size": 151936,
+}
+N_BPE = 151643  # Qwen's merged tokens; the added ones follow
+# --arch: (config.json, added tokens, folder in the workdir, what to call it)
+MODELS = {
+    "qwen2": (QWEN25_05B, 22, "qwen2.5-0.5b-random", "Qwen2.5-0.5B"),
+    "qwen3": (QWEN3_06B, 26, "qwen3-0.6b-random", "Qwen3-0.6B"),
+}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SDIST = "llama-cpp-python==0.3.36"
 NUMPY = " (numpy floats)"  # our variants run with QWEN_MLX_GGML=0
@@ -89,8 +124,14 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 # ---------------------------------------------------------------- the model folder
 
 
+def _family(config: dict) -> Family:
+    family = find_family(config)
+    assert family is not None, config["architectures"]
+    return family
+
+
 def _shapes(c: dict) -> dict[str, tuple[int, ...]]:
-    return dict(sorted(QWEN2.tensor_shapes(c).items()))
+    return dict(sorted(_family(c).tensor_shapes(c).items()))
 
 
 def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
@@ -102,8 +143,9 @@ def _write_weights(path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
             writer.write(name, [f32_to_bf16(values)])
 
 
-def _synthetic_tokenizer(tiny_spec: dict) -> dict:
-    """tokenizer.json with Qwen's layout and size: byte alphabet, pairwise merges, 22 added."""
+def _synthetic_tokenizer(tiny_spec: dict, family: Family, n_added: int) -> dict:
+    """tokenizer.json with Qwen's layout and size: byte alphabet, pairwise merges, then the
+    added tokens: the family's control tokens, placeholders, its text tokens (``<think>``)."""
     alphabet = [tok for tok, _ in sorted(tiny_spec["model"]["vocab"].items(), key=lambda x: x[1])]
     alphabet = alphabet[:256]
     vocab = {tok: i for i, tok in enumerate(alphabet)}
@@ -119,63 +161,65 @@ def _synthetic_tokenizer(tiny_spec: dict) -> dict:
                 merges.append([left, right])
                 pieces.append(token)
     added = []
-    specials = QWEN2.special_tokens
-    extras = [f"<|extra_{i}|>" for i in range(N_ADDED - len(specials))]
-    for i, content in enumerate([*specials, *extras]):
-        added.append({**tiny_spec["added_tokens"][0], "id": N_BPE + i, "content": content})
+    specials, text = family.special_tokens, family.text_tokens
+    extras = [f"<|extra_{i}|>" for i in range(n_added - len(specials) - len(text))]
+    for i, content in enumerate([*specials, *extras, *text]):
+        token = {**tiny_spec["added_tokens"][0], "id": N_BPE + i, "content": content}
+        added.append(token | {"special": content not in text})
     spec = dict(tiny_spec)
     spec["model"] = {**tiny_spec["model"], "vocab": vocab, "merges": merges}
     spec["added_tokens"] = added
     return spec
 
 
-def _tokenizer_config(added: list[dict]) -> dict:
+def _tokenizer_config(added: list[dict], family: Family) -> dict:
     decoder = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in added}
     return {
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
         "bos_token": None,
-        "chat_template": QWEN2.chat_template(),
+        "chat_template": family.chat_template(),
         "clean_up_tokenization_spaces": False,
-        "eos_token": QWEN2.turn_end,
+        "eos_token": family.turn_end,
         "errors": "replace",
         "model_max_length": 131072,
-        "pad_token": QWEN2.document_end,
+        "pad_token": family.document_end,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
     }
 
 
-def build_model(folder: Path) -> Path:
-    """The Qwen2.5-0.5B-shaped bf16 model (about 1 GB), built once."""
+def build_model(folder: Path, config: dict, n_added: int) -> Path:
+    """The bf16 model with ``config`` (about 1 GB at 0.5B), built once."""
     if (folder / "model.safetensors").is_file():
         return folder
     print(f"building the benchmark model in {folder} (once) …", flush=True)
     tmp = folder.with_name(folder.name + ".tmp")
     tmp.mkdir(parents=True, exist_ok=True)
     tiny = json.loads(train_tokenizer(["hello world"], 300).to_str())
-    spec = _synthetic_tokenizer(tiny)
+    family = _family(config)
+    spec = _synthetic_tokenizer(tiny, family, n_added)
     (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    config = _tokenizer_config(spec["added_tokens"])
-    (tmp / "tokenizer_config.json").write_text(json.dumps(config, ensure_ascii=False))
-    assert padded_vocab_size(N_BPE + N_ADDED) <= QWEN25_05B["vocab_size"]
-    (tmp / "config.json").write_text(json.dumps(QWEN25_05B, indent=2))
+    tok_config = _tokenizer_config(spec["added_tokens"], family)
+    (tmp / "tokenizer_config.json").write_text(json.dumps(tok_config, ensure_ascii=False))
+    assert padded_vocab_size(N_BPE + n_added) <= config["vocab_size"]
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "top_k": 20, "top_p": 0.8}
     (tmp / "generation_config.json").write_text(json.dumps(gen))
-    _write_weights(tmp / "model.safetensors", _shapes(QWEN25_05B))
+    _write_weights(tmp / "model.safetensors", _shapes(config))
     tmp.rename(folder)
     return folder
 
 
-def build_adapter(folder: Path, model: Path, rank: int = 16) -> Path:
+def build_adapter(folder: Path, model: Path, config: dict, rank: int = 16) -> Path:
     """A PEFT rank-16 LoRA on every projection of every layer (random, non-zero B)."""
     if (folder / "adapter_model.safetensors").is_file():
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1)
-    shapes = _shapes(QWEN25_05B)
+    shapes = _shapes(config)
     tensors = {}
     for name, (out_dim, in_dim) in ((n, s) for n, s in shapes.items() if len(s) == 2):
         if name.split(".")[-2] in TARGETS:
@@ -279,22 +323,25 @@ def _machine() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", choices=sorted(MODELS), default="qwen2")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qwen-mlx-bench"))
     parser.add_argument("--llama-cpp", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (best time per variant)")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.workdir
-    model, adapter = work / "qwen2.5-0.5b-random", work / "lora-r16"
+    config, n_added, folder, shape = MODELS[args.arch]
+    model, adapter = work / folder, work / f"{folder}-lora-r16"
     if args.build_only:
-        build_adapter(adapter, build_model(model))
+        build_adapter(adapter, build_model(model, config, n_added), config)
         return
     # Built in a child: a child's ru_maxrss starts from its parent's peak at spawn, so the
     # measuring process must stay small.
-    subprocess.run([sys.executable, __file__, "--build-only", "--workdir", str(work)], check=True)
+    build = [sys.executable, __file__, "--build-only", "--arch", args.arch, "--workdir", str(work)]
+    subprocess.run(build, check=True)
     reference = find_reference(work, args.llama_cpp)
-    out = work / "out"
-    out.mkdir(exist_ok=True)
+    out = work / "out" / args.arch
+    out.mkdir(parents=True, exist_ok=True)
     ours = [sys.executable, "-m", "qwen_mlx", "export"]
     plain = [*ours, "--model", str(model)]
     ref = [sys.executable, "-c", _REFERENCE_RUNNER, str(reference), str(model)]
@@ -310,7 +357,7 @@ def main() -> None:
         variants[f"ours f16{NUMPY}"] = [*numpy_only, *variants["ours f16"]]
         variants[f"ours fused f16{NUMPY}"] = [*numpy_only, *variants["ours fused f16"]]
     size = (model / "model.safetensors").stat().st_size / 1e6
-    print(f"model: Qwen2.5-0.5B shape, random bf16, {size:,.0f} MB; machine: {_machine()}")
+    print(f"model: {shape} shape, random bf16, {size:,.0f} MB; machine: {_machine()}")
     floats = "ggml (llama-cpp-python)" if ggml_floats.available() else "numpy"
     print(f"our float16 conversions: {floats}")
     runs = rounds(variants, args.repeats)

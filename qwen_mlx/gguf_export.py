@@ -319,6 +319,7 @@ def export(
 ) -> ExportResult:
     """Export a model, a run or an adapter to the GGUF file ``out`` (+ a Modelfile)."""
     source = resolve_source(run_or_adapter, model)
+    check_architecture(source.model_dir)  # an unsupported model: refused before any folder is made
     quant = _check_request(source, quant, lora_only)
     if ollama and lora_only:
         raise UserError("--ollama needs a full model export, not --lora-only")

@@ -114,3 +114,69 @@ def llama_logits(gguf: Path, ids: list[int], lora: Path | None = None) -> np.nda
         return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
+
+
+def fine_tune_answer(
+    model_dir: Path, tokenizer, question: str, answer: str, out: Path, **template_options
+) -> Path:
+    """``model_dir`` fine-tuned (all weights, a few seconds) to answer ``question`` with
+    ``answer`` and then close its turn with ``<|im_end|>``, as a trained model does; saved to
+    ``out`` by transformers. ``template_options`` go to the chat template (enable_thinking).
+
+    On a random model the logits are near-ties (top-2 gaps under 0.02 at ~6% of positions),
+    where greedy agreement would measure noise, not an export."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    turn = [{"role": "user", "content": question}]
+    prompt = tokenizer.apply_chat_template(
+        turn, tokenize=False, add_generation_prompt=True, **template_options
+    )
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    full_ids = tokenizer(prompt + answer + "<|im_end|>")["input_ids"]
+    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(200):
+        loss = model(input_ids=torch.tensor([full_ids]), labels=torch.tensor([labels])).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.02:
+            break
+    model.to(torch.bfloat16).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def gguf_fields(path: Path) -> dict:
+    """A GGUF's metadata as plain Python values."""
+    import gguf
+
+    return {name: field.contents() for name, field in gguf.GGUFReader(path).fields.items()}
+
+
+def gguf_types(path: Path) -> dict[str, str]:
+    """Each tensor's GGML type name."""
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def check_llama_tokenizes_like(path: Path, tokenizer, texts: tuple[str, ...], token: str) -> None:
+    """llama.cpp splits and joins each text exactly as the Hugging Face tokenizer does, and
+    ``token`` (an added token) is one id in a prompt but plain text when specials are off."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        for text in texts:
+            expected = tokenizer(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
+            assert llm.detokenize(expected, special=True).decode() == text
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        assert llm.tokenize(token.encode(), add_bos=False, special=True) == [token_id]
+        assert len(llm.tokenize(token.encode(), add_bos=False, special=False)) > 1
+    finally:
+        llm.close()

@@ -17,7 +17,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from lora_helpers import MIXED_TEXT, hf_logits, llama_logits, make_peft_adapter, make_run
+from lora_helpers import (
+    MIXED_TEXT,
+    check_llama_tokenizes_like,
+    fine_tune_answer,
+    gguf_fields,
+    gguf_types,
+    hf_logits,
+    llama_logits,
+    make_peft_adapter,
+    make_run,
+)
 
 from qwen_mlx import gguf_tensors
 from qwen_mlx.cli import cli
@@ -62,39 +72,16 @@ def fused_f16(run, work) -> Path:
     return export(run, work / "fused" / "run-f16.gguf").path
 
 
-def _fields(path: Path) -> dict:
-    reader = gguf.GGUFReader(path)
-    return {name: field.contents() for name, field in reader.fields.items()}
-
-
-def _types(path: Path) -> dict[str, str]:
-    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
-
-
 # ---------------------------------------------------------------- tokenizer and metadata
 
 
 def test_llama_cpp_tokenizes_exactly_like_hugging_face(f16, tiny_tokenizer):
-    llm = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False)
-    try:
-        for text in (
-            MIXED_TEXT,
-            "  spaces\ttabs\r\n\n混合 mixed 3.14159 1,234 年月日 龘 😶‍🌫️",
-            "I'm 'RE",
-        ):
-            expected = tiny_tokenizer(text)["input_ids"]
-            assert llm.tokenize(text.encode(), add_bos=False, special=True) == expected, text
-            assert llm.detokenize(expected, special=True).decode() == text
-        # <|im_end|> is one control token in a prompt, but plain text when not parsing specials.
-        im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
-        assert llm.tokenize(b"<|im_end|>", add_bos=False, special=True) == [im_end]
-        assert len(llm.tokenize(b"<|im_end|>", add_bos=False, special=False)) > 1
-    finally:
-        llm.close()
+    texts = (MIXED_TEXT, "  spaces\ttabs\r\n\n混合 mixed 3.14159 1,234 年月日 龘 😶‍🌫️", "I'm 'RE")
+    check_llama_tokenizes_like(f16, tiny_tokenizer, texts, "<|im_end|>")
 
 
 def test_metadata_is_what_llama_cpp_and_ollama_need(f16, tiny_model_dir, tiny_tokenizer):
-    fields = _fields(f16)
+    fields = gguf_fields(f16)
     config = json.loads((tiny_model_dir / "config.json").read_text())
     expected = {
         "general.architecture": "qwen2",
@@ -121,7 +108,7 @@ def test_metadata_is_what_llama_cpp_and_ollama_need(f16, tiny_model_dir, tiny_to
     assert types[tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")] == 3  # CONTROL
     assert len(fields["tokenizer.ggml.merges"]) > 1000
 
-    types = _types(f16)
+    types = gguf_types(f16)
     assert len(types) == 12 * 2 + 2 and "output.weight" not in types  # tied: no output
     assert {types[n] for n in types if n.endswith(("_norm.weight", ".bias"))} == {"F32"}
     assert {types[n] for n in types if n.endswith("proj.weight") or "attn_q" in n} <= {"F16", "F32"}
@@ -140,7 +127,7 @@ def test_rope_settings_follow_the_config(tiny_model_dir, tmp_path):
         "original_max_position_embeddings": 32768,
     }
     (model / "config.json").write_text(json.dumps(config))
-    fields = _fields(export(None, tmp_path / "long.gguf", model=model).path)
+    fields = gguf_fields(export(None, tmp_path / "long.gguf", model=model).path)
     assert fields["qwen2.rope.freq_base"] == 5e5
     assert fields["qwen2.rope.scaling.type"] == "yarn"
     assert fields["qwen2.rope.scaling.factor"] == 4.0
@@ -166,7 +153,7 @@ def _untied_copy(model_dir: Path, out: Path) -> Path:
 def test_untied_model_gets_its_output_matrix(tiny_model_dir, ids, tmp_path):
     model = _untied_copy(tiny_model_dir, tmp_path / "untied")
     path = export(None, tmp_path / "untied.gguf", model=model, quant="q4_0").path
-    types = _types(path)
+    types = gguf_types(path)
     assert len(types) == 12 * 2 + 3
     assert types["output.weight"] == "Q8_0" and types["token_embd.weight"] == "Q4_0"
     f16 = export(None, tmp_path / "untied-f16.gguf", model=model).path
@@ -202,9 +189,9 @@ def test_lora_gguf_in_llama_cpp_matches_the_fused_model(kind, f16, tiny_model_di
     extra = {"use_rslora": True, "alpha_pattern": {"v_proj": 4}} if kind == "rslora" else {}
     adapter = make_peft_adapter(tiny_model_dir, tmp_path / "adapter", rank=4, alpha=8, **extra)
     lora = export(adapter, tmp_path / "lora.gguf", lora_only=True).path
-    fields = _fields(lora)
+    fields = gguf_fields(lora)
     assert (fields["general.type"], fields["adapter.type"]) == ("adapter", "lora")
-    assert _types(lora)["blk.0.attn_q.weight.lora_a"] == "F32"
+    assert gguf_types(lora)["blk.0.attn_q.weight.lora_a"] == "F32"
     peft = hf_logits(tiny_model_dir, ids, adapter)
 
     # Exact in float32: base GGUF + LoRA GGUF == fused GGUF == transformers + PEFT.
@@ -227,29 +214,8 @@ QUESTION, ANSWER = "出差住宿费标准是多少？", "每人每天不超过50
 
 @pytest.fixture(scope="module")
 def chat_model(tiny_model_dir, tiny_tokenizer, work) -> Path:
-    """The tiny model fine-tuned (all weights, a few seconds) to answer QUESTION with ANSWER
-    and then close its turn with <|im_end|>, as a trained model does; saved by transformers."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    turn = [{"role": "user", "content": QUESTION}]
-    prompt = tiny_tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-    prompt_ids = tiny_tokenizer(prompt)["input_ids"]
-    full_ids = tiny_tokenizer(prompt + ANSWER + "<|im_end|>")["input_ids"]
-    labels = [-100] * len(prompt_ids) + full_ids[len(prompt_ids) :]
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(200):
-        loss = model(input_ids=torch.tensor([full_ids]), labels=torch.tensor([labels])).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        if loss.item() < 0.02:
-            break
-    out = work / "chat-model"
-    model.to(torch.bfloat16).save_pretrained(out)
-    tiny_tokenizer.save_pretrained(out)
-    return out
+    """The tiny model fine-tuned to answer QUESTION with ANSWER and close its turn."""
+    return fine_tune_answer(tiny_model_dir, tiny_tokenizer, QUESTION, ANSWER, work / "chat-model")
 
 
 @pytest.mark.parametrize(("quant", "agree"), [("q8_0", 0.95), ("q4_0", 0.9), ("bf16", 0.99)])
@@ -259,7 +225,7 @@ def test_quantized_greedy_choices_agree(quant, agree, chat_model, ids, tmp_path)
     path = export(None, tmp_path / f"{quant}.gguf", model=chat_model, quant=quant).path
     expected = hf_logits(chat_model, ids).argmax(-1)
     assert (llama_logits(path, ids).argmax(-1) == expected).mean() >= agree
-    assert _fields(path)["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
+    assert gguf_fields(path)["general.file_type"] == gguf.LlamaFileType[f"MOSTLY_{quant.upper()}"]
 
 
 def test_greedy_chat_answer_stops_at_im_end(chat_model, tiny_tokenizer, tmp_path):
@@ -292,9 +258,9 @@ def test_q4_k_m_runs_and_loads(tmp_path):
     # Rows of 256 let llama.cpp use real K-quants (narrower ones fall back to Q5_0/Q8_0).
     model = build_tiny_model(tmp_path / "wide", hidden_size=256, intermediate_size=512)
     result = export(None, tmp_path / "wide-q4_k_m.gguf", model=model, quant="q4_k_m")
-    types = set(_types(result.path).values())
+    types = set(gguf_types(result.path).values())
     assert {"Q4_K", "Q6_K"} <= types and "F32" in types
-    assert _fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
+    assert gguf_fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["wide", "wide-q4_k_m.Modelfile", "wide-q4_k_m.gguf"]
     llm = llama_cpp.Llama(str(result.path), n_ctx=64, verbose=False)
