@@ -150,10 +150,11 @@ def _keep_cpu_4bit_trainable(model: nn.Module) -> None:
 def apply_liger(model: nn.Module) -> None:
     """Liger Kernel's RMSNorm, SwiGLU and RoPE in place of transformers' (before LoRA: its
     SwiGLU calls the gate/up/down projections as modules, so PEFT's wrappers still run). The
-    loss is TokenLoss's, switched to Liger's fused linear + cross-entropy."""
-    from liger_kernel.transformers import apply_liger_kernel_to_qwen2
+    loss is TokenLoss's, switched to Liger's fused linear + cross-entropy. Liger patches
+    each architecture by its own function: the model's ``model_type`` (qwen2, qwen3) names it."""
+    import liger_kernel.transformers as liger
 
-    apply_liger_kernel_to_qwen2(
+    getattr(liger, f"apply_liger_kernel_to_{model.config.model_type}")(
         rope=True,
         rms_norm=True,
         swiglu=True,
