@@ -311,6 +311,11 @@ class Source:
     def system_prompt(self) -> str | None:
         return self.run_config.data.system_prompt if self.run_config else None
 
+    @property
+    def thinking(self) -> bool:
+        """Whether prompts open a think block (the run's ``chat.enable_thinking``)."""
+        return bool(self.run_config and self.run_config.chat.enable_thinking)
+
     def base_repo_id(self) -> str | None:
         """The base model's Hugging Face id where the files tell it: an id as the adapter's
         ``base_model_name_or_path``, or the ``models/ORG/NAME`` folder ``qwen-mlx download``

@@ -158,6 +158,16 @@ class DistillConfig:
 
 
 @dataclass
+class ChatConfig:
+    enable_thinking: bool = _f(
+        False,
+        "Qwen3: eval, chat and serve let the model reason in a think block first. Off (for "
+        "models tuned on data without reasoning), a reply starts after an empty think block, "
+        "as such records are trained. Turn it on when the training data has reasoning.",
+    )
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -165,6 +175,7 @@ class Config:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    chat: ChatConfig = field(default_factory=ChatConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -21,7 +21,13 @@ from typing import Any, Protocol
 
 from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import GenerationSettings, token_texts
-from qwen_mlx.chat_template import encode_pieces, hf_prompt_ids, template_pieces
+from qwen_mlx.chat_template import (
+    encode_pieces,
+    hf_prompt_ids,
+    renders_reasoning,
+    template_pieces,
+    think_normalized,
+)
 from qwen_mlx.errors import UserError
 
 Messages = list[dict[str, str]]
@@ -70,6 +76,7 @@ class HFEngine:
     training loads it), the tokens a reply ends at, the context length, and prompts."""
 
     backend_name = ""
+    thinking = False  # Qwen3's enable_thinking: open_engine sets the run's chat.enable_thinking
 
     def __init__(self, model_dir: Path):
         from qwen_mlx.families import family_of
@@ -88,7 +95,8 @@ class HFEngine:
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
-        return hf_prompt_ids(self.tokenizer, messages, room(self.context_length, max_tokens))
+        limit = room(self.context_length, max_tokens)
+        return hf_prompt_ids(self.tokenizer, messages, limit, self.thinking)
 
 
 def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
@@ -107,6 +115,8 @@ def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
 
 class GGUFEngine:
     """A GGUF file run by llama.cpp (llama-cpp-python), with the file's own chat template."""
+
+    thinking = False  # Qwen3's enable_thinking, as for HFEngine
 
     def __init__(self, path: Path, n_ctx: int = 4096):
         try:
@@ -136,13 +146,17 @@ class GGUFEngine:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = ImmutableSandboxedEnvironment().from_string(self.template)
-        return template.render(messages=messages, add_generation_prompt=True)
+        return template.render(
+            messages=messages, add_generation_prompt=True, enable_thinking=self.thinking
+        )
 
     def _text_ids(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
+        if renders_reasoning(self.template):
+            messages = think_normalized(messages)
         pieces = template_pieces(self._render, messages, self.controls)
         limit = room(self.context_length, max_tokens)
         return encode_pieces(pieces, self._text_ids, self.controls.__getitem__, limit)
@@ -269,5 +283,6 @@ def open_engine(
     source = resolve_source(run_or_adapter, model)
     adapter_dir = source.adapter.path if source.adapter else None
     engine = get_backend(backend).engine(source.model_dir, adapter_dir)
+    engine.thinking = source.thinking
     engine.name(Path(run_or_adapter).name if run_or_adapter else source.model_dir.name)
     return engine

@@ -384,3 +384,31 @@ def test_liger_patches_a_qwen3_with_its_qwen3_kernels(monkeypatch):
     model = types.SimpleNamespace(config=types.SimpleNamespace(model_type="qwen3"))
     apply_liger(model)
     assert fake.apply_liger_kernel_to_qwen3.call_args.kwargs["model"] is model
+
+
+# ---------------------------------------------------------------- prompts as trained
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_engine_prompts_follow_the_runs_chat_enable_thinking(
+    thinking, qwen3_runs, qwen3_data_dir, tmp_path
+):
+    # eval, chat and serve all open their engine with open_engine and ask it for prompts.
+    import shutil
+
+    from qwen_mlx.config import save_config
+    from qwen_mlx.inference import open_engine
+    from tests.train_helpers import run_config
+
+    model, data = qwen3_data_dir
+    run = shutil.copytree(qwen3_runs["torch"], tmp_path / "run")
+    setting = f"chat.enable_thinking={str(thinking).lower()}"
+    save_config(run_config(model, data, run, setting), run / "config.yaml")
+    engine = open_engine(run, backend="torch")
+    ids = engine.prompt_ids([QUESTION], 64)
+    tokenizer = engine.tokenizer
+    rendered = tokenizer.apply_chat_template(
+        [QUESTION], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+    )
+    assert ids == _ids(tokenizer, rendered)
+    assert rendered.endswith("<think>\n\n</think>\n\n") is not thinking
