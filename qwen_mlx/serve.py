@@ -33,6 +33,7 @@ from qwen_mlx.serve_api import (
     ChatRequest,
     ChunkWriter,
     ErrorResponse,
+    ReasoningSplit,
     completion,
     install_error_handlers,
     usage,
@@ -181,10 +182,12 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         await write(self.writer.delta({"role": "assistant", "content": ""}))
+        split = ReasoningSplit()  # a think block streams as reasoning_content
         try:
             while (chunk := await self.job.next()) is not None:
-                if chunk.text:
-                    await write(self.writer.delta({"content": chunk.text}))
+                parts = split.feed(chunk.text) + (split.finish() if chunk.finish_reason else [])
+                for field, text in parts:
+                    await write(self.writer.delta({field: text}))
                 if chunk.finish_reason:
                     tokens = usage(self.job.prompt_tokens, chunk.completion_tokens)
                     await write(self.writer.finish(chunk.finish_reason, tokens))

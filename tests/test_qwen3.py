@@ -412,3 +412,62 @@ def test_engine_prompts_follow_the_runs_chat_enable_thinking(
     )
     assert ids == _ids(tokenizer, rendered)
     assert rendered.endswith("<think>\n\n</think>\n\n") is not thinking
+
+
+# ---------------------------------------------------------------- serve: reasoning_content
+
+THOUGHT_REPLY = "<think>\n先查细则。\n看第三条。\n</think>\n\n每人每天不超过500元。"
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, 100])
+def test_a_streamed_think_block_splits_as_the_whole_reply_does(size):
+    from qwen_mlx.serve_api import ReasoningSplit, reply_message
+
+    whole = reply_message(THOUGHT_REPLY)
+    assert whole["reasoning_content"] == "先查细则。\n看第三条。"
+    assert whole["content"] == "每人每天不超过500元。"
+    split = ReasoningSplit()
+    parts = []
+    for at in range(0, len(THOUGHT_REPLY), size):
+        parts += split.feed(THOUGHT_REPLY[at : at + size])
+    parts += split.finish()
+    for field in ("reasoning_content", "content"):
+        assert "".join(t for f, t in parts if f == field) == whole[field]
+    # A reply without a think block is all content, and says nothing of reasoning.
+    assert reply_message(" <thin") == {"role": "assistant", "content": " <thin"}
+
+
+class ScriptedEngine:
+    """An engine that answers every prompt with ``THOUGHT_REPLY``, a few characters a piece."""
+
+    model_id, description, context_length = "scripted", "scripted reply", 4096
+
+    def prompt_ids(self, messages, max_tokens):
+        return [1, 2, 3]
+
+    def pieces(self, prompt_ids, settings):
+        for at in range(0, len(THOUGHT_REPLY), 3):
+            yield THOUGHT_REPLY[at : at + 3]
+
+
+def test_serve_returns_the_think_part_as_reasoning_content():
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from qwen_mlx.serve import Server
+    from tests.serve_helpers import running
+    from tests.test_serve import http
+
+    ask = {"model": "scripted", "messages": [QUESTION], "max_tokens": 100}
+    with running(Server(ScriptedEngine(), None)) as port:
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        message = http("POST", url, json.dumps(ask).encode()).json()["choices"][0]["message"]
+        streamed = http("POST", url, json.dumps({**ask, "stream": True}).encode()).text
+    assert message["reasoning_content"] == "先查细则。\n看第三条。"
+    assert message["content"] == "每人每天不超过500元。"
+    deltas = [
+        json.loads(line[6:])["choices"][0]["delta"]
+        for line in streamed.splitlines()
+        if line.startswith("data: {") and '"choices": [{' in line
+    ]
+    for field in ("reasoning_content", "content"):
+        assert "".join(d.get(field) or "" for d in deltas) == message[field]
