@@ -471,3 +471,30 @@ def test_serve_returns_the_think_part_as_reasoning_content():
     ]
     for field in ("reasoning_content", "content"):
         assert "".join(d.get(field) or "" for d in deltas) == message[field]
+
+
+# ---------------------------------------------------------------- check and download
+
+
+def test_download_and_check_recognise_a_qwen3_folder(qwen3_dir, small_data, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from qwen_mlx.cli import cli
+    from qwen_mlx.fsutil import OUTPUT_MARK
+    from tests.test_download import EXCLUDED, REPO, FakeHub, assert_complete, run_download
+
+    files = {p.name: p.read_bytes() for p in qwen3_dir.iterdir() if p.name != OUTPUT_MARK}
+    hub = FakeHub({**files, **EXCLUDED})
+    try:
+        result = run_download(tmp_path, hub.url, REPO)  # the fake hub's one repo id
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr
+    folder = tmp_path / "models" / REPO
+    assert_complete(folder, files)  # every check finding is ok
+    monkeypatch.chdir(tmp_path)  # no config.yaml here: only the settings below count
+    sets = [f"model.path={folder}", f"data.train_file={small_data}", "model.quantization=none"]
+    checked = CliRunner().invoke(cli, ["check", *(a for s in sets for a in ("--set", s))])
+    assert "✓ model: architecture — qwen3 (Qwen3ForCausalLM)" in checked.output, checked.output
+    assert "✓ memory — needs ≈" in checked.output  # the estimate, from Qwen3's shapes
+    assert checked.exit_code == 0
