@@ -29,6 +29,7 @@ from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import GGUFEngine, complete, open_engine
 from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages
 from qwen_mlx.judge import summary as judge_summary
+from qwen_mlx.reasoning import split_reply
 from qwen_mlx.report import summary_table, write_reports
 from qwen_mlx.text_metrics import bleu4, rouge_l
 
@@ -111,7 +112,8 @@ def run_model(engine: Any, label: str, cases: list[Case], max_tokens: int, max_l
     result.test_loss = _score(engine, cases, max_len)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
     for case in track(cases, description=f"answering ({label})", transient=True):
-        result.answers.append(complete(engine, case.prompt, settings)[0].strip())
+        text, _reason = complete(engine, case.prompt, settings)
+        result.answers.append(split_reply(text)[1].strip())  # a think block is not the answer
     result.seconds = time.perf_counter() - start
     return result
 

@@ -29,11 +29,11 @@ from starlette.datastructures import Headers
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.errors import UserError
 from qwen_mlx.inference import Chunk, stream
+from qwen_mlx.reasoning import ReasoningSplit
 from qwen_mlx.serve_api import (
     ChatRequest,
     ChunkWriter,
     ErrorResponse,
-    ReasoningSplit,
     completion,
     install_error_handlers,
     usage,

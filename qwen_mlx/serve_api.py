@@ -23,6 +23,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 from starlette.exceptions import HTTPException
 
+from qwen_mlx.reasoning import split_reply
+
 MAX_TOKENS_LIMIT = 8192
 # Fields that change the meaning of a reply; refused until they are supported.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
@@ -197,72 +199,11 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-
-
-class ReasoningSplit:
-    """A reply's text, fed piece by piece, as ``(field, text)`` deltas: the think block the
-    reply opens with goes to ``reasoning_content`` (without the tags and the newlines the
-    template puts around them), everything else to ``content``. Only what may still be the
-    start of a tag is held back."""
-
-    def __init__(self) -> None:
-        self.buffer = ""
-        self.field: str | None = None  # None until the reply shows whether it opens a block
-        self.thought = False  # whether it did
-        self.trim = False  # newlines after a tag are the template's
-
-    def feed(self, text: str) -> list[tuple[str, str]]:
-        self.buffer += text
-        if self.field is None:
-            head = self.buffer.lstrip()
-            if THINK_OPEN.startswith(head):  # may still become <think>
-                return []
-            self.field = "content"
-            if head.startswith(THINK_OPEN):
-                self.field, self.thought, self.trim = "reasoning_content", True, True
-                self.buffer = head[len(THINK_OPEN) :]
-        if self.trim:
-            self.buffer = self.buffer.lstrip("\n")
-            self.trim = not self.buffer
-        if self.field == "content":
-            text, self.buffer = self.buffer, ""
-            return [("content", text)] if text else []
-        return self._reasoning()
-
-    def _reasoning(self) -> list[tuple[str, str]]:
-        at = self.buffer.find(THINK_CLOSE)
-        if at >= 0:
-            thought = self.buffer[:at].rstrip("\n")
-            self.buffer, self.field, self.trim = (
-                self.buffer[at + len(THINK_CLOSE) :],
-                "content",
-                True,
-            )
-            return [("reasoning_content", thought)] * bool(thought) + self.feed("")
-        cut = len(self.buffer)
-        for k in range(len(THINK_CLOSE) - 1, 0, -1):  # a tag cut in half by the stream
-            if self.buffer.endswith(THINK_CLOSE[:k]):
-                cut -= k
-                break
-        cut = len(self.buffer[:cut].rstrip("\n"))  # newlines before </think> are the template's
-        text, self.buffer = self.buffer[:cut], self.buffer[cut:]
-        return [("reasoning_content", text)] if text else []
-
-    def finish(self) -> list[tuple[str, str]]:
-        """What is still held back, when the reply has ended."""
-        text, self.buffer = self.buffer, ""
-        return [(self.field or "content", text)] if text else []
-
-
 def reply_message(text: str) -> dict[str, str]:
     """The assistant message of a whole reply: content, and reasoning_content if it thought."""
-    split = ReasoningSplit()
-    parts = split.feed(text) + split.finish()
-    message = {"role": "assistant", "content": "".join(t for f, t in parts if f == "content")}
-    if split.thought:
-        message["reasoning_content"] = "".join(t for f, t in parts if f != "content")
-    return message
+    reasoning, content = split_reply(text)
+    message = {"role": "assistant", "content": content}
+    return message if reasoning is None else {**message, "reasoning_content": reasoning}
 
 
 def completion(model: str, text: str, reason: str, tokens: dict[str, int]) -> dict:

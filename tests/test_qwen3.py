@@ -421,7 +421,8 @@ THOUGHT_REPLY = "<think>\n先查细则。\n看第三条。\n</think>\n\n每人�
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 100])
 def test_a_streamed_think_block_splits_as_the_whole_reply_does(size):
-    from qwen_mlx.serve_api import ReasoningSplit, reply_message
+    from qwen_mlx.reasoning import ReasoningSplit
+    from qwen_mlx.serve_api import reply_message
 
     whole = reply_message(THOUGHT_REPLY)
     assert whole["reasoning_content"] == "先查细则。\n看第三条。"
@@ -498,3 +499,15 @@ def test_download_and_check_recognise_a_qwen3_folder(qwen3_dir, small_data, tmp_
     assert "✓ model: architecture — qwen3 (Qwen3ForCausalLM)" in checked.output, checked.output
     assert "✓ memory — needs ≈" in checked.output  # the estimate, from Qwen3's shapes
     assert checked.exit_code == 0
+
+
+def test_eval_scores_the_answer_not_the_think_block(qwen3_tokenizer):
+    from qwen_mlx.evaluate import Case, run_model
+
+    engine = ScriptedEngine()
+    engine.tokenizer = qwen3_tokenizer
+    engine.score = lambda samples: (2.0, 1)
+    record = {"messages": [QUESTION, ANSWER]}
+    case = Case([QUESTION], ANSWER["content"], record)
+    result = run_model(engine, "tuned", [case], max_tokens=64, max_len=256)
+    assert result.answers == ["每人每天不超过500元。"]
