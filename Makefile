@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TINY := models/tiny-qwen2
+ARCH ?= qwen2
+TINY := models/tiny-$(ARCH)
 DEMO := outputs/demo
 TRAIN_DATA := data/报销细则_distilled_chunked.jsonl
 TEST_DATA := data/报销细则_test.jsonl
@@ -24,7 +25,7 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 demo: venv
-	$(BIN)/qwen-mlx tiny-model $(TINY) --data $(TRAIN_DATA)
+	$(BIN)/qwen-mlx tiny-model $(TINY) --data $(TRAIN_DATA) --arch $(ARCH)
 	$(BIN)/qwen-mlx data prepare $(TRAIN_DATA) -o $(DEMO)/data --valid-ratio 0.05
 	$(BIN)/qwen-mlx data stats $(DEMO)/data/train.jsonl --model $(TINY) --max-seq-length 512
 	$(BIN)/qwen-mlx check $(DEMO_SET)
@@ -34,8 +35,8 @@ demo: venv
 	$(BIN)/qwen-mlx train --backend auto $(DEMO_SET) --set training.num_epochs=3 \
 		--set training.learning_rate=2e-3 --set training.warmup_steps=5
 	$(BIN)/qwen-mlx eval $(DEMO)/run --data $(TEST_DATA) --compare-base --limit 10 --max-tokens 48
-	$(BIN)/qwen-mlx export $(DEMO)/run -o $(DEMO)/tiny-qwen2-demo.gguf --quant q8_0
-	$(BIN)/qwen-mlx chat --gguf $(DEMO)/tiny-qwen2-demo.gguf --max-tokens 48 \
+	$(BIN)/qwen-mlx export $(DEMO)/run -o $(DEMO)/tiny-$(ARCH)-demo.gguf --quant q8_0
+	$(BIN)/qwen-mlx chat --gguf $(DEMO)/tiny-$(ARCH)-demo.gguf --max-tokens 48 \
 		--prompt "出差住宿标准是多少？"
 
 test: venv
