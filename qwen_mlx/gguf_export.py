@@ -360,7 +360,7 @@ def _finish(out: Path, source: Source, name: str, ollama: str | None, notes: lis
     _, family = check_architecture(source.model_dir)
     template = default_chat_template(source.model_dir)
     system = source.system_prompt or default_system(template, family)
-    modelfile = write_modelfile(out, system, family)
+    modelfile = write_modelfile(out, system, family, source.thinking)
     notes += [source.qlora_note] if source.qlora_note else []
     command = ollama_command(ollama or name, modelfile)
     if ollama:

@@ -2,9 +2,10 @@
 
 Ollama guesses a prompt template from the GGUF's chat template and often guesses wrong for
 fine-tunes: answers then run on forever or leak ``<|im_start|>``. So the Modelfile states
-the family's template (ChatML for Qwen2.5) and its stop tokens itself. When the model's own
-template adds the family's default system prompt to conversations without one (as training
-did), so does ours.
+the family's template (ChatML for Qwen2.5) and its stop tokens itself, and opens replies the
+way the model was trained: on Qwen3, after an empty think block unless the run was tuned with
+``chat.enable_thinking``. When the model's own template adds the family's default system
+prompt to conversations without one (as training did), so does ours.
 """
 
 from __future__ import annotations
@@ -30,9 +31,14 @@ def _quoted(text: str, what: str) -> str:
     return f'"""{text}"""'
 
 
-def modelfile_text(gguf_name: str, system: str | None, family: Family) -> str:
+def ollama_template(family: Family, thinking: bool) -> str:
+    """The family's ollama template; for a model tuned to reason, its thinking one."""
+    return family.ollama_thinking_template if thinking and family.thinks else family.ollama_template
+
+
+def modelfile_text(gguf_name: str, system: str | None, family: Family, thinking: bool) -> str:
     """The Modelfile for ``./gguf_name`` (in the same folder), with ``system`` as SYSTEM."""
-    template = _quoted(family.ollama_template, "template")
+    template = _quoted(ollama_template(family, thinking), "template")
     lines = [f"FROM ./{gguf_name}", "", f"TEMPLATE {template}", ""]
     if system:
         lines += [f"SYSTEM {_quoted(system, 'system prompt')}", ""]
@@ -45,10 +51,13 @@ def modelfile_path(gguf_path: Path) -> Path:
     return gguf_path.with_name(gguf_path.stem + ".Modelfile")
 
 
-def write_modelfile(gguf_path: Path, system: str | None, family: Family) -> Path:
-    """Write the Modelfile of ``gguf_path`` beside it (atomically) and return its path."""
+def write_modelfile(
+    gguf_path: Path, system: str | None, family: Family, thinking: bool = False
+) -> Path:
+    """Write the Modelfile of ``gguf_path`` beside it (atomically) and return its path;
+    ``thinking``: the model was tuned with chat.enable_thinking."""
     path = modelfile_path(gguf_path)
-    write_text(path, modelfile_text(gguf_path.name, system, family))
+    write_text(path, modelfile_text(gguf_path.name, system, family, thinking))
     return path
 
 

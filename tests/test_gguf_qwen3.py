@@ -28,8 +28,10 @@ from lora_helpers import (
 )
 
 from qwen_mlx.cli import cli
+from qwen_mlx.families import QWEN2
 from qwen_mlx.fuse import fuse
 from qwen_mlx.gguf_export import export
+from qwen_mlx.modelfile import modelfile_text
 from qwen_mlx.tensor_io import model_tensors
 
 gguf = pytest.importorskip("gguf")
@@ -245,6 +247,20 @@ def test_modelfile_opens_replies_as_training_did_and_stops_on_both_tokens(
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert 'PARAMETER stop "<|endoftext|>"' in modelfile
     assert "SYSTEM" not in modelfile  # Qwen3's template adds no system prompt of its own
+
+
+def test_a_run_tuned_to_reason_gets_the_thinking_template(qwen3_dir, adapter, tmp_path):
+    # chat.enable_thinking: the model opens its own think block; ollama's think: false (and
+    # only that) puts the empty one first. Qwen2 has no think block: its template stays.
+    run = make_run(tmp_path / "run", qwen3_dir, adapter, "chat.enable_thinking=true")
+    export(run, tmp_path / "thinks.gguf", quant="q8_0")
+    modelfile = (tmp_path / "thinks.Modelfile").read_text()
+    assert "<|im_start|>assistant\n<think>" not in modelfile
+    assert modelfile.count("{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>") == 3
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert modelfile_text("q.gguf", None, QWEN2, True) == modelfile_text(
+        "q.gguf", None, QWEN2, False
+    )
 
 
 def test_a_moe_model_is_refused_before_any_folder_is_made(qwen3_dir, tmp_path):

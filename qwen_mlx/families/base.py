@@ -42,6 +42,8 @@ class Family:
     text_tokens: tuple[str, ...] = ()
     # Whether the template opens a think block (Qwen3): chat.enable_thinking applies to it.
     thinks: bool = False
+    # ollama's template for a model of such a family tuned to reason (chat.enable_thinking).
+    ollama_thinking_template: str = ""
 
     @property
     def special_tokens(self) -> tuple[str, ...]:

@@ -16,9 +16,8 @@ from typing import Any
 from qwen_mlx.families import qwen2
 from qwen_mlx.families.base import Family, Shapes
 
-# Go template (ollama) for a model tuned without reasoning: every reply opens with the empty
-# think block that enable_thinking=False renders, so the model answers straight away.
-OLLAMA_TEMPLATE = """{{- if .Messages }}
+# Go template (ollama). {open} is how a reply opens, after "<|im_start|>assistant\n".
+_OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
 {{ end }}
@@ -27,19 +26,11 @@ OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{- if eq .Role "user" }}<|im_start|>user
 {{ .Content }}<|im_end|>
 {{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ if $last }}<think>
-
-</think>
-
-{{ end }}{{ .Content }}{{ if not $last }}<|im_end|>
+{{ if $last }}{open}{{ end }}{{ .Content }}{{ if not $last }}<|im_end|>
 {{ end }}
 {{- end }}
 {{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-<think>
-
-</think>
-
-{{ end }}
+{open}{{ end }}
 {{- end }}
 {{- else }}
 {{- if .System }}<|im_start|>system
@@ -47,11 +38,15 @@ OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{ end }}{{ if .Prompt }}<|im_start|>user
 {{ .Prompt }}<|im_end|>
 {{ end }}<|im_start|>assistant
-<think>
-
-</think>
-
-{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+{open}{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+EMPTY_THINK = "<think>\n\n</think>\n\n"  # what enable_thinking=False puts before a reply
+# Tuned without reasoning, the model answers after the empty think block, as it was trained.
+OLLAMA_TEMPLATE = _OLLAMA_TEMPLATE.replace("{open}", EMPTY_THINK)
+# Tuned with reasoning, it opens its own think block, unless a request asks think: false
+# (ollama's .Think / .IsThinkSet, as its own qwen3 template reads them).
+OLLAMA_THINKING_TEMPLATE = _OLLAMA_TEMPLATE.replace(
+    "{open}", "{{ if and $.IsThinkSet (not $.Think) }}" + EMPTY_THINK + "{{ end }}"
+)
 
 
 def head_dim(config: dict[str, Any]) -> int:
@@ -97,6 +92,7 @@ QWEN3 = Family(
     default_system_prompt="",  # Qwen3's template adds no system turn of its own
     chat_template_file="qwen3_chat_template.jinja",
     ollama_template=OLLAMA_TEMPLATE,
+    ollama_thinking_template=OLLAMA_THINKING_TEMPLATE,
     text_tokens=("<think>", "</think>"),
     thinks=True,
 )
