@@ -11,10 +11,11 @@ and it drops the reasoning of turns before the last question.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from qwen_mlx.families import qwen2
-from qwen_mlx.families.base import Family, Shapes
+from qwen_mlx.families.base import Shapes
 
 # Go template (ollama). {open} is how a reply opens, after "<|im_start|>assistant\n".
 _OLLAMA_TEMPLATE = """{{- if .Messages }}
@@ -75,7 +76,9 @@ def tensor_shapes(config: dict[str, Any]) -> Shapes:
     return shapes
 
 
-QWEN3 = Family(
+# Qwen3 keeps Qwen2's tokenizer, split pattern, ChatML tokens and GGUF tokenizer keys.
+QWEN3 = dataclasses.replace(
+    qwen2.QWEN2,
     name="qwen3",
     description="Qwen3 dense models (model_type qwen3, Qwen3ForCausalLM: 0.6B to 32B, 2507)",
     model_types=("qwen3",),
@@ -83,12 +86,6 @@ QWEN3 = Family(
     linear_shapes=linear_shapes,
     tensor_shapes=tensor_shapes,
     gguf_arch="QWEN3",
-    gguf_tokenizer="gpt2",
-    gguf_pre="qwen2",
-    split_pattern=qwen2.SPLIT_PATTERN,
-    document_end="<|endoftext|>",
-    turn_start="<|im_start|>",
-    turn_end="<|im_end|>",
     default_system_prompt="",  # Qwen3's template adds no system turn of its own
     chat_template_file="qwen3_chat_template.jinja",
     ollama_template=OLLAMA_TEMPLATE,
