@@ -64,6 +64,7 @@ class EncodeReport:
     truncated: int = 0
     dropped: int = 0  # nothing left to learn after truncation
     control_text: int = 0  # records whose text spells a control token (encoded as text)
+    unwritten_reasoning: int = 0  # records whose reasoning the template does not write (Qwen2)
     lengths: list[int] = field(default_factory=list)  # before truncation
 
     def warnings(self, max_seq_length: int) -> list[str]:
@@ -77,6 +78,12 @@ class EncodeReport:
             out.append(
                 f"{self.control_text} of {self.encoded} records contain control-token text such "
                 "as <|im_end|>; it is trained as plain text, not as control tokens"
+            )
+        if self.unwritten_reasoning:
+            out.append(
+                f"{self.unwritten_reasoning} of {self.encoded} records carry reasoning, which "
+                "this model's chat template does not write, so it is not trained; a thinking "
+                "model (Qwen3) trains it inside its think block"
             )
         if self.dropped:
             out.append(
@@ -200,11 +207,15 @@ def encode_records(
     report = EncodeReport()
     samples = []
     controls = hf_controls(tokenizer)
+    writes_reasoning = renders_reasoning(tokenizer.chat_template)
     for data in records:
         sample = encode_record(tokenizer, data, mask_prompt)
         report.encoded += 1
         texts = [m.get("content") for m in data.get("messages", [])] + [data.get("text")]
         report.control_text += spells_control(texts, controls)
+        report.unwritten_reasoning += not writes_reasoning and any(
+            m.get("reasoning_content") for m in data.get("messages", [])
+        )
         report.lengths.append(len(sample))
         if len(sample) > max_seq_length:
             report.truncated += 1

@@ -511,3 +511,14 @@ def test_eval_scores_the_answer_not_the_think_block(qwen3_tokenizer):
     case = Case([QUESTION], ANSWER["content"], record)
     result = run_model(engine, "tuned", [case], max_tokens=64, max_len=256)
     assert result.answers == ["每人每天不超过500元。"]
+
+
+def test_reasoning_on_a_model_that_cannot_write_it_is_named(tiny_tokenizer, qwen3_tokenizer):
+    from qwen_mlx.tokens import encode_records
+
+    records = [{"messages": [QUESTION, {**ANSWER, "reasoning_content": "查第三条。"}]}]
+    _, report = encode_records(tiny_tokenizer, records, 256)  # Qwen2.5's ChatML template
+    (warning,) = [w for w in report.warnings(256) if "reasoning" in w]
+    assert warning.startswith("1 of 1 records carry reasoning") and "not trained" in warning
+    _, report = encode_records(qwen3_tokenizer, records, 256)
+    assert not [w for w in report.warnings(256) if "reasoning" in w]
