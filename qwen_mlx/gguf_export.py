@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen_mlx import gguf_tensors as gt
-from qwen_mlx.adapters import Adapter, Source, resolve_source
+from qwen_mlx.adapters import Source, resolve_source
 from qwen_mlx.errors import UserError
 from qwen_mlx.families import Family, family_of
 from qwen_mlx.fsutil import atomic_path
@@ -206,20 +206,16 @@ def _write(writer, jobs: list[gt.TensorJob], description: str) -> list[str]:
 
 
 def write_model_gguf(
-    path: Path,
-    model_dir: Path,
-    adapter: Adapter | None,
-    quant: str,
-    name: str,
-    description: str = "writing GGUF",
+    path: Path, source: Source, quant: str, name: str, description: str = "writing GGUF"
 ) -> list[str]:
-    """Write the (adapter-fused) model at ``model_dir`` as a GGUF; return any notes."""
+    """Write the model of ``source`` (its adapter fused, if any) as a GGUF; return any notes."""
     gguf = _gguf()
+    model_dir, adapter = source.model_dir, source.adapter
     config, family = check_architecture(model_dir)
     tensors = model_tensors(model_dir)
     if adapter is not None:
         check_adapter_fits(adapter, tensors)
-    vocab: GGUFVocab = read_vocab(model_dir, config, family)
+    vocab: GGUFVocab = read_vocab(model_dir, config, family, source.thinking)
     jobs, notes = gt.model_jobs(gguf, tensors, _name_map(gguf, config, family), adapter, quant)
     writer = _writer(gguf, path, family)
     add_model_metadata(writer, gguf, config, model_dir, name, gt.QUANTS[quant].file_type)
@@ -280,9 +276,7 @@ def _write_k_quant(out: Path, source: Source, quant: str, name: str) -> list[str
     intermediate = gt.intermediate_quant(model_tensors(source.model_dir))
     # The 16-bit GGUF only feeds llama.cpp's quantizer, which cannot start from 8 or 4 bits.
     with _scratch_file(out, f".{intermediate}.tmp") as tmp16:
-        notes = write_model_gguf(
-            tmp16, source.model_dir, source.adapter, intermediate, name, "writing 16-bit"
-        )
+        notes = write_model_gguf(tmp16, source, intermediate, name, "writing 16-bit")
         with atomic_path(out) as tmp:
             notes += llama_quantize(tmp16, tmp, int(_gguf().LlamaFileType[spec.file_type]))
     return notes
@@ -336,7 +330,7 @@ def export(
         notes = _write_k_quant(out, source, quant, name)
     else:
         with atomic_path(out) as tmp:
-            notes = write_model_gguf(tmp, source.model_dir, source.adapter, quant, name)
+            notes = write_model_gguf(tmp, source, quant, name)
     return _finish(out, source, name, ollama, notes)
 
 

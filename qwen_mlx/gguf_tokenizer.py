@@ -137,15 +137,29 @@ def _pre_tokenizer_note(spec: dict, family: Family) -> list[str]:
     ]
 
 
-def read_vocab(model_dir: Path, config: dict, family: Family) -> GGUFVocab:
-    """The GGUF vocabulary of ``model_dir``, padded to config.json's ``vocab_size``."""
+def _thinking_default(template: str | list | None, family: Family, thinking: bool):
+    """The chat template, made to render prompts as the model was tuned where the caller
+    does not say: llama.cpp, llama-server and LM Studio pass no ``enable_thinking``, and
+    Qwen3's template then opens no empty think block (thinking on)."""
+    if not family.thinks or not isinstance(template, str):
+        return template
+    default = "true" if thinking else "false"
+    return (
+        f"{{%- set enable_thinking = enable_thinking if enable_thinking is defined "
+        f"else {default} -%}}" + template
+    )
+
+
+def read_vocab(model_dir: Path, config: dict, family: Family, thinking: bool = False) -> GGUFVocab:
+    """The GGUF vocabulary of ``model_dir``, padded to config.json's ``vocab_size``;
+    ``thinking``: the model was tuned with chat.enable_thinking."""
     vocab, added, merges, spec = _vocab_and_added(model_dir)
     if not merges:
         raise UserError(f"{model_dir}: the tokenizer has no BPE merges")
     n_vocab = int(config["vocab_size"])
     tokens, types = _token_table(vocab, added, n_vocab)
     special = _special_ids(model_dir, added, config, n_vocab)
-    template = _chat_template(model_dir)
+    template = _thinking_default(_chat_template(model_dir), family, thinking)
     notes = _pre_tokenizer_note(spec, family)
     return GGUFVocab(family, tokens, types, merges, special, template, notes)
 

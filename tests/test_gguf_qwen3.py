@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from jinja2 import Template
 from lora_helpers import (
     check_llama_tokenizes_like,
     fine_tune_answer,
@@ -128,10 +129,11 @@ def test_metadata_and_tensors_are_a_qwen3_gguf(f16, qwen3_dir, tokenizer):
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "qwen2",
         "tokenizer.ggml.eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        "tokenizer.chat_template": tokenizer.chat_template,
     }
     fields = gguf_fields(f16)
     assert {key: fields.get(key) for key in expected} == expected
+    # Qwen3's own template, defaulting to enable_thinking=False (see the chat test below).
+    assert fields["tokenizer.chat_template"].endswith(tokenizer.chat_template)
     types = gguf_types(f16)
     assert types["blk.1.attn_q_norm.weight"] == types["blk.1.attn_k_norm.weight"] == "F32"
     assert not any(name.endswith(".bias") for name in types)
@@ -229,6 +231,28 @@ def test_greedy_answer_after_the_empty_think_block_stops_at_im_end(chat_model, t
         llm.close()
 
 
+def test_llama_cpp_chat_uses_the_gguf_template_as_training_did(chat_model, tokenizer, tmp_path):
+    # llama.cpp's chat (and LM Studio's, llama-server's) renders the GGUF's own template and
+    # passes no enable_thinking: the export makes it default to off, as the run was tuned.
+    path = export(None, tmp_path / "chat.gguf", model=chat_model).path
+    llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)
+    try:
+        chat = llm.create_chat_completion(
+            [{"role": "user", "content": QUESTION}], temperature=0.0, max_tokens=40
+        )
+        assert chat["choices"][0]["message"]["content"] == ANSWER
+        assert chat["choices"][0]["finish_reason"] == "stop"
+    finally:
+        llm.close()
+    template = gguf_fields(path)["tokenizer.chat_template"]
+    turn = [{"role": "user", "content": QUESTION}]
+    for thinking in (False, True):  # said explicitly, it is obeyed
+        prompt = Template(template).render(
+            messages=turn, add_generation_prompt=True, enable_thinking=thinking
+        )
+        assert prompt == _prompt(tokenizer, enable_thinking=thinking)
+
+
 def test_modelfile_opens_replies_as_training_did_and_stops_on_both_tokens(
     qwen3_dir, tokenizer, tmp_path
 ):
@@ -258,6 +282,11 @@ def test_a_run_tuned_to_reason_gets_the_thinking_template(qwen3_dir, adapter, tm
     assert "<|im_start|>assistant\n<think>" not in modelfile
     assert modelfile.count("{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>") == 3
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    # The GGUF's own template, rendered without enable_thinking, leaves the block to the model.
+    template = gguf_fields(tmp_path / "thinks.gguf")["tokenizer.chat_template"]
+    turn = [{"role": "user", "content": QUESTION}]
+    prompt = Template(template).render(messages=turn, add_generation_prompt=True)
+    assert prompt.endswith(f"{QUESTION}<|im_end|>\n<|im_start|>assistant\n")
     assert modelfile_text("q.gguf", None, QWEN2, True) == modelfile_text(
         "q.gguf", None, QWEN2, False
     )
