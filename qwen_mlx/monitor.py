@@ -84,7 +84,8 @@ def plot_loss(metrics: list[dict], out: Path) -> bool:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or valid:  # an empty legend only warns
+        ax.legend()
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format="png")
