@@ -40,10 +40,10 @@ def _records(cfg: Config, run_dir: Path | None) -> tuple[list[dict], list[dict],
     data = cfg.data
     records, report = load_records([data.train_file], system_prompt=data.system_prompt)
     notes = [f"{data.train_file}: {report.summary()}"]
-    notes += [f"  skipped {p}" for p in report.problems[:5]]
+    notes += [f"  skipped {p}" for p in report.problems[:5]] + report.warnings()
     if data.valid_file:
         valid, vreport = load_records([data.valid_file], system_prompt=data.system_prompt)
-        notes.append(f"{data.valid_file}: {vreport.summary()}")
+        notes += [f"{data.valid_file}: {vreport.summary()}", *vreport.warnings()]
         train = records
     else:
         parts = split_records(records, data.valid_ratio, 0.0, cfg.training.seed)

@@ -334,3 +334,16 @@ def test_cli_refuses_preferences_in_one_line_then_fills_and_counts(tmp_path):
     assert len((out / "train.jsonl").read_text("utf-8").splitlines()) == 4
     bad = CliRunner().invoke(cli, [*args, "--fill", "name"])
     assert bad.exit_code == 2 and "expected NAME=VALUE" in bad.output
+
+
+def test_training_names_placeholders_left_in_its_data(tmp_path, tiny_tokenizer):
+    """`train` says what `data prepare` says: {{name}} left in the records is trained as is."""
+    from qwen_mlx.config import load_config
+    from qwen_mlx.run_data import build_run_data
+
+    rows = [{"instruction": f"你是谁？{i}", "output": "我是{{name}}，由{{author}}开发。"} for i in range(4)]
+    train = tmp_path / "identity.jsonl"
+    train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
+    cfg = load_config(overrides=[f"data.train_file={train}", "data.valid_ratio=0.25"])
+    notes = build_run_data(cfg, tiny_tokenizer).messages
+    assert any("{{name}} in 4" in n and "--fill name=…" in n for n in notes), notes
