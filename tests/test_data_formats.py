@@ -341,7 +341,8 @@ def test_training_names_placeholders_left_in_its_data(tmp_path, tiny_tokenizer):
     from qwen_mlx.config import load_config
     from qwen_mlx.run_data import build_run_data
 
-    rows = [{"instruction": f"你是谁？{i}", "output": "我是{{name}}，由{{author}}开发。"} for i in range(4)]
+    answer = "我是{{name}}，由{{author}}开发。"
+    rows = [{"instruction": f"你是谁？{i}", "output": answer} for i in range(4)]
     train = tmp_path / "identity.jsonl"
     train.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     cfg = load_config(overrides=[f"data.train_file={train}", "data.valid_ratio=0.25"])
