@@ -132,11 +132,11 @@ def test_stop_ends_the_reply_and_frees_the_model(browser, tmp_path):
         page = open_chat(browser, f"http://127.0.0.1:{port}")
         ask(page, QUESTION)
         page.locator(".answer[data-state=streaming]").wait_for()
-        assert page.inner_text("#send") == "Stop"
+        assert page.inner_text("#send") == "停止"
         page.click("#send")
         page.locator(".answer[data-state=stopped]").wait_for()
-        assert page.inner_text(".answer .error") == "(stopped)"
-        assert page.inner_text("#send") == "Send"
+        assert page.inner_text(".answer .error") == "（已停止）"
+        assert page.inner_text("#send") == "发送"
         time.sleep(0.5)
         stopped_at = engine.produced
         time.sleep(0.5)

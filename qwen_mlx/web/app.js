@@ -21,7 +21,7 @@ async function api(path, options = {}) {
   const reply = await fetch(path, { ...options, headers });
   if (reply.status === 401) {
     sessionStorage.removeItem(KEY_STORE);
-    askForKey(key ? "That key was refused." : "");
+    askForKey(key ? "密钥无效，请重新输入。" : "");
     throw new NeedKey("the API key is missing or wrong");
   }
   if (!reply.ok) throw new Error(await errorMessage(reply));
@@ -190,8 +190,8 @@ function models() {
   const compare = info.base && $("compare").checked;
   return compare
     ? [
-        { id: info.base, label: `Base · ${info.base}` },
-        { id: info.model, label: `Tuned · ${info.model}` },
+        { id: info.base, label: `基座 · ${info.base}` },
+        { id: info.model, label: `微调 · ${info.model}` },
       ]
     : [{ id: info.model, label: info.model }];
 }
@@ -248,7 +248,7 @@ async function answerWith(model, turn, body, signal) {
     answer.dataset.state = "done";
   } catch (err) {
     answer.dataset.state = signal.aborted ? "stopped" : "error";
-    const note = el("p", signal.aborted ? "(stopped)" : err.message);
+    const note = el("p", signal.aborted ? "（已停止）" : err.message);
     note.className = "error";
     if (!(err instanceof NeedKey)) body.after(note);
   }
@@ -262,7 +262,7 @@ async function send() {
   const columns = models();
   const { turn, bodies } = addTurn(question, columns);
   state.controller = new AbortController();
-  $("send").textContent = "Stop";
+  $("send").textContent = "停止";
   // One model in memory answers one request at a time, so the columns are asked in turn.
   for (const { id } of columns) {
     if (state.controller.signal.aborted) break;
@@ -270,7 +270,7 @@ async function send() {
     await answerWith(id, turn, bodies[id], state.controller.signal);
   }
   state.controller = null;
-  $("send").textContent = "Send";
+  $("send").textContent = "发送";
 }
 
 function newChat() {
@@ -339,8 +339,8 @@ function wire() {
     $("key").value = "";
     start();
   });
-  $("show-report").addEventListener("click", () => showFile("/run/eval/report.html", "Eval report"));
-  $("show-loss").addEventListener("click", () => showFile("/run/loss.png", "Loss curve"));
+  $("show-report").addEventListener("click", () => showFile("/run/eval/report.html", "评估报告"));
+  $("show-loss").addEventListener("click", () => showFile("/run/loss.png", "损失曲线"));
   $("panel-close").addEventListener("click", () => ($("panel").hidden = true));
 }
 
