@@ -522,3 +522,30 @@ def test_reasoning_on_a_model_that_cannot_write_it_is_named(tiny_tokenizer, qwen
     assert warning.startswith("1 of 1 records carry reasoning") and "not trained" in warning
     _, report = encode_records(qwen3_tokenizer, records, 256)
     assert not [w for w in report.warnings(256) if "reasoning" in w]
+
+
+def test_tool_call_turns_train_as_rendered_before_and_after_a_later_question(qwen3_tokenizer):
+    from qwen_mlx.tokens import encode_chat
+
+    call = {"type": "function", "function": {"name": "get_rule", "arguments": {"id": 3}}}
+    params = {"type": "object", "properties": {"id": {"type": "integer"}}}
+    tools = [{"type": "function", "function": {"name": "get_rule", "parameters": params}}]
+    steps = [
+        QUESTION,
+        {"role": "assistant", "content": "", "reasoning_content": "要查。", "tool_calls": [call]},
+        {"role": "tool", "content": "500元"},
+        ANSWER,
+    ]
+    calling = '<tool_call>\n{"name": "get_rule", "arguments": {"id": 3}}\n</tool_call><|im_end|>'
+    answer = "每人每天不超过500元。<|im_end|>"
+
+    def targets(messages):
+        sample = encode_chat(qwen3_tokenizer, messages, tools=tools)
+        rendered = qwen3_tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+        assert qwen3_tokenizer.decode(sample.input_ids) == rendered.rstrip("\n") + "\n"
+        return qwen3_tokenizer.decode(_targets(qwen3_tokenizer, sample))
+
+    # The steps after the last question keep the call's reasoning; a later question drops it.
+    assert targets(steps) == "<think>\n要查。\n</think>\n\n" + calling + answer
+    later = [*steps, {"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "好"}]
+    assert targets(later) == calling + answer + "好<|im_end|>"
