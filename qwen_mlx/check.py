@@ -20,8 +20,9 @@ from qwen_mlx.backends.probes import PROBES
 from qwen_mlx.config import Config, load_config
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import find_family
 from qwen_mlx.memory import GiB
-from qwen_mlx.model_files import Finding, check_model_dir
+from qwen_mlx.model_files import Finding, check_model_dir, read_model_config
 
 SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]⚠[/]", "fail": "[red]✗[/]"}
 # Peak learning rates LoRA fine-tuning works with; far outside, a run diverges or learns nothing.
@@ -50,7 +51,8 @@ def check_learning_rate(cfg: Config) -> Finding:
     return Finding("warn", "learning rate", detail, fix)
 
 
-def check_data(cfg: Config) -> list[Finding]:
+def check_data(cfg: Config, train_records: list | None = None) -> list[Finding]:
+    """A finding per data file; the training file's records are added to ``train_records``."""
     findings = []
     files = {
         "train": cfg.data.train_file,
@@ -63,11 +65,13 @@ def check_data(cfg: Config) -> list[Finding]:
         # Only the training file is needed to start; a missing test file is a warning.
         missing = "fail" if role != "test" else "warn"
         try:
-            _, report = load_records([path], system_prompt=cfg.data.system_prompt)
+            records, report = load_records([path], system_prompt=cfg.data.system_prompt)
         except UserError as err:
             fix = f"repair what it names, or point data.{role}_file at another data file"
             findings.append(Finding(missing, f"{role} data", str(err), fix))
             continue
+        if role == "train" and train_records is not None:
+            train_records += records
         title = f"{role} data: {path}"
         if report.kept == 0:
             findings.append(
@@ -79,6 +83,27 @@ def check_data(cfg: Config) -> list[Finding]:
         else:
             findings.append(Finding("ok", title, report.summary()))
     return findings
+
+
+def check_thinking(cfg: Config, records: list) -> Finding | None:
+    """For a thinking model (Qwen3): whether ``chat.enable_thinking``, which decides how eval,
+    chat and serve prompt the tuned model, fits the training data."""
+    try:
+        family = find_family(read_model_config(Path(cfg.model.path)))
+    except (OSError, ValueError):  # the model finding already says what is wrong
+        return None
+    if family is None or not family.thinks or not records:
+        return None
+    turns = (m for r in records for m in r.data.get("messages", []))
+    reasoned = sum(bool(m.get("reasoning_content")) for m in turns)
+    if reasoned and not cfg.chat.enable_thinking:
+        detail = f"{reasoned} training turns carry reasoning, but prompts will ask for none"
+        return Finding("warn", "chat.enable_thinking", detail, "--set chat.enable_thinking=true")
+    if not reasoned and cfg.chat.enable_thinking:
+        detail = "no training turn carries reasoning, but prompts will ask the model to think"
+        return Finding("warn", "chat.enable_thinking", detail, "--set chat.enable_thinking=false")
+    mode = "on: trained and prompted to think" if reasoned else "off: trained to answer directly"
+    return Finding("ok", "chat.enable_thinking", mode)
 
 
 def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
@@ -145,7 +170,10 @@ def run_checks(
         Finding(f.status, f"model: {f.title}", f.detail, f.fix)
         for f in check_model_dir(cfg.model.path, cfg.lora.target_modules)
     ]
-    findings += check_data(cfg)
+    train_records: list = []
+    findings += check_data(cfg, train_records)
+    thinking = check_thinking(cfg, train_records)
+    findings += [thinking] if thinking else []
     chosen, backend_findings = check_backend(cfg)
     findings += backend_findings
     if chosen is not None:

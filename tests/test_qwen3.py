@@ -549,3 +549,34 @@ def test_tool_call_turns_train_as_rendered_before_and_after_a_later_question(qwe
     assert targets(steps) == "<think>\n要查。\n</think>\n\n" + calling + answer
     later = [*steps, {"role": "user", "content": "谢谢"}, {"role": "assistant", "content": "好"}]
     assert targets(later) == calling + answer + "好<|im_end|>"
+
+
+@pytest.mark.parametrize(
+    ("thinking", "line"),
+    [
+        ("false", "⚠ chat.enable_thinking — 1 training turns carry reasoning, but prompts"),
+        ("true", "✓ chat.enable_thinking — on: trained and prompted to think"),
+    ],
+)
+def test_check_says_whether_enable_thinking_fits_the_data(
+    thinking, line, qwen3_dir, tiny_model_dir, tmp_path, monkeypatch
+):
+    from click.testing import CliRunner
+
+    from qwen_mlx.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "train.jsonl"
+    record = {"messages": [QUESTION, {**ANSWER, "reasoning": "查第三条。"}]}
+    data.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def check(model):
+        sets = [
+            f"model.path={model}",
+            f"data.train_file={data}",
+            f"chat.enable_thinking={thinking}",
+        ]
+        return CliRunner().invoke(cli, ["check", *(a for s in sets for a in ("--set", s))]).output
+
+    assert line in check(qwen3_dir)
+    assert "chat.enable_thinking" not in check(tiny_model_dir)  # Qwen2 has no think block
