@@ -17,6 +17,7 @@ from qwen_mlx import memory
 from qwen_mlx.backends import detect, get_backend, probe
 from qwen_mlx.backends.base import TrainPlan
 from qwen_mlx.backends.probes import PROBES
+from qwen_mlx.chat_template import think_normalized
 from qwen_mlx.config import Config, load_config
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
@@ -94,7 +95,8 @@ def check_thinking(cfg: Config, records: list) -> Finding | None:
         return None
     if family is None or not family.thinks or not records:
         return None
-    turns = (m for r in records for m in r.data.get("messages", []))
+    # think_normalized: a <think> block opening the content is reasoning too.
+    turns = (m for r in records for m in think_normalized(r.data.get("messages", [])))
     reasoned = sum(bool(m.get("reasoning_content")) for m in turns)
     if reasoned and not cfg.chat.enable_thinking:
         detail = f"{reasoned} training turns carry reasoning, but prompts will ask for none"

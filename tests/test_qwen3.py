@@ -554,7 +554,7 @@ def test_tool_call_turns_train_as_rendered_before_and_after_a_later_question(qwe
 @pytest.mark.parametrize(
     ("thinking", "line"),
     [
-        ("false", "⚠ chat.enable_thinking — 1 training turns carry reasoning, but prompts"),
+        ("false", "⚠ chat.enable_thinking — 2 training turns carry reasoning, but prompts"),
         ("true", "✓ chat.enable_thinking — on: trained and prompted to think"),
     ],
 )
@@ -567,7 +567,8 @@ def test_check_says_whether_enable_thinking_fits_the_data(
 
     monkeypatch.chdir(tmp_path)
     data = tmp_path / "train.jsonl"
-    record = {"messages": [QUESTION, {**ANSWER, "reasoning": "查第三条。"}]}
+    inline = {**ANSWER, "content": "<think>查第三条。</think>" + ANSWER["content"]}
+    record = {"messages": [QUESTION, {**ANSWER, "reasoning": "查第三条。"}, QUESTION, inline]}
     data.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def check(model):
