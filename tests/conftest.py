@@ -38,6 +38,21 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def qwen3_dir(tmp_path_factory) -> Path:
+    """A tiny Qwen3 model folder (``tiny-model --arch qwen3``: q/k norms, Qwen3's template)."""
+    from qwen_mlx.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", arch="qwen3")
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer(qwen3_dir):
+    """The tiny Qwen3's tokenizer, loaded through transformers."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(qwen3_dir)
+
+
+@pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """Twelve bundled records (the shortest) as a training file."""
     from tests.train_helpers import write_short_records
