@@ -1,7 +1,8 @@
 """What every backend must do, one suite run on each (mlx, torch), through the one run path.
 
 Learning, packing, the chunked loss, exact resume, a PEFT-readable adapter and QLoRA are
-the contract the loop and the shared export rely on; each backend's own details (MLX's
+the contract the loop and the shared export rely on (packing and the chunked loss on each
+family's tiny model; Qwen3's training runs are in test_qwen3.py); each backend's own details (MLX's
 compiled gradients and quantized layers, torch's DDP and speed options) are tested beside
 it in test_mlx_backend.py and test_torch_backend.py.
 """
@@ -128,6 +129,13 @@ def subject(request) -> Subject:
     return {"mlx": _mlx, "torch": _torch}[request.param]()
 
 
+@pytest.fixture(params=["qwen2", "qwen3"])
+def model_dir(request, tiny_model_dir, qwen3_dir):
+    """The tiny model of each family: a model's own attention (Qwen3's q/k norms, head_dim)
+    must keep packed samples apart and feed the chunked loss the same way."""
+    return {"qwen2": tiny_model_dir, "qwen3": qwen3_dir}[request.param]
+
+
 def train(subject: Subject, cfg, resume: bool = False):
     return start_run(cfg, subject.name, resume)
 
@@ -153,9 +161,9 @@ def test_loss_falls_clearly_when_overfitting(subject, tiny_model_dir, small_data
     assert first["tokens_per_s"] > 0 and first["peak_memory_gb"] > 0
 
 
-def test_packed_rows_equal_per_sample_logits_and_loss(subject, tiny_model_dir):
-    model = subject.lora_model(tiny_model_dir)
-    tokenizer = load_tokenizer(tiny_model_dir)
+def test_packed_rows_equal_per_sample_logits_and_loss(subject, model_dir):
+    model = subject.lora_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     records = [json.loads(x) for x in BUNDLED_TRAIN.read_text(encoding="utf-8").splitlines()[:5]]
     samples, _ = encode(tokenizer, [normalize(r)[0] for r in records], 1024)
     (row,) = pack(samples, sum(len(s) for s in samples) + 7, pad_id=0)  # one row, padded
@@ -168,8 +176,8 @@ def test_packed_rows_equal_per_sample_logits_and_loss(subject, tiny_model_dir):
     assert subject.loss(model, collate([row], 0)) == pytest.approx(single, rel=1e-5)
 
 
-def test_chunked_loss_equals_full_cross_entropy(subject, tiny_model_dir, monkeypatch):
-    model = subject.lora_model(tiny_model_dir, seed=1)
+def test_chunked_loss_equals_full_cross_entropy(subject, model_dir, monkeypatch):
+    model = subject.lora_model(model_dir, seed=1)
     rng = np.random.default_rng(0)
     ids = rng.integers(5, 500, (2, 40)).astype(np.int32)
     mask = rng.integers(0, 2, (2, 40)).astype(np.int8)
