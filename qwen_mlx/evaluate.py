@@ -143,11 +143,13 @@ def evaluate(
     max_len = source.run_config.training.max_seq_length if source.run_config else 2048
     console.print(f"evaluating on {len(cases)} questions", highlight=False)
     tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
+    tuned_engine.thinking = source.thinking  # a GGUF is prompted as the run was trained too
     results = [run_model(tuned_engine, "tuned", cases, max_tokens, max_len)]
     del tuned_engine
     gc.collect()
     if compare_base:
         base = open_engine(None, model=source.model_dir, backend=backend)
+        base.thinking = source.thinking  # asked the same way as the tuned model
         results.insert(0, run_model(base, "base", cases, max_tokens, max_len))
     if judge_teacher is not None:
         _judge(judge_teacher, judge.concurrency, data, cases, results)

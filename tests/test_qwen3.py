@@ -383,3 +383,36 @@ def test_check_says_whether_enable_thinking_fits_the_data(
 
     assert line in check(qwen3_dir)
     assert "chat.enable_thinking" not in check(tiny_model_dir)  # Qwen2 has no think block
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
+    thinking, qwen3_runs, qwen3_data_dir, tmp_path, monkeypatch
+):
+    import shutil
+    import types
+
+    from rich.console import Console
+
+    from qwen_mlx import evaluate
+    from qwen_mlx.config import save_config
+    from tests.train_helpers import run_config
+
+    model, data = qwen3_data_dir
+    run = shutil.copytree(qwen3_runs["torch"], tmp_path / "run")
+    setting = f"chat.enable_thinking={str(thinking).lower()}"
+    save_config(run_config(model, data, run, setting), run / "config.yaml")
+    asked = []
+
+    def run_model(engine, label, *args):
+        asked.append((label, engine.thinking))
+        if label == "base":
+            raise KeyboardInterrupt  # enough: both engines were set up
+
+    monkeypatch.setattr(evaluate, "GGUFEngine", lambda path: types.SimpleNamespace())
+    monkeypatch.setattr(evaluate, "open_engine", lambda *a, **k: types.SimpleNamespace())
+    monkeypatch.setattr(evaluate, "run_model", run_model)
+    for gguf in (tmp_path / "x.gguf", None):
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.evaluate(run, data, gguf=gguf, compare_base=True, console=Console(quiet=True))
+    assert asked == [("tuned", thinking), ("base", thinking)] * 2
