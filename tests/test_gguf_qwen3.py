@@ -3,8 +3,9 @@
 The same proofs as for Qwen2 (tests/test_gguf_export.py), on the tiny Qwen3 (q/k norms, no
 q/k/v bias, ``head_dim`` twice hidden/heads, ``<think>`` tokens): llama.cpp's tokens and
 logits, quantized greedy choices, an adapter fused or as a LoRA GGUF equal to PEFT, the fused
-folder equal to PEFT's merge, and a Modelfile that prompts the way the model was trained
-(thinking off: an empty think block opens every reply).
+folder equal to PEFT's merge, and a Modelfile and GGUF chat template that prompt the way the
+model was trained (thinking off unless the run says chat.enable_thinking: an empty think block
+opens every reply). Tensors identical to llama.cpp's own converter: bench/export.py --arch qwen3.
 """
 
 from __future__ import annotations
