@@ -56,22 +56,8 @@ def work(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(work) -> Path:
-    from qwen_mlx.tiny import build_tiny_model
-
-    return build_tiny_model(work / "tiny-qwen3", arch="qwen3")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(qwen3_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(qwen3_dir)
-
-
-@pytest.fixture(scope="module")
-def ids(tokenizer) -> list[int]:
-    return tokenizer(THINK_TEXT)["input_ids"]
+def ids(qwen3_tokenizer) -> list[int]:
+    return qwen3_tokenizer(THINK_TEXT)["input_ids"]
 
 
 @pytest.fixture(scope="module")
@@ -90,22 +76,24 @@ def f32(qwen3_dir, work) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chat_model(qwen3_dir, tokenizer, work) -> Path:
+def chat_model(qwen3_dir, qwen3_tokenizer, work) -> Path:
     """The tiny Qwen3 tuned in non-thinking form, as ``train`` renders records without
     reasoning: the reply follows the empty think block of enable_thinking=False."""
     out = work / "chat-model"
-    return fine_tune_answer(qwen3_dir, tokenizer, QUESTION, ANSWER, out, enable_thinking=False)
+    return fine_tune_answer(
+        qwen3_dir, qwen3_tokenizer, QUESTION, ANSWER, out, enable_thinking=False
+    )
 
 
 # ---------------------------------------------------------------- tokenizer and metadata
 
 
-def test_llama_cpp_tokenizes_qwen3_text_exactly_like_hugging_face(f16, tokenizer):
+def test_llama_cpp_tokenizes_qwen3_text_exactly_like_hugging_face(f16, qwen3_tokenizer):
     texts = (THINK_TEXT, "  spaces\ttabs\r\n\n混合 mixed 3.14159 年月日 😶‍🌫️", "I'm 'RE")
-    check_llama_tokenizes_like(f16, tokenizer, texts, "<|im_end|>")
+    check_llama_tokenizes_like(f16, qwen3_tokenizer, texts, "<|im_end|>")
     # <think> is an added text token: one id wherever it is written.
-    think = tokenizer.convert_tokens_to_ids("<think>")
-    assert tokenizer("<think>")["input_ids"] == [think]
+    think = qwen3_tokenizer.convert_tokens_to_ids("<think>")
+    assert qwen3_tokenizer("<think>")["input_ids"] == [think]
     llm = llama_cpp.Llama(str(f16), vocab_only=True, verbose=False)
     try:
         assert llm.tokenize(b"a<think>b", add_bos=False, special=True)[1:-1] == [think]
@@ -113,7 +101,7 @@ def test_llama_cpp_tokenizes_qwen3_text_exactly_like_hugging_face(f16, tokenizer
         llm.close()
 
 
-def test_metadata_and_tensors_are_a_qwen3_gguf(f16, qwen3_dir, tokenizer):
+def test_metadata_and_tensors_are_a_qwen3_gguf(f16, qwen3_dir, qwen3_tokenizer):
     config = json.loads((qwen3_dir / "config.json").read_text())
     head_dim = config["head_dim"]
     assert head_dim != config["hidden_size"] // config["num_attention_heads"]
@@ -129,12 +117,12 @@ def test_metadata_and_tensors_are_a_qwen3_gguf(f16, qwen3_dir, tokenizer):
         "qwen3.rope.freq_base": config["rope_theta"],
         "tokenizer.ggml.model": "gpt2",
         "tokenizer.ggml.pre": "qwen2",
-        "tokenizer.ggml.eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
+        "tokenizer.ggml.eos_token_id": qwen3_tokenizer.convert_tokens_to_ids("<|im_end|>"),
     }
     fields = gguf_fields(f16)
     assert {key: fields.get(key) for key in expected} == expected
     # Qwen3's own template, defaulting to enable_thinking=False (see the chat test below).
-    assert fields["tokenizer.chat_template"].endswith(tokenizer.chat_template)
+    assert fields["tokenizer.chat_template"].endswith(qwen3_tokenizer.chat_template)
     types = gguf_types(f16)
     assert types["blk.1.attn_q_norm.weight"] == types["blk.1.attn_k_norm.weight"] == "F32"
     assert not any(name.endswith(".bias") for name in types)
@@ -220,11 +208,13 @@ def _prompt(tokenizer, **options) -> str:
     )
 
 
-def test_greedy_answer_after_the_empty_think_block_stops_at_im_end(chat_model, tokenizer, tmp_path):
+def test_greedy_answer_after_the_empty_think_block_stops_at_im_end(
+    chat_model, qwen3_tokenizer, tmp_path
+):
     path = export(None, tmp_path / "chat.gguf", model=chat_model).path
     llm = llama_cpp.Llama(str(path), n_ctx=256, verbose=False)
     try:
-        prompt = _prompt(tokenizer, enable_thinking=False)
+        prompt = _prompt(qwen3_tokenizer, enable_thinking=False)
         done = llm.create_completion(prompt, temperature=0.0, max_tokens=40, stop=[])
         assert done["choices"][0]["text"] == ANSWER
         assert done["choices"][0]["finish_reason"] == "stop"
@@ -232,7 +222,9 @@ def test_greedy_answer_after_the_empty_think_block_stops_at_im_end(chat_model, t
         llm.close()
 
 
-def test_llama_cpp_chat_uses_the_gguf_template_as_training_did(chat_model, tokenizer, tmp_path):
+def test_llama_cpp_chat_uses_the_gguf_template_as_training_did(
+    chat_model, qwen3_tokenizer, tmp_path
+):
     # llama.cpp's chat (and LM Studio's, llama-server's) renders the GGUF's own template and
     # passes no enable_thinking: the export makes it default to off, as the run was tuned.
     path = export(None, tmp_path / "chat.gguf", model=chat_model).path
@@ -251,11 +243,11 @@ def test_llama_cpp_chat_uses_the_gguf_template_as_training_did(chat_model, token
         prompt = Template(template).render(
             messages=turn, add_generation_prompt=True, enable_thinking=thinking
         )
-        assert prompt == _prompt(tokenizer, enable_thinking=thinking)
+        assert prompt == _prompt(qwen3_tokenizer, enable_thinking=thinking)
 
 
 def test_modelfile_opens_replies_as_training_did_and_stops_on_both_tokens(
-    qwen3_dir, tokenizer, tmp_path
+    qwen3_dir, qwen3_tokenizer, tmp_path
 ):
     result = CliRunner().invoke(
         cli, ["export", "--model", str(qwen3_dir), "-o", str(tmp_path / "q.gguf")]
@@ -265,10 +257,10 @@ def test_modelfile_opens_replies_as_training_did_and_stops_on_both_tokens(
     # The generation prompt Qwen3's own template renders with enable_thinking=False, after
     # the user's turn, is how every reply opens: in the chat and the plain-prompt branches.
     user_turn = f"<|im_start|>user\n{QUESTION}<|im_end|>\n"
-    opening = _prompt(tokenizer, enable_thinking=False).split(user_turn)[1]
+    opening = _prompt(qwen3_tokenizer, enable_thinking=False).split(user_turn)[1]
     assert opening == "<|im_start|>assistant\n<think>\n\n</think>\n\n"
     assert modelfile.count(opening) == 2
-    assert _prompt(tokenizer).endswith("<|im_start|>assistant\n")  # thinking on: no block
+    assert _prompt(qwen3_tokenizer).endswith("<|im_start|>assistant\n")  # thinking on: no block
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     assert 'PARAMETER stop "<|endoftext|>"' in modelfile
     assert "SYSTEM" not in modelfile  # Qwen3's template adds no system prompt of its own
