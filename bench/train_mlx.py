@@ -45,7 +45,7 @@ MARK = "RESULT "
 
 
 def _config(args, model_dir: Path, variant: str):
-    from qwen_mlx.config import load_config
+    from qwen_mlx.config_file import load_config
 
     return load_config(
         None,

@@ -93,7 +93,7 @@ def make_samples(n: int, vocab: int, seed: int = 0):
 
 
 def _config(args, model_dir: Path, options: list[str]):
-    from qwen_mlx.config import load_config
+    from qwen_mlx.config_file import load_config
 
     extra = [o for name in options for o in OPTIONS[name]]
     if "sel" in options:

@@ -379,7 +379,7 @@ def resolve_source(run_or_adapter: Path | None, model: Path | None) -> Source:
 
 
 def _load_run_config(run_dir: Path):
-    from qwen_mlx.config import load_config
+    from qwen_mlx.config_file import load_config
 
     return load_config(run_dir / RUN_CONFIG)
 

@@ -18,7 +18,8 @@ from qwen_mlx.backends import detect, get_backend, probe
 from qwen_mlx.backends.base import TrainPlan
 from qwen_mlx.backends.probes import PROBES
 from qwen_mlx.chat_template import think_normalized
-from qwen_mlx.config import Config, load_config
+from qwen_mlx.config import Config
+from qwen_mlx.config_file import load_config
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.families import find_family

@@ -73,7 +73,7 @@ def data_distill(docs, out_dir, dry_run, config_path, overrides, **options) -> N
     chunk alone, and checks each answer against it. Every reply is kept in OUT/ledger.jsonl:
     run it again after an interruption and nothing is asked twice.
     """
-    from qwen_mlx.config import load_config
+    from qwen_mlx.config_file import load_config
     from qwen_mlx.distill.run import distill
 
     # Each option is its config key; JSON-quoted so YAML reads a model name as text.

@@ -18,16 +18,18 @@ from rich.console import Console
 from qwen_mlx import memory
 from qwen_mlx.backends import get_backend, resolve
 from qwen_mlx.backends.base import Backend, TrainResult
-from qwen_mlx.config import Config, changed_keys, load_config, save_config
+from qwen_mlx.config import Config
+from qwen_mlx.config_file import changed_keys, load_config, save_config
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import disk_errors
 from qwen_mlx.model_files import require_model
 from qwen_mlx.run_dir import RUN_CONFIG, RunDir
 
 # What a resumed run may change: when and how often things happen, never what is computed,
-# and whole sections that training never reads (the distill step's settings).
+# and whole sections that training never reads (the distill step's, and how eval, chat and
+# serve prompt the tuned model).
 SAFE_ON_RESUME = ("training.max_steps", "training.eval_every", "training.save_every")
-UNUSED_BY_TRAINING = ("distill",)
+UNUSED_BY_TRAINING = ("distill", "chat")
 
 
 def _safe_on_resume(key: str) -> bool:

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_mlx.config import ALL_LINEAR, load_config, save_config
+from qwen_mlx.config import ALL_LINEAR
+
+# A prompt mixing what Qwen users type: Chinese, English, digits, punctuation, specials.
+from qwen_mlx.config_file import load_config, save_config
 
 # A prompt mixing what Qwen users type: Chinese, English, digits, punctuation, specials.
 MIXED_TEXT = (

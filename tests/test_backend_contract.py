@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from qwen_mlx.config import ALL_LINEAR, load_config
+from qwen_mlx.config import ALL_LINEAR
+from qwen_mlx.config_file import load_config
 from qwen_mlx.data import normalize
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked
 from qwen_mlx.tokens import encode_records as encode

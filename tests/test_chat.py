@@ -20,7 +20,7 @@ QUESTION = "出差住宿标准是多少？"
 def run(tiny_model_dir, tmp_path_factory):
     """A short torch run (its adapter moves the logits) to chat with."""
     pytest.importorskip("torch")
-    from qwen_mlx.config import load_config, save_config
+    from qwen_mlx.config_file import load_config, save_config
     from qwen_mlx.training_run import train
 
     root = tmp_path_factory.mktemp("chat")

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from qwen_mlx.cli import cli
-from qwen_mlx.config import load_config
+from qwen_mlx.config_file import load_config
 from qwen_mlx.memory import (
     GiB,
     estimate_training_memory,

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from qwen_mlx.config import PRESETS, Config, config_to_yaml, load_config, save_config
+from qwen_mlx.config import PRESETS, Config
+from qwen_mlx.config_file import config_to_yaml, load_config, save_config
 from qwen_mlx.errors import UserError
 from tests.conftest import REPO_ROOT
 

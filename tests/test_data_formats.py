@@ -338,7 +338,7 @@ def test_cli_refuses_preferences_in_one_line_then_fills_and_counts(tmp_path):
 
 def test_training_names_placeholders_left_in_its_data(tmp_path, tiny_tokenizer):
     """`train` says what `data prepare` says: {{name}} left in the records is trained as is."""
-    from qwen_mlx.config import load_config
+    from qwen_mlx.config_file import load_config
     from qwen_mlx.run_data import build_run_data
 
     answer = "我是{{name}}，由{{author}}开发。"

@@ -38,7 +38,7 @@ def test_bleu4_matches_nltk_method3_on_characters():
 def overfit_run(tiny_model_dir, tmp_path_factory):
     """A torch run trained (to overfitting) on eight held-out questions themselves."""
     pytest.importorskip("torch")
-    from qwen_mlx.config import load_config, save_config
+    from qwen_mlx.config_file import load_config, save_config
     from qwen_mlx.training_run import train
 
     root = tmp_path_factory.mktemp("eval")

@@ -16,7 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from qwen_mlx.cli import cli
-from qwen_mlx.config import load_config
+from qwen_mlx.config_file import load_config
 from qwen_mlx.model_files import check_targets, safetensors_header
 
 TOKENIZER = "tokenizer.json"

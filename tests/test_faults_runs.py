@@ -385,6 +385,8 @@ def test_a_resume_may_change_when_it_stops_saves_and_validates(halfway, straight
         "training.save_every=1",
         "--set",
         "distill.questions_per_chunk=2",  # the distill step's settings do not touch training
+        "--set",
+        "chat.enable_thinking=true",  # nor does how the tuned model is prompted
         "-c",
         run / "config.yaml",
     )

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from qwen_mlx.config import load_config
+from qwen_mlx.config_file import load_config
 from qwen_mlx.errors import TrainingStopped
 from qwen_mlx.loop import Plan, epoch_order, learning_rate, rank_rows, train_loop
 from qwen_mlx.monitor import LossWatch

@@ -23,7 +23,8 @@ from qwen_mlx import memory  # noqa: E402
 from qwen_mlx.backends import mlx_model  # noqa: E402
 from qwen_mlx.backends.base import GenerationSettings  # noqa: E402
 from qwen_mlx.backends.mlx_trainer import MLXBackend  # noqa: E402
-from qwen_mlx.config import ALL_LINEAR, load_config  # noqa: E402
+from qwen_mlx.config import ALL_LINEAR  # noqa: E402
+from qwen_mlx.config_file import load_config  # noqa: E402
 from tests.conftest import QWEN25_3B  # noqa: E402
 from tests.lora_helpers import hf_logits  # noqa: E402
 from tests.train_helpers import run_config, start_run  # noqa: E402

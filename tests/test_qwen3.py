@@ -308,7 +308,7 @@ def test_engine_prompts_follow_the_runs_chat_enable_thinking(
     # eval, chat and serve all open their engine with open_engine and ask it for prompts.
     import shutil
 
-    from qwen_mlx.config import save_config
+    from qwen_mlx.config_file import save_config
     from qwen_mlx.inference import open_engine
     from tests.train_helpers import run_config
 
@@ -395,7 +395,7 @@ def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
     from rich.console import Console
 
     from qwen_mlx import evaluate
-    from qwen_mlx.config import save_config
+    from qwen_mlx.config_file import save_config
     from tests.train_helpers import run_config
 
     model, data = qwen3_data_dir

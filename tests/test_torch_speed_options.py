@@ -16,7 +16,7 @@ from qwen_mlx.backends.torch_model import (  # noqa: E402
     kernel_plan,
     load_base,
 )
-from qwen_mlx.config import load_config  # noqa: E402
+from qwen_mlx.config_file import load_config  # noqa: E402
 
 CPU = torch.device("cpu")
 

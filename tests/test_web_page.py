@@ -219,7 +219,7 @@ def test_the_report_and_loss_curve_open_from_the_page(browser, tmp_path):
 def trained_run(tiny_model_dir, small_data, tmp_path_factory):
     """A tiny torch run trained for a few steps at a high learning rate."""
     pytest.importorskip("torch")
-    from qwen_mlx.config import save_config
+    from qwen_mlx.config_file import save_config
     from qwen_mlx.training_run import train
     from tests.train_helpers import QUIET, run_config
 

@@ -13,7 +13,8 @@ from rich.console import Console
 
 from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import TrainResult
-from qwen_mlx.config import Config, load_config
+from qwen_mlx.config import Config
+from qwen_mlx.config_file import load_config
 from tests.conftest import BUNDLED_TRAIN
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
