@@ -20,7 +20,8 @@ DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpf
 
 # Go template (ollama): a system turn, then every message as <|im_start|>role … <|im_end|>, and
 # an open assistant turn to answer in. The {{- else }} branch serves old /api/generate clients.
-OLLAMA_TEMPLATE = """{{- if .Messages }}
+# {open} marks where a reply starts, {last_open} the same inside the last assistant turn.
+_OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{- if .System }}<|im_start|>system
 {{ .System }}<|im_end|>
 {{ end }}
@@ -29,11 +30,11 @@ OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{- if eq .Role "user" }}<|im_start|>user
 {{ .Content }}<|im_end|>
 {{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ .Content }}{{ if not $last }}<|im_end|>
+{last_open}{{ .Content }}{{ if not $last }}<|im_end|>
 {{ end }}
 {{- end }}
 {{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{{ end }}
+{open}{{ end }}
 {{- end }}
 {{- else }}
 {{- if .System }}<|im_start|>system
@@ -41,7 +42,17 @@ OLLAMA_TEMPLATE = """{{- if .Messages }}
 {{ end }}{{ if .Prompt }}<|im_start|>user
 {{ .Prompt }}<|im_end|>
 {{ end }}<|im_start|>assistant
-{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+{open}{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
+
+
+def ollama_template(reply_opening: str = "") -> str:
+    """The ollama template, with ``reply_opening`` (Go template text) written where the
+    model's reply starts: nothing for Qwen2, Qwen3's think-block opening for Qwen3."""
+    last_open = "{{ if $last }}" + reply_opening + "{{ end }}" if reply_opening else ""
+    return _OLLAMA_TEMPLATE.replace("{last_open}", last_open).replace("{open}", reply_opening)
+
+
+OLLAMA_TEMPLATE = ollama_template()
 
 
 def _widths(config: dict[str, Any]) -> tuple[int, int, int, int]:

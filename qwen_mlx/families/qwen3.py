@@ -17,36 +17,13 @@ from typing import Any
 from qwen_mlx.families import qwen2
 from qwen_mlx.families.base import Shapes
 
-# Go template (ollama). {open} is how a reply opens, after "<|im_start|>assistant\n".
-_OLLAMA_TEMPLATE = """{{- if .Messages }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|im_start|>user
-{{ .Content }}<|im_end|>
-{{ else if eq .Role "assistant" }}<|im_start|>assistant
-{{ if $last }}{open}{{ end }}{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{open}{{ end }}
-{{- end }}
-{{- else }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{ if .Prompt }}<|im_start|>user
-{{ .Prompt }}<|im_end|>
-{{ end }}<|im_start|>assistant
-{open}{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
 EMPTY_THINK = "<think>\n\n</think>\n\n"  # what enable_thinking=False puts before a reply
 # Tuned without reasoning, the model answers after the empty think block, as it was trained.
-OLLAMA_TEMPLATE = _OLLAMA_TEMPLATE.replace("{open}", EMPTY_THINK)
+OLLAMA_TEMPLATE = qwen2.ollama_template(EMPTY_THINK)
 # Tuned with reasoning, it opens its own think block, unless a request asks think: false
 # (ollama's .Think / .IsThinkSet, as its own qwen3 template reads them).
-OLLAMA_THINKING_TEMPLATE = _OLLAMA_TEMPLATE.replace(
-    "{open}", "{{ if and $.IsThinkSet (not $.Think) }}" + EMPTY_THINK + "{{ end }}"
+OLLAMA_THINKING_TEMPLATE = qwen2.ollama_template(
+    "{{ if and $.IsThinkSet (not $.Think) }}" + EMPTY_THINK + "{{ end }}"
 )
 
 
