@@ -2,11 +2,14 @@
 
 Replies stream token by token. The conversation is kept as history; ``/reset`` clears it,
 ``/system TEXT`` sets the system prompt (and clears the history), ``/exit`` (or Ctrl-D)
-leaves. ``--prompt TEXT`` answers one question and exits, printing only the answer.
+leaves. ``--prompt TEXT`` answers one question and exits, printing only the answer. A think
+block a reply opens with (Qwen3 with ``chat.enable_thinking``) is shown dimmed in the terminal
+and never kept as the answer: the template drops earlier turns' reasoning anyway.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
@@ -14,6 +17,7 @@ from rich.console import Console
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.chat_template import PromptTooLong
 from qwen_mlx.inference import ask
+from qwen_mlx.reasoning import ReasoningSplit
 
 HELP = "commands: /reset (new conversation), /system TEXT (set system prompt), /exit"
 
@@ -36,14 +40,27 @@ class Conversation:
         ]
 
 
-def reply(engine: Any, messages: list[dict], settings: GenerationSettings, out) -> str:
-    """Stream the answer to ``out`` (a file-like object) and return it."""
-    parts = []
+def reply(
+    engine: Any,
+    messages: list[dict],
+    settings: GenerationSettings,
+    out,
+    thoughts: Callable[[str], None] | None = None,
+) -> str:
+    """Stream the answer to ``out`` (a file-like object) and return it; the think block the
+    reply may open with goes to ``thoughts`` as it arrives (or nowhere)."""
+    split, parts = ReasoningSplit(), []
     for chunk in ask(engine, messages, settings):
-        if chunk.text:
-            out.write(chunk.text)
-            out.flush()
-            parts.append(chunk.text)
+        for field, text in split.feed(chunk.text):
+            if field == "content":
+                out.write(text)
+                out.flush()
+                parts.append(text)
+            elif thoughts is not None:
+                thoughts(text)
+    for _field, text in split.finish():  # only what may have been a tag's start
+        out.write(text)
+        parts.append(text)
     out.write("\n")
     return "".join(parts)
 
@@ -82,7 +99,9 @@ def interactive(engine: Any, settings: GenerationSettings, system: str | None, c
             continue
         console.print("[bold blue]model>[/] ", end="")
         try:
-            answer = reply(engine, conversation.messages(line), settings, console.file)
+            answer = reply(
+                engine, conversation.messages(line), settings, console.file, _dimmed(console)
+            )
         except KeyboardInterrupt:  # stop this answer, keep the session
             console.print("\n[dim](stopped)[/]")
             continue
@@ -90,3 +109,10 @@ def interactive(engine: Any, settings: GenerationSettings, system: str | None, c
             console.print(f"\n[yellow]{err}[/] (/reset starts a new conversation)")
             continue
         conversation.add(line, answer)
+
+
+def _dimmed(console: Console) -> Callable[[str], None]:
+    def show(text: str) -> None:
+        console.print(text, style="dim", end="", markup=False, highlight=False)
+
+    return show

@@ -130,3 +130,27 @@ def test_a_conversation_too_long_for_the_context_keeps_the_session(monkeypatch):
     console = Console(record=True, width=200)
     interactive(Full(), GenerationSettings(), None, console)
     assert "the prompt is 5000 tokens" in console.export_text()  # said, and still chatting
+
+
+class _ThinkingEngine:
+    """Streams a reply that opens with a think block, cut mid-tag as a tokenizer may."""
+
+    def prompt_ids(self, messages, max_tokens):
+        return [1, 2, 3]
+
+    def pieces(self, prompt_ids, settings):
+        yield from ["<thi", "nk>\n想一想：住宿", "标准看城市。\n</th", "ink>\n\n", "每晚500元。"]
+
+
+def test_a_think_block_is_shown_apart_and_never_kept_as_the_answer():
+    import io
+
+    from qwen_mlx.backends.base import GenerationSettings
+    from qwen_mlx.chat import reply
+
+    out, thoughts = io.StringIO(), []
+    messages = [{"role": "user", "content": QUESTION}]
+    answer = reply(_ThinkingEngine(), messages, GenerationSettings(), out, thoughts.append)
+    assert answer == "每晚500元。"
+    assert out.getvalue() == "每晚500元。\n"  # --prompt prints only the answer
+    assert "".join(thoughts) == "想一想：住宿标准看城市。"
