@@ -116,7 +116,9 @@ def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
 class GGUFEngine:
     """A GGUF file run by llama.cpp (llama-cpp-python), with the file's own chat template."""
 
-    thinking = False  # Qwen3's enable_thinking, as for HFEngine
+    # Qwen3's enable_thinking, as for HFEngine; None: the GGUF's own template decides (our
+    # export makes it default to how the run was tuned).
+    thinking: bool | None = None
 
     def __init__(self, path: Path, n_ctx: int = 4096):
         try:
@@ -146,9 +148,8 @@ class GGUFEngine:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = ImmutableSandboxedEnvironment().from_string(self.template)
-        return template.render(
-            messages=messages, add_generation_prompt=True, enable_thinking=self.thinking
-        )
+        said = {} if self.thinking is None else {"enable_thinking": self.thinking}
+        return template.render(messages=messages, add_generation_prompt=True, **said)
 
     def _text_ids(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)

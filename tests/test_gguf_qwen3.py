@@ -294,3 +294,24 @@ def test_a_moe_model_is_refused_before_any_folder_is_made(qwen3_dir, tmp_path):
     result = CliRunner().invoke(cli, ["export", "--model", str(model), "-o", str(out)])
     assert result.exit_code == 1 and "Qwen3MoeForCausalLM" in result.output
     assert not out.parent.exists()  # -o's folder is made only for a model we can export
+
+
+def test_chat_and_serve_on_a_gguf_prompt_as_its_run_was_tuned(
+    qwen3_dir, qwen3_tokenizer, tmp_path, monkeypatch
+):
+    # `chat --gguf` / `serve --gguf` have no run folder: the GGUF's template, which the export
+    # made default to the run's chat.enable_thinking, decides; an explicit setting still wins.
+    from qwen_mlx import adapters
+    from qwen_mlx.inference import GGUFEngine
+
+    monkeypatch.setattr(adapters.Source, "thinking", property(lambda self: True))
+    engine = GGUFEngine(export(None, tmp_path / "thinks.gguf", model=qwen3_dir).path)
+    turn = [{"role": "user", "content": QUESTION}]
+
+    def prompt() -> str:
+        return engine.llm.detokenize(engine.prompt_ids(turn, 16), special=True).decode()
+
+    assert prompt() == _prompt(qwen3_tokenizer, enable_thinking=True)  # as the run was tuned
+    for thinking in (False, True):
+        engine.thinking = thinking
+        assert prompt() == _prompt(qwen3_tokenizer, enable_thinking=thinking)
