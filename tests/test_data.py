@@ -173,7 +173,6 @@ def test_exact_duplicates_are_removed_and_counted(tmp_path):
 
 
 def test_json_list_csv_and_parquet(tmp_path):
-    pytest.importorskip("datasets")
     rows = [
         {"instruction": "差旅", "input": "", "output": "按标准"},
         {"prompt": "p", "completion": "c"},
@@ -190,11 +189,11 @@ def test_json_list_csv_and_parquet(tmp_path):
         [(U, "会议"), (A, "凭票")],
     ]
     assert records[0].source.endswith("d.csv:2")
-    import pandas as pd
+    import pyarrow
+    import pyarrow.parquet
 
-    pd.DataFrame([{"text": "第一章 总则"}, {"text": "第二章 差旅"}]).to_parquet(
-        tmp_path / "d.parquet"
-    )
+    table = pyarrow.Table.from_pylist([{"text": "第一章 总则"}, {"text": "第二章 差旅"}])
+    pyarrow.parquet.write_table(table, tmp_path / "d.parquet")
     records, _report = load_records([tmp_path / "d.parquet"])
     assert [r.data for r in records] == [{"text": "第一章 总则"}, {"text": "第二章 差旅"}]
 
