@@ -45,28 +45,11 @@ MARK = "RESULT "
 
 
 def _config(args, model_dir: Path, variant: str):
-    from qwen_mlx.config_file import load_config
-
-    return load_config(
-        None,
-        None,
-        [
-            f"model.path={model_dir}",
-            f"model.quantization={args.quant}",
-            "lora.rank=16",
-            "lora.alpha=32",
-            "lora.dropout=0.05",
-            "training.batch_size=1",
-            "training.gradient_accumulation_steps=4",
-            f"training.max_seq_length={args.seq}",
-            "training.learning_rate=5e-5",
-            "training.warmup_steps=2",
-            "training.num_epochs=1",
-            f"training.gradient_checkpointing={variant == 'ours-gc'}",
-            f"training.packing={variant != 'ours-unpacked'}",
-            "training.save_every=100000",
-            "training.eval_every=100000",
-        ],
+    return train_torch.bench_config(
+        args,
+        model_dir,
+        f"training.gradient_checkpointing={variant == 'ours-gc'}",
+        f"training.packing={variant != 'ours-unpacked'}",
     )
 
 

@@ -92,12 +92,11 @@ def make_samples(n: int, vocab: int, seed: int = 0):
     return samples
 
 
-def _config(args, model_dir: Path, options: list[str]):
+def bench_config(args, model_dir: Path, *extra: str):
+    """The seed's LoRA settings for one epoch, without checkpoints or validation (the MLX
+    bench uses them too); ``extra`` are more ``--set`` overrides."""
     from qwen_mlx.config_file import load_config
 
-    extra = [o for name in options for o in OPTIONS[name]]
-    if "sel" in options:
-        extra.append(f"training.checkpoint_fraction={args.sel_fraction}")
     return load_config(
         None,
         None,
@@ -106,7 +105,7 @@ def _config(args, model_dir: Path, options: list[str]):
             f"model.quantization={args.quant}",
             "lora.rank=16",
             "lora.alpha=32",
-            f"training.batch_size={args.batch}",
+            f"training.batch_size={getattr(args, 'batch', 1)}",
             "training.gradient_accumulation_steps=4",
             f"training.max_seq_length={args.seq}",
             "training.learning_rate=5e-5",
@@ -114,11 +113,16 @@ def _config(args, model_dir: Path, options: list[str]):
             "training.num_epochs=1",
             "training.save_every=100000",
             "training.eval_every=100000",
-            "training.attention=sdpa",
-            "training.kernels=none",
             *extra,
         ],
     )
+
+
+def _config(args, model_dir: Path, options: list[str]):
+    extra = [o for name in options for o in OPTIONS[name]]
+    if "sel" in options:
+        extra.append(f"training.checkpoint_fraction={args.sel_fraction}")
+    return bench_config(args, model_dir, "training.attention=sdpa", "training.kernels=none", *extra)
 
 
 def parse_variant(variant: str) -> tuple[str, list[str]]:

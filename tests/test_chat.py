@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -20,34 +19,27 @@ QUESTION = "出差住宿标准是多少？"
 def run(tiny_model_dir, tmp_path_factory):
     """A short torch run (its adapter moves the logits) to chat with."""
     pytest.importorskip("torch")
-    from qwen_mlx.config_file import load_config, save_config
+    from qwen_mlx.config_file import save_config
     from qwen_mlx.training_run import train
+    from tests.train_helpers import QUIET, run_config
 
     root = tmp_path_factory.mktemp("chat")
     rows = [json.loads(x) for x in BUNDLED_TEST.read_text(encoding="utf-8").splitlines()[:8]]
     data = root / "qa.jsonl"
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
-    cfg = load_config(
-        None,
-        None,
-        [
-            f"model.path={tiny_model_dir}",
-            "model.quantization=none",
-            f"data.train_file={data}",
-            "data.valid_ratio=0",
-            f"output.dir={root / 'run'}",
-            "training.backend=torch",
-            "training.max_seq_length=256",
-            "training.batch_size=2",
-            "training.gradient_accumulation_steps=1",
-            "training.learning_rate=5e-3",
-            "training.num_epochs=10",
-            "training.warmup_steps=2",
-        ],
+    cfg = run_config(
+        tiny_model_dir,
+        data,
+        root / "run",
+        "data.valid_ratio=0",
+        "training.backend=torch",
+        "training.num_epochs=10",
+        "lora.rank=16",
+        "lora.alpha=32",
     )
     (root / "run").mkdir()
     save_config(cfg, root / "run" / "config.yaml")
-    train(cfg, root / "run", False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    train(cfg, root / "run", False, QUIET)
     return root / "run"
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 
 import pytest
@@ -38,8 +37,9 @@ def test_bleu4_matches_nltk_method3_on_characters():
 def overfit_run(tiny_model_dir, tmp_path_factory):
     """A torch run trained (to overfitting) on eight held-out questions themselves."""
     pytest.importorskip("torch")
-    from qwen_mlx.config_file import load_config, save_config
+    from qwen_mlx.config_file import save_config
     from qwen_mlx.training_run import train
+    from tests.train_helpers import QUIET, run_config
 
     root = tmp_path_factory.mktemp("eval")
     lines = BUNDLED_TEST.read_text(encoding="utf-8").splitlines()
@@ -48,28 +48,16 @@ def overfit_run(tiny_model_dir, tmp_path_factory):
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows), encoding="utf-8")
     run = root / "run"
     run.mkdir()
-    cfg = load_config(
-        None,
-        None,
-        [
-            f"model.path={tiny_model_dir}",
-            "model.quantization=none",
-            f"data.train_file={data}",
-            "data.valid_ratio=0",
-            f"output.dir={run}",
-            "training.backend=torch",
-            "training.max_seq_length=256",
-            "training.batch_size=2",
-            "training.gradient_accumulation_steps=1",
-            "training.warmup_steps=2",
-            "training.learning_rate=5e-3",
-            "training.num_epochs=15",
-            "lora.rank=8",
-            "lora.alpha=16",
-        ],
+    cfg = run_config(
+        tiny_model_dir,
+        data,
+        run,
+        "data.valid_ratio=0",
+        "training.backend=torch",
+        "training.num_epochs=15",
     )
     save_config(cfg, run / "config.yaml")
-    train(cfg, run, False, Console(file=open(os.devnull, "w")))  # noqa: SIM115
+    train(cfg, run, False, QUIET)
     return run, data
 
 
