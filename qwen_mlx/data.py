@@ -261,10 +261,11 @@ def _read_one(obj: Any, source: str, options: ReadOptions, report: LoadReport):
     try:
         if isinstance(obj, RecordError):
             raise obj
-        obj = _sft_view(obj, source, options, report)
-        if obj is None:
+        kept = _sft_view(obj, source, options, report)
+        if kept is None and obj is not None:  # a KTO record left out, already counted
             return None
-        data, fmt = normalize(obj, options.system_prompt)
+        # A `null` line reaches normalize, which names it as a bad record like any other.
+        data, fmt = normalize(kept, options.system_prompt)
     except RecordError as err:
         if options.strict:
             hint = "--strict stops at the first bad record"

@@ -244,3 +244,13 @@ def test_csv_rows_are_numbered_by_the_line_they_start_on(tmp_path):
     assert [r.source for r in records] == [f"{path}:2"]
     assert roles(records[0].data)[0] == (U, "多行\n问题")
     assert [p.source for p in report.problems] == [f"{path}:5"]
+
+
+def test_a_null_line_is_a_counted_bad_record(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"instruction": "q", "output": "a"}\nnull\n', encoding="utf-8")
+    records, report = load_records([path])
+    assert len(records) == 1
+    assert [p.source for p in report.problems] == [f"{path}:2"]
+    assert "expected a JSON object, got null" in report.problems[0].reason
+    assert report.skipped == 1 and "1 bad records skipped" in report.summary()
