@@ -291,7 +291,26 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
 @_engine_backend
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY'.")
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    metavar="NAME",
+    help="Also answer requests whose Host header names NAME (repeatable; '*': any). Without "
+    "it only localhost, IP addresses (so 0.0.0.0 works for clients using the machine's "
+    "address) and --host itself are answered; other names get 403 (DNS rebinding guard).",
+)
+@click.option(
+    "--api-key",
+    default=None,
+    help="Require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-env).",
+)
+@click.option(
+    "--api-key-env",
+    metavar="VAR",
+    default=None,
+    help="Like --api-key, the key read from the environment variable VAR.",
+)
 @click.option(
     "--cors-origin",
     "cors_origins",
@@ -305,7 +324,17 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
     help="With --gguf: the base model's GGUF, which the page compares the tuned one with.",
 )
 def serve(
-    run_or_adapter, model_dir, gguf, backend, host, port, api_key, cors_origins, base_gguf
+    run_or_adapter,
+    model_dir,
+    gguf,
+    backend,
+    host,
+    port,
+    allowed_hosts,
+    api_key,
+    api_key_env,
+    cors_origins,
+    base_gguf,
 ) -> None:
     """OpenAI-compatible API: /v1/chat/completions (incl. stream), /v1/models, /health.
 
@@ -313,16 +342,18 @@ def serve(
     ask the base model too and show both answers side by side (the adapter switched off, or
     --base-gguf beside --gguf), and links the run's eval report and loss curve.
     """
-    from qwen_mlx.serve import run
+    from qwen_mlx.serve import api_key_of, run
     from qwen_mlx.serve_web import open_base
 
     if base_gguf is not None and gguf is None:
         raise UserError("--base-gguf is the base to compare --gguf with: give --gguf TUNED.gguf")
+    api_key = api_key_of(api_key, api_key_env)  # before the model loads: a mistake shows now
     engine = _engine(run_or_adapter, model_dir, gguf, backend)
     page = {
         "base": open_base(engine, run_or_adapter, model_dir, base_gguf),
         "run_dir": run_or_adapter if run_or_adapter and run_or_adapter.is_dir() else None,
         "system_prompt": _run_system_prompt(run_or_adapter),
+        "allowed_hosts": allowed_hosts,
     }
     run(engine, host, port, api_key, console, cors_origins, **page)
 

@@ -9,7 +9,8 @@ One model serves everyone, so generations take turns behind a lock. Each request
 its own worker thread (:class:`Job`) that checks a cancel flag between tokens and frees the
 model when it ends. The request side sets the flag when the client goes away, and stopping the
 server sets every flag, so an abandoned request never keeps the model, and SIGTERM ends the
-server in moments. The API key and the body size are checked before anything is parsed.
+server in moments. The Host header, the API key and the body size are checked before anything
+is parsed, and a prompt's size before it is tokenized (:mod:`qwen_mlx.serve_guard`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
-from starlette.datastructures import Headers
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.errors import UserError
@@ -37,6 +37,13 @@ from qwen_mlx.serve_api import (
     completion,
     install_error_handlers,
     usage,
+)
+from qwen_mlx.serve_guard import (
+    HEADER_TIMEOUT_S,
+    Guard,
+    allowed_hosts,
+    cannot_fit,
+    http_protocol,
 )
 from qwen_mlx.serve_web import PUBLIC_PATHS, add_page_routes
 
@@ -113,12 +120,14 @@ class Server:
         base: Any = None,
         run_dir: Path | None = None,
         system_prompt: str | None = None,
+        allowed_hosts: tuple[str, ...] = (),
     ):
         self.engine, self.base = engine, base
         # Requests pick one by their `model` field; a base adapter-off view shares the weights.
         self.engines = {e.model_id: e for e in (engine, base) if e is not None}
         self.run_dir, self.system_prompt = run_dir, system_prompt
         self.api_key = api_key
+        self.allowed_hosts = allowed_hosts  # beside loopback and the bound address
         self.default_max_tokens = default_max_tokens
         self.cors_origins = list(cors_origins)
         self.max_body = max(MIN_BODY_LIMIT, BODY_BYTES_PER_TOKEN * engine.context_length)
@@ -221,85 +230,18 @@ async def _answer(job: Job, request: Request, model_id: str) -> Response | dict:
     return completion(model_id, text, chunks[-1].finish_reason, tokens)
 
 
-class Guard:
-    """ASGI middleware run before the app parses anything: the API key (every path but
-    /health and the page, which asks for the key) and the body size (by Content-Length,
-    then by counting what arrives)."""
-
-    def __init__(self, app, api_key: str | None, max_body: int):
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        refusal = self._refusal(Headers(scope=scope), scope["path"])
-        body = None
-        if refusal is None:
-            body, refusal = await self._read(receive)
-        if refusal is not None:
-            await refusal(scope, receive, send)
-        elif body is not None:  # None: the client left while sending
-            await self.app(scope, _replay(body, receive), send)
-
-    def _refusal(self, headers: Headers, path: str) -> Response | None:
-        if self.api_key and not _public(path) and not _authorized(headers, self.api_key):
-            return ErrorResponse(
-                401,
-                "invalid or missing API key (Authorization: Bearer KEY)",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-        length = headers.get("content-length", "")
-        if length.isdigit() and int(length) > self.max_body:
-            return self._too_large()
-        return None
-
-    def _too_large(self) -> Response:
-        limit = f"{self.max_body / (1 << 20):.0f} MiB"
-        message = f"the request body is larger than this server's {limit} limit"
-        # Close the connection: the rest of the body would otherwise be read as a request.
-        return ErrorResponse(413, message, headers={"Connection": "close"})
-
-    async def _read(self, receive) -> tuple[bytes | None, Response | None]:
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None, None
-            body += message.get("body", b"")
-            if len(body) > self.max_body:
-                return None, self._too_large()
-            if not message.get("more_body"):
-                return bytes(body), None
-
-
-def _public(path: str) -> bool:
-    return path == "/health" or path in PUBLIC_PATHS
-
-
-def _authorized(headers: Headers, api_key: str) -> bool:
-    import secrets
-
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    given = token.strip().encode("latin-1")  # header bytes, as the client sent them
-    return scheme.lower() == "bearer" and secrets.compare_digest(given, api_key.encode())
-
-
-def _replay(body: bytes, receive):
-    """A receive channel that hands the app the body already read, then the real channel
-    (which reports the client's disconnect)."""
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay():
-        return pending.pop() if pending else await receive()
-
-    return replay
-
-
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
+    """The app of ``server``, listening on the address ``bound`` (which it answers to)."""
     app = FastAPI(title="qwen-mlx", version="1", docs_url=None, redoc_url=None)
     model_id = server.engine.model_id
     install_error_handlers(app)
-    app.add_middleware(Guard, api_key=server.api_key, max_body=server.max_body)
+    app.add_middleware(
+        Guard,
+        api_key=server.api_key,
+        max_body=server.max_body,
+        hosts=allowed_hosts(bound, server.allowed_hosts),
+        public=PUBLIC_PATHS | {"/health"},
+    )
     if server.cors_origins:  # outermost, so preflights and errors carry the CORS headers
         app.add_middleware(
             CORSMiddleware,
@@ -334,6 +276,9 @@ def create_app(server: Server) -> FastAPI:
             return ErrorResponse(503, "the server is shutting down", kind="server_error")
         settings = server.settings(req)
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        too_long = cannot_fit(messages, engine.context_length, settings.max_tokens)
+        if too_long:  # refused by counting: a hostile request never holds the tokenizer
+            return ErrorResponse(400, too_long, "messages", code="context_length_exceeded")
         try:
             ids = await asyncio.to_thread(server.prompt_ids, engine, messages, settings)
         except UserError as err:
@@ -360,15 +305,37 @@ class Uvicorn(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def make_server(server: Server, host: str, port: int, log_level: str = "warning") -> Uvicorn:
+def make_server(
+    server: Server,
+    host: str,
+    port: int,
+    log_level: str = "warning",
+    header_timeout: float = HEADER_TIMEOUT_S,
+) -> Uvicorn:
+    """``header_timeout``: seconds a connection may take to send a request's headers."""
     config = uvicorn.Config(
-        create_app(server),
+        create_app(server, bound=host),
         host=host,
         port=port,
         log_level=log_level,
         timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        http=http_protocol(header_timeout),
     )
     return Uvicorn(config, server)
+
+
+def api_key_of(given: str | None, env_var: str | None) -> str | None:
+    """The key of ``--api-key``, or of the variable ``--api-key-env`` names (kept out of ps)."""
+    import os
+
+    if env_var is None:
+        return given
+    if given is not None:
+        raise UserError("give --api-key or --api-key-env, not both")
+    key = os.environ.get(env_var, "")
+    if not key.strip():
+        raise UserError(f"--api-key-env {env_var}: the environment variable is not set or empty")
+    return key
 
 
 def run(
@@ -380,8 +347,8 @@ def run(
     cors_origins: tuple[str, ...] = (),
     **page: Any,
 ) -> None:
-    """Serve until Ctrl-C or SIGTERM. ``page``: the :class:`Server`'s base model, run folder
-    and system prompt."""
+    """Serve until Ctrl-C or SIGTERM. ``page``: the :class:`Server`'s base model, run folder,
+    system prompt and allowed host names."""
     server = Server(engine, api_key, cors_origins=cors_origins, **page)
     where = f"http://{host}:{port}"
     console.print(f"serving {engine.description} at {where}/v1 (Ctrl-C stops)", highlight=False)

@@ -26,6 +26,9 @@ from starlette.exceptions import HTTPException
 from qwen_mlx.reasoning import split_reply
 
 MAX_TOKENS_LIMIT = 8192
+# Messages per request, as OpenAI allows: far beyond a real conversation, and few enough that
+# rendering and tokenizing them all takes a moment, not seconds of the one tokenizer.
+MAX_MESSAGES = 2048
 # Fields that change the meaning of a reply; refused until they are supported.
 UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs")
 _STATUS_TYPES = {401: "authentication_error", 500: "server_error", 503: "server_error"}
@@ -126,6 +129,14 @@ class ChatRequest(BaseModel):
         if len(stops) > 4 or any(not s for s in stops):
             raise ValueError("stop takes up to 4 non-empty strings")
         return [_utf8(s, "stop") for s in stops]
+
+    @field_validator("messages", mode="before")
+    @classmethod
+    def _not_too_many(cls, value):
+        # Before each message is validated: counting costs nothing, validating 55,000 does.
+        if isinstance(value, list) and len(value) > MAX_MESSAGES:
+            raise ValueError(f"at most {MAX_MESSAGES} messages per request, not {len(value)}")
+        return value
 
     @field_validator("messages")
     @classmethod

@@ -31,10 +31,14 @@ ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 PUBLIC_PATHS = frozenset({"/", *(f"/ui/{name}" for name in ASSETS)})
 RUN_FILES = {"/run/eval/report.html": "eval/report.html", "/run/loss.png": "loss.png"}
 # Scripts only from this server; model output never becomes markup, and this is the backstop.
+# No framing: another site must not overlay the page, whose key is in the user's browser.
 PAGE_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-    "img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'none'"
+    "img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
 )
+# X-Frame-Options for browsers older than frame-ancestors.
+PAGE_HEADERS = {"Content-Security-Policy": PAGE_POLICY, "X-Frame-Options": "DENY"}
 
 
 class AdapterOff:
@@ -100,7 +104,7 @@ def add_page_routes(app: FastAPI, server: Any) -> None:
 
     @app.get("/", include_in_schema=False)
     async def page():
-        headers = {"Content-Security-Policy": PAGE_POLICY, "Cache-Control": "no-cache"}
+        headers = {**PAGE_HEADERS, "Cache-Control": "no-cache"}
         return Response(_asset("index.html"), media_type="text/html", headers=headers)
 
     for name, media_type in ASSETS.items():
@@ -123,7 +127,7 @@ def add_page_routes(app: FastAPI, server: Any) -> None:
 
     @app.get("/docs", include_in_schema=False)
     async def docs():
-        return HTMLResponse(_docs_page(app))
+        return HTMLResponse(_docs_page(app), headers=PAGE_HEADERS)
 
 
 def _docs_page(app: FastAPI) -> str:
@@ -161,6 +165,7 @@ def _run_file_route(server: Any, path: str):
         if file is None:
             return ErrorResponse(404, f"this run has no {RUN_FILES[path]}", code="not_found")
         # Opened on its own, the report still runs no script: a sandbox of its own.
-        return FileResponse(file, headers={"Content-Security-Policy": "sandbox"})
+        headers = {"Content-Security-Policy": "sandbox; frame-ancestors 'none'"}
+        return FileResponse(file, headers={**headers, "X-Frame-Options": "DENY"})
 
     return run_file

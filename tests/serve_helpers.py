@@ -15,12 +15,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def running(app_server):
-    """Serve ``app_server`` (a ``qwen_mlx.serve.Server``); yields the port."""
+def running(app_server, **options):
+    """Serve ``app_server`` (a ``qwen_mlx.serve.Server``); yields the port. ``options``: for
+    ``make_server`` (``header_timeout``)."""
     from qwen_mlx.serve import make_server
 
     port = free_port()
-    uv = make_server(app_server, "127.0.0.1", port, log_level="error")
+    uv = make_server(app_server, "127.0.0.1", port, log_level="error", **options)
     thread = threading.Thread(target=uv.run, daemon=True)
     thread.start()
     deadline = time.time() + 30

@@ -38,14 +38,20 @@ ENGINES = ["torch", "mlx", "gguf"]
 
 
 class Counting:
-    """An engine that counts the tokens each generation produced, to show it stopped."""
+    """An engine that counts the tokens each generation produced, to show it stopped, and
+    the prompts it encoded."""
 
     def __init__(self, engine):
         self.engine = engine
         self.produced: list[int] = []
+        self.encoded = 0
 
     def __getattr__(self, name):
         return getattr(self.engine, name)
+
+    def prompt_ids(self, messages, max_tokens):
+        self.encoded += 1
+        return self.engine.prompt_ids(messages, max_tokens)
 
     def pieces(self, prompt_ids, settings):
         index = len(self.produced)
@@ -271,6 +277,62 @@ def test_bad_fields_get_an_openai_error(live, name):
     body = {"messages": ASK, **BAD_FIELDS[name]}
     status, reply = send(live.port, json.dumps(body).encode())
     assert_openai_error(status, reply, 404 if name == "unknown model" else 400)
+
+
+FLOOD = {"role": "user", "content": "a"}  # 55,000 of them (1.7 MB) took 18 s of tokenizer
+REFUSED_WITHIN_S = 1.0
+
+
+def flood(live: Live) -> list[dict]:
+    """As many one-character messages as the body limit lets through, up to 55,000."""
+    return [FLOOD] * min(55_000, live.server.max_body // (len(compact(FLOOD)) + 1) - 10)
+
+
+def compact(body: dict) -> bytes:
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+def refused_at_once(port: int, messages: list[dict], max_tokens: int = 4) -> dict:
+    """A request that must get its 400 quickly (and not after tokenizing for seconds)."""
+    body = compact({"messages": messages, "max_tokens": max_tokens})
+    start = time.monotonic()
+    status, reply = send(port, body)
+    took = time.monotonic() - start
+    assert_openai_error(status, reply, 400)
+    assert took < REFUSED_WITHIN_S, f"refused after {took:.2f} s"
+    return reply["error"]
+
+
+def test_a_flood_of_messages_is_refused_at_once_naming_the_limit(live):
+    from qwen_mlx.serve_api import MAX_MESSAGES
+
+    error = refused_at_once(live.port, flood(live))
+    assert error["param"] == "messages" and str(MAX_MESSAGES) in error["message"]
+    answers_quickly(live)
+
+
+def test_a_flood_does_not_hold_up_the_next_request(live):
+    hostile = threading.Thread(target=send, args=(live.port, compact({"messages": flood(live)})))
+    hostile.start()
+    time.sleep(0.5)  # sent and parsed: it would now be holding the tokenizer
+    try:
+        answers_quickly(live)
+    finally:
+        hostile.join(timeout=60)
+
+
+def test_a_prompt_that_cannot_fit_is_refused_by_counting(live):
+    from qwen_mlx.serve_api import MAX_TOKENS_LIMIT
+    from qwen_mlx.serve_guard import MAX_CHARS_PER_TOKEN
+
+    max_tokens = min(MAX_TOKENS_LIMIT, live.engine.context_length // 2)
+    room = live.engine.context_length - max_tokens
+    size = MAX_CHARS_PER_TOKEN * room // 1000 + 1  # more characters than the room can hold
+    encoded = live.engine.encoded
+    error = refused_at_once(live.port, [{"role": "user", "content": "a" * size}] * 1000, max_tokens)
+    assert error["code"] == "context_length_exceeded"
+    assert live.engine.encoded == encoded  # refused without rendering or tokenizing it
+    answers_quickly(live)
 
 
 def refusal(sock: socket.socket) -> tuple[int, dict | str]:
