@@ -174,3 +174,101 @@ def test_answers_that_are_empty_cut_off_or_about_the_passage_are_named():
     assert answer_problem({"content": "住宿标准为", "finish_reason": "length"}) == "truncated"
     assert answer_problem({"content": "根据上文，每晚550元。", "finish_reason": "stop"}) == "meta"
     assert answer_problem({"content": "依据第四条，每晚550元。", "finish_reason": "stop"}) is None
+
+
+def make_zip_bomb_docx(path, template, unpacked_mb):
+    """A real .docx whose document.xml is ``unpacked_mb`` MB of paragraphs, packed ~250x."""
+    import zipfile
+
+    paragraph = b"<w:p><w:r><w:t>" + "住宿费".encode() * 60 + b"</w:t></w:r></w:p>"
+    block = paragraph * 4000
+    with zipfile.ZipFile(template) as source, zipfile.ZipFile(path, "w") as bomb:
+        for part in source.infolist():
+            if part.filename != "word/document.xml":
+                bomb.writestr(part, source.read(part))
+                continue
+            head, tail = source.read(part).split(b"<w:body>")
+            packed = zipfile.ZipInfo(part.filename)
+            packed.compress_type = zipfile.ZIP_DEFLATED
+            with bomb.open(packed, "w", force_zip64=True) as out:
+                out.write(head + b"<w:body>")
+                for _ in range(unpacked_mb * (1 << 20) // len(block)):
+                    out.write(block)
+                out.write(tail)
+
+
+def test_a_zip_bomb_docx_is_skipped_at_once_naming_the_limit(tmp_path):
+    import time
+
+    make_docx(tmp_path / "plain.docx", RULES)
+    make_zip_bomb_docx(tmp_path / "bomb.docx", tmp_path / "plain.docx", unpacked_mb=128)
+    assert (tmp_path / "bomb.docx").stat().st_size < 2 << 20  # small on disk
+    (tmp_path / "plain.docx").unlink()
+    (tmp_path / "good.md").write_text("\n".join(RULES), encoding="utf-8")
+
+    started = time.monotonic()
+    documents, problems = read_documents([tmp_path])
+
+    assert time.monotonic() - started < 2
+    assert [d.path.name for d in documents] == ["good.md"]
+    (problem,) = problems
+    assert "bomb.docx" in problem and "word/document.xml" in problem
+    assert "100x limit" in problem and "\n" not in problem
+
+
+def test_a_docx_of_too_much_xml_is_skipped_naming_the_limit(tmp_path, monkeypatch):
+    from qwen_mlx.distill import documents
+
+    make_docx(tmp_path / "big.docx", RULES * 2000)  # ordinary compression, about 4 MB of XML
+    (tmp_path / "good.md").write_text("\n".join(RULES), encoding="utf-8")
+    monkeypatch.setitem(documents.LIMITS, "markup_mb", 1)
+
+    _, problems = read_documents([tmp_path])
+
+    (problem,) = problems
+    assert "big.docx" in problem and "over the 1 MB limit" in problem
+
+
+def test_text_and_html_files_beyond_the_limits_are_skipped(tmp_path, monkeypatch):
+    from qwen_mlx.distill import documents
+
+    (tmp_path / "huge.html").write_text("<p>" + "出差" * 400_000 + "</p>", encoding="utf-8")
+    (tmp_path / "long.txt").write_text("差旅费" * 100_000, encoding="utf-8")
+    (tmp_path / "good.md").write_text("\n".join(RULES), encoding="utf-8")
+    monkeypatch.setitem(documents.LIMITS, "markup_mb", 2)
+    monkeypatch.setitem(documents.LIMITS, "text_chars", 200_000)
+
+    documents_read, problems = read_documents([tmp_path])
+
+    assert [d.path.name for d in documents_read] == ["good.md"]
+    by_file = {p.split(":")[0].rsplit("/", 1)[-1]: p for p in problems}
+    assert "over the 2 MB limit for a .html document" in by_file["huge.html"]
+    assert "runs past 200,000 characters" in by_file["long.txt"]
+
+
+def test_a_pdf_whose_pages_run_past_the_text_limit_stops_there(tmp_path, monkeypatch):
+    from qwen_mlx.distill import documents
+
+    pypdf = pytest.importorskip("pypdf")
+    make_pdf(tmp_path / "one.pdf", RULES)
+    writer = pypdf.PdfWriter(clone_from=str(tmp_path / "one.pdf"))
+    page = writer.pages[0]
+    for _ in range(199):  # 200 pages drawing the same content stream
+        writer.add_page(page)
+    writer.write(str(tmp_path / "many.pdf"))
+    (tmp_path / "one.pdf").unlink()
+    (tmp_path / "good.md").write_text("\n".join(RULES), encoding="utf-8")
+    monkeypatch.setitem(documents.LIMITS, "text_chars", 2_000)
+    pages_read = []
+    extract = pypdf.PageObject.extract_text
+    monkeypatch.setattr(
+        pypdf.PageObject,
+        "extract_text",
+        lambda self, *a, **k: pages_read.append(1) or extract(self, *a, **k),
+    )
+
+    _, problems = read_documents([tmp_path])
+
+    (problem,) = problems
+    assert "many.pdf" in problem and "runs past 2,000 characters" in problem
+    assert len(pages_read) < 100  # stopped at the limit, not after every page
