@@ -272,3 +272,46 @@ def test_a_pdf_whose_pages_run_past_the_text_limit_stops_there(tmp_path, monkeyp
     (problem,) = problems
     assert "many.pdf" in problem and "runs past 2,000 characters" in problem
     assert len(pages_read) < 100  # stopped at the limit, not after every page
+
+
+def make_pdf_bomb(path, unpacked_mb):
+    """A one-page PDF whose compressed content stream unpacks to ``unpacked_mb`` MB."""
+    import zlib
+
+    op = b"BT /F1 12 Tf 72 700 Td (A) Tj ET\n"
+    stream = zlib.compress(op * (unpacked_mb * (1 << 20) // len(op)), 9)
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 612 792] /Contents 4 0 R "
+        b"/Resources << /Font << /F1 5 0 R >> >> >>",
+        b"<< /Length %d /Filter /FlateDecode >>\nstream\n" % len(stream) + stream + b"\nendstream",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>",
+    ]
+    out, offsets = bytearray(b"%PDF-1.4\n"), []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n%s\nendobj\n" % (number, body)
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    trailer = b"trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n"
+    out += trailer % (len(objects) + 1, xref)
+    path.write_bytes(bytes(out))
+
+
+def test_a_pdf_stream_bomb_is_skipped_at_once(tmp_path):
+    import time
+
+    pytest.importorskip("pypdf")
+    make_pdf_bomb(tmp_path / "bomb.pdf", unpacked_mb=100)
+    assert (tmp_path / "bomb.pdf").stat().st_size < 1 << 20
+    (tmp_path / "good.md").write_text("\n".join(RULES), encoding="utf-8")
+
+    started = time.monotonic()
+    documents, problems = read_documents([tmp_path])
+
+    assert time.monotonic() - started < 2
+    assert [d.path.name for d in documents] == ["good.md"]
+    (problem,) = problems
+    assert "bomb.pdf" in problem and "limit on one stream" in problem

@@ -145,6 +145,9 @@ def read_pdf(path: Path) -> str:
     except (FileNotDecryptedError, DependencyError):  # AES needs the cryptography package
         raise Unreadable("encrypted; save an unprotected copy") from None
     except Exception as err:  # a corrupt file can fail anywhere inside the parser
+        if type(err).__name__ == "LimitReachedError":  # pypdf's own bound on one stream
+            reason = "a stream in it unpacks past pypdf's limit on one stream (a bomb?)"
+            raise Unreadable(reason) from None
         raise Unreadable(f"not a readable PDF ({type(err).__name__})") from None
     if not text.strip():
         raise Unreadable("no text layer (a scanned PDF?); run OCR on it first")
