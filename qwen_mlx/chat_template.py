@@ -100,6 +100,12 @@ class _Marks:
         self.texts[json.dumps(mark)] = json.dumps(value, ensure_ascii=False)
         return mark
 
+    def pattern(self) -> re.Pattern:
+        """Every stand-in, in one short pattern: an alternation of thousands of them took
+        seconds to compile (a conversation of 55,000 messages: 18 s)."""
+        nonce = re.escape(self.nonce)
+        return re.compile(f'\\x00{nonce}:\\d+\\x00|\\{{"{nonce}": \\d+\\}}')
+
     def message(self, message: dict) -> dict:
         out = dict(message)
         for key in ("content", "reasoning_content"):
@@ -159,7 +165,7 @@ def template_pieces(
     pieces: list[Piece] = []
     at = 0
     if marks.texts:
-        for found in re.finditer("|".join(map(re.escape, marks.texts)), rendered):
+        for found in marks.pattern().finditer(rendered):
             _add_template(pieces, rendered[at : found.start()], pattern)
             _add(pieces, marks.texts[found[0]])
             at = found.end()
