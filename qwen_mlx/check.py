@@ -169,10 +169,9 @@ def run_checks(
     if cfg is None:
         return [finding]
     findings = [finding, check_learning_rate(cfg)]
-    findings += [
-        Finding(f.status, f"model: {f.title}", f.detail, f.fix)
-        for f in check_model_dir(cfg.model.path, cfg.lora.target_modules)
-    ]
+    model = check_model_dir(cfg.model.path, cfg.lora.target_modules)
+    findings += [Finding(f.status, f"model: {f.title}", f.detail, f.fix) for f in model]
+    model_ok = not any(f.status == "fail" for f in model)
     train_records: list = []
     findings += check_data(cfg, train_records)
     thinking = check_thinking(cfg, train_records)
@@ -182,7 +181,9 @@ def run_checks(
     if chosen is not None:
         plan = get_backend(chosen).plan(cfg)
         findings += check_plan(plan)
-        findings.append(check_memory(cfg, plan))
+        # The estimate reads the model's numbers; a ✗ above says what is wrong with them.
+        no_estimate = Finding("warn", "memory", "no estimate until the model folder is fixed")
+        findings.append(check_memory(cfg, plan) if model_ok else no_estimate)
     return findings
 
 

@@ -26,6 +26,8 @@ REQUIRED_CONFIG_KEYS = (
     "num_attention_heads",
     "vocab_size",
 )
+# Read as whole numbers when present (head_dim may be null: hidden_size / heads).
+OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass
@@ -209,7 +211,31 @@ def _check_config(model_dir: Path) -> Finding:
     missing = [key for key in REQUIRED_CONFIG_KEYS if key not in config]
     if missing:
         return Finding("fail", "config.json incomplete", f"no {', '.join(missing)}")
-    return Finding("ok", "architecture", f"{model_type} ({arch})")
+    return _bad_number(config) or Finding("ok", "architecture", f"{model_type} ({arch})")
+
+
+def _whole_number(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _bad_number(config: dict[str, Any]) -> Finding | None:
+    """A failure for the first size in config.json that is not a whole number above 0 (a
+    hand edit that wrote "2" for 2 makes every trainer and the estimate fail on it)."""
+    sizes = [(key, config[key]) for key in REQUIRED_CONFIG_KEYS]
+    sizes += [(key, config[key]) for key in OPTIONAL_INT_KEYS if config.get(key) is not None]
+    for key, value in sizes:
+        if _whole_number(value):
+            continue
+        shown = json.dumps(value, ensure_ascii=False)[:40]
+        number = str(value).strip()
+        fix = (
+            f'write it as a number, without quotes: "{key}": {int(number)}'
+            if number.isdigit() and int(number) > 0
+            else f"set {key} to the model's value (the config.json of the model's hub repo)"
+        )
+        detail = f"{key} is {shown}, not a whole number above 0"
+        return Finding("fail", f"config.json: bad {key}", detail, fix)
+    return None
 
 
 def _tokenizer_problem(path: Path) -> str | None:
@@ -240,12 +266,19 @@ def _check_tokenizer(model_dir: Path) -> Finding:
         tok_config = json.loads(config_path.read_text(encoding="utf-8"))
     except ValueError:
         return Finding("fail", "tokenizer_config.json is not valid JSON")
-    has_template = (isinstance(tok_config, dict) and bool(tok_config.get("chat_template"))) or (
-        model_dir / "chat_template.jinja"
-    ).is_file()
-    if not has_template:
-        return Finding("warn", "tokenizer", "no chat template: chat data cannot be formatted")
-    return Finding("ok", "tokenizer", "tokenizer.json + chat template")
+    if not isinstance(tok_config, dict):
+        return Finding("fail", "tokenizer_config.json is not a JSON object")
+    # Whether it fits the model (ids, control tokens, chat template): model_tokens.
+    return Finding("ok", "tokenizer", "tokenizer.json + tokenizer_config.json")
+
+
+def _tokenizer_fit(model_dir: Path, shapes: Shapes) -> list[Finding]:
+    """The tokenizer against the model: run once config.json and the tokenizer files are
+    sound, so the family is known."""
+    from qwen_mlx.model_tokens import check_tokenizer_fit  # it uses this module's Finding
+
+    config = read_model_config(model_dir)
+    return check_tokenizer_fit(model_dir, config, find_family(config), shapes)
 
 
 def check_model_dir(model_dir: str | Path, targets: list[str] | None = None) -> list[Finding]:
@@ -259,7 +292,10 @@ def check_model_dir(model_dir: str | Path, targets: list[str] | None = None) -> 
             Finding("fail", f"model folder {model_dir} not found", fix=download_hint(model_dir))
         ]
     weights, shapes = check_weights(model_dir)
-    findings = [_check_config(model_dir), _check_tokenizer(model_dir), *weights]
+    findings = [_check_config(model_dir), _check_tokenizer(model_dir)]
+    if all(f.status == "ok" for f in findings):
+        findings += _tokenizer_fit(model_dir, shapes)
+    findings += weights
     if targets is not None and shapes:
         findings.append(check_targets(shapes, targets))
     fix = f"re-run `{download_hint(model_dir)}` to fetch what is missing (it resumes)"

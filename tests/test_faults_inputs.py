@@ -63,12 +63,73 @@ def missing_shard(folder):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
 
 
+def edit_json(folder, name, change):
+    path = folder / name
+    data = json.loads(path.read_text(encoding="utf-8"))
+    change(data)
+    path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
+
+
+def layers_as_text(folder):
+    edit_json(folder, "config.json", lambda c: c.update(num_hidden_layers="2"))
+
+
+def vocab_size_mismatch(folder):
+    edit_json(folder, "config.json", lambda c: c.update(vocab_size=c["vocab_size"] - 64))
+
+
+def tokenizer_past_embedding(folder):
+    """Tokens added past the embedding's rows (another model's tokenizer, say)."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(folder / TOKENIZER))
+    rows = json.loads((folder / "config.json").read_text())["vocab_size"]
+    first = tokenizer.get_vocab_size(with_added_tokens=True)
+    extra = [f"<extra_{i}>" for i in range(rows - first + 8)]
+    tokenizer.add_tokens(extra)
+    tokenizer.save(str(folder / TOKENIZER))
+    decoder = {
+        str(first + i): {"content": text, "special": False, "normalized": False}
+        for i, text in enumerate(extra)
+    }
+    edit_json(folder, "tokenizer_config.json", lambda c: c["added_tokens_decoder"].update(decoder))
+
+
+def no_turn_end_token(folder):
+    """A tokenizer of another family: its turns end with <|end|>, not Qwen's <|im_end|>."""
+    from qwen_mlx.families import QWEN2
+
+    for name in (TOKENIZER, "tokenizer_config.json"):
+        path = folder / name
+        path.write_text(path.read_text(encoding="utf-8").replace(QWEN2.turn_end, "<|end|>"))
+
+
+def template_unsafe_in_the_sandbox(folder):
+    unsafe = "{% for m in messages %}{{ m.__class__.__mro__ }}{% endfor %}"
+    edit_json(folder, "tokenizer_config.json", lambda c: c.update(chat_template=unsafe))
+
+
+def no_chat_template(folder):
+    edit_json(folder, "tokenizer_config.json", lambda c: c.pop("chat_template"))
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+
+
 BROKEN_FOLDERS = {
     "garbage tokenizer.json": (garbage_tokenizer, "tokenizer.json unreadable"),
     "truncated tokenizer.json": (truncated_tokenizer, "tokenizer.json unreadable"),
     "BERT config.json": (bert_config, "unsupported architecture: bert (BertForMaskedLM)"),
     "empty config.json": (empty_config, "config.json names no model_type"),
     "missing shard": (missing_shard, f"{SECOND_SHARD} missing"),
+    # issue 20, item 11: each was ✓ (or ⚠) in check, then a traceback or a broken run
+    "num_hidden_layers as text": (layers_as_text, "config.json: bad num_hidden_layers"),
+    "vocab_size not the weights'": (vocab_size_mismatch, "vocab_size does not match the weights"),
+    "tokenizer past the embedding": (
+        tokenizer_past_embedding,
+        "tokenizer larger than the model",
+    ),
+    "no <|im_end|> token": (no_turn_end_token, "tokenizer: no <|im_end|> token"),
+    "template unsafe in the sandbox": (template_unsafe_in_the_sandbox, "chat template fails"),
+    "no chat template": (no_chat_template, "chat template missing"),
 }
 
 
@@ -86,6 +147,7 @@ def settings(model_dir, train_file, tmp_path, *more):
 def assert_check_and_train_refuse(args, expected, tmp_path):
     checked = CliRunner().invoke(cli, ["check", *args])
     assert checked.exit_code == 1, checked.output
+    assert isinstance(checked.exception, SystemExit), repr(checked.exception)  # no traceback
     failed = [line for line in checked.output.splitlines() if line.startswith("✗")]
     assert any(expected in line for line in failed), checked.output
     assert "fix:" in checked.output and "not ready" in checked.output
