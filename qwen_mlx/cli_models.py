@@ -341,6 +341,8 @@ def serve(
     A chat page at / (streamed replies, Markdown, settings). Served on a run, the page can
     ask the base model too and show both answers side by side (the adapter switched off, or
     --base-gguf beside --gguf), and links the run's eval report and loss curve.
+
+    A request holds at most 2048 messages; headers must arrive within 10 s, a body in 60 s.
     """
     from qwen_mlx.serve import api_key_of, run
     from qwen_mlx.serve_web import open_base

@@ -39,6 +39,7 @@ from qwen_mlx.serve_api import (
     usage,
 )
 from qwen_mlx.serve_guard import (
+    BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     Guard,
     allowed_hosts,
@@ -131,6 +132,7 @@ class Server:
         self.default_max_tokens = default_max_tokens
         self.cors_origins = list(cors_origins)
         self.max_body = max(MIN_BODY_LIMIT, BODY_BYTES_PER_TOKEN * engine.context_length)
+        self.body_timeout = BODY_TIMEOUT_S  # seconds for a request's body to arrive
         self.lock = threading.Lock()  # the model: one generation at a time
         self._encoding = threading.Lock()  # one prompt encoding at a time per tokenizer
         self.jobs: set[Job] = set()
@@ -241,6 +243,7 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
         max_body=server.max_body,
         hosts=allowed_hosts(bound, server.allowed_hosts),
         public=PUBLIC_PATHS | {"/health"},
+        body_timeout=server.body_timeout,
     )
     if server.cors_origins:  # outermost, so preflights and errors carry the CORS headers
         app.add_middleware(

@@ -9,7 +9,8 @@
 * A prompt that cannot fit in the context, judged by counting (messages, characters) before the
   conversation is rendered and tokenized, so a hostile request costs milliseconds.
 * A client that opens a connection and never finishes its request headers (slowloris): the
-  connection is closed :data:`HEADER_TIMEOUT_S` after it opened or after its last reply.
+  connection is closed :data:`HEADER_TIMEOUT_S` after it opened or after its last reply; a
+  body that has not all arrived :data:`BODY_TIMEOUT_S` after the headers gets a 408.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
+import anyio
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
@@ -27,6 +29,7 @@ from qwen_mlx.serve_api import ErrorResponse
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})
 HEADER_TIMEOUT_S = 10.0  # a browser or client sends its headers at once; only a stall is slower
+BODY_TIMEOUT_S = 60.0  # the largest body allowed, at 1 Mbit/s, with room to spare
 # Every message costs at least its opening and closing control tokens in a ChatML template.
 MIN_TOKENS_PER_MESSAGE = 2
 # No tokenizer of ours averages more characters per token (the body limit assumes the same).
@@ -104,9 +107,10 @@ class Guard:
         max_body: int,
         hosts: frozenset[str] | None = None,
         public: frozenset[str] = frozenset(),
+        body_timeout: float = BODY_TIMEOUT_S,
     ):
         self.app, self.api_key, self.max_body = app, api_key, max_body
-        self.hosts, self.public = hosts, public
+        self.hosts, self.public, self.body_timeout = hosts, public, body_timeout
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -142,6 +146,14 @@ class Guard:
         return ErrorResponse(413, message, headers={"Connection": "close"})
 
     async def _read(self, receive) -> tuple[bytes | None, Response | None]:
+        try:
+            with anyio.fail_after(self.body_timeout):
+                return await self._read_all(receive)
+        except TimeoutError:
+            message = f"the request body did not arrive within {self.body_timeout:g} s"
+            return None, ErrorResponse(408, message, headers={"Connection": "close"})
+
+    async def _read_all(self, receive) -> tuple[bytes | None, Response | None]:
         body = bytearray()
         while True:
             message = await receive()

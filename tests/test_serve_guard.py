@@ -128,6 +128,22 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off():
             closed_within(sock, 4, trickle=b"GET /health HTTP/1.1\r\nHost: 1")
 
 
+def test_a_body_that_stops_arriving_gets_a_408():
+    server = Server(ScriptedEngine("好"))
+    server.body_timeout = 1
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    )
+    with running(server) as port, socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(head.encode() + b'{"messages": ')  # and the rest never comes
+        sock.settimeout(5)
+        reply = http.client.HTTPResponse(sock)
+        reply.begin()
+        assert reply.status == 408 and reply.getheader("connection") == "close"
+        assert "did not arrive" in json.loads(reply.read())["error"]["message"]
+
+
 def test_a_slow_answer_is_not_cut_off_by_the_header_timeout():
     engine = ScriptedEngine("一二三四五六七八九十" * 3, delay=0.2)  # 10 pieces: 2 s
     with running(Server(engine), header_timeout=0.5) as port:
