@@ -13,7 +13,8 @@ import numpy as np
 
 from qwen_mlx.adapters import LAYER, MLX_WEIGHTS, PEFT_CONFIG, PEFT_WEIGHTS, Adapter, load_adapter
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import output_dir, write_json
+from qwen_mlx.fsutil import write_json
+from qwen_mlx.outputs import output_dir
 from qwen_mlx.tensor_io import save_f32
 
 # What `peft` writes besides r/alpha/dropout/targets, so PeftModel reads our files as its own.

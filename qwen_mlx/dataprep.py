@@ -20,8 +20,12 @@ from rich.progress import track
 from qwen_mlx.data import LoadReport, Problem, Record, load_records, split_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
+from qwen_mlx.outputs import claim_files, writing
 
 PERCENTILES = (50, 90, 95, 99)
+PREPARE = "data prepare"
+SPLITS = ("train", "valid", "test")
+OUTPUTS = (*(f"{name}.jsonl" for name in SPLITS), "report.json")
 
 
 class NothingUsable(UserError):
@@ -62,13 +66,21 @@ def prepare(
 ) -> PrepareResult:
     """Normalize ``inputs`` and write the seeded split into ``out_dir``."""
     out_dir = Path(out_dir)
+    claim_files(out_dir, PREPARE, OUTPUTS, inputs=[Path(p) for p in inputs])
     records, report = _load_usable(
         inputs, strict=strict, from_preferences=from_preferences, fill=fill
     )
     parts = split_records(records, valid_ratio, test_ratio, seed)
-    counts = {}
-    for name in ("train", "valid", "test"):
-        counts[name] = write_jsonl(out_dir / f"{name}.jsonl", (r.data for r in parts[name]))
+    with writing(out_dir, PREPARE, OUTPUTS):
+        counts = {
+            s: write_jsonl(out_dir / f"{s}.jsonl", (r.data for r in parts[s])) for s in SPLITS
+        }
+        _write_report(out_dir, inputs, (valid_ratio, test_ratio, seed), counts, report)
+    return PrepareResult(out_dir, counts, report)
+
+
+def _write_report(out_dir: Path, inputs, split: tuple, counts: dict, report: LoadReport) -> None:
+    valid_ratio, test_ratio, seed = split
     write_json(
         out_dir / "report.json",
         {
@@ -84,7 +96,6 @@ def prepare(
             "skipped": [{"source": p.source, "reason": p.reason} for p in report.problems],
         },
     )
-    return PrepareResult(out_dir, counts, report)
 
 
 def _percentiles(values: list[int]) -> dict[str, int]:

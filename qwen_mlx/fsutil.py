@@ -17,7 +17,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.run_dir import ADAPTER, CHECKPOINTS, DATA, RUN_PARTS
 
 
 def _umask() -> int:
@@ -66,50 +65,98 @@ def disk_errors(target: str | os.PathLike) -> Iterator[None]:
         raise UserError(f"cannot write {target}: {os.strerror(err.errno)}; {fix}") from None
 
 
+# Temporary files and folders are named ``.NAME.PID.XXXXXXXX[.EXT].tmp`` beside ``NAME`` (and
+# a folder being swapped out ``….old``): the PID tells a killed writer's leftovers, which the
+# next write of NAME deletes, from a live writer's, which it leaves alone.
+_STALE = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.[a-z0-9_]{8}(?:\.[a-z0-9]+)?\.(?:tmp|old)")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (unsure counts as alive: keep its files)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):  # a read-only folder: the next writer says so
+            path.unlink()
+
+
+def remove_stale_temps(target: Path) -> list[Path]:
+    """Delete what killed writes of ``target`` left beside it (never a live writer's)."""
+    found = []
+    with contextlib.suppress(OSError):
+        for path in target.parent.iterdir():
+            match = _STALE.fullmatch(path.name)
+            if match and match["name"] == target.name and not _alive(int(match["pid"])):
+                found.append(path)
+    for path in found:
+        _remove(path)
+    return found
+
+
+def temp_name(target: Path, suffix: str = "") -> dict[str, str]:
+    """mkstemp/mkdtemp arguments for a temporary ``target`` (``suffix``: e.g. ``.f16``)."""
+    prefix = f".{target.name}.{os.getpid()}."
+    return {"prefix": prefix, "suffix": f"{suffix}.tmp", "dir": str(target.parent)}
+
+
 @contextlib.contextmanager
-def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success."""
-    target = Path(target)
-    with disk_errors(target):
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+def scratch_file(beside: Path, suffix: str = "", about: Path | None = None) -> Iterator[Path]:
+    """A temporary file next to ``beside`` (same disk), removed whatever happens."""
+    with disk_errors(about or beside):
+        beside.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(beside)
+        fd, name = tempfile.mkstemp(**temp_name(beside, suffix))
         os.close(fd)
-        tmp_path = Path(tmp)
-        try:
-            yield tmp_path
-            if tmp_path.exists():
-                _usual_mode(tmp_path, directory=False)
-            os.replace(tmp_path, target)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+    try:
+        yield Path(name)
+    finally:
+        Path(name).unlink(missing_ok=True)
 
 
-# The names atomic_path and atomic_dir give their temporary files and folders (mkstemp's
-# eight random characters), so leftovers of a killed process can be told from anything else.
-_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike, about: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``target``; rename it onto ``target`` on success
+    (a full disk is reported as writing ``about``, by default ``target``)."""
+    target = Path(target)
+    with disk_errors(about or target), scratch_file(target, about=about) as tmp_path:
+        yield tmp_path
+        if tmp_path.exists():
+            _usual_mode(tmp_path, directory=False)
+        os.replace(tmp_path, target)
+
+
+# Checkpoint saves (atomic_dir's older names, without a PID) that a killed process left half
+# written: removed before a run resumes, when no other process writes there.
+_LEFTOVER = re.compile(r"\..+\.[a-z0-9_]{8}\.(?:tmp|old)")
 
 
 def remove_leftovers(folder: Path) -> list[Path]:
     """Delete the temporary files and folders that a killed write left in ``folder``."""
     found = [p for p in folder.iterdir() if _LEFTOVER.fullmatch(p.name)] if folder.is_dir() else []
     for path in found:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            with contextlib.suppress(OSError):  # a read-only folder: the next writer says so
-                path.unlink()
+        _remove(path)
     return found
 
 
-def write_text(target: str | os.PathLike, text: str) -> None:
-    """Write ``text`` (UTF-8) atomically."""
-    with atomic_path(target) as tmp:
+def write_text(target: str | os.PathLike, text: str, about: Path | None = None) -> None:
+    """Write ``text`` (UTF-8) atomically (``about``: see :func:`atomic_path`)."""
+    with atomic_path(target, about) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 
-def write_json(target: str | os.PathLike, obj: object) -> None:
+def write_json(target: str | os.PathLike, obj: object, about: Path | None = None) -> None:
     """Write ``obj`` as indented UTF-8 JSON atomically (Chinese kept readable)."""
-    write_text(target, json.dumps(obj, ensure_ascii=False, indent=2) + "\n")
+    write_text(target, json.dumps(obj, ensure_ascii=False, indent=2) + "\n", about)
 
 
 def write_jsonl(target: str | os.PathLike, rows: Iterable[object]) -> int:
@@ -128,12 +175,13 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
     An existing ``target`` is replaced (and deleted) once the new folder is complete, so it
     must be one the caller owns: a checkpoint, a run's adapter. Folders a user names go
-    through :func:`output_dir`, which checks that first.
+    through :func:`qwen_mlx.outputs.output_dir`, which checks that first.
     """
     target = Path(target)
     with disk_errors(target):
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+        remove_stale_temps(target)
+        tmp = Path(tempfile.mkdtemp(**temp_name(target)))
         try:
             yield tmp
             _usual_modes(tmp)
@@ -146,69 +194,3 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
                 os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-# ---------------------------------------------------------------- folders a user names (-o)
-
-OUTPUT_MARK = ".qwen-mlx-output"  # in every -o folder a command writes: names the command
-_RUN_FOLDERS = (ADAPTER, CHECKPOINTS, DATA, "eval", "eval-gguf")  # what train/eval write
-
-
-def is_run_dir(path: Path) -> bool:
-    """A training run folder, or a folder like the project's (with config.yaml)."""
-    return any((path / part).exists() for part in RUN_PARTS)
-
-
-def _protected(target: Path, inputs: Iterable[Path]) -> str | None:
-    """Why ``target`` may never be replaced, even with --force (None: it may be)."""
-    if is_run_dir(target):
-        return "is a training run folder (or holds config.yaml)"
-    if target.name in _RUN_FOLDERS and is_run_dir(target.parent):
-        return f"is part of the training run {target.parent}"
-    if any(is_run_dir(child) for child in target.iterdir() if child.is_dir()):
-        return "holds training run folders"
-    resolved = target.resolve()
-    for path in inputs:
-        if resolved == Path(path).resolve() or resolved in Path(path).resolve().parents:
-            return f"holds this command's input {path}"
-    return None
-
-
-def check_output_dir(
-    target: Path, command: str, force: bool = False, inputs: Iterable[Path] = ()
-) -> None:
-    """Refuse to replace a folder that ``command`` did not write (one line saying why).
-
-    A new or empty folder is fine, and so is an earlier output of the same command (it
-    carries OUTPUT_MARK); anything else needs --force. A run folder, a folder of runs and
-    the command's own inputs are never replaced.
-    """
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise UserError(f"{target} is a file: give -o a folder path")
-    why = _protected(target, inputs)
-    if why:
-        raise UserError(f"{target} {why}; {command} never replaces it: choose another -o folder")
-    mark = target / OUTPUT_MARK
-    names = sorted(p.name for p in target.iterdir())
-    if not names or force or (mark.is_file() and mark.read_text().strip() == command):
-        return
-    shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
-    raise UserError(
-        f"{target} already holds files that {command} did not write ({shown}); choose a new "
-        "or empty folder, or pass --force to replace it"
-    )
-
-
-@contextlib.contextmanager
-def output_dir(
-    target: str | os.PathLike, command: str, force: bool = False, inputs: Iterable[Path] = ()
-) -> Iterator[Path]:
-    """:func:`atomic_dir` for the folder a user named with -o, after
-    :func:`check_output_dir`; the result is marked as ``command``'s, so a rerun replaces it."""
-    target = Path(target)
-    check_output_dir(target, command, force, inputs)
-    with atomic_dir(target) as tmp:
-        yield tmp
-        (tmp / OUTPUT_MARK).write_text(command + "\n", encoding="utf-8")

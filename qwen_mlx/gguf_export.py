@@ -11,11 +11,8 @@ fed with a 16-bit GGUF written first.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +23,7 @@ from qwen_mlx import gguf_tensors as gt
 from qwen_mlx.adapters import Source, resolve_source
 from qwen_mlx.errors import UserError
 from qwen_mlx.families import Family, family_of
-from qwen_mlx.fsutil import atomic_path
+from qwen_mlx.fsutil import atomic_path, scratch_file
 from qwen_mlx.fuse import check_adapter_fits
 from qwen_mlx.gguf_quants import LORA_QUANTS, QUANT_CHOICES
 from qwen_mlx.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
@@ -34,14 +31,18 @@ from qwen_mlx.llama_quant import llama_quantize, require_llama_cpp
 from qwen_mlx.model_files import read_model_config
 from qwen_mlx.modelfile import (
     default_system,
+    modelfile_path,
     ollama_command,
     ollama_create,
     require_ollama,
     write_modelfile,
 )
+from qwen_mlx.outputs import claim_files, writing
 from qwen_mlx.progress import byte_progress
 from qwen_mlx.run_dir import ADAPTER
 from qwen_mlx.tensor_io import model_tensors
+
+EXPORT = "export"
 
 _WORKERS = min(4, os.cpu_count() or 1)  # threads encoding tensor blocks
 
@@ -259,23 +260,11 @@ def _add_base_model(writer, source: Source) -> None:
 # ---------------------------------------------------------------- q4_k_m via llama.cpp
 
 
-@contextlib.contextmanager
-def _scratch_file(beside: Path, suffix: str) -> Iterator[Path]:
-    """A temporary file next to ``beside`` (same disk), removed whatever happens."""
-    beside.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{beside.name}.", suffix=suffix, dir=beside.parent)
-    os.close(fd)
-    try:
-        yield Path(name)
-    finally:
-        Path(name).unlink(missing_ok=True)
-
-
 def _write_k_quant(out: Path, source: Source, quant: str, name: str) -> list[str]:
     spec = gt.QUANTS[quant]
     intermediate = gt.intermediate_quant(model_tensors(source.model_dir))
     # The 16-bit GGUF only feeds llama.cpp's quantizer, which cannot start from 8 or 4 bits.
-    with _scratch_file(out, f".{intermediate}.tmp") as tmp16:
+    with scratch_file(out, f".{intermediate}") as tmp16:
         notes = write_model_gguf(tmp16, source, intermediate, name, "writing 16-bit")
         with atomic_path(out) as tmp:
             notes += llama_quantize(tmp16, tmp, int(_gguf().LlamaFileType[spec.file_type]))
@@ -320,26 +309,30 @@ def export(
     if ollama:
         require_ollama()
     out = Path(out)
-    _check_replaceable(out)
+    names = _claim_outputs(out, source, lora_only)
     name = _model_name(Path(run_or_adapter) if run_or_adapter else source.model_dir)
-    if lora_only:
-        with atomic_path(out) as tmp:
-            notes = write_lora_gguf(tmp, source, quant, name)
-        return ExportResult(out, notes=notes)
-    if gt.QUANTS[quant].needs_llama_cpp:
-        notes = _write_k_quant(out, source, quant, name)
-    else:
-        with atomic_path(out) as tmp:
-            notes = write_model_gguf(tmp, source, quant, name)
-    return _finish(out, source, name, ollama, notes)
+    with writing(out.parent, EXPORT, names):
+        if lora_only:
+            with atomic_path(out) as tmp:
+                notes = write_lora_gguf(tmp, source, quant, name)
+            return ExportResult(out, notes=notes)
+        if gt.QUANTS[quant].needs_llama_cpp:
+            notes = _write_k_quant(out, source, quant, name)
+        else:
+            with atomic_path(out) as tmp:
+                notes = write_model_gguf(tmp, source, quant, name)
+        return _finish(out, source, name, ollama, notes)
 
 
-def _check_replaceable(out: Path) -> None:
-    """-o may replace an earlier GGUF, never another kind of file (a typo of a config)."""
-    if out.is_file():
-        with open(out, "rb") as fh:
-            if fh.read(4) != b"GGUF":
-                raise UserError(f"{out} exists and is not a GGUF file; choose another -o")
+def _claim_outputs(out: Path, source: Source, lora_only: bool) -> list[str]:
+    """The files export writes (NAME.gguf and, for a model, NAME.Modelfile), after checking
+    that none replaces an input, a run's part, a file we did not write or a hand edit."""
+    if out.suffix.lower() != ".gguf" or out.is_dir():
+        raise UserError(f"{out}: give -o a file path ending in .gguf (e.g. -o model.gguf)")
+    names = [out.name] if lora_only else [out.name, modelfile_path(out).name]
+    inputs = [source.model_dir] + ([source.adapter.path] if source.adapter else [])
+    claim_files(out.parent, EXPORT, names, inputs)
+    return names
 
 
 def _model_name(path: Path) -> str:

@@ -34,7 +34,8 @@ from tokenizers import (
 
 from qwen_mlx.errors import UserError
 from qwen_mlx.families import FAMILIES, QWEN2, Family
-from qwen_mlx.fsutil import output_dir, write_json
+from qwen_mlx.fsutil import write_json
+from qwen_mlx.outputs import output_dir
 from qwen_mlx.tensor_io import save_tensors
 
 ENDOFTEXT, IM_START, IM_END = QWEN2.document_end, QWEN2.turn_start, QWEN2.turn_end

@@ -20,6 +20,7 @@ from qwen_mlx import tensor_io
 from qwen_mlx.cli import cli
 from qwen_mlx.errors import UserError
 from qwen_mlx.fuse import fuse
+from qwen_mlx.outputs import OUTPUT_MARK
 from qwen_mlx.tensor_io import model_tensors
 
 torch = pytest.importorskip("torch")
@@ -220,7 +221,9 @@ _WRITERS = {
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    """The files of ``folder`` but our record (it holds the files' modification times)."""
+    files = (p for p in folder.rglob("*") if p.is_file() and p.name != OUTPUT_MARK)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in files}
 
 
 @pytest.mark.parametrize("command", list(_WRITERS))
@@ -245,23 +248,26 @@ def test_output_into_a_run_folder_is_refused_even_with_force(
 
 
 @pytest.mark.parametrize("command", list(_WRITERS))
-def test_a_folder_with_other_files_needs_force_and_a_rerun_does_not(command, adapter, tmp_path):
+def test_a_folder_with_other_files_is_never_replaced_and_a_rerun_is(command, adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    refused = CliRunner().invoke(cli, _WRITERS[command](adapter, out))
-    assert refused.exit_code == 1 and "notes.txt" in refused.output and "--force" in refused.output
+    for extra in ([], ["--force"]):  # --force replaces our outputs only, never a user's file
+        refused = CliRunner().invoke(cli, [*_WRITERS[command](adapter, out), *extra])
+        assert refused.exit_code == 1 and "notes.txt" in refused.output
+        assert "move them away" in refused.output
     assert _tree(out) == {"notes.txt": b"mine"}
 
-    forced = CliRunner().invoke(cli, [*_WRITERS[command](adapter, out), "--force"])
-    assert forced.exit_code == 0, forced.output
-    assert not (out / "notes.txt").exists()
+    (out / "notes.txt").unlink()
+    assert CliRunner().invoke(cli, _WRITERS[command](adapter, out)).exit_code == 0
     first = _tree(out)
     again = CliRunner().invoke(cli, _WRITERS[command](adapter, out))  # its own earlier output
     assert again.exit_code == 0, again.output
     assert _tree(out) == first
     other = "adapter convert" if command == "fuse" else "fuse"
-    assert CliRunner().invoke(cli, _WRITERS[other](adapter, out)).exit_code == 1
+    refused = CliRunner().invoke(cli, _WRITERS[other](adapter, out))
+    assert refused.exit_code == 1 and "--force" in refused.output
+    assert CliRunner().invoke(cli, [*_WRITERS[other](adapter, out), "--force"]).exit_code == 0
 
 
 def test_the_input_adapter_is_never_the_output(adapter, tmp_path):

@@ -33,6 +33,7 @@ from qwen_mlx import gguf_tensors
 from qwen_mlx.cli import cli
 from qwen_mlx.errors import UserError
 from qwen_mlx.gguf_export import export
+from qwen_mlx.outputs import OUTPUT_MARK
 
 gguf = pytest.importorskip("gguf")
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -262,7 +263,7 @@ def test_q4_k_m_runs_and_loads(tmp_path):
     assert {"Q4_K", "Q6_K"} <= types and "F32" in types
     assert gguf_fields(result.path)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q4_K_M
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["wide", "wide-q4_k_m.Modelfile", "wide-q4_k_m.gguf"]
+    assert names == [OUTPUT_MARK, "wide", "wide-q4_k_m.Modelfile", "wide-q4_k_m.gguf"]
     llm = llama_cpp.Llama(str(result.path), n_ctx=64, verbose=False)
     try:
         assert len(llm.create_completion("<|im_start|>user\n", max_tokens=4)["choices"]) == 1
@@ -337,7 +338,7 @@ def test_output_replaces_an_earlier_gguf_but_no_other_file(tiny_model_dir, tmp_p
     notes = tmp_path / "notes.txt"
     notes.write_text("mine")
     result = CliRunner().invoke(cli, ["export", "--model", str(tiny_model_dir), "-o", str(notes)])
-    assert result.exit_code == 1 and "not a GGUF file" in result.output, result.output
+    assert result.exit_code == 1 and "ending in .gguf" in result.output, result.output
     assert notes.read_text() == "mine" and [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
     export(None, tmp_path / "m.gguf", model=tiny_model_dir, quant="q8_0")
     assert export(None, tmp_path / "m.gguf", model=tiny_model_dir).path.stat().st_size > 0

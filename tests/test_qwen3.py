@@ -333,7 +333,7 @@ def test_download_and_check_recognise_a_qwen3_folder(qwen3_dir, small_data, tmp_
     from click.testing import CliRunner
 
     from qwen_mlx.cli import cli
-    from qwen_mlx.fsutil import OUTPUT_MARK
+    from qwen_mlx.outputs import OUTPUT_MARK
     from tests.test_download import EXCLUDED, REPO, FakeHub, assert_complete, run_download
 
     files = {p.name: p.read_bytes() for p in qwen3_dir.iterdir() if p.name != OUTPUT_MARK}

@@ -42,7 +42,7 @@ def _config(model_dir: Path, name: str = "config.json") -> dict:
 
 
 def test_folder_has_the_files_and_config_of_a_qwen2_5_instruct_download(tiny_model_dir):
-    from qwen_mlx.fsutil import OUTPUT_MARK
+    from qwen_mlx.outputs import OUTPUT_MARK
 
     # Besides the marker that lets a rerun of tiny-model replace its own output.
     names = {p.name for p in tiny_model_dir.iterdir()} - {OUTPUT_MARK}
@@ -296,7 +296,10 @@ def test_chat_template_renders_tools_calls_and_grouped_responses(tiny_tokenizer)
 
 
 def _file_bytes(model_dir: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(model_dir.iterdir())}
+    """The model's files (not our output record: it holds their modification times)."""
+    from qwen_mlx.outputs import OUTPUT_MARK
+
+    return {p.name: p.read_bytes() for p in sorted(model_dir.iterdir()) if p.name != OUTPUT_MARK}
 
 
 def test_builds_are_byte_identical_across_processes(tmp_path):
@@ -370,7 +373,7 @@ def test_unsupported_dtype_is_rejected(tmp_path):
 
 
 def test_tiny_model_never_replaces_a_folder_it_did_not_write(tmp_path):
-    """A user's folder is left alone (one line; --force to replace), a rerun rebuilds."""
+    """A user's folder is left alone (one line; --force too), a rerun rebuilds."""
     from click.testing import CliRunner
 
     from qwen_mlx.cli import cli
@@ -378,8 +381,9 @@ def test_tiny_model_never_replaces_a_folder_it_did_not_write(tmp_path):
     mine = tmp_path / "notes"
     mine.mkdir()
     (mine / "budget.xlsx").write_text("keep me")
-    refused = CliRunner().invoke(cli, ["tiny-model", str(mine)])
-    assert refused.exit_code != 0 and "--force" in refused.output
+    for extra in ([], ["--force"]):
+        refused = CliRunner().invoke(cli, ["tiny-model", str(mine), *extra])
+        assert refused.exit_code != 0 and "budget.xlsx" in refused.output
     assert (mine / "budget.xlsx").read_text() == "keep me"
 
     built = tmp_path / "tiny"
