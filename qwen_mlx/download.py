@@ -5,12 +5,19 @@ resumable (a re-run skips finished files and fetches the rest; a dropped connect
 resumed in place), ``HF_ENDPOINT`` honoured for mirrors, and the result verified with the
 same checks ``qwen-mlx check`` runs. Ctrl-C stops the transfer promptly, and a server that
 stops answering is given up on after a timeout and two retries.
+
+A server that keeps the connection alive but sends next to nothing (headers, then a byte a
+second) never trips a read timeout, so every response body is also watched: less than
+``STALL_BYTES`` in ``QWEN_MLX_DOWNLOAD_STALL_TIMEOUT`` seconds (default 60) aborts that file
+with a line naming the endpoint, and the hub's own retry resumes it from the bytes kept.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import signal
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -33,6 +40,11 @@ MODEL_FILE_PATTERNS = [
 REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 # Seconds to wait before each retry of a repo lookup that timed out.
 RETRY_DELAYS = (1.0, 3.0)
+STALL_ENV = "QWEN_MLX_DOWNLOAD_STALL_TIMEOUT"
+DEFAULT_STALL_SECONDS = 60.0
+# Progress is at least this much in a stall window (about 1 KiB/s at the default window);
+# a trickle below it is a stall even though bytes keep arriving.
+STALL_BYTES = 64 * 1024
 
 
 def default_local_dir(repo_id: str) -> Path:
@@ -51,6 +63,15 @@ def _timed_out(err: BaseException | None) -> bool:
     (requests, httpx, httpx2), and every one names its timeout exceptions ``*Timeout*``."""
     while err is not None:
         if isinstance(err, TimeoutError) or "Timeout" in type(err).__name__:
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _stalled(err: BaseException | None) -> bool:
+    """Did the stall guard (:func:`_stall_guard`) end the transfer ``err`` ended?"""
+    while err is not None:
+        if "Timeout" in type(err).__name__ and str(err).startswith(STALLED):
             return True
         err = err.__cause__ or err.__context__
     return False
@@ -78,14 +99,88 @@ def _default_timeouts(request) -> None:
     }
 
 
+def stall_seconds() -> float:
+    """The stall timeout: ``QWEN_MLX_DOWNLOAD_STALL_TIMEOUT`` seconds, default 60."""
+    raw = os.environ.get(STALL_ENV, "").strip()
+    if not raw:
+        return DEFAULT_STALL_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = 0.0
+    if not seconds > 0:
+        raise UserError(f"{STALL_ENV}={raw!r} is not a number of seconds above 0 (e.g. 60)")
+    return seconds
+
+
+def _http_module(session):
+    """The HTTP library of the hub's session (httpx or httpx2, by hub version)."""
+    import importlib
+
+    return importlib.import_module(type(session).__module__.split(".", 1)[0])
+
+
+def _stall_guard(http):
+    """An httpx(2) response hook that reads every body through a stall guard, raising a
+    ``ReadTimeout`` (which the hub's download retries, resuming from the bytes it wrote) when
+    less than ``STALL_BYTES`` arrive in the stall timeout."""
+
+    class StallGuard(http.SyncByteStream):
+        def __init__(self, stream, url: str, seconds: float):
+            self.stream, self.url, self.seconds = stream, url, seconds
+
+        def __iter__(self):
+            since, received = time.monotonic(), 0
+            for chunk in self.stream:
+                received += len(chunk)
+                now = time.monotonic()
+                if received >= STALL_BYTES:
+                    since, received = now, 0
+                elif now - since > self.seconds:
+                    _say_stalled(self.url, self.seconds)
+                    raise http.ReadTimeout(f"{STALLED} ({self.url})")
+                yield chunk
+
+        def close(self):
+            self.stream.close()
+
+    def watch(response) -> None:
+        response.stream = StallGuard(response.stream, str(response.request.url), stall_seconds())
+
+    watch.stall_guard = True
+    return watch
+
+
+STALLED = "stalled"  # opens the message of the timeout a stall raises
+
+
+def _say_stalled(url: str, seconds: float) -> None:
+    """The line a stall prints: which file, which endpoint, what happens next."""
+    from huggingface_hub import constants
+
+    name = url.rsplit("/", 1)[-1]
+    print(
+        f"{name}: {constants.ENDPOINT} sent less than {STALL_BYTES // 1024} KiB in {seconds:g} s "
+        f"({STALL_ENV}); dropped the connection, trying again from where it stopped",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def _bound_hub_requests() -> None:
-    """Give each of the hub's requests a timeout. Its API calls (repo info, file listing)
-    have none, so a server that accepts the connection and never answers hangs them."""
+    """Give each of the hub's requests a timeout, and each response body a stall guard. Its
+    API calls (repo info, file listing) have no timeout, so a server that accepts the
+    connection and never answers hangs them."""
     from huggingface_hub import get_session
 
-    hooks = getattr(get_session(), "event_hooks", None)  # httpx: huggingface_hub >= 1.0
-    if hooks is not None and _default_timeouts not in hooks["request"]:
+    session = get_session()
+    hooks = getattr(session, "event_hooks", None)  # httpx(2): huggingface_hub >= 1.0
+    if hooks is None:
+        return
+    if _default_timeouts not in hooks["request"]:
         hooks["request"].append(_default_timeouts)
+    if not any(getattr(hook, "stall_guard", False) for hook in hooks["response"]):
+        hooks["response"].append(_stall_guard(_http_module(session)))
 
 
 def _resolve(repo_id: str, revision: str | None) -> str:
@@ -124,7 +219,12 @@ def _hub_error(err: Exception, repo_id: str, endpoint: str, revision: str | None
     cause = _root_cause(err)
     lines = str(cause).strip().splitlines()
     reason = lines[0][:200] if lines else type(cause).__name__
-    if _timed_out(err):
+    if _stalled(err):
+        reason = (
+            f"it sent less than {STALL_BYTES // 1024} KiB in {stall_seconds():g} s, even when "
+            f"asked again; {STALL_ENV} sets the wait"
+        )
+    elif _timed_out(err):
         reason = _timeout_reason()
     return UserError(
         f"cannot download {repo_id} from {endpoint} ({reason}); check the network, or set "
@@ -200,6 +300,7 @@ def download(
         raise UserError(f"'{repo_id}' is not a repository id: use OWNER/NAME, e.g. Qwen/Qwen2.5-3B")
     from huggingface_hub import constants, snapshot_download
 
+    stall_seconds()  # a bad QWEN_MLX_DOWNLOAD_STALL_TIMEOUT is refused before any request
     target = Path(local_dir) if local_dir else default_local_dir(repo_id)
     _remove_broken_shards(target)
     _bound_hub_requests()

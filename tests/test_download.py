@@ -30,6 +30,7 @@ REPO = "Qwen/Tiny-Qwen2"
 SHA = "0123456789abcdef0123456789abcdef01234567"
 WEIGHTS = "model.safetensors"
 MiB = 1 << 20
+TRICKLE_FOR = 40  # seconds a trickling response lasts before the server hangs up
 # In the repo, but not files the command should fetch: the same weights in other formats.
 EXCLUDED = {
     "pytorch_model.bin": b"pickle" * 100,
@@ -55,7 +56,8 @@ class FakeHub:
     Unknown repos, revisions and files get 404 with the Hub's ``X-Error-Code``. A test makes
     the next GET of a file misbehave: ``drop[path] = n`` sends ``n`` bytes and closes the
     connection; ``stall[path] = n`` sends ``n`` bytes, then waits for ``release``;
-    ``pace[path] = s`` sends 1 MiB every ``s`` seconds. ``started`` is set when such a
+    ``pace[path] = s`` sends 1 MiB every ``s`` seconds; ``trickle[path] = s`` sends one byte
+    every ``s`` seconds (for at most ``TRICKLE_FOR`` seconds). ``started`` is set when such a
     GET has sent its first bytes. A request whose path contains one of ``silent`` is
     never answered (until ``release``). ``log`` holds ``(method, path, Range)`` per request;
     ``completed`` the paths whose body was sent to the end.
@@ -68,6 +70,7 @@ class FakeHub:
         self.drop: dict[str, int] = {}
         self.stall: dict[str, int] = {}
         self.pace: dict[str, float] = {}
+        self.trickle: dict[str, float] = {}
         self.silent: tuple[str, ...] = ()
         self.started = threading.Event()
         self.release = threading.Event()
@@ -174,6 +177,9 @@ class FakeHub:
                 self.started.set()
                 self.release.wait(timeout=30)
                 return
+            if name in self.trickle:
+                self._trickle(req, body, self.trickle.pop(name))
+                return
             delay = self.pace.pop(name, 0)
             for i in range(0, len(body), MiB):
                 time.sleep(delay if i else 0)
@@ -183,6 +189,17 @@ class FakeHub:
             self.completed.append(name)
         except OSError:  # the client hung up
             pass
+
+    def _trickle(self, req, body: bytes, interval: float) -> None:
+        """A byte every ``interval`` seconds: never a read timeout, next to no progress."""
+        ends = time.monotonic() + TRICKLE_FOR
+        for i in range(len(body)):
+            if time.monotonic() > ends or self.release.is_set():
+                return  # the connection closes mid-body
+            req.wfile.write(body[i : i + 1])
+            req.wfile.flush()
+            self.started.set()
+            time.sleep(interval)
 
     def _error(self, req, code: str | None) -> None:
         req.send_response(404)
@@ -419,3 +436,53 @@ def test_server_that_never_answers_is_given_up_on(hub, tmp_path, silent):
     assert "no answer in time" in error and "HF_HUB_ETAG_TIMEOUT=1s" in error
     lookups = [path for method, path, _ in hub.log if silent in path]
     assert len(lookups) >= 2, "a timed-out request was not tried again"
+
+
+def test_a_trickling_server_is_dropped_after_the_stall_timeout_and_resumed(
+    hub, model_files, tmp_path
+):
+    # Headers, then a byte every 0.2 s: each read is answered well inside the read timeout.
+    hub.trickle[WEIGHTS] = 0.2
+    started = time.monotonic()
+
+    result = run_download(
+        tmp_path, hub.url, REPO, "--local-dir", "out", QWEN_MLX_DOWNLOAD_STALL_TIMEOUT="2"
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 20  # the trickle alone lasts TRICKLE_FOR (40 s)
+    stalls = [line for line in result.stderr.splitlines() if "less than 64 KiB in 2 s" in line]
+    assert len(stalls) == 1 and stalls[0].startswith(WEIGHTS) and hub.url in stalls[0]
+    assert len(hub.ranges(WEIGHTS)) == 2  # dropped once, then fetched again
+    assert_complete(tmp_path / "out", model_files)
+
+
+def test_a_bad_stall_timeout_is_refused_before_any_request(hub, tmp_path):
+    error = one_line_error(
+        run_download(tmp_path, hub.url, REPO, QWEN_MLX_DOWNLOAD_STALL_TIMEOUT="soon")
+    )
+
+    assert "QWEN_MLX_DOWNLOAD_STALL_TIMEOUT='soon'" in error
+    assert hub.log == []
+
+
+class Always(dict):
+    """A misbehaviour table whose entries stay for every request (``pop`` keeps them)."""
+
+    def pop(self, key, *default):
+        return self[key] if key in self else default[0]
+
+
+def test_a_server_that_only_trickles_is_given_up_on_in_one_line(hub, tmp_path):
+    hub.trickle = Always({WEIGHTS: 0.2})
+    started = time.monotonic()
+
+    result = run_download(
+        tmp_path, hub.url, REPO, "--local-dir", "out", QWEN_MLX_DOWNLOAD_STALL_TIMEOUT="1"
+    )
+
+    error = one_line_error(result)
+    assert time.monotonic() - started < 40  # the hub's retries: 6 stalls and a second each
+    assert hub.url in error and "less than 64 KiB in 1 s, even when asked again" in error
+    assert "QWEN_MLX_DOWNLOAD_STALL_TIMEOUT" in error
+    assert len(hub.ranges(WEIGHTS)) == 6
