@@ -229,3 +229,43 @@ def test_check_says_when_training_will_checkpoint_to_fit(tmp_path):
     roomy = load_config(None, None, [f"model.path={tmp_path}", "model.quantization=4bit"])
     assert "recompute" not in check.check_memory(roomy, plan).detail
     assert not cfg.training.gradient_checkpointing  # check changes no setting
+
+
+def _damaged(model, tmp_path, old, new):
+    """A copy of ``model`` with ``old`` replaced by ``new`` in its tokenizer files."""
+    broken = shutil.copytree(model, tmp_path / "broken")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        path = broken / name
+        path.write_text(path.read_text(encoding="utf-8").replace(old, new), encoding="utf-8")
+    return broken
+
+
+@pytest.mark.parametrize("fixture", ["tiny_model_dir", "qwen3_dir"])
+def test_each_family_passes_and_fails_without_its_turn_end(fixture, request, tmp_path):
+    from qwen_mlx.families import find_family
+    from qwen_mlx.model_files import read_model_config
+
+    model = request.getfixturevalue(fixture)
+    found = statuses(check_model_dir(model))
+    assert set(found.values()) == {"ok"}, found
+    assert {"control tokens", "chat template", "vocabulary"} <= set(found)
+    family = find_family(read_model_config(model))
+
+    broken = _damaged(model, tmp_path, family.turn_end, "<|end|>")
+    failed = [f for f in check_model_dir(broken) if f.status == "fail"]
+    assert failed[0].title == f"tokenizer: no {family.turn_end} token" and failed[0].fix
+    # Its template, now closing turns with <|end|>, is named too.
+    assert [f.title for f in failed[1:]] == ["chat template does not close turns"]
+
+
+def test_a_template_that_never_closes_a_turn_fails(tiny_model_dir, tmp_path):
+    # Each message's text and nothing else: a tuned model would never learn to stop.
+    template = "{% for m in messages %}{{ m.content }}\n{% endfor %}"
+    broken = shutil.copytree(tiny_model_dir, tmp_path / "broken")
+    config = json.loads((broken / "tokenizer_config.json").read_text(encoding="utf-8"))
+    config["chat_template"] = template
+    (broken / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
+
+    (failed,) = [f for f in check_model_dir(broken) if f.status == "fail"]
+    assert failed.title == "chat template does not close turns"
+    assert "chat_template.jinja" in failed.fix
