@@ -1,9 +1,10 @@
 """Inspect a local Hugging Face model folder without loading it.
 
 Used by ``check``, ``download`` and ``train``'s start: is the folder complete and usable
-(a supported architecture, a tokenizer that parses, every safetensors shard named by the index
-present, its header readable and its size right, LoRA targets that name real layers)?
-Also reads the architecture numbers needed for the memory estimate.
+(a supported architecture whose sizes are numbers, a tokenizer that parses, every safetensors
+shard named by the index present, its header readable and its size right, LoRA targets that
+name real layers)? Whether the tokenizer and chat template fit the model is
+:mod:`qwen_mlx.model_tokens`. Also reads the architecture numbers for the memory estimate.
 """
 
 from __future__ import annotations
