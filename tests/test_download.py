@@ -232,7 +232,7 @@ def padded_safetensors(weights: bytes, extra: int) -> bytes:
 def model_files(tiny_model_dir) -> dict[str, bytes]:
     """The tiny model's files, by repo path: what a download must produce (a hub repo has
     no tiny-model output marker)."""
-    from qwen_mlx.fsutil import OUTPUT_MARK
+    from qwen_mlx.outputs import OUTPUT_MARK
 
     files = sorted(p for p in tiny_model_dir.iterdir() if p.is_file() and p.name != OUTPUT_MARK)
     return {p.name: p.read_bytes() for p in files}
