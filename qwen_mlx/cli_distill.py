@@ -51,7 +51,11 @@ def _print_plan(estimate: dict) -> None:
 @click.option("--chunk-tokens", type=int, help="Most tokens in a chunk (default 512).")
 @click.option("--test-ratio", type=float, help="Share held out in test.jsonl (default 0.1).")
 @click.option("--concurrency", type=int, help="Requests in flight at once (default 4).")
-@click.option("--max-requests", type=int, help="Budget: send at most N requests.")
+@click.option(
+    "--max-requests",
+    type=int,
+    help="Budget: at most N HTTP attempts (retries count; the ledger's replies are free).",
+)
 @click.option(
     "--prompts",
     type=click.Path(dir_okay=False, path_type=Path),
@@ -91,7 +95,8 @@ def data_distill(docs, out_dir, dry_run, config_path, overrides, **options) -> N
     req = result["requests"]
     console.print(
         f"[green]✓[/] {result['records']['train']} train, {result['records']['test']} test "
-        f"from {result['chunks']} chunks → {out_dir} ({req['sent']} requests sent, "
-        f"{req['from_ledger']} from the ledger; dropped: {drops})",
+        f"from {result['chunks']} chunks → {out_dir} ({req['sent']} requests sent in "
+        f"{req['attempts']} HTTP attempts, {req['from_ledger']} from the ledger; "
+        f"dropped: {drops})",
         highlight=False,
     )

@@ -141,7 +141,7 @@ class DistillConfig:
         0.05, "Share of kept questions that get a follow-up turn (a record with history)."
     )
     concurrency: int = _f(4, "Teacher requests in flight at once.")
-    max_requests: int = _f(0, "Stop after sending this many requests (0: no budget).")
+    max_requests: int = _f(0, "Stop after this many HTTP attempts, retries included (0: none).")
     prompts: str | None = _f(
         None, "YAML file overriding prompt templates (see distill/prompts.py)."
     )

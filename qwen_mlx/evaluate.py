@@ -27,7 +27,7 @@ from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import GGUFEngine, complete, open_engine
-from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages
+from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages, stopped
 from qwen_mlx.judge import summary as judge_summary
 from qwen_mlx.reasoning import split_reply
 from qwen_mlx.report import summary_table, write_reports
@@ -113,7 +113,8 @@ def run_model(engine: Any, label: str, cases: list[Case], max_tokens: int, max_l
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
     for case in track(cases, description=f"answering ({label})", transient=True):
         text, _reason = complete(engine, case.prompt, settings)
-        result.answers.append(split_reply(text)[1].strip())  # a think block is not the answer
+        answer = split_reply(text, engine.family.think_tags)[1]  # a think block is no answer
+        result.answers.append(answer.strip())
     result.seconds = time.perf_counter() - start
     return result
 
@@ -152,7 +153,10 @@ def evaluate(
         base.thinking = source.thinking  # asked the same way as the tuned model
         results.insert(0, run_model(base, "base", cases, max_tokens, max_len))
     if judge_teacher is not None:
-        _judge(judge_teacher, judge.concurrency, data, cases, results)
+        try:
+            _judge(judge_teacher, judge.concurrency, data, cases, results)
+        except KeyboardInterrupt:
+            raise stopped(judge_teacher) from None  # exit 130 in one line, verdicts kept
     summary = _write(out_dir, cases, results, run_dir)
     print_summary(summary, console)
     console.print(f"[green]✓[/] report: {out_dir / 'report.html'}", highlight=False)

@@ -6,6 +6,9 @@ looked up in ``chunks.jsonl`` beside it) and the model's answer, and replies
 correct / partly / wrong with a one-line reason. It goes through the distill teacher
 (same retries, key handling and ledger: ``<eval dir>/judge_ledger.jsonl``, so a rerun
 grades nothing twice). Accuracy is the share graded correct, 0–100, of those graded.
+A reason is cut to :data:`REASON_CHARS` before it reaches answers.jsonl and the reports:
+it is one line by contract, and a judge's reply is not ours to size. Ctrl-C while the
+judge grades (or hangs) stops at once: :func:`stopped` is the one-line message.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from pathlib import Path
 
 from qwen_mlx.distill.generate import Asker
 from qwen_mlx.distill.prompts import language
-from qwen_mlx.distill.teacher import Teacher
+from qwen_mlx.distill.teacher import Stopped, Teacher
 from qwen_mlx.errors import UserError
 
 GRADES = ("correct", "partly", "wrong")
+REASON_CHARS = 300  # a sentence, with room; the reports show one per answer
 PROMPTS = {
     "zh": (
         "你是严格的阅卷老师。只输出 JSON。",
@@ -93,10 +97,24 @@ def grade(teacher: Teacher, items: list[tuple[str, str, str | None, str]], concu
     def one(item) -> tuple[str, str]:
         value, reason = asker.ask_json(_messages(*item), "judge")
         if reason is None and isinstance(value, dict) and value.get("grade") in GRADES:
-            return value["grade"], str(value.get("reason", ""))
+            return value["grade"], _one_line(value.get("reason", ""))
         return "failed", reason or "no grade in the reply"
 
     return asker.run(one, items)
+
+
+def _one_line(reason: object) -> str:
+    text = " ".join(str(reason).split())
+    return text if len(text) <= REASON_CHARS else text[: REASON_CHARS - 1] + "…"
+
+
+def stopped(teacher: Teacher) -> Stopped:
+    """Ctrl-C while grading: the verdicts kept so far, and how to go on."""
+    teacher.close()  # the count below is the ledger's final one
+    return Stopped(
+        f"stopped: the {len(teacher.ledger)} verdicts so far are kept in {teacher.ledger.path}; "
+        "run the same command again to go on (nothing is graded twice)"
+    )
 
 
 def summary(grades: list[str]) -> dict:

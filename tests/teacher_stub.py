@@ -5,20 +5,30 @@ official ``openai`` client is tested as users run it. Replies are deterministic 
 of the request (questions from the passage's sentences, an answer quoting the sentence
 asked about, a verdict), and faults can be queued for the next requests: ``429`` (with
 Retry-After), ``500``, ``slow`` (past the client's timeout), ``drop`` (connection closed),
-``garbage`` (a body that is not JSON) and ``not_json`` (a completion whose text is not the
-JSON asked for). Every request body is kept, with the time it arrived.
+``garbage`` (a body that is not JSON), ``not_json`` (a completion whose text is not the
+JSON asked for), ``huge`` (a body that never ends: 20 MB, then held) and ``huge_declared``
+(a Content-Length of 20 MB, a little of it sent, then held). ``reply`` may return any JSON
+value as the ``content`` (a number, object, list or None). Every request body is kept,
+with the time it arrived. Below the server: helpers to run ``data distill`` as its own
+process (so it can be sent Ctrl-C or killed) against it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+HUGE_BYTES = 20_000_000
 
 UNSUPPORTED_MARK = "火星"  # an answer containing this is one the passage does not support
 
@@ -135,15 +145,35 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "slow":
             time.sleep(self.stub.slow_seconds)
             return False
+        elif fault in ("huge", "huge_declared"):
+            self._huge(declared=fault == "huge_declared")
         return fault != "not_json" or self._not_json()
+
+    def _huge(self, declared: bool) -> None:
+        """A completion whose content goes on for 20 MB, then the connection is held:
+        only a client that stops reading early answers before the stub is released."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        if declared:
+            self.send_header("Content-Length", str(HUGE_BYTES))
+        self.end_headers()
+        head = b'{"id":"x","object":"chat.completion","created":0,"model":"teacher",'
+        self.wfile.write(head + b'"choices":[{"index":0,"message":{"role":"assistant","content":"')
+        chunk = b"x" * 65536
+        for _ in range(HUGE_BYTES // len(chunk) if not declared else 4):
+            self.wfile.write(chunk)
+            self.stub.huge_sent += len(chunk)
+        self.stub.release.wait()
+        self.close_connection = True
 
     def _not_json(self) -> bool:
         self._send(200, _completion({"model": "x", "messages": []}, "好的，下面是问题：一、二、三"))
         return True
 
 
-def _completion(body: dict, content: str) -> dict:
+def _completion(body: dict, content: object) -> dict:
     prompt = sum(len(m.get("content", "")) for m in body["messages"])
+    size = len(content) if isinstance(content, str) else len(json.dumps(content))
     return {
         "id": "chatcmpl-stub",
         "object": "chat.completion",
@@ -158,8 +188,8 @@ def _completion(body: dict, content: str) -> dict:
         ],
         "usage": {
             "prompt_tokens": prompt,
-            "completion_tokens": len(content),
-            "total_tokens": prompt + len(content),
+            "completion_tokens": size,
+            "total_tokens": prompt + size,
         },
     }
 
@@ -182,6 +212,7 @@ class TeacherStub:
         self.requests: list[tuple[float, dict]] = []
         self.answered: list[dict] = []
         self.hold_after: int | None = None  # answer this many, then hold every request
+        self.huge_sent = 0  # bytes of a ``huge`` body written before the client left
         self.release = threading.Event()
         self._granted = 0
         self._lock = threading.Lock()
@@ -221,3 +252,42 @@ class TeacherStub:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+def held(stub: TeacherStub) -> int:
+    """How many requests the stub holds unanswered right now (with ``hold_after`` set)."""
+    return len(stub.requests) - len(stub.answered)
+
+
+def distill_command(doc: Path, out: Path, url: str, *extra: str) -> list[str]:
+    """``data distill`` as its own process: small chunks, three questions, no follow-ups."""
+    settings = ["--teacher-model", "teacher", "--questions-per-chunk", "3", "--chunk-tokens"]
+    settings += ["80", "--set", "distill.followup_ratio=0"]
+    cli = [sys.executable, "-m", "qwen_mlx", "data", "distill", str(doc), "-o", str(out)]
+    return [*cli, "--teacher-url", url, *settings, *extra]
+
+
+def process_env() -> dict[str, str]:
+    """The environment a subprocess of the tests runs qwen_mlx from this checkout in."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop("OPENAI_API_KEY", None)
+    return env
+
+
+def wait_for(condition: Callable[[], bool], seconds: float = 60.0) -> bool:
+    """Poll ``condition`` until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def ledger_lines(out: Path, name: str = "ledger.jsonl") -> list[dict]:
+    """The complete lines of a ledger, parsed."""
+    path = out / name
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    return [json.loads(x) for x in data[: data.rfind(b"\n") + 1].splitlines()]

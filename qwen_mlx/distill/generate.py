@@ -3,7 +3,8 @@
 Each stage is a list of independent requests run ``concurrency`` at a time; results come
 back in input order, so the output never depends on which reply arrived first. A reply
 that should be JSON and is not is asked again once (with a note saying so), then counted
-as a drop; so is a request that still fails after the client's retries.
+as a drop; so is a request that still fails after the retries, and a reply the teacher
+module refuses to record (``bad_reply``, ``oversized``).
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
+from qwen_mlx.distill import workers
 from qwen_mlx.distill.chunking import Chunk
 from qwen_mlx.distill.prompts import FOLLOWUP_FRAME, language, messages
 from qwen_mlx.distill.teacher import Teacher
@@ -66,16 +67,13 @@ class Asker:
         self.teacher, self.prompts, self.concurrency = teacher, prompts, concurrency
 
     def run(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
-        pool = ThreadPoolExecutor(max_workers=self.concurrency)
         try:
-            results = list(pool.map(fn, items))
-        except BaseException:
-            # Ctrl-C or a spent budget: send nothing more, but let the requests already
-            # sent land in the ledger (they are paid for).
-            pool.shutdown(cancel_futures=True)
+            return workers.run_ordered(fn, items, self.concurrency, self.teacher.stopping)
+        except KeyboardInterrupt:
+            # The replies that landed in time are in the ledger; close it so the count the
+            # stop message gives is the count on disk.
+            self.teacher.close()
             raise
-        pool.shutdown()
-        return results
 
     def _messages(self, chunk: Chunk, task: str, fields: dict) -> tuple[list[dict], str]:
         lang = language(chunk.text)
@@ -90,9 +88,10 @@ class Asker:
         )
         return msgs, lang
 
-    def text(self, chunk: Chunk, task: str, **fields: Any) -> dict | None:
+    def text(self, chunk: Chunk, task: str, **fields: Any) -> tuple[dict | None, str | None]:
+        """``(reply, None)`` or ``(None, drop reason)``."""
         msgs, _ = self._messages(chunk, task, fields)
-        return self.teacher.ask(msgs, PARAMS[task])
+        return self.teacher.request(msgs, PARAMS[task])
 
     def json(self, chunk: Chunk, task: str, **fields: Any) -> tuple[Any, str | None]:
         msgs, _ = self._messages(chunk, task, fields)
@@ -100,17 +99,19 @@ class Asker:
 
     def ask_json(self, msgs: list[dict], task: str) -> tuple[Any, str | None]:
         """(value, None), or (None, drop reason)."""
-        reply = self.teacher.ask(msgs, PARAMS[task])
+        reply, why = self.teacher.request(msgs, PARAMS[task])
         if reply is None:
-            return None, "teacher_error"
+            return None, why
         value = parse_json(reply["content"])
         if value is None:
             nudge = [
                 {"role": "assistant", "content": reply["content"]},
                 {"role": "user", "content": JSON_NUDGE[language(msgs[-1]["content"])]},
             ]
-            again = self.teacher.ask(msgs + nudge, PARAMS[task])
-            value = parse_json(again["content"]) if again else None
+            again, why = self.teacher.request(msgs + nudge, PARAMS[task])
+            if again is None:
+                return None, why
+            value = parse_json(again["content"])
         return (value, None) if value is not None else (None, "unparseable")
 
 
@@ -158,9 +159,9 @@ def ask_answers(asker: Asker, candidates: list[Candidate], check: Callable[[dict
     """Fill in each answer, or its drop reason (``check`` judges a reply's text)."""
 
     def one(c: Candidate) -> None:
-        reply = asker.text(c.chunk, "answer", question=_full_question(c))
-        c.drop = "teacher_error" if reply is None else check(reply)
-        c.answer = (reply or {}).get("content", "").strip()
+        reply, why = asker.text(c.chunk, "answer", question=_full_question(c))
+        c.drop = why if reply is None else check(reply)
+        c.answer = reply["content"].strip() if reply else ""
 
     asker.run(one, candidates)
 

@@ -20,22 +20,17 @@ from qwen_mlx.config import Config
 from qwen_mlx.distill import curate, generate
 from qwen_mlx.distill.chunking import Chunk, chunk_document, token_counter
 from qwen_mlx.distill.documents import read_documents
+from qwen_mlx.distill.ledger import folder_lock
 from qwen_mlx.distill.progress import distill_progress
 from qwen_mlx.distill.prompts import load_prompts
-from qwen_mlx.distill.report import write_report
-from qwen_mlx.distill.teacher import Teacher
+from qwen_mlx.distill.report import require_records, settings, write_report
+from qwen_mlx.distill.teacher import Stopped, Teacher
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import OUTPUT_MARK, check_output_dir, disk_errors, write_jsonl
 
 COMMAND = "data distill"
 # Rough completion sizes for --plan: a list of questions, an answer, a verdict (tokens).
 EST_QUESTION, EST_ANSWER, EST_VERDICT, EST_OVERHEAD = 40, 150, 30, 150
-
-
-class Stopped(UserError):
-    """Ctrl-C: the replies already sent for were waited for and kept."""
-
-    exit_code = 130  # as a shell reports SIGINT
 
 
 @dataclass
@@ -173,16 +168,25 @@ def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_
     with disk_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / OUTPUT_MARK).write_text(COMMAND + "\n", encoding="utf-8")
+    with folder_lock(out_dir, COMMAND):  # before the ledger is read: one run per folder
+        kept, drops = _distil_stoppable(corpus, cfg, teacher, console)
+        report = _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
+    require_records(report, out_dir)
+    return report
+
+
+def _distil_stoppable(corpus: Corpus, cfg: Config, teacher: Teacher, console: Console):
+    """The records' candidates and drops, or Stopped (exit 130) on Ctrl-C, replies kept."""
     drops = Drops()
     try:
         with distill_progress(teacher, drops, console) as bar:
-            kept = _distil(corpus, cfg, teacher, drops, bar)
+            return _distil(corpus, cfg, teacher, drops, bar), drops
     except KeyboardInterrupt:
+        teacher.close()  # the count below is the ledger's final one
         raise Stopped(
             f"stopped: the {len(teacher.ledger)} replies so far are kept in "
             f"{teacher.ledger.path}; run the same command again to go on (nothing is asked twice)"
         ) from None
-    return _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
 
 
 def _split(kept: list, cfg: Config) -> tuple[list[dict], list[dict]]:
@@ -211,7 +215,7 @@ def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
         "ledger_replies": len(teacher.ledger),
         "records": {"train": len(train), "test": len(test)},
         "drops": dict(sorted(drops.items())),
-        "settings": asdict(cfg.distill),
+        "settings": settings(cfg.distill),
     }
     write_report(out_dir, report)
     return report
