@@ -26,9 +26,12 @@ from qwen_mlx.distill.prompts import load_prompts
 from qwen_mlx.distill.report import require_records, settings, write_report
 from qwen_mlx.distill.teacher import Stopped, Teacher
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import OUTPUT_MARK, check_output_dir, disk_errors, write_jsonl
+from qwen_mlx.fsutil import disk_errors, write_jsonl
+from qwen_mlx.outputs import claim_files, holds_input, record_files, writing
 
 COMMAND = "data distill"
+OUTPUTS = ("chunks.jsonl", "train.jsonl", "test.jsonl", "report.json", "report.md")
+LEDGER = "ledger.jsonl"  # appended to while the teacher answers: never "edited"
 # Rough completion sizes for --plan: a list of questions, an answer, a verdict (tokens).
 EST_QUESTION, EST_ANSWER, EST_VERDICT, EST_OVERHEAD = 40, 150, 30, 150
 
@@ -136,6 +139,15 @@ def _answered(asker, cands: list, drops: Drops, bar, label: str) -> list:
     return _survivors(cands, drops)
 
 
+def claim_output(out_dir: Path, docs: list[Path]) -> None:
+    """Refuse an -o that would replace a file we did not write (or one edited since), or
+    that holds the documents (the next run would read its own outputs as rules)."""
+    given = holds_input(out_dir, docs)
+    if given is not None:
+        raise UserError(f"{out_dir} holds the document {given}; choose another -o folder")
+    claim_files(out_dir, COMMAND, (*OUTPUTS, LEDGER), inputs=docs)
+
+
 def open_teacher(cfg: Config, out_dir: Path, docs: list[Path]) -> Teacher:
     """The teacher, checked (URL, key, model, output folder, prompts) before any work."""
     d = cfg.distill
@@ -144,13 +156,13 @@ def open_teacher(cfg: Config, out_dir: Path, docs: list[Path]) -> Teacher:
             "name the teacher: --teacher-url URL --teacher-model NAME "
             "(or distill.teacher_url / teacher_model in config.yaml)"
         )
-    check_output_dir(out_dir, COMMAND, inputs=docs)
+    claim_output(out_dir, docs)
     load_prompts(d.prompts)
     teacher = Teacher(
         d.teacher_url,
         d.teacher_model,
         d.api_key_env,
-        out_dir / "ledger.jsonl",
+        out_dir / LEDGER,
         timeout=d.timeout,
         max_requests=d.max_requests,
     )
@@ -167,7 +179,7 @@ def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_
         return estimate
     with disk_errors(out_dir):
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / OUTPUT_MARK).write_text(COMMAND + "\n", encoding="utf-8")
+        record_files(out_dir, COMMAND, [], grows=[LEDGER])
     with folder_lock(out_dir, COMMAND):  # before the ledger is read: one run per folder
         kept, drops = _distil_stoppable(corpus, cfg, teacher, console)
         report = _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
@@ -202,10 +214,17 @@ def _split(kept: list, cfg: Config) -> tuple[list[dict], list[dict]]:
 
 def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
     train, test = _split(kept, cfg)
-    write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in corpus.chunks))
-    write_jsonl(out_dir / "train.jsonl", train)
-    write_jsonl(out_dir / "test.jsonl", test)
-    report = {
+    with writing(out_dir, COMMAND, OUTPUTS):
+        write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in corpus.chunks))
+        write_jsonl(out_dir / "train.jsonl", train)
+        write_jsonl(out_dir / "test.jsonl", test)
+        report = _report(corpus, kept, cfg, teacher, drops, estimate, train, test)
+        write_report(out_dir, report)
+    return report
+
+
+def _report(corpus, kept, cfg, teacher, drops, estimate, train, test) -> dict:
+    return {
         "teacher": {"url": teacher.url, "model": teacher.model},
         "documents": corpus.documents,
         "unreadable": corpus.problems,
@@ -217,5 +236,3 @@ def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
         "drops": dict(sorted(drops.items())),
         "settings": settings(cfg.distill),
     }
-    write_report(out_dir, report)
-    return report
