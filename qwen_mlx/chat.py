@@ -49,7 +49,7 @@ def reply(
 ) -> str:
     """Stream the answer to ``out`` (a file-like object) and return it; the think block the
     reply may open with goes to ``thoughts`` as it arrives (or nowhere)."""
-    split, parts = ReasoningSplit(), []
+    split, parts = ReasoningSplit(engine.family.think_tags), []
     for chunk in ask(engine, messages, settings):
         for field, text in split.feed(chunk.text):
             if field == "content":

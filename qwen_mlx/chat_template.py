@@ -30,6 +30,7 @@ from functools import lru_cache
 from typing import Any
 
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import Family, tokenizer_family
 
 # Characters per token that text practically never exceeds on average; it only bounds how much
 # of an overlong prompt is tokenized before it is refused.
@@ -127,22 +128,30 @@ def renders_reasoning(template: str | None) -> bool:
     return "reasoning_content" in (template or "")
 
 
-def think_normalized(messages: list[dict]) -> list[dict]:
-    """Assistant turns as a think-block template (Qwen3) writes them: a ``<think>…</think>``
-    at the start of the content moved to ``reasoning_content``, newlines around the reasoning
-    and before the answer trimmed. The template renders the result as it renders the input."""
-    return [_think_split(m) if m.get("role") == "assistant" else m for m in messages]
+def think_normalized(messages: list[dict], tags: tuple[str, str]) -> list[dict]:
+    """Assistant turns as a think-block template (Qwen3) writes them: a think block (``tags``:
+    the family's, e.g. ``<think>``, ``</think>``) at the start of the content moved to
+    ``reasoning_content``, newlines around the reasoning and before the answer trimmed. The
+    template renders the result as it renders the input."""
+    return [_think_split(m, *tags) if m.get("role") == "assistant" else m for m in messages]
 
 
-def _think_split(message: dict) -> dict:
+def for_template(messages: list[dict], family: Family, template: str | None) -> list[dict]:
+    """``messages`` as ``template`` reads them: think blocks normalized where it writes them."""
+    if family.think_tags is None or not renders_reasoning(template):
+        return messages
+    return think_normalized(messages, family.think_tags)
+
+
+def _think_split(message: dict, opening: str, closing: str) -> dict:
     content = message.get("content")
     if not isinstance(content, str):
         return message
     reasoning = message.get("reasoning_content")
-    if reasoning is None and "</think>" in content:
-        # As the template splits: reasoning before the first </think>, answer after the last.
-        reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1]
-        content = content.split("</think>")[-1]
+    if reasoning is None and closing in content:
+        # As the template splits: reasoning before the first closing tag, answer after the last.
+        reasoning = content.split(closing)[0].rstrip("\n").split(opening)[-1]
+        content = content.split(closing)[-1]
     out = {**message, "content": content.lstrip("\n")}
     if isinstance(reasoning, str):
         out["reasoning_content"] = reasoning.strip("\n")
@@ -256,8 +265,7 @@ def hf_pieces(
     def render(conversation: list[dict], tools: list | None = None) -> str:
         return hf_render(tokenizer, conversation, generation_prompt, tools, thinking)
 
-    if renders_reasoning(tokenizer.chat_template):
-        messages = think_normalized(messages)
+    messages = for_template(messages, tokenizer_family(tokenizer), tokenizer.chat_template)
     return template_pieces(render, messages, hf_controls(tokenizer), tools)
 
 

@@ -96,8 +96,10 @@ def check_thinking(cfg: Config, records: list) -> Finding | None:
         return None
     if family is None or not family.thinks or not records:
         return None
-    # think_normalized: a <think> block opening the content is reasoning too.
-    turns = (m for r in records for m in think_normalized(r.data.get("messages", [])))
+    # think_normalized: a think block opening the content is reasoning too.
+    turns = (
+        m for r in records for m in think_normalized(r.data.get("messages", []), family.think_tags)
+    )
     reasoned = sum(bool(m.get("reasoning_content")) for m in turns)
     if reasoned and not cfg.chat.enable_thinking:
         detail = f"{reasoned} training turns carry reasoning, but prompts will ask for none"

@@ -13,6 +13,7 @@ import click
 from qwen_mlx.backends import CHOICES
 from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import names as family_names
 from qwen_mlx.gguf_quants import QUANT_CHOICES
 
 _model_option = click.option(
@@ -371,17 +372,18 @@ def serve(
 )
 @click.option(
     "--arch",
-    type=click.Choice(["qwen2", "qwen3"]),
+    type=click.Choice(family_names()),
     default="qwen2",
     show_default=True,
-    help="Model family: qwen2 (Qwen2.5-Instruct look-alike) or qwen3 (Qwen3, thinking template).",
+    help="Model family the tiny model belongs to (its shapes, tokens and chat template).",
 )
 @_force_option
 def tiny_model(out_dir: Path, data_file: Path | None, arch: str, force: bool) -> None:
-    """Build the offline demo model: a tiny random-weight Qwen2 or Qwen3 with a real tokenizer.
+    """Build the offline demo model: a tiny random-weight model of one family with a real tokenizer.
 
-    Saved exactly like a downloaded Qwen2.5-Instruct (or Qwen3) folder, so every command can be
-    tried (and tested) without downloading anything. Its answers are noise until trained.
+    Saved exactly like a downloaded Instruct model folder of that family (default: Qwen2.5),
+    so every command can be tried (and tested) without downloading anything. Its answers are
+    noise until trained.
     """
     from qwen_mlx.tiny import build_tiny_model
 

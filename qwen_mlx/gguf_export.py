@@ -15,6 +15,7 @@ import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -217,7 +218,9 @@ def write_model_gguf(
     if adapter is not None:
         check_adapter_fits(adapter, tensors)
     vocab: GGUFVocab = read_vocab(model_dir, config, family, source.thinking)
-    jobs, notes = gt.model_jobs(gguf, tensors, _name_map(gguf, config, family), adapter, quant)
+    name_map = _name_map(gguf, config, family)
+    transform = partial(family.gguf_transform, config=config)
+    jobs, notes = gt.model_jobs(gguf, tensors, name_map, adapter, quant, transform)
     writer = _writer(gguf, path, family)
     add_model_metadata(writer, gguf, config, model_dir, name, gt.QUANTS[quant].file_type)
     add_vocab(writer, vocab)
@@ -230,7 +233,9 @@ def write_lora_gguf(path: Path, source: Source, quant: str, name: str) -> list[s
     gguf = _gguf()
     config, family = check_architecture(source.model_dir)
     check_adapter_fits(source.adapter, model_tensors(source.model_dir))
-    jobs, alpha = gt.lora_jobs(gguf, source.adapter, _name_map(gguf, config, family), quant)
+    name_map = _name_map(gguf, config, family)
+    transform = partial(family.gguf_transform, config=config)
+    jobs, alpha = gt.lora_jobs(gguf, source.adapter, name_map, quant, transform)
     writer = _writer(gguf, path, family)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_name(name)

@@ -13,7 +13,7 @@ import math
 import os
 import re
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, wait
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +41,9 @@ class TensorJob:
     ref: TensorRef | None = None  # a model tensor…
     pair: LoraPair | None = None  # …plus this LoRA update, or
     array: np.ndarray | None = None  # a small in-memory tensor (LoRA A/B)
+    # The family's transform of the whole tensor's float32 values (None: as stored); such a
+    # tensor is read and encoded in one block, its rows possibly reordered.
+    transform: Callable[[np.ndarray], np.ndarray] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -94,14 +97,25 @@ def _encode_rows(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.n
     # With a LoRA update, encoded straight from float32: rounding the fused weight to the
     # base's bf16 first (as a fused folder stores it) would cost f16 three bits of precision.
     dtype = job.ref.dtype
-    direct = _DIRECT.get((dtype, job.qtype.name))
     encoder = partial(encode, qtype=job.qtype)
+    if job.transform is not None:
+        encoder = partial(_transformed, job.transform, encoder)
+        return encode_rows(raw, dtype, (start, stop), job.pair, encoder)
+    direct = _DIRECT.get((dtype, job.qtype.name))
     return encode_rows(raw, dtype, (start, stop), job.pair, encoder, direct)
+
+
+def _transformed(transform, encoder, values: np.ndarray) -> np.ndarray:
+    out = transform(values)
+    if out.shape != values.shape:
+        raise ValueError(f"a family's GGUF transform changed a shape {values.shape} → {out.shape}")
+    return encoder(np.ascontiguousarray(out, dtype=np.float32))
 
 
 def _block(job: TensorJob, rows: tuple[int, int] | None, last: bool, files: dict) -> EncodedBlock:
     if rows is None:
-        data = encode(np.asarray(job.array, dtype=np.float32), job.qtype)
+        values = np.asarray(job.array, dtype=np.float32)
+        data = encode(values if job.transform is None else job.transform(values), job.qtype)
     else:
         raw = job.ref.pread(files[job.ref.path], *rows)
         data = _encode_rows(job, *rows, raw)
@@ -114,7 +128,7 @@ def _block_tasks(jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, tuple[int, 
         if job.array is not None:
             yield job, None, True
             continue
-        ranges = job.ref.block_ranges()
+        ranges = job.ref.block_ranges() if job.transform is None else [(0, job.ref.rows)]
         for i, rows in enumerate(ranges):
             yield job, rows, i == len(ranges) - 1
 
@@ -184,10 +198,16 @@ def gguf_name(name_map, hf_name: str) -> str:
 
 
 def model_jobs(
-    gguf, tensors: dict[str, TensorRef], name_map, adapter: Adapter | None, quant: str
+    gguf,
+    tensors: dict[str, TensorRef],
+    name_map,
+    adapter: Adapter | None,
+    quant: str,
+    transform: Callable[[str], Callable | None] = lambda name: None,
 ) -> tuple[list[TensorJob], list[str]]:
     """The model's GGUF tensors in file order, plus notes about type fallbacks; ``name_map``
-    is gguf's Hugging Face → GGUF name table of the model's architecture."""
+    is gguf's Hugging Face → GGUF name table of the model's architecture, ``transform`` the
+    family's export transform of a tensor (by Hugging Face name)."""
     spec = QUANTS[quant]
     # Tied models (Qwen2.5 0.5B–3B) have no lm_head: the embedding doubles as the output.
     output = "output.weight" if "lm_head.weight" in tensors else "token_embd.weight"
@@ -198,13 +218,21 @@ def model_jobs(
         name = gguf_name(name_map, hf_name)
         qtype, note = tensor_type(gguf, name, ref.shape, spec, name == output)
         pair = adapter.for_weight(hf_name) if adapter is not None else None
-        jobs.append(TensorJob(name, qtype, ref.shape, ref=ref, pair=pair))
+        job = TensorJob(name, qtype, ref.shape, ref=ref, pair=pair, transform=transform(hf_name))
+        jobs.append(job)
         notes += [note] if note else []
     return sorted(jobs, key=lambda job: _order(job.name)), notes
 
 
-def lora_jobs(gguf, adapter: Adapter, name_map, quant: str) -> tuple[list[TensorJob], float]:
-    """The adapter's ``.lora_a`` / ``.lora_b`` tensors and the alpha to record.
+def lora_jobs(
+    gguf,
+    adapter: Adapter,
+    name_map,
+    quant: str,
+    transform: Callable[[str], Callable | None] = lambda name: None,
+) -> tuple[list[TensorJob], float]:
+    """The adapter's ``.lora_a`` / ``.lora_b`` tensors and the alpha to record; the family's
+    ``transform`` of a weight applies to its B, whose rows are the weight's (W += B @ A).
 
     llama.cpp scales each pair by alpha / r with one alpha per file; a pair whose own scale
     differs (rsLoRA, alpha_pattern) gets the difference folded into its B, exactly.
@@ -218,7 +246,8 @@ def lora_jobs(gguf, adapter: Adapter, name_map, quant: str) -> tuple[list[Tensor
         b = adapter.folded_b(module, alpha / pair.rank)
         # PEFT's A (r, in) and B (out, r) are already in the orientation llama.cpp wants.
         jobs.append(TensorJob(base + ".lora_a", qtype, pair.a.shape, array=pair.a))
-        jobs.append(TensorJob(base + ".lora_b", qtype, b.shape, array=b))
+        rows = transform(module + ".weight")
+        jobs.append(TensorJob(base + ".lora_b", qtype, b.shape, array=b, transform=rows))
     return sorted(jobs, key=lambda job: _order(job.name)), float(alpha)
 
 

@@ -174,7 +174,7 @@ def add_vocab(writer, vocab: GGUFVocab) -> None:
     for kind, token_id in vocab.special_ids.items():
         getattr(writer, f"add_{kind}_token_id")(token_id)
     # Qwen prepends nothing: add_bos true would put <|endoftext|> before every prompt.
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(vocab.family.adds_bos)
     writer.add_add_eos_token(False)
     if vocab.chat_template:
         writer.add_chat_template(vocab.chat_template)

@@ -23,12 +23,12 @@ from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import GenerationSettings, token_texts
 from qwen_mlx.chat_template import (
     encode_pieces,
+    for_template,
     hf_prompt_ids,
-    renders_reasoning,
     template_pieces,
-    think_normalized,
 )
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import Family, by_gguf_arch
 
 Messages = list[dict[str, str]]
 
@@ -56,6 +56,7 @@ class Engine(Protocol):
     model_id: str  # the name clients see (the run folder's, or the model's)
     description: str  # what it is, for the user: "run (torch backend)", "x.gguf (llama.cpp)"
     context_length: int
+    family: Family  # the model's family: its stop tokens and think tags
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
@@ -85,7 +86,8 @@ class HFEngine:
 
         config = read_model_config(model_dir)
         self.tokenizer = load_tokenizer(model_dir)
-        self.end_ids = end_token_ids(self.tokenizer, family_of(config, model_dir), model_dir)
+        self.family = family_of(config, model_dir)
+        self.end_ids = end_token_ids(self.tokenizer, self.family, model_dir)
         self.context_length = int(config.get("max_position_embeddings", 32768))
         self.name(model_dir.name)
 
@@ -140,6 +142,7 @@ class GGUFEngine:
         if not self.template:
             raise UserError(f"{path}: the GGUF has no chat template (tokenizer.chat_template)")
         self.controls = _llama_controls(self.llm)
+        self.family = by_gguf_arch(self.llm.metadata.get("general.architecture", ""))
         self.model_id = path.stem
         self.context_length = n_ctx
         self.description = f"{path.name} (llama.cpp)"
@@ -156,8 +159,7 @@ class GGUFEngine:
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
-        if renders_reasoning(self.template):
-            messages = think_normalized(messages)
+        messages = for_template(messages, self.family, self.template)
         pieces = template_pieces(self._render, messages, self.controls)
         limit = room(self.context_length, max_tokens)
         return encode_pieces(pieces, self._text_ids, self.controls.__getitem__, limit)

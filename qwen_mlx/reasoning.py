@@ -1,12 +1,13 @@
 """A reply's think block apart from its answer (Qwen3 with ``chat.enable_thinking`` on).
 
-The reply opens with ``<think>``, reasons, closes with ``</think>`` and answers; ``serve``
-returns the block as OpenAI's ``reasoning_content`` and ``eval`` scores only the answer.
+The reply opens with the family's think tag (Qwen3: ``<think>``), reasons, closes it
+(``</think>``) and answers; ``serve`` returns the block as OpenAI's ``reasoning_content`` and
+``eval`` scores only the answer. A family without think tags (Qwen2) answers only.
 """
 
 from __future__ import annotations
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+NO_TAGS = ("", "")
 
 
 class ReasoningSplit:
@@ -15,7 +16,8 @@ class ReasoningSplit:
     template puts around them), everything else to ``content``. Only what may still be the
     start of a tag is held back."""
 
-    def __init__(self) -> None:
+    def __init__(self, tags: tuple[str, str] | None) -> None:
+        self.opening, self.closing = tags or NO_TAGS
         self.buffer = ""
         self.field: str | None = None  # None until the reply shows whether it opens a block
         self.thought = False  # whether it did
@@ -25,12 +27,12 @@ class ReasoningSplit:
         self.buffer += text
         if self.field is None:
             head = self.buffer.lstrip()
-            if THINK_OPEN.startswith(head):  # may still become <think>
+            if self.opening and self.opening.startswith(head):  # may still become the tag
                 return []
             self.field = "content"
-            if head.startswith(THINK_OPEN):
+            if self.opening and head.startswith(self.opening):
                 self.field, self.thought, self.trim = "reasoning_content", True, True
-                self.buffer = head[len(THINK_OPEN) :]
+                self.buffer = head[len(self.opening) :]
         if self.trim:
             self.buffer = self.buffer.lstrip("\n")
             self.trim = not self.buffer
@@ -40,21 +42,21 @@ class ReasoningSplit:
         return self._reasoning()
 
     def _reasoning(self) -> list[tuple[str, str]]:
-        at = self.buffer.find(THINK_CLOSE)
+        at = self.buffer.find(self.closing)
         if at >= 0:
             thought = self.buffer[:at].rstrip("\n")
             self.buffer, self.field, self.trim = (
-                self.buffer[at + len(THINK_CLOSE) :],
+                self.buffer[at + len(self.closing) :],
                 "content",
                 True,
             )
             return [("reasoning_content", thought)] * bool(thought) + self.feed("")
         cut = len(self.buffer)
-        for k in range(len(THINK_CLOSE) - 1, 0, -1):  # a tag cut in half by the stream
-            if self.buffer.endswith(THINK_CLOSE[:k]):
+        for k in range(len(self.closing) - 1, 0, -1):  # a tag cut in half by the stream
+            if self.buffer.endswith(self.closing[:k]):
                 cut -= k
                 break
-        cut = len(self.buffer[:cut].rstrip("\n"))  # newlines before </think> are the template's
+        cut = len(self.buffer[:cut].rstrip("\n"))  # newlines before the tag are the template's
         text, self.buffer = self.buffer[:cut], self.buffer[cut:]
         return [("reasoning_content", text)] if text else []
 
@@ -64,9 +66,10 @@ class ReasoningSplit:
         return [(self.field or "content", text)] if text else []
 
 
-def split_reply(text: str) -> tuple[str | None, str]:
-    """(reasoning, answer) of a whole reply; reasoning is None when it opens no think block."""
-    split = ReasoningSplit()
+def split_reply(text: str, tags: tuple[str, str] | None) -> tuple[str | None, str]:
+    """(reasoning, answer) of a whole reply; reasoning is None when it opens no think block
+    (``tags``: the family's think tags, None when it has none)."""
+    split = ReasoningSplit(tags)
     parts = split.feed(text) + split.finish()
     answer = "".join(t for f, t in parts if f == "content")
     reasoning = "".join(t for f, t in parts if f != "content")

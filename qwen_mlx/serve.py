@@ -65,6 +65,7 @@ class Job:
     ):
         self.cancel = threading.Event()
         self.prompt_tokens = len(prompt_ids)
+        self.think_tags = engine.family.think_tags  # where a reply's think block ends
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._server, self._engine = server, engine
@@ -193,7 +194,7 @@ class EventStream(Response):
             await send({"type": "http.response.body", "body": data, "more_body": more})
 
         await write(self.writer.delta({"role": "assistant", "content": ""}))
-        split = ReasoningSplit()  # a think block streams as reasoning_content
+        split = ReasoningSplit(self.job.think_tags)  # a think block streams as reasoning_content
         try:
             while (chunk := await self.job.next()) is not None:
                 parts = split.feed(chunk.text) + (split.finish() if chunk.finish_reason else [])
@@ -229,7 +230,7 @@ async def _answer(job: Job, request: Request, model_id: str) -> Response | dict:
         return ErrorResponse(503, "the server is shutting down", kind="server_error")
     text = "".join(c.text for c in chunks)
     tokens = usage(job.prompt_tokens, chunks[-1].completion_tokens)
-    return completion(model_id, text, chunks[-1].finish_reason, tokens)
+    return completion(model_id, text, chunks[-1].finish_reason, tokens, job.think_tags)
 
 
 def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:

@@ -210,14 +210,17 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def reply_message(text: str) -> dict[str, str]:
-    """The assistant message of a whole reply: content, and reasoning_content if it thought."""
-    reasoning, content = split_reply(text)
+def reply_message(text: str, think_tags: tuple[str, str] | None) -> dict[str, str]:
+    """The assistant message of a whole reply: content, and reasoning_content if it thought
+    (``think_tags``: the model family's)."""
+    reasoning, content = split_reply(text, think_tags)
     message = {"role": "assistant", "content": content}
     return message if reasoning is None else {**message, "reasoning_content": reasoning}
 
 
-def completion(model: str, text: str, reason: str, tokens: dict[str, int]) -> dict:
+def completion(
+    model: str, text: str, reason: str, tokens: dict[str, int], think_tags: tuple | None
+) -> dict:
     return {
         "id": f"chatcmpl-{uuid.uuid4().hex[:24]}",
         "object": "chat.completion",
@@ -226,7 +229,7 @@ def completion(model: str, text: str, reason: str, tokens: dict[str, int]) -> di
         "choices": [
             {
                 "index": 0,
-                "message": reply_message(text),
+                "message": reply_message(text, think_tags),
                 "finish_reason": reason,
             }
         ],

@@ -33,34 +33,13 @@ from tokenizers import (
 )
 
 from qwen_mlx.errors import UserError
-from qwen_mlx.families import FAMILIES, QWEN2, Family
+from qwen_mlx.families import QWEN2, Family, by_name
 from qwen_mlx.fsutil import write_json
 from qwen_mlx.outputs import output_dir
 from qwen_mlx.tensor_io import save_tensors
 
-ENDOFTEXT, IM_START, IM_END = QWEN2.document_end, QWEN2.turn_start, QWEN2.turn_end
-SPECIAL_TOKENS = QWEN2.special_tokens  # their ids follow the BPE vocabulary, in this order
 # safetensors dtype code of each dtype the builder writes.
 _DTYPES = {"bfloat16": "BF16", "float32": "F32"}
-ARCHES = tuple(family.name for family in FAMILIES)  # tiny-model --arch choices
-# Written into config.json as Qwen2.5-3B-Instruct and Qwen3-0.6B ship it, so the folder reads
-# like a download.
-_SAVED_BY_TRANSFORMERS = {"qwen2": "4.43.1", "qwen3": "4.51.0"}
-# Each family's own config.json keys beyond the shapes (values as the smallest model ships them).
-_ARCH_CONFIG = {
-    "qwen2": {"max_position_embeddings": 32768, "sliding_window": 32768},
-    "qwen3": {
-        "attention_bias": False,
-        "max_position_embeddings": 40960,
-        "rope_scaling": None,
-        "sliding_window": None,
-    },
-}
-# generation_config.json sampling, as each family's Instruct model recommends.
-_SAMPLING = {
-    "qwen2": {"repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
-    "qwen3": {"temperature": 0.6, "top_p": 0.95, "top_k": 20},
-}
 _VOCAB_MULTIPLE = 64
 
 # Mixed Chinese/English/digits/punctuation so the vocabulary covers what tests and demos type
@@ -106,7 +85,7 @@ def build_tiny_model(
     seed: int = 0,
     dtype: str = "bfloat16",
     force: bool = False,
-    arch: str = "qwen2",
+    arch: str | Family = "qwen2",
 ) -> Path:
     """Write a complete tiny Qwen2.5-Instruct-style model folder to ``out_dir``; return it.
 
@@ -122,7 +101,7 @@ def build_tiny_model(
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, not {dtype!r}")
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise ValueError("hidden_size must divide by num_heads, num_heads by num_kv_heads")
-    family = _family(arch)
+    family = arch if isinstance(arch, Family) else by_name(arch, option="--arch")
     texts = read_corpus(data_file) if data_file is not None else []
     tokenizer = train_tokenizer([*texts, *_BUILTIN_CORPUS], vocab_size, family)
     ids = {tok: tokenizer.token_to_id(tok) for tok in _added(family)}
@@ -134,8 +113,8 @@ def build_tiny_model(
         "num_attention_heads": num_heads,
         "num_key_value_heads": num_kv_heads,
     }
-    if family.name == "qwen3":
-        dims["head_dim"] = 2 * hidden_size // num_heads
+    if family.tiny.head_dim_factor:
+        dims["head_dim"] = family.tiny.head_dim_factor * hidden_size // num_heads
     weights = init_weights(np.random.default_rng(seed), dims, family)
     out_dir = Path(out_dir)
     with output_dir(out_dir, "tiny-model", force) as tmp:
@@ -146,13 +125,6 @@ def build_tiny_model(
         write_json(tmp / "generation_config.json", _generation_config(family, ids))
         write_json(tmp / "tokenizer_config.json", _tokenizer_config(family, ids))
     return out_dir
-
-
-def _family(arch: str) -> Family:
-    for family in FAMILIES:
-        if family.name == arch:
-            return family
-    raise UserError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHES)}")
 
 
 def _added(family: Family) -> tuple[str, ...]:
@@ -218,7 +190,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048, family: Family = Q
     tokenizer.normalizer = normalizers.NFC()
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(QWEN2.split_pattern), behavior="isolated", invert=False),
+            pre_tokenizers.Split(Regex(family.split_pattern), behavior="isolated", invert=False),
             pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
         ]
     )
@@ -317,8 +289,8 @@ def _model_config(family: Family, dims: dict[str, int], ids: dict[str, int], dty
     config = {
         "architectures": list(family.architectures),
         "attention_dropout": 0.0,
-        "bos_token_id": ids[ENDOFTEXT],
-        "eos_token_id": ids[IM_END],
+        "bos_token_id": ids[family.document_end],
+        "eos_token_id": ids[family.turn_end],
         "hidden_act": "silu",
         "initializer_range": 0.02,
         "max_window_layers": dims["num_hidden_layers"],
@@ -327,10 +299,10 @@ def _model_config(family: Family, dims: dict[str, int], ids: dict[str, int], dty
         "rope_theta": 1000000.0,
         "tie_word_embeddings": True,
         "torch_dtype": dtype,
-        "transformers_version": _SAVED_BY_TRANSFORMERS[family.name],
+        "transformers_version": family.tiny.transformers_version,
         "use_cache": True,
         "use_sliding_window": False,
-        **_ARCH_CONFIG[family.name],
+        **family.tiny.config,
         **dims,
     }
     return dict(sorted(config.items()))  # Qwen's config.json lists its keys alphabetically
@@ -338,12 +310,12 @@ def _model_config(family: Family, dims: dict[str, int], ids: dict[str, int], dty
 
 def _generation_config(family: Family, ids: dict[str, int]) -> dict:
     return {
-        "bos_token_id": ids[ENDOFTEXT],
-        "pad_token_id": ids[ENDOFTEXT],
+        "bos_token_id": ids[family.document_end],
+        "pad_token_id": ids[family.document_end],
         "do_sample": True,
         "eos_token_id": [ids[token] for token in family.stop_tokens],
-        **_SAMPLING[family.name],
-        "transformers_version": _SAVED_BY_TRANSFORMERS[family.name],
+        **family.tiny.sampling,
+        "transformers_version": family.tiny.transformers_version,
     }
 
 
@@ -363,14 +335,14 @@ def _tokenizer_config(family: Family, ids: dict[str, int]) -> dict:
         "add_bos_token": False,
         "add_prefix_space": False,
         "added_tokens_decoder": decoder,
-        "additional_special_tokens": [IM_START, IM_END],
+        "additional_special_tokens": [family.turn_start, family.turn_end],
         "bos_token": None,
         "chat_template": family.chat_template(),
         "clean_up_tokenization_spaces": False,
-        "eos_token": IM_END,
+        "eos_token": family.turn_end,
         "errors": "replace",
         "model_max_length": 131072,
-        "pad_token": ENDOFTEXT,
+        "pad_token": family.document_end,
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,

@@ -35,6 +35,7 @@ import numpy as np
 
 from qwen_mlx.chat_template import (
     Piece,
+    for_template,
     hf_controls,
     hf_encode,
     hf_pieces,
@@ -42,9 +43,9 @@ from qwen_mlx.chat_template import (
     hf_text,
     renders_reasoning,
     spells_control,
-    think_normalized,
 )
 from qwen_mlx.errors import UserError
+from qwen_mlx.families import tokenizer_family
 
 
 @dataclass
@@ -166,8 +167,8 @@ def assistant_spans(
 def encode_chat(
     tokenizer: Any, messages: list[dict], mask_prompt: bool = True, tools: list | None = None
 ) -> Sample:
-    if renders_reasoning(tokenizer.chat_template):
-        messages = think_normalized(messages)  # a <think> block in the content is reasoning
+    # A think block opening the content is reasoning, where the template writes one.
+    messages = for_template(messages, tokenizer_family(tokenizer), tokenizer.chat_template)
     pieces = hf_pieces(tokenizer, messages, tools=tools)
     ids, starts = hf_encode(tokenizer, pieces)
     if not mask_prompt:
@@ -181,8 +182,8 @@ def encode_chat(
 
 
 def end_of_text_id(tokenizer: Any) -> int:
-    """Document separator for plain-text records (Qwen: <|endoftext|>)."""
-    tid = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    """Document separator for plain-text records (the family's, Qwen: <|endoftext|>)."""
+    tid = tokenizer.convert_tokens_to_ids(tokenizer_family(tokenizer).document_end)
     if isinstance(tid, int) and tid != tokenizer.unk_token_id:
         return tid
     return tokenizer.eos_token_id

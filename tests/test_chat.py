@@ -112,6 +112,8 @@ def test_a_conversation_too_long_for_the_context_keeps_the_session(monkeypatch):
     from qwen_mlx.chat_template import PromptTooLong
 
     class Full:  # an engine whose context the conversation has outgrown
+        from qwen_mlx.families import QWEN2 as family
+
         description = "full"
 
         def prompt_ids(self, messages, max_tokens):
@@ -126,6 +128,8 @@ def test_a_conversation_too_long_for_the_context_keeps_the_session(monkeypatch):
 
 class _ThinkingEngine:
     """Streams a reply that opens with a think block, cut mid-tag as a tokenizer may."""
+
+    from qwen_mlx.families import QWEN3 as family
 
     def prompt_ids(self, messages, max_tokens):
         return [1, 2, 3]

@@ -9,6 +9,8 @@ import json
 
 import pytest
 
+from qwen_mlx.families import QWEN2, QWEN3
+
 # ---------------------------------------------------------------- chat template and loss mask
 
 QUESTION = {"role": "user", "content": "住宿费标准是多少？"}
@@ -97,10 +99,10 @@ def test_a_streamed_think_block_splits_as_the_whole_reply_does(size):
     from qwen_mlx.reasoning import ReasoningSplit
     from qwen_mlx.serve_api import reply_message
 
-    whole = reply_message(THOUGHT_REPLY)
+    whole = reply_message(THOUGHT_REPLY, QWEN3.think_tags)
     assert whole["reasoning_content"] == "先查细则。\n看第三条。"
     assert whole["content"] == "每人每天不超过500元。"
-    split = ReasoningSplit()
+    split = ReasoningSplit(QWEN3.think_tags)
     parts = []
     for at in range(0, len(THOUGHT_REPLY), size):
         parts += split.feed(THOUGHT_REPLY[at : at + size])
@@ -108,13 +110,16 @@ def test_a_streamed_think_block_splits_as_the_whole_reply_does(size):
     for field in ("reasoning_content", "content"):
         assert "".join(t for f, t in parts if f == field) == whole[field]
     # A reply without a think block is all content, and says nothing of reasoning.
-    assert reply_message(" <thin") == {"role": "assistant", "content": " <thin"}
+    assert reply_message(" <thin", QWEN3.think_tags) == {"role": "assistant", "content": " <thin"}
+    # A family without think tags (Qwen2) answers only: a <think> it writes is its answer.
+    assert reply_message(THOUGHT_REPLY, QWEN2.think_tags)["content"] == THOUGHT_REPLY
 
 
 class ScriptedEngine:
     """An engine that answers every prompt with ``THOUGHT_REPLY``, a few characters a piece."""
 
     model_id, description, context_length = "scripted", "scripted reply", 4096
+    family = QWEN3
 
     def prompt_ids(self, messages, max_tokens):
         return [1, 2, 3]

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from qwen_mlx.families import QWEN3
+
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 # Headless, and nothing that would reach beyond loopback (updates, sync, QUIC probes).
 FLAGS = [
@@ -51,6 +53,7 @@ class ScriptedEngine:
     and slowly enough to watch it stream; it keeps the conversations it was asked."""
 
     context_length = 4096
+    family = QWEN3  # a reply's think block is reasoning
 
     def __init__(self, reply: str, model_id: str = "scripted", delay: float = 0.0):
         self.reply, self.model_id, self.delay = reply, model_id, delay

@@ -1,18 +1,44 @@
 """The ``Family`` type: everything qwen-mlx needs to know about one model architecture.
 
-A family is data plus two shape functions; code elsewhere asks it instead of naming Qwen2.
-Adding a family (Qwen3) means writing one module that builds a ``Family`` and listing it in
-the registry (``qwen_mlx.families``).
+A family is data plus a few functions (shapes, an export transform); code elsewhere asks it
+instead of naming Qwen2. Adding a family (Qwen3) means writing one module that builds a
+``Family`` and listing it in the registry (``qwen_mlx.families``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 Shapes = dict[str, tuple[int, ...]]
+# (Hugging Face tensor name, config.json) -> a function applied to that tensor's values before
+# they are written to a GGUF, or None to write them as they are. The function gets an array
+# whose first axis is the tensor's output rows (a weight, a bias, or a LoRA B) and returns
+# one of the same shape: the seam llama.cpp's converter uses to permute q/k rows for models
+# whose rotary layout differs from GGML's. Qwen needs none.
+TensorTransform = Callable[[str, dict[str, Any]], Callable[[np.ndarray], np.ndarray] | None]
+
+
+def no_transform(name: str, config: dict[str, Any]) -> None:
+    """Qwen's tensors go into a GGUF as they are."""
+    return None
+
+
+@dataclass(frozen=True)
+class TinyFacts:
+    """What the offline tiny model of a family writes beyond the shapes (``tiny-model``)."""
+
+    transformers_version: str  # the version the family's smallest model was saved with
+    config: dict[str, Any] = field(default_factory=dict)  # its own config.json keys
+    sampling: dict[str, Any] = field(default_factory=dict)  # generation_config.json sampling
+    # head_dim as a multiple of hidden/heads (Qwen3: 2, so code that assumes it is caught);
+    # 0 leaves head_dim out of config.json.
+    head_dim_factor: int = 0
 
 
 @dataclass(frozen=True)
@@ -35,20 +61,33 @@ class Family:
     turn_start: str  # opens a chat turn
     turn_end: str  # closes a chat turn: the token a reply ends with
     default_system_prompt: str  # what the chat template inserts when there is no system turn
-    chat_template_file: str  # the family's Jinja chat template, in qwen_mlx/templates
+    # The family's Jinja chat template: a file in qwen_mlx/templates, or an absolute path.
+    chat_template_file: str
     ollama_template: str  # the same template in ollama's Go template language
-    # Added tokens that are ordinary text, not control tokens (Qwen3's <think> and </think>):
-    # one id each, but a chat template writes them as text, so message text may spell them.
+    tiny: TinyFacts  # the offline tiny model's tables
+    # (open, close) of the think block its chat template writes (Qwen3: <think>, </think>);
+    # None when it writes none. chat.enable_thinking applies to a family that has them.
+    think_tags: tuple[str, str] | None = None
+    # What the template puts before a reply when thinking is off (Qwen3: an empty block).
+    empty_think: str = ""
+    # Added tokens that are ordinary text, not control tokens (Qwen3's think tags): one id
+    # each, but a chat template writes them as text, so message text may spell them.
     text_tokens: tuple[str, ...] = ()
-    # Whether the template opens a think block (Qwen3): chat.enable_thinking applies to it.
-    thinks: bool = False
     # ollama's template for a model of such a family tuned to reason (chat.enable_thinking).
     ollama_thinking_template: str = ""
+    # Whether a prompt starts with a BOS token (tokenizer.ggml.add_bos_token); Qwen's do not.
+    adds_bos: bool = False
+    gguf_transform: TensorTransform = no_transform
 
     @property
     def special_tokens(self) -> tuple[str, ...]:
         """The added control tokens, in the order their ids follow the BPE vocabulary."""
         return (self.document_end, self.turn_start, self.turn_end)
+
+    @property
+    def thinks(self) -> bool:
+        """Whether the template opens a think block: chat.enable_thinking applies."""
+        return self.think_tags is not None
 
     @property
     def stop_tokens(self) -> tuple[str, ...]:
@@ -57,6 +96,8 @@ class Family:
 
     def chat_template(self) -> str:
         """The family's chat template (Jinja source)."""
+        if Path(self.chat_template_file).is_absolute():
+            return Path(self.chat_template_file).read_text("utf-8")
         folder = resources.files("qwen_mlx").joinpath("templates")
         return folder.joinpath(self.chat_template_file).read_text("utf-8")
 

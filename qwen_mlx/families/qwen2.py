@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from qwen_mlx.families.base import Family, Shapes
+from qwen_mlx.families.base import Family, Shapes, TinyFacts
 
 # The pre-tokenizer split of Qwen2's tokenizer.json; llama.cpp's "qwen2" pre-tokenizer is it.
 SPLIT_PATTERN = (
@@ -116,4 +116,10 @@ QWEN2 = Family(
     default_system_prompt=DEFAULT_SYSTEM_PROMPT,
     chat_template_file="qwen2_5_chat_template.jinja",
     ollama_template=OLLAMA_TEMPLATE,
+    tiny=TinyFacts(
+        transformers_version="4.43.1",
+        config={"max_position_embeddings": 32768, "sliding_window": 32768},
+        # generation_config.json sampling, as Qwen2.5-Instruct recommends.
+        sampling={"repetition_penalty": 1.05, "temperature": 0.7, "top_p": 0.8, "top_k": 20},
+    ),
 )

@@ -15,9 +15,10 @@ import dataclasses
 from typing import Any
 
 from qwen_mlx.families import qwen2
-from qwen_mlx.families.base import Shapes
+from qwen_mlx.families.base import Shapes, TinyFacts
 
-EMPTY_THINK = "<think>\n\n</think>\n\n"  # what enable_thinking=False puts before a reply
+THINK_TAGS = ("<think>", "</think>")
+EMPTY_THINK = f"{THINK_TAGS[0]}\n\n{THINK_TAGS[1]}\n\n"  # enable_thinking=False's reply opening
 # Tuned without reasoning, the model answers after the empty think block, as it was trained.
 OLLAMA_TEMPLATE = qwen2.ollama_template(EMPTY_THINK)
 # Tuned with reasoning, it opens its own think block, unless a request asks think: false
@@ -67,6 +68,18 @@ QWEN3 = dataclasses.replace(
     chat_template_file="qwen3_chat_template.jinja",
     ollama_template=OLLAMA_TEMPLATE,
     ollama_thinking_template=OLLAMA_THINKING_TEMPLATE,
-    text_tokens=("<think>", "</think>"),
-    thinks=True,
+    think_tags=THINK_TAGS,
+    empty_think=EMPTY_THINK,
+    text_tokens=THINK_TAGS,
+    tiny=TinyFacts(
+        transformers_version="4.51.0",
+        config={
+            "attention_bias": False,
+            "max_position_embeddings": 40960,
+            "rope_scaling": None,
+            "sliding_window": None,
+        },
+        sampling={"temperature": 0.6, "top_p": 0.95, "top_k": 20},  # as Qwen3 recommends
+        head_dim_factor=2,
+    ),
 )
