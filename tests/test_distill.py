@@ -114,6 +114,21 @@ def test_a_rerun_asks_nothing_and_writes_the_same(rules, tmp_path):
     assert summary["requests"]["sent"] == 0 and summary["requests"]["from_ledger"] == asked
 
 
+def test_a_rerun_never_writes_over_a_hand_edit_or_into_the_documents(rules, tmp_path):
+    out = tmp_path / "out"
+    with TeacherStub() as stub:
+        assert distill(stub.url, rules, out).exit_code == 0
+        time.sleep(0.01)  # a new modification time even on coarse clocks
+        edited = (out / "train.jsonl").read_text(encoding="utf-8") + '{"edited": "by hand"}\n'
+        (out / "train.jsonl").write_text(edited, encoding="utf-8")
+        again = distill(stub.url, rules, out)
+        inside = distill(stub.url, rules, tmp_path)  # -o the folder holding rules.md
+    assert again.exit_code == 1 and "train.jsonl was edited since" in again.output
+    assert (out / "train.jsonl").read_text(encoding="utf-8") == edited
+    assert inside.exit_code == 1 and "holds the document" in inside.output
+    assert not (tmp_path / "train.jsonl").exists()
+
+
 def test_faults_are_retried_and_the_result_is_unchanged(rules, tmp_path):
     with TeacherStub() as clean:
         assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
