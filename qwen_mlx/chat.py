@@ -10,13 +10,12 @@ and never kept as the answer: the template drops earlier turns' reasoning anyway
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from rich.console import Console
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.chat_template import PromptTooLong
-from qwen_mlx.inference import ask
+from qwen_mlx.inference import Engine, ask
 from qwen_mlx.reasoning import ReasoningSplit
 
 HELP = "commands: /reset (new conversation), /system TEXT (set system prompt), /exit"
@@ -41,7 +40,7 @@ class Conversation:
 
 
 def reply(
-    engine: Any,
+    engine: Engine,
     messages: list[dict],
     settings: GenerationSettings,
     out,
@@ -82,7 +81,7 @@ def handle_command(line: str, conversation: Conversation, console: Console) -> b
     return True
 
 
-def interactive(engine: Any, settings: GenerationSettings, system: str | None, console) -> None:
+def interactive(engine: Engine, settings: GenerationSettings, system: str | None, console) -> None:
     console.print(f"chatting with {engine.description}; {HELP}", highlight=False)
     conversation = Conversation(system)
     while True:

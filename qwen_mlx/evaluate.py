@@ -26,7 +26,7 @@ from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
-from qwen_mlx.inference import GGUFEngine, complete, open_engine
+from qwen_mlx.inference import Engine, GGUFEngine, complete, open_engine
 from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages, stopped
 from qwen_mlx.judge import summary as judge_summary
 from qwen_mlx.reasoning import split_reply
@@ -96,17 +96,17 @@ def test_data(source, run_dir: Path | None, data: Path | None) -> Path:
     raise UserError("no test data: pass --data FILE (e.g. data/报销细则_test.jsonl)")
 
 
-def _score(engine: Any, cases: list[Case], max_seq_length: int) -> float | None:
+def _score(engine: Engine, cases: list[Case], max_seq_length: int) -> float | None:
     from qwen_mlx.tokens import encode_records
 
-    if isinstance(engine, GGUFEngine):
+    if engine.tokenizer is None:  # a GGUF: scored on its answers only
         return None
     samples, _ = encode_records(engine.tokenizer, [c.record for c in cases], max_seq_length)
     total, count = engine.score(samples)
     return total / max(count, 1)
 
 
-def run_model(engine: Any, label: str, cases: list[Case], max_tokens: int, max_len: int):
+def run_model(engine: Engine, label: str, cases: list[Case], max_tokens: int, max_len: int):
     result = ModelResult(label, engine.description)
     start = time.perf_counter()
     result.test_loss = _score(engine, cases, max_len)

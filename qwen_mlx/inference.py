@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -51,12 +51,25 @@ def room(context_length: int, max_tokens: int) -> int:
 
 
 class Engine(Protocol):
-    """A loaded model that answers conversations."""
+    """A loaded model that answers conversations: what ``eval``, ``chat`` and ``serve`` use."""
 
     model_id: str  # the name clients see (the run folder's, or the model's)
     description: str  # what it is, for the user: "run (torch backend)", "x.gguf (llama.cpp)"
     context_length: int
     family: Family  # the model's family: its stop tokens and think tags
+    # The template's enable_thinking for every prompt (a run's chat.enable_thinking); None
+    # lets the template decide (a GGUF's own, which our export sets as the run was tuned).
+    thinking: bool | None
+    tokenizer: Any | None  # the Hugging Face tokenizer (None for a GGUF: no test loss then)
+    has_adapter: bool  # whether adapter_disabled() answers as a different (the base) model
+
+    def name(self, model_id: str) -> None:
+        """Name the engine for clients (``model_id``) and for the user (``description``)."""
+        ...
+
+    def adapter_disabled(self) -> AbstractContextManager[None]:
+        """Inside, the engine answers as its base model (no change without an adapter)."""
+        ...
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
@@ -77,7 +90,8 @@ class HFEngine:
     training loads it), the tokens a reply ends at, the context length, and prompts."""
 
     backend_name = ""
-    thinking = False  # Qwen3's enable_thinking: open_engine sets the run's chat.enable_thinking
+    thinking: bool | None = False  # enable_thinking: open_engine sets chat.enable_thinking
+    has_adapter = False  # the backends' engines set it when they load one
 
     def __init__(self, model_dir: Path):
         from qwen_mlx.families import family_of
@@ -94,6 +108,9 @@ class HFEngine:
     def name(self, model_id: str) -> None:
         self.model_id = model_id
         self.description = f"{model_id} ({self.backend_name} backend)"
+
+    def adapter_disabled(self) -> AbstractContextManager[None]:
+        return nullcontext()  # no adapter: the base already
 
     def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
@@ -121,6 +138,8 @@ class GGUFEngine:
     # Qwen3's enable_thinking, as for HFEngine; None: the GGUF's own template decides (our
     # export makes it default to how the run was tuned).
     thinking: bool | None = None
+    tokenizer = None  # llama.cpp tokenizes; no test loss on a GGUF
+    has_adapter = False  # a fused file: its base is another GGUF (serve --base-gguf)
 
     def __init__(self, path: Path, n_ctx: int = 4096):
         try:
@@ -143,9 +162,16 @@ class GGUFEngine:
             raise UserError(f"{path}: the GGUF has no chat template (tokenizer.chat_template)")
         self.controls = _llama_controls(self.llm)
         self.family = by_gguf_arch(self.llm.metadata.get("general.architecture", ""))
-        self.model_id = path.stem
         self.context_length = n_ctx
-        self.description = f"{path.name} (llama.cpp)"
+        self.file_name = path.name
+        self.name(path.stem)
+
+    def name(self, model_id: str) -> None:
+        self.model_id = model_id
+        self.description = f"{self.file_name} (llama.cpp)"
+
+    def adapter_disabled(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def _render(self, messages: Messages) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import html
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import AbstractContextManager, closing, nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.inference import Engine
 from qwen_mlx.serve_api import ErrorResponse
 
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
@@ -46,11 +47,28 @@ class AdapterOff:
     the adapter bypassed while this engine generates (the server runs one generation at a
     time, so the tuned engine never sees it switched off)."""
 
-    def __init__(self, engine: Any, model_id: str):
+    has_adapter = False  # it is the base
+
+    def __init__(self, engine: Engine, model_id: str):
         self.engine = engine
+        self.context_length, self.family = engine.context_length, engine.family
+        self.tuned_id = engine.model_id
+        self.name(model_id)
+
+    @property
+    def thinking(self) -> bool | None:  # prompts are the tuned engine's
+        return self.engine.thinking
+
+    @property
+    def tokenizer(self) -> Any | None:
+        return self.engine.tokenizer
+
+    def name(self, model_id: str) -> None:
         self.model_id = model_id
-        self.description = f"{model_id} (the base of {engine.model_id}, adapter off)"
-        self.context_length = engine.context_length
+        self.description = f"{model_id} (the base of {self.tuned_id}, adapter off)"
+
+    def adapter_disabled(self) -> AbstractContextManager[None]:
+        return nullcontext()  # off already
 
     def prompt_ids(self, messages: list[dict], max_tokens: int) -> list[int]:
         return self.engine.prompt_ids(messages, max_tokens)
@@ -66,26 +84,26 @@ class AdapterOff:
 
 
 def base_engine(
-    engine: Any, base_name: str | None = None, base_gguf: Path | None = None
-) -> Any | None:
+    engine: Engine, base_name: str | None = None, base_gguf: Path | None = None
+) -> Engine | None:
     """The base model to compare ``engine`` with: ``base_gguf`` when given, else ``engine``
     with its adapter off (``base_name`` names it), else None (nothing to compare)."""
     if base_gguf is not None:
         from qwen_mlx.inference import GGUFEngine
 
         base = GGUFEngine(Path(base_gguf), n_ctx=engine.context_length)
-    elif getattr(engine, "has_adapter", False) and base_name:
+    elif engine.has_adapter and base_name:
         base = AdapterOff(engine, base_name)
     else:
         return None
     if base.model_id == engine.model_id:  # two models the API must tell apart
-        base.model_id = f"{base.model_id}-base"
+        base.name(f"{base.model_id}-base")
     return base
 
 
 def open_base(
-    engine: Any, run_or_adapter: Path | None, model_dir: Path | None, base_gguf: Path | None
-) -> Any | None:
+    engine: Engine, run_or_adapter: Path | None, model_dir: Path | None, base_gguf: Path | None
+) -> Engine | None:
     """``serve``'s base model for the page's compare, from its arguments."""
     if base_gguf is not None or run_or_adapter is None:
         return base_engine(engine, base_gguf=base_gguf)
