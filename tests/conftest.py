@@ -1,48 +1,68 @@
-"""Shared fixtures: the tiny Qwen2 model is built once per test session.
+"""Shared fixtures: each family's tiny model is built once per test session.
 
-Every backend and command loads this folder through the same code a downloaded
-Qwen2.5 model goes through, so tests exercise the real loading paths offline.
+Every backend and command loads these folders through the same code a downloaded
+Qwen2.5 or Qwen3 model goes through, so tests exercise the real loading paths offline.
+``family`` / ``family_model_dir`` run a test once per family in ``FAMILIES``.
 """
 
 from __future__ import annotations
 
+import functools
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from repo_helpers import BUNDLED_TRAIN
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-BUNDLED_TRAIN = REPO_ROOT / "data" / "报销细则_distilled_chunked.jsonl"
-BUNDLED_TEST = REPO_ROOT / "data" / "报销细则_test.jsonl"
-QWEN25_3B = {  # public config.json numbers of Qwen2.5-3B
-    "model_type": "qwen2",
-    "hidden_size": 2048,
-    "intermediate_size": 11008,
-    "num_hidden_layers": 36,
-    "num_attention_heads": 16,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "tie_word_embeddings": True,
-}
+from qwen_mlx.families import FAMILIES, QWEN2, QWEN3, Family
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A complete tiny Qwen2.5-style model folder (random weights, BPE tokenizer, ChatML)."""
+def tiny_models(tmp_path_factory) -> Callable[[str], Path]:
+    """Family name -> that family's tiny model folder (``build_tiny_model(arch=name)``, its
+    tokenizer learned on the bundled data), each built once per session on first use."""
     from qwen_mlx.tiny import build_tiny_model
 
-    out = tmp_path_factory.mktemp("models") / "tiny-qwen2"
+    root = tmp_path_factory.mktemp("models")
     data = BUNDLED_TRAIN if BUNDLED_TRAIN.exists() else None
-    build_tiny_model(out, data_file=data)
-    return out
+
+    @functools.cache
+    def build(name: str) -> Path:
+        return build_tiny_model(root / f"tiny-{name}", data_file=data, arch=name)
+
+    return build
+
+
+@pytest.fixture(scope="session", params=FAMILIES, ids=lambda family: family.name)
+def family(request) -> Family:
+    """Each model family in ``FAMILIES``: a test that takes it runs once per family."""
+    return request.param
 
 
 @pytest.fixture(scope="session")
-def qwen3_dir(tmp_path_factory) -> Path:
-    """A tiny Qwen3 model folder (``tiny-model --arch qwen3``: q/k norms, Qwen3's template)."""
-    from qwen_mlx.tiny import build_tiny_model
+def family_model_dir(family, tiny_models) -> Path:
+    """The tiny model of each family (Qwen3's: q/k norms, head_dim twice hidden/heads)."""
+    return tiny_models(family.name)
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen3", arch="qwen3")
+
+@pytest.fixture(scope="session")
+def family_tokenizer(family_model_dir):
+    """The tokenizer of each family's tiny model, loaded through transformers."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(family_model_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tiny_models) -> Path:
+    """A complete tiny Qwen2.5-style model folder (random weights, BPE tokenizer, ChatML)."""
+    return tiny_models(QWEN2.name)
+
+
+@pytest.fixture(scope="session")
+def qwen3_dir(tiny_models) -> Path:
+    """The tiny Qwen3 folder (``tiny-model --arch qwen3``: q/k norms, Qwen3's template)."""
+    return tiny_models(QWEN3.name)
 
 
 @pytest.fixture(scope="session")
@@ -55,7 +75,7 @@ def qwen3_tokenizer(qwen3_dir):
 @pytest.fixture(scope="session")
 def small_data(tmp_path_factory):
     """Twelve bundled records (the shortest) as a training file."""
-    from tests.train_helpers import write_short_records
+    from train_helpers import write_short_records
 
     return write_short_records(tmp_path_factory.mktemp("data") / "train.jsonl")
 

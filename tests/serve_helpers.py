@@ -1,10 +1,14 @@
-"""A real `qwen-mlx serve` server on a free loopback port, in a thread (shared by the tests)."""
+"""A real `qwen-mlx serve` server on a free loopback port, in a thread, and raw HTTP calls to
+it (shared by the serve tests; a helper module, not a test module)."""
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 
 
@@ -32,3 +36,29 @@ def running(app_server, **options):
     finally:
         uv.should_exit = True
         thread.join(timeout=10)
+
+
+class Response:
+    def __init__(self, status: int, body: bytes, headers=None):
+        self.status_code, self.text = status, body.decode("utf-8", "replace")
+        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
+
+    def json(self):
+        return json.loads(self.text)
+
+
+def http(
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    timeout: float = 60,
+    headers: dict | None = None,
+) -> Response:
+    """A raw HTTP request (stdlib), for what the openai client would refuse to send."""
+    headers = {"content-type": "application/json", **(headers or {})}
+    request = urllib.request.Request(url, data=body, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return Response(reply.status, reply.read(), dict(reply.headers))
+    except urllib.error.HTTPError as err:
+        return Response(err.code, err.read(), dict(err.headers))

@@ -15,15 +15,15 @@ from typing import Any
 
 import numpy as np
 import pytest
+from lora_helpers import hf_logits
+from repo_helpers import BUNDLED_TRAIN
+from train_helpers import losses, run_config, start_run
 
 from qwen_mlx.config import ALL_LINEAR
 from qwen_mlx.config_file import load_config
 from qwen_mlx.data import normalize
 from qwen_mlx.tokens import collate, load_tokenizer, pack, unpacked
 from qwen_mlx.tokens import encode_records as encode
-from tests.conftest import BUNDLED_TRAIN
-from tests.lora_helpers import hf_logits
-from tests.train_helpers import losses, run_config, start_run
 
 
 @dataclass

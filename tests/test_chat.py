@@ -7,10 +7,10 @@ import subprocess
 import sys
 
 import pytest
+from repo_helpers import BUNDLED_TEST
 from rich.console import Console
 
 from qwen_mlx.chat import Conversation, handle_command
-from tests.conftest import BUNDLED_TEST
 
 QUESTION = "出差住宿标准是多少？"
 
@@ -19,9 +19,10 @@ QUESTION = "出差住宿标准是多少？"
 def run(tiny_model_dir, tmp_path_factory):
     """A short torch run (its adapter moves the logits) to chat with."""
     pytest.importorskip("torch")
+    from train_helpers import QUIET, run_config
+
     from qwen_mlx.config_file import save_config
     from qwen_mlx.training_run import train
-    from tests.train_helpers import QUIET, run_config
 
     root = tmp_path_factory.mktemp("chat")
     rows = [json.loads(x) for x in BUNDLED_TEST.read_text(encoding="utf-8").splitlines()[:8]]

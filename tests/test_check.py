@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+from repo_helpers import QWEN25_3B
 
 from qwen_mlx.cli import cli
 from qwen_mlx.config_file import load_config
@@ -18,7 +19,6 @@ from qwen_mlx.memory import (
     parameter_count,
 )
 from qwen_mlx.model_files import check_model_dir
-from tests.conftest import QWEN25_3B
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,11 +12,12 @@ from click.testing import CliRunner
 
 pytest.importorskip("fastapi")  # serve_web is the page's module
 
+from lora_helpers import make_peft_adapter, make_run
+
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.cli import cli
 from qwen_mlx.inference import complete, open_engine
 from qwen_mlx.serve_web import open_base
-from tests.lora_helpers import make_peft_adapter, make_run
 
 ASK = [{"role": "user", "content": "差旅费怎么报销？"}]
 GREEDY = GenerationSettings(max_tokens=24, temperature=0.0)
@@ -67,10 +68,11 @@ def ggufs(run, tiny_model_dir, tmp_path_factory):
 
 
 def test_two_ggufs_answer_under_their_own_names(ggufs, run):
+    from serve_helpers import running
+    from web_helpers import api_answer, http
+
     from qwen_mlx.inference import GGUFEngine
     from qwen_mlx.serve import Server
-    from tests.serve_helpers import running
-    from tests.web_helpers import api_answer, http
 
     tuned_path, base_path = ggufs
     tuned = GGUFEngine(tuned_path)

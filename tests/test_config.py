@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from repo_helpers import REPO_ROOT
 
 from qwen_mlx.config import PRESETS, Config
 from qwen_mlx.config_file import config_to_yaml, load_config, save_config
 from qwen_mlx.errors import UserError
-from tests.conftest import REPO_ROOT
 
 
 def write(tmp_path, text: str):

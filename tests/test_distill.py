@@ -11,12 +11,12 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from repo_helpers import REPO_ROOT
+from teacher_stub import UNSUPPORTED_MARK, TeacherStub, default_reply
 
 from qwen_mlx.cli import cli
 from qwen_mlx.distill.curate import jaccard, shingles
 from qwen_mlx.distill.ledger import Ledger
-from tests.conftest import REPO_ROOT
-from tests.teacher_stub import UNSUPPORTED_MARK, TeacherStub, default_reply
 
 pytest.importorskip("openai")
 

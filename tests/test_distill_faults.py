@@ -14,9 +14,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
-
-from qwen_mlx.cli import cli
-from tests.teacher_stub import (
+from teacher_stub import (
     TeacherStub,
     default_reply,
     distill_command,
@@ -25,6 +23,8 @@ from tests.teacher_stub import (
     process_env,
     wait_for,
 )
+
+from qwen_mlx.cli import cli
 
 pytest.importorskip("openai")
 

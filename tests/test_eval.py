@@ -6,10 +6,10 @@ import json
 import random
 
 import pytest
+from repo_helpers import BUNDLED_TEST
 from rich.console import Console
 
 from qwen_mlx.text_metrics import bleu4, rouge_l, score_answers
-from tests.conftest import BUNDLED_TEST
 
 
 def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
@@ -37,9 +37,10 @@ def test_bleu4_matches_nltk_method3_on_characters():
 def overfit_run(tiny_model_dir, tmp_path_factory):
     """A torch run trained (to overfitting) on eight held-out questions themselves."""
     pytest.importorskip("torch")
+    from train_helpers import QUIET, run_config
+
     from qwen_mlx.config_file import save_config
     from qwen_mlx.training_run import train
-    from tests.train_helpers import QUIET, run_config
 
     root = tmp_path_factory.mktemp("eval")
     lines = BUNDLED_TEST.read_text(encoding="utf-8").splitlines()
@@ -108,9 +109,10 @@ def test_eval_on_the_exported_gguf_answers_like_the_run(overfit_run, tmp_path):
 
 def test_a_judge_grades_every_answer_beside_rouge_and_a_rerun_asks_nothing(overfit_run):
     pytest.importorskip("openai")
+    from teacher_stub import TeacherStub
+
     from qwen_mlx.evaluate import evaluate
     from qwen_mlx.judge import GRADES, JudgeSettings
-    from tests.teacher_stub import TeacherStub
 
     run, data = overfit_run
     with TeacherStub() as stub:
@@ -144,10 +146,11 @@ def test_a_judge_grades_every_answer_beside_rouge_and_a_rerun_asks_nothing(overf
 
 def test_a_wrong_judge_stops_before_any_answer_is_generated(overfit_run, monkeypatch):
     pytest.importorskip("openai")
+    from teacher_stub import TeacherStub
+
     from qwen_mlx import evaluate as ev
     from qwen_mlx.errors import UserError
     from qwen_mlx.judge import JudgeSettings, judge_settings
-    from tests.teacher_stub import TeacherStub
 
     def never(*args, **kwargs):
         raise AssertionError("answers were generated before the judge was checked")
@@ -169,8 +172,9 @@ def test_a_wrong_judge_stops_before_any_answer_is_generated(overfit_run, monkeyp
 
 def test_the_judge_sees_the_source_passage_of_a_distilled_test_file(tmp_path):
     pytest.importorskip("openai")
+    from teacher_stub import TeacherStub
+
     from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages
-    from tests.teacher_stub import TeacherStub
 
     chunk = {
         "id": "r.md#2",
@@ -210,7 +214,7 @@ def test_ctrl_c_stops_eval_within_2_s_while_the_judge_hangs(overfit_run, sigint_
     import sys
     import time
 
-    from tests.teacher_stub import TeacherStub, ledger_lines, process_env, wait_for
+    from teacher_stub import TeacherStub, ledger_lines, process_env, wait_for
 
     run, data = overfit_run
     kept = len(ledger_lines(run / "eval", "judge_ledger.jsonl"))  # other tests' verdicts

@@ -13,6 +13,7 @@ import random
 import shutil
 
 import pytest
+from cli_helpers import one_error_line, settings
 from click.testing import CliRunner
 
 from qwen_mlx.cli import cli
@@ -21,15 +22,6 @@ from qwen_mlx.model_files import check_targets, safetensors_header
 
 TOKENIZER = "tokenizer.json"
 SECOND_SHARD = "model-00002-of-00002.safetensors"
-
-
-def one_error_line(result) -> str:
-    """Exit non-zero with exactly one ``Error:`` line; an escaping exception is a traceback."""
-    assert result.exit_code != 0, result.output
-    assert isinstance(result.exception, SystemExit), repr(result.exception)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    return errors[0]
 
 
 # ---------------------------------------------------------------- model folders (item 12)
@@ -131,17 +123,6 @@ BROKEN_FOLDERS = {
     "template unsafe in the sandbox": (template_unsafe_in_the_sandbox, "chat template fails"),
     "no chat template": (no_chat_template, "chat template missing"),
 }
-
-
-def settings(model_dir, train_file, tmp_path, *more):
-    pairs = [
-        f"model.path={model_dir}",
-        f"data.train_file={train_file}",
-        f"output.dir={tmp_path / 'run'}",
-        "training.max_steps=1",
-        *more,
-    ]
-    return [arg for pair in pairs for arg in ("--set", pair)]
 
 
 def assert_check_and_train_refuse(args, expected, tmp_path):

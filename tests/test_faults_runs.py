@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from disk_faults import CAUSES, CODES, FaultyDisk, under
 from lora_helpers import make_peft_adapter
+from train_helpers import logged_steps, losses
 
 from qwen_mlx.cli import cli
-from tests.disk_faults import CAUSES, CODES, FaultyDisk, under
-from tests.train_helpers import logged_steps, losses
 
 pytest.importorskip("torch")
 pytest.importorskip("peft")

@@ -26,9 +26,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from serve_helpers import free_port, running
+
 from qwen_mlx.inference import GGUFEngine, open_engine
 from qwen_mlx.serve import Server
-from tests.serve_helpers import free_port, running
 
 ASK = [{"role": "user", "content": "差旅费怎么报销？"}]
 LONG_REPLY = 6000  # tokens: several seconds on any CPU, so a generation left running shows

@@ -18,6 +18,9 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 import mlx.nn as nn  # noqa: E402
+from lora_helpers import hf_logits  # noqa: E402
+from repo_helpers import QWEN25_3B  # noqa: E402
+from train_helpers import run_config, start_run  # noqa: E402
 
 from qwen_mlx import memory  # noqa: E402
 from qwen_mlx.backends import mlx_model  # noqa: E402
@@ -25,9 +28,6 @@ from qwen_mlx.backends.base import GenerationSettings  # noqa: E402
 from qwen_mlx.backends.mlx_trainer import MLXBackend  # noqa: E402
 from qwen_mlx.config import ALL_LINEAR  # noqa: E402
 from qwen_mlx.config_file import load_config  # noqa: E402
-from tests.conftest import QWEN25_3B  # noqa: E402
-from tests.lora_helpers import hf_logits  # noqa: E402
-from tests.train_helpers import run_config, start_run  # noqa: E402
 
 
 def train(cfg, resume=False):
@@ -125,9 +125,9 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(
     import errno
 
     from click.testing import CliRunner
+    from disk_faults import FaultyDisk, under
 
     from qwen_mlx.cli import cli
-    from tests.disk_faults import FaultyDisk, under
 
     run = tmp_path / "run"
     sets = [

@@ -7,8 +7,7 @@ subpackage missing from `[tool.setuptools] packages` would only break a real `pi
 from __future__ import annotations
 
 import pytest
-
-from tests.conftest import REPO_ROOT
+from repo_helpers import REPO_ROOT
 
 tomllib = pytest.importorskip("tomllib", reason="tomllib needs Python 3.11")
 

@@ -12,10 +12,11 @@ import json
 
 import numpy as np
 import pytest
+from chat_helpers import ANSWER, QUESTION
+from chat_helpers import text_ids as _ids
 
 from qwen_mlx.families import QWEN3, family_of
 from qwen_mlx.tensor_io import model_tensors
-from tests.test_qwen3_chat import ANSWER, QUESTION, _ids
 
 QWEN3_06B = {  # public config.json numbers of Qwen3-0.6B
     "architectures": ["Qwen3ForCausalLM"],
@@ -152,10 +153,10 @@ def test_unsupported_architectures_are_refused_by_check_train_and_export(
 ):
     import shutil
 
+    from cli_helpers import one_error_line, settings
     from click.testing import CliRunner
 
     from qwen_mlx.cli import cli
-    from tests.test_faults_inputs import one_error_line, settings
 
     monkeypatch.chdir(tmp_path)
     folder = shutil.copytree(qwen3_dir, tmp_path / "model")
@@ -210,9 +211,10 @@ BACKENDS = ("mlx", "torch")
 @pytest.fixture(scope="module")
 def qwen3_data_dir(tmp_path_factory):
     """A tiny Qwen3 whose tokenizer learned the bundled data, and twelve short records."""
+    from repo_helpers import BUNDLED_TRAIN
+    from train_helpers import write_short_records
+
     from qwen_mlx.tiny import build_tiny_model
-    from tests.conftest import BUNDLED_TRAIN
-    from tests.train_helpers import write_short_records
 
     root = tmp_path_factory.mktemp("qwen3-train")
     model = build_tiny_model(root / "tiny-qwen3", data_file=BUNDLED_TRAIN, arch="qwen3")
@@ -224,7 +226,7 @@ def qwen3_runs(qwen3_data_dir, tmp_path_factory):
     """The same short LoRA run of the tiny Qwen3 on each backend: {backend: run folder}."""
     pytest.importorskip("mlx_lm")
     pytest.importorskip("peft")
-    from tests.train_helpers import run_config, start_run
+    from train_helpers import run_config, start_run
 
     model, data = qwen3_data_dir
     root = tmp_path_factory.mktemp("qwen3-runs")
@@ -235,7 +237,7 @@ def qwen3_runs(qwen3_data_dir, tmp_path_factory):
 
 
 def test_both_backends_train_qwen3_with_the_same_loss_curve(qwen3_runs):
-    from tests.train_helpers import losses
+    from train_helpers import losses
 
     mlx, torch = (losses(qwen3_runs[b]) for b in BACKENDS)
     assert len(mlx) == len(torch) >= 10
@@ -250,9 +252,10 @@ def test_both_backends_train_qwen3_with_the_same_loss_curve(qwen3_runs):
 def test_peft_and_the_engine_reproduce_the_trained_qwen3_adapter(
     backend, qwen3_runs, qwen3_data_dir
 ):
+    from lora_helpers import hf_logits
+    from test_backend_contract import _mlx, _torch
+
     from qwen_mlx.backends import get_backend
-    from tests.lora_helpers import hf_logits
-    from tests.test_backend_contract import _mlx, _torch
 
     subject = {"mlx": _mlx, "torch": _torch}[backend]()
     model, _ = qwen3_data_dir
@@ -267,8 +270,8 @@ def test_peft_and_the_engine_reproduce_the_trained_qwen3_adapter(
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_qlora_trains_qwen3(backend, qwen3_data_dir, tmp_path):
-    from tests.test_backend_contract import _mlx, _torch
-    from tests.train_helpers import losses, run_config, start_run
+    from test_backend_contract import _mlx, _torch
+    from train_helpers import losses, run_config, start_run
 
     if backend == "torch":
         pytest.importorskip("bitsandbytes")
@@ -308,9 +311,10 @@ def test_engine_prompts_follow_the_runs_chat_enable_thinking(
     # eval, chat and serve all open their engine with open_engine and ask it for prompts.
     import shutil
 
+    from train_helpers import run_config
+
     from qwen_mlx.config_file import save_config
     from qwen_mlx.inference import open_engine
-    from tests.train_helpers import run_config
 
     model, data = qwen3_data_dir
     run = shutil.copytree(qwen3_runs["torch"], tmp_path / "run")
@@ -331,10 +335,10 @@ def test_engine_prompts_follow_the_runs_chat_enable_thinking(
 
 def test_download_and_check_recognise_a_qwen3_folder(qwen3_dir, small_data, tmp_path, monkeypatch):
     from click.testing import CliRunner
+    from test_download import EXCLUDED, REPO, FakeHub, assert_complete, run_download
 
     from qwen_mlx.cli import cli
     from qwen_mlx.outputs import OUTPUT_MARK
-    from tests.test_download import EXCLUDED, REPO, FakeHub, assert_complete, run_download
 
     files = {p.name: p.read_bytes() for p in qwen3_dir.iterdir() if p.name != OUTPUT_MARK}
     hub = FakeHub({**files, **EXCLUDED})
@@ -393,10 +397,10 @@ def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
     import types
 
     from rich.console import Console
+    from train_helpers import run_config
 
     from qwen_mlx import evaluate
     from qwen_mlx.config_file import save_config
-    from tests.train_helpers import run_config
 
     model, data = qwen3_data_dir
     run = shutil.copytree(qwen3_runs["torch"], tmp_path / "run")

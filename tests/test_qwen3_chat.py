@@ -8,21 +8,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from chat_helpers import ANSWER, QUESTION, text_ids
 
 from qwen_mlx.families import QWEN2, QWEN3
 
 # ---------------------------------------------------------------- chat template and loss mask
 
-QUESTION = {"role": "user", "content": "住宿费标准是多少？"}
-ANSWER = {"role": "assistant", "content": "每人每天不超过500元。"}
-
 
 def _targets(tokenizer, sample) -> list[int]:
     return [t for t, m in zip(sample.input_ids, sample.loss_mask, strict=True) if m]
-
-
-def _ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_a_record_without_reasoning_trains_the_answer_after_the_empty_think_block(
@@ -35,10 +29,10 @@ def test_a_record_without_reasoning_trains_the_answer_after_the_empty_think_bloc
     # Token by token what the template renders: the non-thinking form.
     rendered = qwen3_tokenizer.apply_chat_template([QUESTION, ANSWER], tokenize=False)
     assert "<think>\n\n</think>\n\n每人" in rendered
-    assert sample.input_ids == _ids(qwen3_tokenizer, rendered.rstrip("\n")) + _ids(
+    assert sample.input_ids == text_ids(qwen3_tokenizer, rendered.rstrip("\n")) + text_ids(
         qwen3_tokenizer, "\n"
     )
-    assert _targets(qwen3_tokenizer, sample) == _ids(
+    assert _targets(qwen3_tokenizer, sample) == text_ids(
         qwen3_tokenizer, "每人每天不超过500元。<|im_end|>"
     )
     # The untrained part is exactly the prompt inference sends with thinking off.
@@ -60,7 +54,7 @@ def test_a_records_reasoning_is_trained_inside_the_think_block(qwen3_tokenizer, 
     record, _ = normalize({"messages": [QUESTION, answer]})
     sample = encode_chat(qwen3_tokenizer, record["messages"])
     want = f"<think>\n{reasoning}\n</think>\n\n每人每天不超过500元。<|im_end|>"
-    assert _targets(qwen3_tokenizer, sample) == _ids(qwen3_tokenizer, want)
+    assert _targets(qwen3_tokenizer, sample) == text_ids(qwen3_tokenizer, want)
     first = sample.loss_mask.index(1)
     assert sample.input_ids[:first] == hf_prompt_ids(qwen3_tokenizer, [QUESTION], thinking=True)
 
@@ -132,9 +126,9 @@ class ScriptedEngine:
 def test_serve_returns_the_think_part_as_reasoning_content():
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
+    from serve_helpers import http, running
+
     from qwen_mlx.serve import Server
-    from tests.serve_helpers import running
-    from tests.test_serve import http
 
     ask = {"model": "scripted", "messages": [QUESTION], "max_tokens": 100}
     with running(Server(ScriptedEngine(), None)) as port:

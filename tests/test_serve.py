@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -15,38 +13,13 @@ pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
+from serve_helpers import http, running  # noqa: E402
+
 from qwen_mlx.inference import open_engine  # noqa: E402
 from qwen_mlx.serve import Server  # noqa: E402
-from tests.serve_helpers import running  # noqa: E402
 
 KEY = "sk-test-123"
 MODEL = "tiny-qwen2"  # the model folder's name, which the server answers to
-
-
-class Response:
-    def __init__(self, status: int, body: bytes, headers=None):
-        self.status_code, self.text = status, body.decode("utf-8", "replace")
-        self.headers = {k.lower(): v for k, v in (headers or {}).items()}
-
-    def json(self):
-        return json.loads(self.text)
-
-
-def http(
-    method: str,
-    url: str,
-    body: bytes | None = None,
-    timeout: float = 60,
-    headers: dict | None = None,
-) -> Response:
-    """A raw HTTP request (stdlib), for what the openai client would refuse to send."""
-    headers = {"content-type": "application/json", **(headers or {})}
-    request = urllib.request.Request(url, data=body, method=method, headers=headers)
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as reply:
-            return Response(reply.status, reply.read(), dict(reply.headers))
-    except urllib.error.HTTPError as err:
-        return Response(err.code, err.read(), dict(err.headers))
 
 
 @pytest.fixture(scope="module")

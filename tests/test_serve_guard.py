@@ -17,11 +17,11 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from click.testing import CliRunner
+from serve_helpers import running
+from web_helpers import ScriptedEngine
 
 from qwen_mlx.serve import Server
 from qwen_mlx.serve_guard import HEADER_TIMEOUT_S, allowed_hosts, host_name
-from tests.serve_helpers import running
-from tests.web_helpers import ScriptedEngine
 
 KEY = "sk-guard-789"
 JSON = "application/json"

@@ -12,11 +12,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
+from train_helpers import (  # noqa: E402
+    logged_steps,
+)
+
 from qwen_mlx.backends.torch_model import (  # noqa: E402
     quantization_plan,
-)
-from tests.train_helpers import (  # noqa: E402
-    logged_steps,
 )
 
 

@@ -14,9 +14,8 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from qwen_mlx.serve import Server
-from tests.serve_helpers import running
-from tests.web_helpers import (
+from serve_helpers import running
+from web_helpers import (
     ScriptedEngine,
     answers,
     api_answer,
@@ -27,6 +26,8 @@ from tests.web_helpers import (
     settings,
     shot,
 )
+
+from qwen_mlx.serve import Server
 
 KEY = "sk-page-456"
 QUESTION = "差旅费怎么报销？"
@@ -219,9 +220,10 @@ def test_the_report_and_loss_curve_open_from_the_page(browser, tmp_path):
 def trained_run(tiny_model_dir, small_data, tmp_path_factory):
     """A tiny torch run trained for a few steps at a high learning rate."""
     pytest.importorskip("torch")
+    from train_helpers import QUIET, run_config
+
     from qwen_mlx.config_file import save_config
     from qwen_mlx.training_run import train
-    from tests.train_helpers import QUIET, run_config
 
     run = tmp_path_factory.mktemp("web") / "run"
     run.mkdir()

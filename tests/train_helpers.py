@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
+from repo_helpers import BUNDLED_TRAIN
 from rich.console import Console
 
 from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import TrainResult
 from qwen_mlx.config import Config
 from qwen_mlx.config_file import load_config
-from tests.conftest import BUNDLED_TRAIN
 
 QUIET = Console(file=open(os.devnull, "w"))  # noqa: SIM115 (lives for the test session)
 
