@@ -38,8 +38,9 @@ class Availability:
 
 
 @dataclass
-class TrainPlan:
-    """What a training run of a config does on this machine, decided before loading."""
+class DevicePlan:
+    """How a training run of a config uses this machine (device, ranks, the quantization
+    really used, memory), decided by ``Backend.plan()`` before anything is loaded."""
 
     device: str  # what the user is told, e.g. "cuda:0 ×2 (DDP)" or "MLX on CPU"
     quantization: str  # the base's quantization really used ("none" where it cannot be)
@@ -49,7 +50,7 @@ class TrainPlan:
     world_size: int = 1
     facts: list[tuple[str, str]] = field(default_factory=list)  # (title, detail) for check
     notes: list[str] = field(default_factory=list)  # where the run differs from the config
-    settings: dict[str, Any] = field(default_factory=dict)  # the backend's own, for trainer()
+    settings: Any = None  # the backend's own typed settings, which its trainer() reads
     tight_memory: bool = False  # set by training_run when the estimate is near the limit
 
     @property
@@ -98,11 +99,11 @@ class Backend(Protocol):
         """Cheap probe: can this backend run on this machine? (Never raises.)"""
         ...
 
-    def plan(self, cfg: Config) -> TrainPlan:
+    def plan(self, cfg: Config) -> DevicePlan:
         """How a run of ``cfg`` would go here; loads no model (``check`` shows it)."""
         ...
 
-    def trainer(self, cfg: Config, plan: TrainPlan) -> Hooks:
+    def trainer(self, cfg: Config, plan: DevicePlan) -> Hooks:
         """Load the base per ``plan``, add LoRA, build the optimizer: the loop's hooks."""
         ...
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen_mlx.backends.base import Availability, TrainPlan
+from qwen_mlx.backends.base import Availability, DevicePlan
 from qwen_mlx.backends.probes import probe_mlx
 from qwen_mlx.checkpoints import read_part
 from qwen_mlx.config import Config, recomputed_layers
@@ -232,7 +232,7 @@ def _torch_only_notes(cfg: Config) -> list[str]:
     ]
 
 
-def _limit_memory(plan: TrainPlan) -> int | None:
+def _limit_memory(plan: DevicePlan) -> int | None:
     """Keep Metal's weights wired; when memory is tight, hand freed buffers back instead of
     caching them, so the OS does not swap. Returns the cache limit to restore, if changed."""
     import mlx.core as mx
@@ -253,7 +253,7 @@ class MLXBackend:
     def availability(self) -> Availability:
         return probe_mlx()
 
-    def plan(self, cfg: Config) -> TrainPlan:
+    def plan(self, cfg: Config) -> DevicePlan:
         """A run of ``cfg`` on MLX here: one process, Metal or CPU, the folder's quantization."""
         import mlx.core as mx
 
@@ -261,7 +261,7 @@ class MLXBackend:
 
         on_cpu = mx.default_device() == mx.cpu
         quantization, note = stored_quantization(cfg.model.path, cfg.model.quantization)
-        return TrainPlan(
+        return DevicePlan(
             device=f"MLX on {'CPU' if on_cpu else 'Metal GPU'}",
             quantization=quantization,
             fp32=on_cpu,  # MLX's CPU path trains in float32 (see mlx_model.load_base)
@@ -269,7 +269,7 @@ class MLXBackend:
             notes=_torch_only_notes(cfg) + ([note] if note else []),
         )
 
-    def trainer(self, cfg: Config, plan: TrainPlan) -> MLXHooks:
+    def trainer(self, cfg: Config, plan: DevicePlan) -> MLXHooks:
         """The base (quantized per the config), LoRA on the targets, AdamW: the loop's hooks."""
         from qwen_mlx.backends.mlx_model import add_lora, load_base
 

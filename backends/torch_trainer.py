@@ -14,10 +14,11 @@ import logging
 import os
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.backends.base import Availability, TrainPlan
+from qwen_mlx.backends.base import Availability, DevicePlan
 from qwen_mlx.backends.probes import probe_torch
 from qwen_mlx.checkpoints import read_part
 from qwen_mlx.config import Config
@@ -208,6 +209,16 @@ def _init_distributed(world: int) -> None:
     torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
 
 
+@dataclass(frozen=True)
+class TorchSettings:
+    """What ``TorchBackend.plan`` decided for the trainer: the device (a ``torch.device``),
+    the attention implementation and whether Liger's fused kernels are on."""
+
+    device: Any
+    attention: str
+    liger: bool
+
+
 class TorchBackend:
     """``qwen-mlx train --backend torch`` and torch inference."""
 
@@ -216,7 +227,7 @@ class TorchBackend:
     def availability(self) -> Availability:
         return probe_torch()
 
-    def plan(self, cfg: Config) -> TrainPlan:
+    def plan(self, cfg: Config) -> DevicePlan:
         """A run of ``cfg`` on torch here: the device, ranks, and the quantization, attention
         and kernels this machine really allows (each with a note where it differs)."""
         from qwen_mlx.backends.torch_model import attention_plan, kernel_plan, quantization_plan
@@ -235,7 +246,7 @@ class TorchBackend:
                 "CUDA" if device.type == "cuda" else f"{device.type} (bitsandbytes' CPU path: slow)"
             )
             facts.append(("quantization", f"{quantization} via bitsandbytes on {where}"))
-        return TrainPlan(
+        return DevicePlan(
             device=f"{device}" + (f" ×{world} (DDP)" if world > 1 else ""),
             quantization=quantization,
             fp32=device.type == "cpu" and quantization == "none",
@@ -244,17 +255,18 @@ class TorchBackend:
             world_size=world,
             facts=facts,
             notes=[n for n in (quantization_note, attention_note, kernel_note) if n],
-            settings={"device": device, "attention": attention, "liger": liger},
+            settings=TorchSettings(device, attention, liger),
         )
 
-    def trainer(self, cfg: Config, plan: TrainPlan) -> TorchHooks:
+    def trainer(self, cfg: Config, plan: DevicePlan) -> TorchHooks:
         """The base on the planned device (quantized, attention, kernels as planned), PEFT LoRA,
         AdamW, DDP when started by torchrun: the loop's hooks."""
         from qwen_mlx.backends.torch_model import add_lora, apply_liger, load_base
 
         _init_distributed(plan.world_size)
-        device, liger = plan.settings["device"], plan.settings["liger"]
-        base = load_base(cfg.model.path, plan.quantization, device, plan.settings["attention"])
+        settings: TorchSettings = plan.settings
+        device, liger = settings.device, settings.liger
+        base = load_base(cfg.model.path, plan.quantization, device, settings.attention)
         if liger:
             apply_liger(base)
         model = add_lora(base, cfg)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from qwen_mlx import memory
 from qwen_mlx.backends import detect, get_backend, probe
-from qwen_mlx.backends.base import TrainPlan
+from qwen_mlx.backends.base import DevicePlan
 from qwen_mlx.backends.probes import PROBES
 from qwen_mlx.chat_template import think_normalized
 from qwen_mlx.config import Config
@@ -135,7 +135,7 @@ def check_backend(cfg: Config) -> tuple[str | None, list[Finding]]:
     return (chosen if probe(chosen).ok else None), findings
 
 
-def check_plan(plan: TrainPlan) -> list[Finding]:
+def check_plan(plan: DevicePlan) -> list[Finding]:
     """What the backend will really do here (training's own plan): its facts, and a
     warning for each way the run differs from the config."""
     findings = [Finding("ok", title, detail) for title, detail in plan.facts]
@@ -143,7 +143,7 @@ def check_plan(plan: TrainPlan) -> list[Finding]:
     return findings + [Finding("warn", "backend plan", note) for note in plan.notes]
 
 
-def check_memory(cfg: Config, plan: TrainPlan) -> Finding:
+def check_memory(cfg: Config, plan: DevicePlan) -> Finding:
     """Whether the run fits, decided as training decides it (:func:`qwen_mlx.memory.fit`)."""
     try:
         fit = memory.fit(copy.deepcopy(cfg), plan)  # a copy: check changes no setting

@@ -76,8 +76,8 @@ class Hooks(Protocol):
 
 
 @dataclass
-class Plan:
-    """How many rows, batches, windows and optimizer updates a run has."""
+class Schedule:
+    """A run's schedule: how many rows, batches, windows and optimizer updates it has."""
 
     rows: int
     batch_size: int
@@ -116,9 +116,14 @@ def rank_rows(rows: list[Row], rank: int, world: int) -> list[Row]:
     return rows[rank::world][:share]
 
 
-def _windows(order: list[int], plan: Plan) -> list[list[list[int]]]:
-    batches = [order[i : i + plan.batch_size] for i in range(0, len(order), plan.batch_size)]
-    return [batches[i : i + plan.accumulation] for i in range(0, len(batches), plan.accumulation)]
+def _windows(order: list[int], schedule: Schedule) -> list[list[list[int]]]:
+    batches = [
+        order[i : i + schedule.batch_size] for i in range(0, len(order), schedule.batch_size)
+    ]
+    return [
+        batches[i : i + schedule.accumulation]
+        for i in range(0, len(batches), schedule.accumulation)
+    ]
 
 
 def _every(value: int, total: int, times: int) -> int:
@@ -172,17 +177,19 @@ def _last_checkpoint(run_dir: Path, last_saved: int, resumable: bool = True) -> 
     return f"the last checkpoint is {folder}{then}"
 
 
-def _plan(cfg: Config, rows: int, console: Console, main: bool) -> Plan:
+def _schedule(cfg: Config, rows: int, console: Console, main: bool) -> Schedule:
     t = cfg.training
-    plan = Plan(rows, t.batch_size, t.gradient_accumulation_steps, t.num_epochs, t.warmup_steps)
-    if t.warmup_steps >= plan.total_steps:
-        plan.warmup = plan.total_steps // 10
+    schedule = Schedule(
+        rows, t.batch_size, t.gradient_accumulation_steps, t.num_epochs, t.warmup_steps
+    )
+    if t.warmup_steps >= schedule.total_steps:
+        schedule.warmup = schedule.total_steps // 10
         if main:
             console.print(
-                f"[yellow]⚠[/] warmup_steps {t.warmup_steps} ≥ the run's {plan.total_steps} "
-                f"updates; warming up over {plan.warmup} instead"
+                f"[yellow]⚠[/] warmup_steps {t.warmup_steps} ≥ the run's {schedule.total_steps} "
+                f"updates; warming up over {schedule.warmup} instead"
             )
-    return plan
+    return schedule
 
 
 def _resume(run_dir: Path, hooks: Hooks, data: RunData, console: Console) -> LoopState:
@@ -202,10 +209,10 @@ def _resume(run_dir: Path, hooks: Hooks, data: RunData, console: Console) -> Loo
     return state
 
 
-def _reporter(hooks: Hooks, run: RunDir, console: Console, plan: Plan) -> RunReporter:
-    watch = LossWatch(plan.total_steps, plan.warmup)
+def _reporter(hooks: Hooks, run: RunDir, console: Console, schedule: Schedule) -> RunReporter:
+    watch = LossWatch(schedule.total_steps, schedule.warmup)
     reporter = RunReporter if hooks.rank == 0 else SilentReporter
-    return reporter(run, console, plan.windows_per_epoch, watch)
+    return reporter(run, console, schedule.windows_per_epoch, watch)
 
 
 @dataclass
@@ -216,7 +223,7 @@ class _Run:
     data: RunData
     hooks: Hooks
     rows: list[Row]
-    plan: Plan
+    schedule: Schedule
     stop_at: int
     reporter: RunReporter
     eval_every: int
@@ -236,17 +243,17 @@ class _Run:
 
 def _epochs(run: _Run, state: LoopState, ctrl_c: _CtrlC) -> None:
     """Train window by window until ``run.stop_at``, validating and saving on schedule."""
-    t, plan, hooks = run.cfg.training, run.plan, run.hooks
+    t, schedule, hooks = run.cfg.training, run.schedule, run.hooks
     session_start, session_tokens = time.perf_counter(), 0
     elapsed_before = state.elapsed_s
     while state.step < run.stop_at:
         if not state.order:
             state.order = epoch_order(t.seed, state.epoch, len(run.rows))
-        windows = _windows(state.order, plan)
+        windows = _windows(state.order, schedule)
         while state.window < len(windows) and state.step < run.stop_at:
             batch_rows = [[run.rows[i] for i in b] for b in windows[state.window]]
             window = [collate(b, run.data.pad_id) for b in batch_rows]
-            lr = learning_rate(state.step, plan.total_steps, plan.warmup, t.learning_rate)
+            lr = learning_rate(state.step, schedule.total_steps, schedule.warmup, t.learning_rate)
             result = _train_window(hooks, window, lr)
             state.step, state.window = state.step + 1, state.window + 1
             state.tokens += result.tokens
@@ -272,18 +279,18 @@ def _epochs(run: _Run, state: LoopState, ctrl_c: _CtrlC) -> None:
 def train_loop(
     cfg: Config, data: RunData, hooks: Hooks, run_dir: Path, console: Console, resume: bool
 ) -> LoopState:
-    """Train until the plan (or ``training.max_steps``) is done; return the final state."""
+    """Train until the schedule (or ``training.max_steps``) is done; return the final state."""
     t = cfg.training
     rows = rank_rows(data.train, hooks.rank, hooks.world_size)
-    plan = _plan(cfg, len(rows), console, hooks.rank == 0)
-    total = plan.total_steps
+    schedule = _schedule(cfg, len(rows), console, hooks.rank == 0)
+    total = schedule.total_steps
     state = _resume(run_dir, hooks, data, console) if resume else LoopState()
     state.data_fingerprint = data.fingerprint
     stop_at = min(total, t.max_steps) if t.max_steps else total
-    reporter = _reporter(hooks, RunDir(run_dir), console, plan)
+    reporter = _reporter(hooks, RunDir(run_dir), console, schedule)
     reporter.start(state, stop_at, resume)
     every = _every(t.eval_every, total, 10), _every(t.save_every, total, 5)
-    run = _Run(cfg, data, hooks, rows, plan, stop_at, reporter, *every)
+    run = _Run(cfg, data, hooks, rows, schedule, stop_at, reporter, *every)
     hooks.snapshot_rng()
     ctrl_c = _CtrlC()
     try:
@@ -318,7 +325,7 @@ def _interrupted(run: _Run, state: LoopState, ctrl_c: _CtrlC, run_dir: Path) -> 
         ) from None
     run.checkpoint(state)
     raise TrainingStopped(
-        f"interrupted at step {state.step}/{run.plan.total_steps}; checkpoint saved. Resume "
+        f"interrupted at step {state.step}/{run.schedule.total_steps}; checkpoint saved. Resume "
         f"with: qwen-mlx train --resume {run_dir}",
         exit_code=130,
     ) from None

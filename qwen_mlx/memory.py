@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from qwen_mlx.families import family_of
 
 if TYPE_CHECKING:
-    from qwen_mlx.backends.base import TrainPlan
+    from qwen_mlx.backends.base import DevicePlan
     from qwen_mlx.config import Config, TrainingConfig
 
 GiB = 1024**3
@@ -174,7 +174,7 @@ class Fit:
         return self.available is not None and self.estimate.total >= 0.6 * self.available
 
 
-def estimate_run(cfg: Config, plan: TrainPlan) -> Estimate:
+def estimate_run(cfg: Config, plan: DevicePlan) -> Estimate:
     """The peak-memory estimate of training ``cfg`` as ``plan`` runs it."""
     from qwen_mlx.model_files import read_model_config
 
@@ -190,7 +190,7 @@ def estimate_run(cfg: Config, plan: TrainPlan) -> Estimate:
     )
 
 
-def fit(cfg: Config, plan: TrainPlan) -> Fit:
+def fit(cfg: Config, plan: DevicePlan) -> Fit:
     """Fit the run into ``plan.device_memory``: recompute as few layers as make it fit
     (``cfg.training`` is changed in place, before the trainer is built), and say plainly
     when it is tight or will not fit. ``train`` and ``check`` both go through here."""

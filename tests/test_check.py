@@ -210,10 +210,10 @@ def test_fit_recompute_turns_on_only_what_memory_needs():
 
 def test_check_says_when_training_will_checkpoint_to_fit(tmp_path):
     import qwen_mlx.check as check
-    from qwen_mlx.backends.base import TrainPlan
+    from qwen_mlx.backends.base import DevicePlan
 
     (tmp_path / "config.json").write_text(json.dumps(QWEN25_3B))
-    plan = TrainPlan("a 16 GB Mac", "4bit", fp32=False, device_memory=16 * GiB)
+    plan = DevicePlan("a 16 GB Mac", "4bit", fp32=False, device_memory=16 * GiB)
     cfg = load_config(
         None,
         None,

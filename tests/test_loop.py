@@ -14,7 +14,7 @@ from rich.console import Console
 
 from qwen_mlx.config_file import load_config
 from qwen_mlx.errors import TrainingStopped
-from qwen_mlx.loop import Plan, epoch_order, learning_rate, rank_rows, train_loop
+from qwen_mlx.loop import Schedule, epoch_order, learning_rate, rank_rows, train_loop
 from qwen_mlx.monitor import LossWatch
 from qwen_mlx.run_data import RunData, fingerprint
 from qwen_mlx.tokens import Sample, pack
@@ -93,7 +93,7 @@ def test_schedule_warms_up_then_decays_to_zero():
 
 def test_plan_counts_updates_like_the_seed():
     # 863 samples, batch 1, accumulation 4, 3 epochs: 216 updates an epoch.
-    plan = Plan(rows=863, batch_size=1, accumulation=4, epochs=3, warmup=30)
+    plan = Schedule(rows=863, batch_size=1, accumulation=4, epochs=3, warmup=30)
     assert plan.windows_per_epoch == 216 and plan.total_steps == 648
 
 
@@ -254,9 +254,9 @@ class _FakeBackend:
         self.hooks = hooks
 
     def plan(self, config):
-        from qwen_mlx.backends.base import TrainPlan
+        from qwen_mlx.backends.base import DevicePlan
 
-        return TrainPlan("a fake device", "none", fp32=False, device_memory=None)
+        return DevicePlan("a fake device", "none", fp32=False, device_memory=None)
 
     def trainer(self, config, plan):
         return self.hooks
