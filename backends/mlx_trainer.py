@@ -198,7 +198,7 @@ def _clip(grads, max_norm: float):
 
 
 def write_adapter(model, cfg: Config, folder: Path) -> None:
-    """The canonical adapter (DESIGN §5): PEFT's files, names, shapes and config keys."""
+    """The canonical adapter: PEFT's files, names, shapes and config keys."""
     from qwen_mlx.adapter_convert import peft_config
     from qwen_mlx.backends.mlx_model import peft_tensors
     from qwen_mlx.tensor_io import save_f32

@@ -1,6 +1,6 @@
 """``qwen-mlx adapter convert``: a LoRA adapter between PEFT's format and mlx-lm's.
 
-Also the PEFT ``adapter_config.json`` every backend writes (DESIGN §5). Each layer's update
+Also the PEFT ``adapter_config.json`` every backend writes. Each layer's update
 is kept exactly: weights stay float32, and per-layer scales that mlx-lm cannot express are
 folded into B.
 """

@@ -1,6 +1,6 @@
 """LoRA adapters: read them and find their base model (converting: :mod:`adapter_convert`).
 
-Every backend writes PEFT's format (DESIGN §5): ``W += (lora_alpha / r) · B @ A``. This module
+Every backend writes PEFT's format: ``W += (lora_alpha / r) · B @ A``. This module
 reads that (and mlx-lm's ``adapters.safetensors``, so an adapter trained with ``mlx_lm.lora``
 works too) into one in-memory shape, :class:`Adapter`, that ``fuse`` and ``export`` apply
 tensor by tensor. Only numpy: no torch, no mlx.

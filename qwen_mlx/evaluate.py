@@ -31,7 +31,7 @@ from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages, stopped
 from qwen_mlx.judge import summary as judge_summary
 from qwen_mlx.reasoning import split_reply
 from qwen_mlx.report import summary_table, write_reports
-from qwen_mlx.text_metrics import bleu4, rouge_l
+from qwen_mlx.text_metrics import bleu4, rouge_l, score_answers
 
 
 @dataclass
@@ -53,14 +53,12 @@ class ModelResult:
 
     def summary(self, cases: list[Case]) -> dict[str, Any]:
         pairs = list(zip(self.answers, (c.reference for c in cases), strict=True))
-        n = max(len(pairs), 1)
         judged = {"judge": judge_summary([g for g, _ in self.verdicts])} if self.verdicts else {}
         return {
             "model": self.description,
             "test_loss": self.test_loss,
             "perplexity": math.exp(min(self.test_loss, 50)) if self.test_loss is not None else None,
-            "rouge_l": sum(rouge_l(p, r) for p, r in pairs) / n,
-            "bleu4": sum(bleu4(p, r) for p, r in pairs) / n,
+            **score_answers(pairs),
             "answers": len(pairs),
             "seconds": round(self.seconds, 2),
             **judged,

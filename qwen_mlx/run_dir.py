@@ -1,4 +1,4 @@
-"""The run folder contract (DESIGN §5): what ``train`` writes and ``eval``, ``export`` and
+"""The run folder contract: what ``train`` writes and ``eval``, ``export`` and
 ``--resume`` read, named in one place.
 
 ``outputs/<run>/`` holds the resolved ``config.yaml``, ``adapter/`` (PEFT format),

@@ -182,7 +182,7 @@ def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_
         record_files(out_dir, COMMAND, [], grows=[LEDGER])
     with folder_lock(out_dir, COMMAND):  # before the ledger is read: one run per folder
         kept, drops = _distil_stoppable(corpus, cfg, teacher, console)
-        report = _write(out_dir, corpus, kept, cfg, teacher, drops, estimate)
+        report = _write(out_dir, Outcome(corpus, kept, drops, estimate), cfg, teacher)
     require_records(report, out_dir)
     return report
 
@@ -212,27 +212,39 @@ def _split(kept: list, cfg: Config) -> tuple[list[dict], list[dict]]:
     return train, test
 
 
-def _write(out_dir, corpus, kept, cfg, teacher, drops, estimate) -> dict:
-    train, test = _split(kept, cfg)
+@dataclass
+class Outcome:
+    """What a run came to: the documents' chunks, the candidates kept, the drops by reason,
+    and the request estimate it started from."""
+
+    corpus: Corpus
+    kept: list
+    drops: Drops
+    estimate: dict
+
+
+def _write(out_dir: Path, outcome: Outcome, cfg: Config, teacher: Teacher) -> dict:
+    train, test = _split(outcome.kept, cfg)
     with writing(out_dir, COMMAND, OUTPUTS):
-        write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in corpus.chunks))
+        write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in outcome.corpus.chunks))
         write_jsonl(out_dir / "train.jsonl", train)
         write_jsonl(out_dir / "test.jsonl", test)
-        report = _report(corpus, kept, cfg, teacher, drops, estimate, train, test)
+        report = _report(outcome, cfg, teacher, {"train": len(train), "test": len(test)})
         write_report(out_dir, report)
     return report
 
 
-def _report(corpus, kept, cfg, teacher, drops, estimate, train, test) -> dict:
+def _report(outcome: Outcome, cfg: Config, teacher: Teacher, records: dict[str, int]) -> dict:
+    corpus = outcome.corpus
     return {
         "teacher": {"url": teacher.url, "model": teacher.model},
         "documents": corpus.documents,
         "unreadable": corpus.problems,
         "chunks": len(corpus.chunks),
-        "planned_requests": estimate["requests"],
+        "planned_requests": outcome.estimate["requests"],
         "requests": teacher.usage.as_dict(),  # this run's; the ledger holds every run's
         "ledger_replies": len(teacher.ledger),
-        "records": {"train": len(train), "test": len(test)},
-        "drops": dict(sorted(drops.items())),
+        "records": records,
+        "drops": dict(sorted(outcome.drops.items())),
         "settings": settings(cfg.distill),
     }
