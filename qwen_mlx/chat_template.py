@@ -255,6 +255,38 @@ def hf_render(
     )
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """A conversation as the tokenizer's template wrote it: the messages as the template read
+    them (think blocks normalized), its pieces, and their token ids with the character
+    offset at which each token starts."""
+
+    messages: list[dict]
+    pieces: list[Piece]
+    ids: list[int]
+    starts: list[int]
+
+    @property
+    def text(self) -> str:
+        return "".join(p.text for p in self.pieces)
+
+    def control_spans(self) -> list[tuple[int, int]]:
+        """The character span of every control token, in order."""
+        spans, at = [], 0
+        for piece in self.pieces:
+            if piece.control:
+                spans.append((at, at + len(piece.text)))
+            at += len(piece.text)
+        return spans
+
+
+def hf_rendered(tokenizer: Any, messages: list[dict], tools: list | None = None) -> Rendered:
+    """The whole conversation through the template, encoded (for training samples)."""
+    messages = for_template(messages, tokenizer_family(tokenizer), tokenizer.chat_template)
+    pieces = hf_pieces(tokenizer, messages, tools=tools)
+    return Rendered(messages, pieces, *hf_encode(tokenizer, pieces))
+
+
 def hf_pieces(
     tokenizer: Any,
     messages: list[dict],

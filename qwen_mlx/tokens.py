@@ -1,23 +1,10 @@
 """Normalized records → token ids + loss mask, and packing of samples into rows.
 
-Chat records go through the model's own chat template (Qwen2.5: ChatML), with their ``tools``.
-The loss mask is computed on the rendered text: each assistant turn's span (its content and
-tool calls and the closing ``<|im_end|>``, not the newline after it) starts where the prompt
-for that turn (the conversation before it, rendered with the generation prompt) ends, and
-ends with the first control token after it; every token whose offset starts inside a span is
-a training target. A turn with ``weight: 0`` (OpenAI's fine-tuning format) is context only,
-even with ``mask_prompt: false``. This works for any template that renders the conversation
-before a turn as a prefix of the whole.
-
-Qwen3 (a template with think blocks): a turn with ``reasoning_content`` (the record's
-``reasoning``) is trained from ``<think>`` on, the reasoning included; a turn without it is
-trained in non-thinking form, after the empty think block that ``enable_thinking=False`` puts
-in the prompt, so training and inference prompts are the same tokens. Earlier turns are
-trained as the template renders them in the whole conversation (without think blocks).
-
-Message text is encoded as text even where it spells a control token such as ``<|im_end|>``
-(see :mod:`qwen_mlx.chat_template`, shared with eval, chat and serve); records that do are
-counted in the report.
+Chat records go through :func:`qwen_mlx.conversation.encode_chat` (the model's own chat
+template, the loss on the assistant turns), plain text records end with the family's
+end-of-text token. Message text is encoded as text even where it spells a control token such
+as ``<|im_end|>`` (see :mod:`qwen_mlx.chat_template`, shared with eval, chat and serve);
+records that do are counted in the report, as are truncated ones.
 
 Packing puts several samples in one row of ``max_seq_length`` tokens. Each row carries
 ``segment_ids`` (1, 2, … per sample, 0 for padding) and ``position_ids`` restarting at 0 for
@@ -33,30 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from qwen_mlx.chat_template import (
-    Piece,
-    for_template,
-    hf_controls,
-    hf_encode,
-    hf_pieces,
-    hf_render,
-    hf_text,
-    renders_reasoning,
-    spells_control,
-)
+from qwen_mlx.chat_template import hf_controls, hf_text, renders_reasoning, spells_control
+from qwen_mlx.conversation import Sample, encode_chat
 from qwen_mlx.errors import UserError
 from qwen_mlx.families import tokenizer_family
-
-
-@dataclass
-class Sample:
-    """One tokenized record. ``loss_mask[t]`` is 1 where token ``t`` is a training target."""
-
-    input_ids: list[int]
-    loss_mask: list[int]
-
-    def __len__(self) -> int:
-        return len(self.input_ids)
 
 
 @dataclass
@@ -116,69 +83,6 @@ def load_tokenizer(model_dir: str | Path) -> Any:
             "folder or add Qwen2.5's ChatML template"
         )
     return tokenizer
-
-
-def _without_reasoning(messages: list[dict]) -> list[dict]:
-    return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in messages]
-
-
-def _turn_start(tokenizer: Any, full: str, messages: list[dict], i: int, tools: Any) -> int:
-    """Where assistant turn ``i`` starts being a target in ``full``: after its prompt.
-
-    An empty think block (a turn without reasoning, enable_thinking off) is prompt; where the
-    template writes the turn without one (turns before the last question), the prompt ends at
-    the role line, and reasoning the template drops there is dropped from the prompt too."""
-    thinking = bool(messages[i].get("reasoning_content"))
-    before = messages[:i]
-    for context in (before, _without_reasoning(before)):
-        for think in dict.fromkeys((thinking, True)):
-            prefix = hf_render(tokenizer, context, True, tools, think)
-            if full.startswith(prefix):
-                return len(prefix)
-    raise UserError(
-        "the chat template does not render a conversation as a prefix of its "
-        "continuation, so assistant tokens cannot be located; set data.mask_prompt: false"
-    )
-
-
-def assistant_spans(
-    tokenizer: Any, pieces: list[Piece], messages: list[dict], tools: Any = None, weight: int = 1
-) -> list[tuple[int, int]]:
-    """The character span (text and tool calls up to the closing control token) of every
-    assistant turn of ``weight`` in the rendered ``pieces``: 1, the trained turns; 0, those
-    marked ``weight: 0``. Message text is never a control piece, so the first control token
-    after a turn's start closes it."""
-    full = "".join(p.text for p in pieces)
-    closes, at = [], 0
-    for piece in pieces:
-        at += len(piece.text)
-        if piece.control:
-            closes.append((at - len(piece.text), at))
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant" or message.get("weight", 1) != weight:
-            continue
-        start = _turn_start(tokenizer, full, messages, i, tools)
-        end = next((b for a, b in closes if a >= start), len(full.rstrip()))
-        spans.append((start, end))
-    return spans
-
-
-def encode_chat(
-    tokenizer: Any, messages: list[dict], mask_prompt: bool = True, tools: list | None = None
-) -> Sample:
-    # A think block opening the content is reasoning, where the template writes one.
-    messages = for_template(messages, tokenizer_family(tokenizer), tokenizer.chat_template)
-    pieces = hf_pieces(tokenizer, messages, tools=tools)
-    ids, starts = hf_encode(tokenizer, pieces)
-    if not mask_prompt:
-        # Everything is a target but the first token and the turns marked weight 0.
-        spans = assistant_spans(tokenizer, pieces, messages, tools, weight=0)
-        mask = [int(not any(a <= start < b for a, b in spans)) for start in starts]
-        return Sample(ids, [0, *mask[1:]])
-    spans = assistant_spans(tokenizer, pieces, messages, tools)
-    mask = [int(any(a <= start < b for a, b in spans)) for start in starts]
-    return Sample(ids, mask)
 
 
 def end_of_text_id(tokenizer: Any) -> int:
