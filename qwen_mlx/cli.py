@@ -290,4 +290,10 @@ def train(
 
 
 def main() -> None:
-    cli(prog_name="qwen-mlx")
+    try:
+        cli(prog_name="qwen-mlx")
+    except SystemExit as done:
+        from qwen_mlx.distill.teacher import exit_if_stopped
+
+        exit_if_stopped(done)
+        raise

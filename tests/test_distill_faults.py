@@ -256,10 +256,11 @@ def test_a_judge_is_keyed_by_its_endpoint_and_model(tmp_path):
     from qwen_mlx.judge import JudgeSettings, grade, open_judge
 
     items = [("报销要审批吗？", "要", None, "要")]
-    with TeacherStub(models=("a", "b")) as stub:
-        for model in ("a", "b", "a"):
-            grade(open_judge(JudgeSettings(stub.url, model), tmp_path), items, 1)
-        assert [b["model"] for _, b in stub.requests] == ["a", "b"]
+    with TeacherStub(models=("a", "b")) as one, TeacherStub(models=("a",)) as two:
+        for url, model in ((one.url, "a"), (one.url, "b"), (two.url, "a"), (one.url, "a")):
+            grade(open_judge(JudgeSettings(url, model), tmp_path), items, 1)
+        asked = [b["model"] for _, b in one.requests], [b["model"] for _, b in two.requests]
+    assert asked == (["a", "b"], ["a"])  # the last is graded from the ledger
 
 
 def test_credentials_in_the_teacher_url_are_written_and_printed_nowhere(rules, tmp_path):

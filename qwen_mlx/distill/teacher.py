@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,24 @@ class Stopped(UserError):
     """Ctrl-C: the replies that landed in time are kept; the message says to run it again."""
 
     exit_code = 130  # as a shell reports SIGINT
+    made = False  # one was raised in this process: :func:`exit_if_stopped` may end it
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        Stopped.made = True
+
+
+def exit_if_stopped(done: SystemExit) -> None:
+    """After a :class:`Stopped` (Ctrl-C) has been told, end the process at once.
+
+    The stop has closed the ledger and printed its line; what is left is requests hung on
+    the teacher (abandoned daemon threads) and the interpreter's teardown, which with torch
+    loaded (``eval --judge-url``) alone takes one or two seconds: skip both."""
+    if done.code != Stopped.exit_code or not Stopped.made:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(Stopped.exit_code)
 
 
 def is_local(url: str) -> bool:
