@@ -11,6 +11,7 @@ import functools
 import signal
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from repo_helpers import BUNDLED_TRAIN
@@ -47,10 +48,19 @@ def family_model_dir(family, tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def family_tokenizer(family_model_dir):
-    """The tokenizer of each family's tiny model, loaded through transformers."""
+def tiny_tokenizers(tiny_models) -> Callable[[str], Any]:
+    """Family name -> its tiny model's tokenizer, loaded through transformers like a real one
+    (once per session)."""
     transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(family_model_dir)
+    return functools.cache(
+        lambda name: transformers.AutoTokenizer.from_pretrained(tiny_models(name))
+    )
+
+
+@pytest.fixture(scope="session")
+def family_tokenizer(family, tiny_tokenizers):
+    """The tokenizer of each family's tiny model."""
+    return tiny_tokenizers(family.name)
 
 
 @pytest.fixture(scope="session")
@@ -66,10 +76,9 @@ def qwen3_dir(tiny_models) -> Path:
 
 
 @pytest.fixture(scope="session")
-def qwen3_tokenizer(qwen3_dir):
-    """The tiny Qwen3's tokenizer, loaded through transformers."""
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(qwen3_dir)
+def qwen3_tokenizer(tiny_tokenizers):
+    """The tiny Qwen3's tokenizer."""
+    return tiny_tokenizers(QWEN3.name)
 
 
 @pytest.fixture(scope="session")
@@ -81,10 +90,27 @@ def small_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_model_dir):
-    """The tiny model's tokenizer, loaded through transformers like a real one."""
-    transformers = pytest.importorskip("transformers")
-    return transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+def overfit_runs(tiny_models, small_data, tmp_path_factory):
+    """(backend, family name) -> ``Trained``: the overfitting LoRA run of that family's tiny
+    model on that backend, trained once per session (the contract suite reads it for learning,
+    agreement between backends and PEFT; the Qwen3 tests prompt from it)."""
+    from train_helpers import Trained, overfit_config, start_run
+
+    root = tmp_path_factory.mktemp("overfit")
+
+    @functools.cache
+    def trained(backend: str, name: str):
+        run, model_dir = root / f"{name}-{backend}", tiny_models(name)
+        result, model = start_run(overfit_config(model_dir, small_data, run), backend)
+        return Trained(run, model_dir, result, model)
+
+    return trained
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_tokenizers):
+    """The tiny Qwen2's tokenizer."""
+    return tiny_tokenizers(QWEN2.name)
 
 
 @pytest.fixture

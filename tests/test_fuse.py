@@ -48,7 +48,9 @@ def _peft_merged(model_dir: Path, adapter: Path, dtype):
     return PeftModel.from_pretrained(base, adapter).merge_and_unload().state_dict()
 
 
-def test_fused_bf16_model_equals_peft_merge_and_stays_bf16(tiny_model_dir, adapter, tmp_path):
+def test_fused_bf16_model_equals_peft_merge_and_stays_bf16(family, family_model_dir, tmp_path):
+    # Every family: Qwen3's q/k norms are carried over as they are.
+    adapter = make_peft_adapter(family_model_dir, tmp_path / "adapter")
     out = tmp_path / "fused"
     result = fuse(adapter, out, max_shard_bytes=100_000)  # small shards: exercise the index
 
@@ -62,13 +64,15 @@ def test_fused_bf16_model_equals_peft_merge_and_stays_bf16(tiny_model_dir, adapt
         "tokenizer_config.json",
         "generation_config.json",
     ):
-        assert (out / name).read_bytes() == (tiny_model_dir / name).read_bytes()
+        assert (out / name).read_bytes() == (family_model_dir / name).read_bytes()
     assert result.fused == 14 and result.notes == []
 
     # PEFT merges a bf16 model in float32 and rounds to bf16, as fuse does: equal weights.
     ours = _state_dict(out, torch.bfloat16)
-    merged = _peft_merged(tiny_model_dir, adapter, torch.bfloat16)
+    merged = _peft_merged(family_model_dir, adapter, torch.bfloat16)
     assert ours.keys() == merged.keys()
+    config = json.loads((family_model_dir / "config.json").read_text())
+    assert set(family.tensor_shapes(config)) <= ours.keys()
     for name, tensor in merged.items():
         assert ours[name].dtype == torch.bfloat16
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)

@@ -1,19 +1,20 @@
-"""Qwen3 end to end: the family's facts, the tiny Qwen3 folder, training on both backends,
-prompts as trained, check, download and the refusal of unsupported architectures (the chat
-template and loss mask: test_qwen3_chat.py).
+"""What only Qwen3 has: its family facts (explicit head_dim, q/k norms, no bias), the tiny
+Qwen3 folder and template, the think block in prompts, ``check``, the Modelfile and GGUF
+chat of a run tuned to reason, download, and the refusal of unsupported architectures.
 
-The tiny Qwen3 (``tiny-model --arch qwen3``) is what tests and demos exercise in place of a
-downloaded Qwen3: transformers and mlx-lm must load it through their own qwen3 code.
+What every family must do runs over ``FAMILIES`` elsewhere, Qwen3 included: training on both
+backends (test_backend_contract.py), GGUF export (test_gguf_export.py), fuse (test_fuse.py),
+loading in transformers and mlx-lm (test_tiny.py); the chat template and loss mask are in
+test_qwen3_chat.py.
 """
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from chat_helpers import ANSWER, QUESTION
-from chat_helpers import text_ids as _ids
+from chat_helpers import ANSWER, QUESTION, text_ids
+from jinja2 import Template
 
 from qwen_mlx.families import QWEN3, family_of
 from qwen_mlx.tensor_io import model_tensors
@@ -97,25 +98,13 @@ def test_tiny_qwen3_template_renders_non_thinking_turns_like_qwen3(qwen3_tokeniz
     assert (
         prompt == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
     )
+    # Thinking on: the prompt ends where the model opens its own think block.
+    thinking = qwen3_tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, enable_thinking=True
+    )
+    assert thinking.endswith("<|im_start|>assistant\n")
     ids = qwen3_tokenizer("<think>\n\n</think>")["input_ids"]
     assert qwen3_tokenizer.convert_ids_to_tokens([ids[0], ids[-1]]) == ["<think>", "</think>"]
-
-
-def test_transformers_and_mlx_lm_load_the_tiny_qwen3_with_the_same_logits(qwen3_dir):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    mx = pytest.importorskip("mlx.core")
-    mlx_lm = pytest.importorskip("mlx_lm")
-    ids = [[5, 70, 300, 12, 900, 41]]
-    hf = transformers.AutoModelForCausalLM.from_pretrained(qwen3_dir, dtype=torch.float32)
-    assert type(hf).__name__ == "Qwen3ForCausalLM"
-    with torch.no_grad():
-        want = hf(torch.tensor(ids)).logits.numpy()
-    model, _ = mlx_lm.load(str(qwen3_dir))
-    assert type(model).__module__ == "mlx_lm.models.qwen3"
-    model.set_dtype(mx.float32)
-    got = np.array(model(mx.array(ids)))
-    np.testing.assert_allclose(got, want, atol=2e-4)
 
 
 def test_tiny_model_cli_builds_a_qwen3(tmp_path):
@@ -205,84 +194,6 @@ def test_memory_estimate_counts_qwen3_0_6b_and_its_wide_attention():
 
 # ---------------------------------------------------------------- training on both backends
 
-BACKENDS = ("mlx", "torch")
-
-
-@pytest.fixture(scope="module")
-def qwen3_data_dir(tmp_path_factory):
-    """A tiny Qwen3 whose tokenizer learned the bundled data, and twelve short records."""
-    from repo_helpers import BUNDLED_TRAIN
-    from train_helpers import write_short_records
-
-    from qwen_mlx.tiny import build_tiny_model
-
-    root = tmp_path_factory.mktemp("qwen3-train")
-    model = build_tiny_model(root / "tiny-qwen3", data_file=BUNDLED_TRAIN, arch="qwen3")
-    return model, write_short_records(root / "train.jsonl")
-
-
-@pytest.fixture(scope="module")
-def qwen3_runs(qwen3_data_dir, tmp_path_factory):
-    """The same short LoRA run of the tiny Qwen3 on each backend: {backend: run folder}."""
-    pytest.importorskip("mlx_lm")
-    pytest.importorskip("peft")
-    from train_helpers import run_config, start_run
-
-    model, data = qwen3_data_dir
-    root = tmp_path_factory.mktemp("qwen3-runs")
-    for backend in BACKENDS:
-        cfg = run_config(model, data, root / backend, "training.num_epochs=6", "lora.dropout=0")
-        start_run(cfg, backend)
-    return {backend: root / backend for backend in BACKENDS}
-
-
-def test_both_backends_train_qwen3_with_the_same_loss_curve(qwen3_runs):
-    from train_helpers import losses
-
-    mlx, torch = (losses(qwen3_runs[b]) for b in BACKENDS)
-    assert len(mlx) == len(torch) >= 10
-    # Same base, data, mask and batches: the first loss (LoRA B starts at zero) is the same,
-    # and the seeded A inits differ only enough to move later steps by a little.
-    assert mlx[0] == pytest.approx(torch[0], rel=1e-4)
-    np.testing.assert_allclose(mlx, torch, rtol=0.02)
-    assert mlx[-1] < 0.85 * mlx[0] and torch[-1] < 0.85 * torch[0]
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_peft_and_the_engine_reproduce_the_trained_qwen3_adapter(
-    backend, qwen3_runs, qwen3_data_dir
-):
-    from lora_helpers import hf_logits
-    from test_backend_contract import _mlx, _torch
-
-    from qwen_mlx.backends import get_backend
-
-    subject = {"mlx": _mlx, "torch": _torch}[backend]()
-    model, _ = qwen3_data_dir
-    adapter = qwen3_runs[backend] / "adapter"
-    ids = np.random.default_rng(0).integers(5, 500, (1, 30))
-    engine = get_backend(backend).engine(model, adapter)
-    own = subject.logits(engine.model, ids)[0]
-    theirs = hf_logits(model, ids[0].tolist(), adapter)
-    np.testing.assert_allclose(own, theirs, atol=subject.peft_tolerance, rtol=0)
-    assert np.abs(own - hf_logits(model, ids[0].tolist())).max() > 1e-2  # the adapter matters
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_qlora_trains_qwen3(backend, qwen3_data_dir, tmp_path):
-    from test_backend_contract import _mlx, _torch
-    from train_helpers import losses, run_config, start_run
-
-    if backend == "torch":
-        pytest.importorskip("bitsandbytes")
-    subject = {"mlx": _mlx, "torch": _torch}[backend]()
-    model, data = qwen3_data_dir
-    extra = ("model.quantization=4bit", "training.eval_every=100", *subject.four_bit)
-    _, trained = start_run(run_config(model, data, tmp_path / "run", *extra), backend)
-    curve = losses(tmp_path / "run")
-    assert curve[-1] < 0.8 * curve[0], curve
-    assert subject.quantized(trained)
-
 
 def test_liger_patches_a_qwen3_with_its_qwen3_kernels(monkeypatch):
     import sys
@@ -304,29 +215,36 @@ def test_liger_patches_a_qwen3_with_its_qwen3_kernels(monkeypatch):
 # ---------------------------------------------------------------- prompts as trained
 
 
-@pytest.mark.parametrize("thinking", [False, True])
-def test_engine_prompts_follow_the_runs_chat_enable_thinking(
-    thinking, qwen3_runs, qwen3_data_dir, tmp_path
-):
-    # eval, chat and serve all open their engine with open_engine and ask it for prompts.
+def _tuned_run(overfit_runs, data, folder, thinking: bool):
+    """A copy of the tiny Qwen3's torch run whose config says chat.enable_thinking."""
     import shutil
 
     from train_helpers import run_config
 
     from qwen_mlx.config_file import save_config
+
+    trained = overfit_runs("torch", QWEN3.name)
+    run = shutil.copytree(trained.run, folder)
+    setting = f"chat.enable_thinking={str(thinking).lower()}"
+    save_config(run_config(trained.model_dir, data, run, setting), run / "config.yaml")
+    return run
+
+
+@pytest.mark.parametrize("thinking", [False, True])
+def test_engine_prompts_follow_the_runs_chat_enable_thinking(
+    thinking, overfit_runs, small_data, tmp_path
+):
+    # eval, chat and serve all open their engine with open_engine and ask it for prompts.
     from qwen_mlx.inference import open_engine
 
-    model, data = qwen3_data_dir
-    run = shutil.copytree(qwen3_runs["torch"], tmp_path / "run")
-    setting = f"chat.enable_thinking={str(thinking).lower()}"
-    save_config(run_config(model, data, run, setting), run / "config.yaml")
+    run = _tuned_run(overfit_runs, small_data, tmp_path / "run", thinking)
     engine = open_engine(run, backend="torch")
     ids = engine.prompt_ids([QUESTION], 64)
     tokenizer = engine.tokenizer
     rendered = tokenizer.apply_chat_template(
         [QUESTION], tokenize=False, add_generation_prompt=True, enable_thinking=thinking
     )
-    assert ids == _ids(tokenizer, rendered)
+    assert ids == text_ids(tokenizer, rendered)
     assert rendered.endswith("<think>\n\n</think>\n\n") is not thinking
 
 
@@ -335,7 +253,7 @@ def test_engine_prompts_follow_the_runs_chat_enable_thinking(
 
 def test_download_and_check_recognise_a_qwen3_folder(qwen3_dir, small_data, tmp_path, monkeypatch):
     from click.testing import CliRunner
-    from test_download import EXCLUDED, REPO, FakeHub, assert_complete, run_download
+    from download_helpers import EXCLUDED, REPO, FakeHub, assert_complete, run_download
 
     from qwen_mlx.cli import cli
     from qwen_mlx.outputs import OUTPUT_MARK
@@ -391,21 +309,15 @@ def test_check_says_whether_enable_thinking_fits_the_data(
 
 @pytest.mark.parametrize("thinking", [False, True])
 def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
-    thinking, qwen3_runs, qwen3_data_dir, tmp_path, monkeypatch
+    thinking, overfit_runs, small_data, tmp_path, monkeypatch
 ):
-    import shutil
     import types
 
     from rich.console import Console
-    from train_helpers import run_config
 
     from qwen_mlx import evaluate
-    from qwen_mlx.config_file import save_config
 
-    model, data = qwen3_data_dir
-    run = shutil.copytree(qwen3_runs["torch"], tmp_path / "run")
-    setting = f"chat.enable_thinking={str(thinking).lower()}"
-    save_config(run_config(model, data, run, setting), run / "config.yaml")
+    run = _tuned_run(overfit_runs, small_data, tmp_path / "run", thinking)
     asked = []
 
     def run_model(engine, label, *args):
@@ -418,5 +330,67 @@ def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
     monkeypatch.setattr(evaluate, "run_model", run_model)
     for gguf in (tmp_path / "x.gguf", None):
         with pytest.raises(KeyboardInterrupt):
-            evaluate.evaluate(run, data, gguf=gguf, compare_base=True, console=Console(quiet=True))
+            evaluate.evaluate(
+                run, small_data, gguf=gguf, compare_base=True, console=Console(quiet=True)
+            )
     assert asked == [("tuned", thinking), ("base", thinking)] * 2
+
+
+# ---------------------------------------------------------------- GGUF of a run tuned to reason
+
+THINK_OFF = "{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>"
+
+
+def test_a_run_tuned_to_reason_gets_the_thinking_template(qwen3_dir, tmp_path):
+    # chat.enable_thinking: the model opens its own think block; ollama's think: false (and
+    # only that) puts the empty one first. Qwen2 has no think block: its template stays.
+    pytest.importorskip("peft")
+    from lora_helpers import gguf_fields, make_peft_adapter, make_run
+
+    from qwen_mlx.families import QWEN2
+    from qwen_mlx.gguf_export import export
+    from qwen_mlx.modelfile import modelfile_text
+
+    adapter = make_peft_adapter(qwen3_dir, tmp_path / "adapter")
+    run = make_run(tmp_path / "run", qwen3_dir, adapter, "chat.enable_thinking=true")
+    export(run, tmp_path / "thinks.gguf", quant="q8_0")
+    modelfile = (tmp_path / "thinks.Modelfile").read_text()
+    assert "<|im_start|>assistant\n<think>" not in modelfile
+    assert modelfile.count(THINK_OFF) == 3
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    # The GGUF's own template, rendered without enable_thinking, leaves the block to the model.
+    template = gguf_fields(tmp_path / "thinks.gguf")["tokenizer.chat_template"]
+    turn = [QUESTION]
+    prompt = Template(template).render(messages=turn, add_generation_prompt=True)
+    assert prompt.endswith(f"{QUESTION['content']}<|im_end|>\n<|im_start|>assistant\n")
+    assert modelfile_text("q.gguf", None, QWEN2, True) == modelfile_text(
+        "q.gguf", None, QWEN2, False
+    )
+
+
+def test_chat_and_serve_on_a_gguf_prompt_as_its_run_was_tuned(
+    qwen3_dir, qwen3_tokenizer, tmp_path, monkeypatch
+):
+    # `chat --gguf` / `serve --gguf` have no run folder: the GGUF's template, which the export
+    # made default to the run's chat.enable_thinking, decides; an explicit setting still wins.
+    pytest.importorskip("llama_cpp")
+    from qwen_mlx import adapters
+    from qwen_mlx.gguf_export import export
+    from qwen_mlx.inference import GGUFEngine
+
+    monkeypatch.setattr(adapters.Source, "thinking", property(lambda self: True))
+    engine = GGUFEngine(export(None, tmp_path / "thinks.gguf", model=qwen3_dir).path)
+    turn = [QUESTION]
+
+    def prompt() -> str:
+        return engine.llm.detokenize(engine.prompt_ids(turn, 16), special=True).decode()
+
+    def rendered(thinking: bool) -> str:
+        return qwen3_tokenizer.apply_chat_template(
+            turn, tokenize=False, add_generation_prompt=True, enable_thinking=thinking
+        )
+
+    assert prompt() == rendered(True)  # as the run was tuned
+    for thinking in (False, True):
+        engine.thinking = thinking
+        assert prompt() == rendered(thinking)

@@ -121,16 +121,20 @@ def test_transformers_loads_a_tied_bf16_qwen2_that_runs(tiny_model_dir, tiny_tok
     assert logits.std() > 0  # random weights, not a degenerate constant output
 
 
-def test_mlx_lm_loads_the_same_folder_and_matches_transformers_logits(tiny_model_dir):
+def test_mlx_lm_loads_the_same_folder_and_matches_transformers_logits(family_model_dir):
+    # Every family's tiny model, through each library's own code for that architecture.
     pytest.importorskip("mlx_lm")
     torch = pytest.importorskip("torch")
     import mlx.core as mx
     from mlx_lm.utils import load
     from transformers import AutoModelForCausalLM
 
-    mlx_model, mlx_tokenizer = load(str(tiny_model_dir))
+    config = json.loads((family_model_dir / "config.json").read_text())
+    mlx_model, mlx_tokenizer = load(str(family_model_dir))
+    assert type(mlx_model).__module__ == f"mlx_lm.models.{config['model_type']}"
     mlx_model.set_dtype(mx.float32)
-    hf_model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    hf_model = AutoModelForCausalLM.from_pretrained(family_model_dir, dtype=torch.float32)
+    assert type(hf_model).__name__ == config["architectures"][0]
     ids = mlx_tokenizer.encode("".join(MIXED_TEXTS[:2]))
     mlx_logits = np.array(mlx_model(mx.array([ids])))
     with torch.no_grad():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -79,6 +80,23 @@ def run_config(model_dir, data, run_dir, *extra: str) -> Config:
             *extra,
         ],
     )
+
+
+def overfit_config(model_dir, data, run_dir) -> Config:
+    """The contract suite's overfitting run: 12 epochs at lr 8e-3 without dropout, so every
+    family's tiny model learns clearly and both backends see the same batches and masks."""
+    extra = ("training.num_epochs=12", "training.learning_rate=8e-3", "lora.dropout=0")
+    return run_config(model_dir, data, run_dir, *extra)
+
+
+@dataclass
+class Trained:
+    """A finished run: its folder, its base model, what ``train`` returned, the trained model."""
+
+    run: Path
+    model_dir: Path
+    result: TrainResult
+    model: Any
 
 
 def metrics(run_dir: Path) -> list[dict]:
