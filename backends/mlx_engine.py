@@ -79,3 +79,13 @@ class MLXEngine(HFEngine):
             total += target_loss(self.model, *device_batch(batch)).item()
             count += int(batch["loss_mask"][:, 1:].sum())
         return total, count
+
+    def target_logits(self, sample):
+        """float32 logits (numpy, targets × vocabulary) at the positions that predict the
+        sample's target tokens."""
+        import mlx.core as mx
+        import numpy as np
+
+        logits = self.model(mx.array([sample.input_ids]))[0, :-1].astype(mx.float32)
+        targets = np.flatnonzero(np.asarray(sample.loss_mask[1:]))
+        return np.array(logits[mx.array(targets)])

@@ -100,6 +100,19 @@ class TorchEngine(HFEngine):
         return total, count
 
 
+    def target_logits(self, sample) -> Any:
+        """float32 logits (numpy, targets × vocabulary) at the positions that predict the
+        sample's target tokens."""
+        import numpy as np
+        import torch
+
+        ids = torch.tensor([sample.input_ids], device=self.model.device)
+        targets = torch.tensor(sample.loss_mask[1:], dtype=torch.bool, device=ids.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=ids).logits[0, :-1]
+            return np.asarray(logits[targets].float().cpu())
+
+
 class _TokenQueue:
     """A transformers streamer that hands generated token ids to the consuming thread, up to
     (not including) an end-of-turn token."""

@@ -60,6 +60,7 @@ def check_data(cfg: Config, train_records: list | None = None) -> list[Finding]:
         "train": cfg.data.train_file,
         "valid": cfg.data.valid_file,
         "test": cfg.data.test_file,
+        "replay": cfg.data.replay_file if cfg.data.replay_ratio > 0 else None,
     }
     for role, path in files.items():
         if path is None:

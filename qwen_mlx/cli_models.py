@@ -214,8 +214,31 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
     show_default=True,
     help="Environment variable with the judge's key (a local judge may have none).",
 )
+@click.option(
+    "--general",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Prompts for the general drift (default: the held-out part of the general prompt set "
+    "shipped with qwen-mlx).",
+)
+@click.option(
+    "--general-prompts",
+    type=click.IntRange(0),
+    default=40,
+    show_default=True,
+    help="How many general prompts measure the drift from the base (0: skip it).",
+)
 def eval_command(
-    run_or_adapter, data, compare_base, gguf, backend, max_tokens, limit, **judge
+    run_or_adapter,
+    data,
+    compare_base,
+    gguf,
+    backend,
+    max_tokens,
+    limit,
+    general,
+    general_prompts,
+    **judge,
 ) -> None:
     """Test loss, perplexity and greedy answers scored with ROUGE-L / BLEU-4 (characters).
 
@@ -223,6 +246,11 @@ def eval_command(
     report.md, summary.json and answers.jsonl. With --judge-url/--judge-model, a teacher model
     grades every answer correct / partly / wrong against the reference (and, for a test file
     from `data distill`, its source passage); the accuracy joins the report.
+
+    Answers that hold: the report also gives the in-domain scores on answerable questions (and
+    on those worded unlike any training question), the refusal rate on questions the rules do
+    not answer (kind: unanswerable), and the tuned model's general drift from its base
+    (per-token KL on general prompts the base answered; not for --gguf).
     """
     from qwen_mlx.evaluate import evaluate
     from qwen_mlx.judge import judge_settings
@@ -236,6 +264,8 @@ def eval_command(
         max_tokens=max_tokens,
         limit=limit,
         judge=judge_settings(judge["judge_url"], judge["judge_model"], judge["judge_key_env"]),
+        general=general,
+        general_prompts=general_prompts,
         console=console,
     )
 

@@ -50,6 +50,14 @@ class DataConfig:
     valid_ratio: float = _f(0.05, "Share of train_file used for validation when no valid_file.")
     system_prompt: str | None = _f(None, "System turn added to records that have none.")
     mask_prompt: bool = _f(True, "Compute the loss on assistant tokens only.")
+    replay_file: str | None = _f(
+        None,
+        "The base model's own answers to general prompts (`qwen-mlx data replay`), mixed into "
+        "training so the tuned model keeps its general ability.",
+    )
+    replay_ratio: float = _f(
+        0.2, "Share of the training tokens taken from replay_file (0: none of it)."
+    )
 
 
 @dataclass
@@ -187,6 +195,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # Range checks that the type alone cannot express: key -> (test, what is expected).
 RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.valid_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "data.replay_ratio": (lambda v: 0 <= v <= 0.9, "a number in [0, 0.9]"),
     "lora.rank": (lambda v: v >= 1, "an integer ≥ 1"),
     "lora.alpha": (lambda v: v > 0, "a number > 0"),
     "lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),

@@ -267,6 +267,20 @@ def _read_as(name: str, key: str, needs: str, obj: dict, err: RecordError) -> Re
     )
 
 
+# What a record says about itself, kept as it is: its kind (answerable, unanswerable, replay,
+# …; eval reports by kind) and where it came from (a distilled passage, a replay prompt).
+LABELS = ("kind", "source")
+
+
+def _labels(obj: dict, record: dict) -> dict:
+    for key in LABELS:
+        if key in obj:
+            if key == "kind" and not isinstance(obj[key], str):
+                raise RecordError(f"kind: expected a string such as answerable, got {obj[key]!r}")
+            record[key] = obj[key]
+    return record
+
+
 def normalize(obj: Any, system_prompt: str | None = None) -> tuple[dict[str, Any], str]:
     """Turn one raw record into a normalized one; return it with its format's name."""
     if not isinstance(obj, dict):
@@ -282,7 +296,7 @@ def normalize(obj: Any, system_prompt: str | None = None) -> tuple[dict[str, Any
             check_turns(messages)
             if system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": system_prompt})
-            return record, name
+            return _labels(obj, record), name
     if "text" in obj:
         return {"text": text(obj["text"], "text")}, "text"
     keys = ", ".join(sorted(map(str, obj))) or "none"

@@ -4,7 +4,9 @@ For the tuned model (and, with ``--compare-base``, the base model): test loss an
 perplexity on the assistant tokens, and a greedy answer to every test question scored
 against the reference with character-level ROUGE-L and BLEU-4 (:mod:`text_metrics`).
 ``--gguf FILE`` answers with an exported GGUF instead, to confirm it behaves like the run.
-Everything lands in ``<run>/eval/`` (``<run>/eval-gguf/`` for a GGUF): ``answers.jsonl``
+Beside them, the "answers that hold" figures (:mod:`holds`, :mod:`drift`): in-domain scores
+on answerable and on unseen-wording questions, the refusal rate on questions the rules do not
+answer, and the tuned model's general drift from its base. Everything lands in ``<run>/eval/`` (``<run>/eval-gguf/`` for a GGUF): ``answers.jsonl``
 (every answer and its scores, so the numbers can be recomputed), ``summary.json``,
 ``report.md`` and a self-contained ``report.html`` (loss curve + side-by-side table).
 """
@@ -22,15 +24,17 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from qwen_mlx import holds
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.data import load_records
+from qwen_mlx.drift import HIGH_DRIFT, HIGH_DRIFT_FIX, Drift, general_drift
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import Engine, GGUFEngine, complete, open_engine
 from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages, stopped
 from qwen_mlx.judge import summary as judge_summary
 from qwen_mlx.reasoning import split_reply
-from qwen_mlx.report import summary_table, write_reports
+from qwen_mlx.report import holds_table, summary_table, write_reports
 from qwen_mlx.text_metrics import bleu4, rouge_l, score_answers
 
 
@@ -50,10 +54,12 @@ class ModelResult:
     verdicts: list[tuple[str, str]] = field(default_factory=list)  # judge: (grade, reason)
     test_loss: float | None = None
     seconds: float = 0.0
+    drift: Drift | None = None  # the tuned model's general drift from its base
 
-    def summary(self, cases: list[Case]) -> dict[str, Any]:
+    def summary(self, cases: list[Case], trained: set[str] | None) -> dict[str, Any]:
         pairs = list(zip(self.answers, (c.reference for c in cases), strict=True))
         judged = {"judge": judge_summary([g for g, _ in self.verdicts])} if self.verdicts else {}
+        drift = {"general_drift": self.drift.as_dict()} if self.drift else {}
         return {
             "model": self.description,
             "test_loss": self.test_loss,
@@ -62,6 +68,8 @@ class ModelResult:
             "answers": len(pairs),
             "seconds": round(self.seconds, 2),
             **judged,
+            **holds.summary(cases, self.answers, self.verdicts, trained),
+            **drift,
         }
 
 
@@ -127,6 +135,8 @@ def evaluate(
     max_tokens: int = 256,
     limit: int | None = None,
     judge: JudgeSettings | None = None,
+    general: Path | None = None,
+    general_prompts: int = 40,
     console: Console,
 ) -> Path:
     """Evaluate and write the report; return the report folder."""
@@ -144,6 +154,8 @@ def evaluate(
     tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
     tuned_engine.thinking = source.thinking  # a GGUF is prompted as the run was trained too
     results = [run_model(tuned_engine, "tuned", cases, max_tokens, max_len)]
+    results[0].drift = general_drift(tuned_engine, general, general_prompts, max_tokens, max_len)
+    _warn_drift(results[0].drift, console)
     del tuned_engine
     gc.collect()
     if compare_base:
@@ -155,7 +167,8 @@ def evaluate(
             _judge(judge_teacher, judge.concurrency, data, cases, results)
         except KeyboardInterrupt:
             raise stopped(judge_teacher) from None  # exit 130 in one line, verdicts kept
-    summary = _write(out_dir, cases, results, run_dir)
+    train_file = source.run_config.data.train_file if source.run_config else None
+    summary = _write(out_dir, cases, results, run_dir, holds.trained_questions(train_file))
     print_summary(summary, console)
     console.print(f"[green]✓[/] report: {out_dir / 'report.html'}", highlight=False)
     return out_dir
@@ -178,7 +191,22 @@ def _run_dir(path: Path, source) -> Path:
     return source.adapter.path.parent if source.adapter else path
 
 
-def _write(out_dir: Path, cases: list[Case], results: list[ModelResult], run_dir: Path) -> dict:
+def _warn_drift(drift: Drift | None, console: Console) -> None:
+    if drift is not None and drift.kl_per_token > HIGH_DRIFT:
+        console.print(
+            f"[yellow]⚠[/] general drift {drift.kl_per_token:.3f} nats/token from the base "
+            f"(over {HIGH_DRIFT}): the model is forgetting general ability; {HIGH_DRIFT_FIX}",
+            highlight=False,
+        )
+
+
+def _write(
+    out_dir: Path,
+    cases: list[Case],
+    results: list[ModelResult],
+    run_dir: Path,
+    trained: set[str] | None,
+) -> dict:
     rows = []
     for i, case in enumerate(cases):
         row = {"question": case.prompt[-1]["content"], "reference": case.reference}
@@ -192,7 +220,7 @@ def _write(out_dir: Path, cases: list[Case], results: list[ModelResult], run_dir
                     i
                 ]
         rows.append(row)
-    summary = {r.label: r.summary(cases) for r in results}
+    summary = {r.label: r.summary(cases, trained) for r in results}
     write_jsonl(out_dir / "answers.jsonl", rows)
     write_json(out_dir / "summary.json", summary)
     write_reports(out_dir, summary, rows, [r.label for r in results], run_dir / "metrics.jsonl")
@@ -206,4 +234,11 @@ def print_summary(summary: dict, console: Console) -> None:
         table.add_column(column, justify="left" if i == 0 else "right")
     for row in rows:
         table.add_row(*row[:-1])
+    console.print(table)
+    head, rows = holds_table(summary)
+    table = Table(title="answers that hold")
+    for i, column in enumerate(head):
+        table.add_column(column, justify="left" if i == 0 else "right")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)

@@ -84,6 +84,11 @@ class Engine(Protocol):
         """Summed token loss and target count of tokenized samples (test loss)."""
         ...
 
+    def target_logits(self, sample: Any) -> Any:
+        """float32 logits (numpy, targets × vocabulary) where a tokenized sample's targets
+        are predicted, teacher-forced (eval's general drift)."""
+        ...
+
 
 class HFEngine:
     """What the backends' engines share: the model folder's tokenizer (loaded once, as
@@ -217,6 +222,9 @@ class GGUFEngine:
 
     def score(self, samples: list) -> tuple[float, int]:
         raise UserError("test loss needs the trained run; a GGUF is scored on its answers only")
+
+    def target_logits(self, sample: Any) -> Any:
+        raise UserError("drift needs the trained run; a GGUF has no adapter to switch off")
 
 
 def _llama_text(llm: Any, ids: list[int]) -> str:

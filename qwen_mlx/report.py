@@ -50,6 +50,65 @@ def summary_table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return head, rows
 
 
+def _domain_cell(part: dict | None) -> str:
+    if not part or not part["questions"]:
+        return "n/a"
+    judge = part.get("judge")
+    accuracy = (
+        f" · judge {judge['accuracy']:.1f}" if judge and judge["accuracy"] is not None else ""
+    )
+    return f"{part['rouge_l']:.2f}{accuracy} (n={part['questions']})"
+
+
+def _refusal_cell(refusals: dict | None) -> str:
+    if not refusals:
+        return "n/a"
+    return (
+        f"{refusals['rate']:.0f}% ({refusals['refused']}/{refusals['questions']}, {refusals['by']})"
+    )
+
+
+def _drift_cell(drift: dict | None) -> str:
+    return "n/a" if not drift else f"{drift['kl_per_token']:.4f} (n={drift['prompts']})"
+
+
+HOLDS_NOTE = (
+    "in-domain: ROUGE-L on the answerable questions (judge accuracy when graded); unseen "
+    "wording: those worded unlike any training question; refusals: share of the questions "
+    "the rules do not answer that were answered with 'not covered' (1 − the invention rate); "
+    "general drift: the tuned model's mean per-token KL from its base on general prompts the "
+    "base answered (nats; lower is closer)."
+)
+
+
+def holds_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """The "answers that hold" figures: a row per model."""
+    head = ["model", "in-domain", "unseen wording", "refusals", "general drift"]
+    rows = [
+        [
+            label,
+            _domain_cell(s.get("in_domain")),
+            _domain_cell(s.get("unseen_wording")),
+            _refusal_cell(s.get("refusals")),
+            _drift_cell(s.get("general_drift")),
+        ]
+        for label, s in summary.items()
+    ]
+    return head, rows
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    esc = html.escape
+    cells = "".join(f"<th>{esc(h)}</th>" for h in head)
+    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{cells}</tr>{body}</table>"
+
+
 def _scores(row: dict, label: str) -> str:
     text = f"ROUGE-L {row[f'{label}_rouge_l']:.1f} · BLEU-4 {row[f'{label}_bleu4']:.1f}"
     if f"{label}_judge" in row:
@@ -58,10 +117,9 @@ def _scores(row: dict, label: str) -> str:
 
 
 def markdown(summary: dict, rows: list[dict], labels: list[str]) -> str:
-    head, table = summary_table(summary)
-    lines = ["# Evaluation", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in table]
+    lines = ["# Evaluation", "", *_md_table(*summary_table(summary))]
     lines += ["", "ROUGE-L and BLEU-4: character level, 0–100, greedy answers.", ""]
+    lines += ["## Answers that hold", "", *_md_table(*holds_table(summary)), "", HOLDS_NOTE, ""]
     lines += ["## Answers", ""]
     for i, row in enumerate(rows, start=1):
         lines += [f"### {i}. {row['question']}", "", f"**reference**: {row['reference']}", ""]
@@ -105,9 +163,6 @@ def loss_svg(metrics_path: Path, width: int = 640, height: int = 240) -> str:
 
 def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path) -> str:
     esc = html.escape
-    names, table = summary_table(summary)
-    head = "".join(f"<th>{esc(h)}</th>" for h in names)
-    body = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in table)
     cols = "".join(f"<th>{esc(label)}</th>" for label in labels)
     answers = ""
     for row in rows:
@@ -121,8 +176,10 @@ def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path)
     return (
         f"<!doctype html><html><head><meta charset='utf-8'><title>qwen-mlx eval</title>"
         f"<style>{STYLE}</style></head><body><h1>Evaluation</h1>"
-        f"<table><tr>{head}</tr>{body}</table>"
+        f"{_html_table(*summary_table(summary))}"
         "<p class='score'>ROUGE-L and BLEU-4: character level, 0–100, greedy answers.</p>"
+        f"<h2>Answers that hold</h2>{_html_table(*holds_table(summary))}"
+        f"<p class='score'>{esc(HOLDS_NOTE)}</p>"
         f"<h2>Training</h2>{loss_svg(metrics_path) or '<p>no metrics.jsonl</p>'}"
         f"<h2>Answers</h2><table><tr><th>question</th><th>reference</th>{cols}</tr>{answers}"
         "</table></body></html>"

@@ -9,6 +9,7 @@ in checkpoints so that resuming on changed data is refused instead of silently d
 from __future__ import annotations
 
 import hashlib
+import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,10 @@ def build_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None = None) -> 
             f"{cfg.data.train_file}: no sample has assistant tokens within max_seq_length="
             f"{max_len}; raise training.max_seq_length"
         )
+    if cfg.data.replay_file and cfg.data.replay_ratio > 0:
+        replayed, line = replay_samples(cfg, tokenizer, sum(map(len, train_samples)))
+        train_samples += replayed
+        notes.append(line)
     pad_id = _pad_id(tokenizer)
     train_rows = _rows(train_samples, cfg, pad_id)
     notes += report.warnings(max_len)
@@ -95,6 +100,37 @@ def build_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None = None) -> 
         fingerprint=fingerprint(train_rows),
         messages=notes,
     )
+
+
+def replay_samples(cfg: Config, tokenizer: Any, domain_tokens: int) -> tuple[list, str]:
+    """Samples of ``data.replay_file`` (in a seeded order) until they are ``replay_ratio`` of
+    the training tokens, and a line saying what was mixed in (or that the file ran short)."""
+    data = cfg.data
+    records, report = load_records([data.replay_file], system_prompt=data.system_prompt)
+    if not records:
+        raise UserError(f"data.replay_file {data.replay_file}: {report.summary()}")
+    samples, _ = encode_records(
+        tokenizer, [r.data for r in records], cfg.training.max_seq_length, data.mask_prompt
+    )
+    random.Random(cfg.training.seed).shuffle(samples)
+    wanted = data.replay_ratio / (1 - data.replay_ratio) * domain_tokens
+    taken, tokens = [], 0
+    for sample in samples:
+        if tokens >= wanted:
+            break
+        taken.append(sample)
+        tokens += len(sample)
+    share = tokens / (tokens + domain_tokens)
+    line = (
+        f"replay: {len(taken)} samples, {tokens:,} tokens ({share:.0%} of training) "
+        f"from {data.replay_file}"
+    )
+    if tokens < 0.9 * wanted:
+        line += (
+            f"; it ran short of replay_ratio {data.replay_ratio:g}: answer more prompts with "
+            "`qwen-mlx data replay -n N`"
+        )
+    return taken, line
 
 
 def _row_summary(report: EncodeReport, rows: list[Row], cfg: Config) -> str:

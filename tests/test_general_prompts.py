@@ -1,4 +1,5 @@
-"""The bundled general prompt set (data/general_prompts.jsonl): replay prompts and held-out
+"""The general prompt set shipped with the package (qwen_mlx/datasets/general_prompts.jsonl,
+``replay.general_prompts()``): replay prompts and held-out
 prompts for the drift measure (issue 22 §3). Fast: json and the data loader only, no model.
 
 The records are prompt-only (their last turn is the user's), which ``load_records`` refuses for
@@ -14,11 +15,11 @@ import re
 from collections import Counter
 
 import pytest
-from repo_helpers import REPO_ROOT
 
 from qwen_mlx.data import load_records, normalize
+from qwen_mlx.replay import HELDOUT, REPLAY, general_prompts, load_prompts
 
-PROMPTS = REPO_ROOT / "data" / "general_prompts.jsonl"
+PROMPTS = general_prompts()
 CATEGORIES = {
     "writing",
     "arithmetic",
@@ -135,3 +136,10 @@ def test_heldout_has_no_near_duplicate_in_replay(rows):
             score = len(h & r) / len(h | r)
             worst = max(worst, (score, h_id, r_id))
     assert worst[0] < NEAR_DUPLICATE, worst
+
+
+def test_data_replay_and_eval_read_both_parts():
+    replay, heldout = load_prompts(PROMPTS, REPLAY), load_prompts(PROMPTS, HELDOUT)
+    assert len(replay) == 315 and len(heldout) == 105
+    assert not {p.id for p in replay} & {p.id for p in heldout}
+    assert all(p.messages[-1]["role"] == "user" for p in replay + heldout)

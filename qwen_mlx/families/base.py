@@ -11,9 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is not imported to list the families (the CLI starts without it)
+    import numpy as np
 
 Shapes = dict[str, tuple[int, ...]]
 # (Hugging Face tensor name, config.json) -> a function applied to that tensor's values before
@@ -21,7 +22,7 @@ Shapes = dict[str, tuple[int, ...]]
 # whose first axis is the tensor's output rows (a weight, a bias, or a LoRA B) and returns
 # one of the same shape: the seam llama.cpp's converter uses to permute q/k rows for models
 # whose rotary layout differs from GGML's. Qwen needs none.
-TensorTransform = Callable[[str, dict[str, Any]], Callable[[np.ndarray], np.ndarray] | None]
+TensorTransform = Callable[[str, dict[str, Any]], "Callable[[np.ndarray], np.ndarray] | None"]
 
 
 def no_transform(name: str, config: dict[str, Any]) -> None:

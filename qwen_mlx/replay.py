@@ -1,0 +1,226 @@
+"""``qwen-mlx data replay``: the base model's own answers to general prompts, as SFT records.
+
+A model tuned on a few hundred rule Q&A drifts away from its base on everything else (writing,
+arithmetic, ordinary chat). Mixing the base model's own answers to general prompts into
+training (``data.replay_file``, ``data.replay_ratio``) keeps it near its base outside the
+domain: self-distillation, with no one else's data. The prompts: the ``replay`` part of the
+set this project wrote (:data:`GENERAL_PROMPTS`; its ``heldout`` part is what ``eval``
+measures drift on), or the user's own file.
+
+Answers are greedy by default, one record per prompt with ``kind: replay``; an answer cut
+off at ``--max-tokens`` is left out (counted), since training on it would teach the model to
+stop mid-sentence. Every answer is appended to a progress file as it arrives, so Ctrl-C or a
+crash loses nothing: the same command goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import track
+
+from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.errors import UserError
+from qwen_mlx.fsutil import disk_errors, write_jsonl
+from qwen_mlx.outputs import claim_files, record_files, writing
+
+COMMAND = "data replay"
+REPLAY, HELDOUT = "replay", "heldout"  # the two parts of the bundled prompt set
+_PROMPT_KEYS = ("prompt", "instruction", "question", "query")
+
+
+def general_prompts() -> Path:
+    """The general prompt set written by this project (shipped with the package)."""
+    return Path(str(resources.files("qwen_mlx").joinpath("datasets", "general_prompts.jsonl")))
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    messages: list[dict]  # ends with the user's turn
+
+
+class Stopped(UserError):
+    """Ctrl-C: the answers so far are kept; the message says to run it again."""
+
+    exit_code = 130
+
+
+# ---------------------------------------------------------------- prompts
+
+
+def _messages(obj: dict) -> list[dict] | None:
+    """The conversation a prompt line asks (without a trailing answer), or None."""
+    if isinstance(obj.get("messages"), list):
+        turns = [m for m in obj["messages"] if isinstance(m, dict)]
+        while turns and turns[-1].get("role") == "assistant":
+            turns.pop()
+        ok = turns and turns[-1].get("role") == "user"
+        return turns if ok and all(isinstance(m.get("content"), str) for m in turns) else None
+    for key in _PROMPT_KEYS:
+        if isinstance(obj.get(key), str) and obj[key].strip():
+            text = obj[key] + (f"\n{obj['input']}" if isinstance(obj.get("input"), str) else "")
+            return [{"role": "user", "content": text.strip()}]
+    return None
+
+
+def load_prompts(path: Path, split: str | None = None) -> list[Prompt]:
+    """The prompts of a JSONL file (``messages`` ending with a user turn, or ``prompt`` /
+    ``instruction`` / ``question``); ``split`` keeps the lines whose ``split`` is it."""
+    if not path.is_file():
+        raise UserError(f"prompts file not found: {path}")
+    prompts = []
+    with open(path, encoding="utf-8") as fh:
+        for number, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                raise UserError(f"{path}:{number}: not a JSON line") from None
+            turns = _messages(obj) if isinstance(obj, dict) else None
+            if turns is None:
+                raise UserError(
+                    f"{path}:{number}: no prompt: give messages ending with a user turn, or "
+                    f"one of {', '.join(_PROMPT_KEYS)}"
+                )
+            if split is None or obj.get("split", split) == split:
+                prompts.append(Prompt(str(obj.get("id", f"{path.name}:{number}")), turns))
+    if not prompts:
+        raise UserError(f"{path}: no prompts" + (f" in its {split} part" if split else ""))
+    return prompts
+
+
+def pick(prompts: list[Prompt], n: int | None, seed: int) -> list[Prompt]:
+    """``n`` prompts (all when None), the same ones for the same seed."""
+    if n is None or n >= len(prompts):
+        return prompts
+    order = list(range(len(prompts)))
+    random.Random(seed).shuffle(order)
+    return [prompts[i] for i in sorted(order[:n])]
+
+
+# ---------------------------------------------------------------- answering
+
+
+@dataclass
+class ReplayResult:
+    out: Path
+    written: int
+    truncated: int
+    reused: int  # answers found in the progress file of an earlier, interrupted run
+    notes: list[str] = field(default_factory=list)
+
+
+def _key(model: Path, settings: GenerationSettings, prompt: Prompt) -> str:
+    """What an answer depends on: the model, the settings, the conversation."""
+    what = [str(model.resolve()), settings.max_tokens, settings.temperature, prompt.messages]
+    return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()[:24]
+
+
+def _progress_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def _read_progress(path: Path) -> dict[str, dict]:
+    """Answers an interrupted run kept, by key (a torn last line is ignored)."""
+    done = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+                done[entry["key"]] = entry
+            except (ValueError, KeyError, TypeError):
+                continue
+    return done
+
+
+def _record(prompt: Prompt, answer: str, reasoning: str | None, model: str) -> dict:
+    turn: dict[str, Any] = {"role": "assistant", "content": answer}
+    if reasoning:
+        turn["reasoning"] = reasoning
+    source = {"prompt_id": prompt.id, "model": model}
+    return {"messages": [*prompt.messages, turn], "kind": "replay", "source": source}
+
+
+def _answer(engine, prompt: Prompt, settings: GenerationSettings, model: str) -> dict:
+    from qwen_mlx.inference import complete
+    from qwen_mlx.reasoning import split_reply
+
+    text, reason = complete(engine, prompt.messages, settings)
+    if reason == "length":
+        return {"truncated": True}
+    reasoning, answer = split_reply(text, engine.family.think_tags)
+    return {"record": _record(prompt, answer.strip(), reasoning, model)}
+
+
+def replay(
+    model: Path,
+    out: Path,
+    *,
+    prompts_file: Path | None = None,
+    n: int | None = None,
+    settings: GenerationSettings | None = None,
+    backend: str = "auto",
+    seed: int = 42,
+    console: Console,
+) -> ReplayResult:
+    """Answer the prompts with the base model ``model`` and write the records to ``out``."""
+    from qwen_mlx.inference import open_engine
+
+    settings = settings or GenerationSettings(max_tokens=512, temperature=0.0)
+    prompts_path = prompts_file or general_prompts()
+    prompts = pick(load_prompts(prompts_path, None if prompts_file else REPLAY), n, seed)
+    progress = _progress_path(out)
+    claim_files(out.parent, COMMAND, [out.name, progress.name], [model, prompts_path])
+    done = _read_progress(progress)
+    keys = {p.id: _key(model, settings, p) for p in prompts}
+    todo = [p for p in prompts if keys[p.id] not in done]
+    reused = len(prompts) - len(todo)
+    if todo:
+        engine = open_engine(None, model=model, backend=backend)
+        record_files(out.parent, COMMAND, [], grows=[progress.name])
+        _answer_all(engine, todo, keys, settings, progress, model.name, console)
+        done = _read_progress(progress)
+    entries = [done[keys[p.id]] for p in prompts]
+    records = [e["record"] for e in entries if "record" in e]
+    with writing(out.parent, COMMAND, [out.name]):
+        write_jsonl(out, records)
+    progress.unlink(missing_ok=True)
+    record_files(out.parent, COMMAND, [], drop=[progress.name])
+    truncated = sum(1 for e in entries if e.get("truncated"))
+    return ReplayResult(out, len(records), truncated, reused, _notes(truncated, settings))
+
+
+def _answer_all(engine, todo, keys, settings, progress: Path, model: str, console) -> None:
+    """Answer ``todo``, appending each answer to ``progress`` (fsynced) as it arrives."""
+    with disk_errors(progress), open(progress, "a", encoding="utf-8") as fh:
+        try:
+            for prompt in track(todo, description="answering", console=console):
+                entry = {"key": keys[prompt.id], **_answer(engine, prompt, settings, model)}
+                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except KeyboardInterrupt:
+            raise Stopped(
+                f"stopped: the answers so far are kept in {progress}; run the same command "
+                "again to go on"
+            ) from None
+
+
+def _notes(truncated: int, settings: GenerationSettings) -> list[str]:
+    if not truncated:
+        return []
+    return [
+        f"{truncated} answers reached --max-tokens {settings.max_tokens} and were left out "
+        "(an answer cut off would teach the model to stop mid-sentence); raise --max-tokens "
+        "to keep them"
+    ]
