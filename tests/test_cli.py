@@ -104,6 +104,7 @@ def test_command_modules_are_added_explicitly_not_by_import_side_effects():
     from qwen_mlx import cli_distill, cli_models
     from qwen_mlx.gguf_quants import QUANT_CHOICES
 
+    assert cli_models.COMMANDS
     assert all(cli.commands[command.name] is command for command in cli_models.COMMANDS)
     assert cli.commands["data"].commands["distill"] is cli_distill.data_distill
     assert "|".join(QUANT_CHOICES) in CliRunner().invoke(cli, ["export", "--help"]).output

@@ -135,7 +135,8 @@ def test_a_judge_grades_every_answer_beside_rouge_and_a_rerun_asks_nothing(overf
     rows = [json.loads(x) for x in (out / "answers.jsonl").read_text(encoding="utf-8").splitlines()]
     for label in ("base", "tuned"):
         grades = [r[f"{label}_judge"] for r in rows]
-        assert set(grades) <= set(GRADES) and all(r[f"{label}_judge_reason"] for r in rows)
+        assert rows and set(grades) <= set(GRADES)
+        assert all(r[f"{label}_judge_reason"] for r in rows)
         counts = summary[label]["judge"]
         assert counts["correct"] == grades.count("correct")
         assert counts["accuracy"] == pytest.approx(100 * grades.count("correct") / len(rows))

@@ -201,7 +201,8 @@ def test_generate_streams_a_greedy_reply(tiny_model_dir):
     ids = engine.prompt_ids([{"role": "user", "content": "差旅费怎么报销？"}], 12)
     settings = GenerationSettings(max_tokens=12, temperature=0.0)
     pieces = list(engine.pieces(ids, settings))
-    assert all(isinstance(p, str) for p in pieces) and "<|im_end|>" not in "".join(pieces)
+    assert pieces and all(isinstance(p, str) for p in pieces)
+    assert "<|im_end|>" not in "".join(pieces)
     assert pieces == list(engine.pieces(ids, settings))  # greedy: repeatable
     assert len(pieces) <= 12  # one piece per generated token
 

@@ -171,7 +171,7 @@ def test_tokenizer_round_trips_chinese_english_and_digits(tiny_model_dir, tiny_t
 
 def test_special_tokens_are_single_ids_matching_the_configs(tiny_model_dir, tiny_tokenizer):
     ids = {tok: tiny_tokenizer.encode(tok, add_special_tokens=False) for tok in SPECIALS}
-    assert all(len(v) == 1 for v in ids.values()), ids
+    assert ids and all(len(v) == 1 for v in ids.values()), ids
     endoftext, im_start, im_end = (ids[tok][0] for tok in SPECIALS)
     assert (im_start, im_end) == (endoftext + 1, endoftext + 2)  # Qwen's order
     cfg, gen = _config(tiny_model_dir), _config(tiny_model_dir, "generation_config.json")

@@ -74,6 +74,7 @@ def test_the_page_loads_fast_offline_and_asks_for_the_key(browser, tmp_path):
         timing = "() => performance.getEntriesByType('navigation')[0].loadEventEnd / 1000"
         loaded = page.evaluate(timing)
         assert 0 < loaded < 1.0, f"the page took {loaded:.2f} s on loopback"
+        assert requested, "the page asked for nothing"
         assert all(u.startswith(url) or u.startswith("data:") for u in requested), requested
         page.locator("#key").wait_for()
         shot(page, tmp_path, "asks-for-key")
