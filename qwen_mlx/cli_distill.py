@@ -22,10 +22,11 @@ def _print_plan(estimate: dict) -> None:
     for doc in estimate["documents"]:
         table.add_row(doc["file"], str(doc["characters"]), str(doc["chunks"]))
     console.print(table)
+    kinds = ", ".join(f"{k} {n}" for k, n in estimate["requests_by_kind"].items() if n)
     console.print(
         f"{estimate['chunks']} chunks ({estimate['chunk_tokens']} tokens) → about "
         f"{estimate['requests']} requests, {estimate['prompt_tokens']} prompt and "
-        f"{estimate['completion_tokens']} completion tokens (estimates)",
+        f"{estimate['completion_tokens']} completion tokens (estimates): {kinds}",
         highlight=False,
     )
 
@@ -49,7 +50,24 @@ def _print_plan(estimate: dict) -> None:
 )
 @click.option("--questions-per-chunk", type=int, help="Questions per chunk (default 5).")
 @click.option("--chunk-tokens", type=int, help="Most tokens in a chunk (default 512).")
-@click.option("--test-ratio", type=float, help="Share held out in test.jsonl (default 0.1).")
+@click.option(
+    "--test-ratio",
+    type=float,
+    help="Share of the question clusters held out in test.jsonl (default 0.1).",
+)
+@click.option(
+    "--paraphrases",
+    type=int,
+    metavar="N",
+    help="Rewordings of each training question, answered and checked (default 2; 0: none).",
+)
+@click.option(
+    "--unanswerable-ratio",
+    type=float,
+    metavar="F",
+    help="Questions the documents do not answer, as a share of the questions (default 0.1); "
+    "each checked against the most similar chunks, answered with distill.refusal.",
+)
 @click.option("--concurrency", type=int, help="Requests in flight at once (default 4).")
 @click.option(
     "--max-requests",
@@ -74,7 +92,10 @@ def data_distill(docs, out_dir, dry_run, config_path, overrides, **options) -> N
 
     A teacher model (any OpenAI-compatible chat API: ollama, vLLM, DeepSeek, DashScope,
     OpenAI, `qwen-mlx serve`) writes questions for each chunk, answers them from the
-    chunk alone, and checks each answer against it. Every reply is kept in OUT/ledger.jsonl:
+    chunk alone, and checks each answer against it; it rewords the training questions
+    (--paraphrases) and writes questions the documents leave open (--unanswerable-ratio),
+    answered with a refusal once no similar chunk answers them. Near-duplicate questions
+    form clusters that go whole to train or test. Every reply is kept in OUT/ledger.jsonl:
     run it again after an interruption and nothing is asked twice.
     """
     from qwen_mlx.config_file import load_config

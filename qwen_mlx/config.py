@@ -148,6 +148,22 @@ class DistillConfig:
     followup_ratio: float = _f(
         0.05, "Share of kept questions that get a follow-up turn (a record with history)."
     )
+    paraphrases: int = _f(
+        2,
+        "Rewordings the teacher writes for each kept training question (other words, another "
+        "asker, colloquial or formal), each answered and checked like any question (0: none).",
+    )
+    unanswerable_ratio: float = _f(
+        0.1,
+        "Questions the documents do not answer, as a share of the questions asked: checked "
+        "against the most similar chunks of all documents, answered with distill.refusal.",
+    )
+    refusal: str | None = _f(
+        None,
+        "The answer to an unanswerable question, with {topic} (null: in the documents' "
+        "language, 细则未对{topic}作出规定，请咨询相关管理部门。 / The rules do not cover {topic}; "
+        "please ask the office responsible.).",
+    )
     concurrency: int = _f(4, "Teacher requests in flight at once.")
     max_requests: int = _f(0, "Stop after this many HTTP attempts, retries included (0: none).")
     prompts: str | None = _f(
@@ -215,6 +231,9 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "distill.chunk_tokens": (lambda v: v >= 64, "an integer ≥ 64"),
     "distill.test_ratio": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "distill.followup_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "distill.paraphrases": (lambda v: 0 <= v <= 10, "an integer in [0, 10]"),
+    "distill.unanswerable_ratio": (lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    "distill.refusal": (lambda v: "{topic}" in v, "a text with {topic} in it"),
     "distill.concurrency": (lambda v: 1 <= v <= 256, "an integer in [1, 256]"),
     "distill.max_requests": (lambda v: v >= 0, "an integer ≥ 0"),
     "distill.timeout": (lambda v: v > 0, "a number > 0"),

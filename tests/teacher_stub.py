@@ -31,6 +31,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 HUGE_BYTES = 20_000_000
 
 UNSUPPORTED_MARK = "火星"  # an answer containing this is one the passage does not support
+# What the stub's "unanswerable" questions ask about: none is in the tests' rules, so each is
+# kept unless a document given alongside mentions it (the check then says "answered").
+OPEN_TOPICS = ("出国签证费", "学术会议注册费", "实验动物饲养费", "外籍专家的医疗保险费")
+# How the stub rewords a question (the first N, for --paraphrases N).
+REWORDINGS = ("请问，{q}", "我是新来的老师，想问一下：{q}", "麻烦问下，{q}", "烦请告知：{q}")
 
 
 def _passage(text: str) -> str:
@@ -63,12 +68,33 @@ def default_reply(body: dict) -> str:
         return json.dumps({"question": f"追问{tag}：那换一种情形会怎样？"}, ensure_ascii=False)
     if "阅卷" in system:
         return json.dumps(_grade(user), ensure_ascii=False)
+    if "改写" in system:
+        n = int(re.search(r"改写成 (\d+) 种", user).group(1))
+        question = user.split("原问题：", 1)[1].split("\n\n", 1)[0]
+        texts = [form.format(q=question) for form in REWORDINGS[:n]]
+        return json.dumps({"paraphrases": texts}, ensure_ascii=False)
+    if "没有覆盖" in system:
+        return json.dumps({"questions": open_questions(user)}, ensure_ascii=False)
+    if "查证员" in system:
+        passages, question = user.rsplit("\n\n问题：", 1)
+        topics = [t for t in OPEN_TOPICS if t in question]
+        answered = any(t in passages for t in topics)
+        return json.dumps({"answered": answered, "passage": 0, "reason": "对照材料"})
     if "审核员" in system:
         answer = user.split("回答：", 1)[1]
         return json.dumps({"supported": UNSUPPORTED_MARK not in answer, "reason": "对照材料"})
     asked = re.search(r"“(.+?)”这一条", user)
     matches = [s for s in sentences(_passage(user)) if asked and s.startswith(asked.group(1))]
     return (matches[0] if matches else "材料没有规定。") + "（依据本细则相应条款）"
+
+
+def open_questions(user: str) -> list[dict]:
+    """``n`` questions on topics the rules leave open, starting at a topic picked by the
+    passage (so chunks differ, and a rerun asks the same)."""
+    n = int(re.search(r"请提出 (\d+) 个", user).group(1))
+    start = int(hashlib.sha256(_passage(user).encode()).hexdigest(), 16)
+    topics = [OPEN_TOPICS[(start + i) % len(OPEN_TOPICS)] for i in range(n)]
+    return [{"question": f"{t}可以报销吗？", "topic": t} for t in topics]
 
 
 def _grade(user: str) -> dict:
@@ -260,9 +286,11 @@ def held(stub: TeacherStub) -> int:
 
 
 def distill_command(doc: Path, out: Path, url: str, *extra: str) -> list[str]:
-    """``data distill`` as its own process: small chunks, three questions, no follow-ups."""
+    """``data distill`` as its own process: small chunks, three questions, no follow-ups,
+    paraphrases or unanswerable questions (tests/test_distill*.py ask for those)."""
     settings = ["--teacher-model", "teacher", "--questions-per-chunk", "3", "--chunk-tokens"]
-    settings += ["80", "--set", "distill.followup_ratio=0"]
+    settings += ["80", "--set", "distill.followup_ratio=0", "--paraphrases", "0"]
+    settings += ["--unanswerable-ratio", "0"]
     cli = [sys.executable, "-m", "qwen_mlx", "data", "distill", str(doc), "-o", str(out)]
     return [*cli, "--teacher-url", url, *settings, *extra]
 

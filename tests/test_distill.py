@@ -45,7 +45,8 @@ def rules(tmp_path, monkeypatch):
     return path
 
 
-# Small chunks and few questions: three chunks, about twenty requests.
+# Small chunks and few questions: three chunks, about fifty requests (with the default two
+# paraphrases of each training question and one unanswerable question).
 SETTINGS = [
     "--teacher-model",
     "teacher",
@@ -58,6 +59,10 @@ SETTINGS = [
     "--set",
     "distill.followup_ratio=0",  # follow-ups have a test of their own
 ]
+
+
+# For the tests of what happens to the questions asked for each chunk: nothing else asked.
+ORIGINALS_ONLY = ("--paraphrases", "0", "--unanswerable-ratio", "0")
 
 
 def distill(stub_url, doc, out, *extra, env=None):
@@ -85,7 +90,7 @@ def test_distill_writes_seed_format_the_same_at_any_concurrency(rules, tmp_path)
     train, test = rows(tmp_path / "c1" / "train.jsonl"), rows(tmp_path / "c1" / "test.jsonl")
     assert len(train) >= 6 and len(test) >= 2
     for row in train + test:
-        assert set(row) == {"instruction", "input", "output", "source"}
+        assert set(row) == {"instruction", "input", "output", "kind", "source"}
         assert row["source"]["file"] == str(rules) and row["source"]["chunk"].startswith(str(rules))
     assert any(r["source"]["heading"].endswith("第二章 住宿费") for r in train + test)
     records, report = load_records([tmp_path / "c1" / "train.jsonl"])  # usable as data.train_file
@@ -108,6 +113,9 @@ def test_a_rerun_asks_nothing_and_writes_the_same(rules, tmp_path):
         asked = len(stub.requests)
         again = distill(stub.url, rules, tmp_path / "out")
         assert len(stub.requests) == asked
+        systems = {b["messages"][0]["content"] for _, b in stub.requests}
+    for task in ("改写", "没有覆盖", "查证员"):  # the new kinds of request were in the first run
+        assert any(task in system for system in systems), task
     assert first.exit_code == 0 and again.exit_code == 0, again.output
     assert outputs(tmp_path / "out") == before
     summary = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
@@ -175,11 +183,16 @@ def test_bad_questions_and_answers_are_dropped_by_reason(rules, tmp_path):
 
     with TeacherStub() as stub:
         stub.reply = scripted
-        result = distill(stub.url, rules, tmp_path / "out")
+        result = distill(stub.url, rules, tmp_path / "out", *ORIGINALS_ONLY)
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "report.json").read_text(encoding="utf-8"))
-    assert summary["drops"] == {"meta": 1, "near_duplicate": 2, "unparseable": 1, "unsupported": 1}
+    # the exact repeat is dropped; the near one is kept, in its original's cluster
+    assert summary["drops"] == {"duplicate": 1, "meta": 1, "unparseable": 1, "unsupported": 1}
     kept = rows(tmp_path / "out" / "train.jsonl") + rows(tmp_path / "out" / "test.jsonl")
+    near = [r for r in kept if r["instruction"].endswith("呢")]
+    assert len(near) == 1
+    twins = [r for r in kept if r["instruction"] == near[0]["instruction"][:-1]]
+    assert [r["source"]["cluster"] for r in twins] == [near[0]["source"]["cluster"]]
     assert not any(UNSUPPORTED_MARK in r["output"] or "根据上文" in r["output"] for r in kept)
     assert "unsupported" in (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
 
@@ -253,8 +266,12 @@ def test_plan_reads_and_chunks_but_sends_nothing(rules, tmp_path):
         )
         assert stub.requests == []
     assert result.exit_code == 0, result.output
-    # 3 × (1 + 2 × 4), and 3 more for the 5% of 12 questions (one) that get a follow-up
-    assert "3 chunks" in result.output and "30 requests" in result.output
+    # 3 × (1 + 2 × 4), 3 more for the 5% of 12 questions (one) that get a follow-up, 2 for
+    # the one unanswerable question (10% of 12: asked for, then checked), and for the 11
+    # training questions (12 less 10% held out) 11 paraphrase requests and 2 × 2 × 11 to
+    # answer and check their two paraphrases: 27 + 3 + 2 + 55
+    assert "3 chunks" in result.output and "87 requests" in result.output
+    assert "paraphrases 11, paraphrase answers 22" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()
 
 
@@ -363,7 +380,7 @@ def test_a_question_with_context_keeps_it_as_input(rules, tmp_path):
 
     with TeacherStub() as stub:
         stub.reply = with_context
-        assert distill(stub.url, rules, tmp_path / "out").exit_code == 0
+        assert distill(stub.url, rules, tmp_path / "out", *ORIGINALS_ONLY).exit_code == 0
         answer_prompts = [b["messages"][1]["content"] for _, b in stub.requests]
     kept = rows(tmp_path / "out" / "train.jsonl") + rows(tmp_path / "out" / "test.jsonl")
     assert sum(r["input"] == "我是讲师，出差3天" for r in kept) == 3  # one per chunk
@@ -387,10 +404,15 @@ def test_follow_ups_are_multi_turn_records_in_their_first_turns_split(rules, tmp
     assert result.exit_code == 0, result.output
     for name in ("train.jsonl", "test.jsonl"):
         split = rows(tmp_path / "out" / name)
-        firsts = {(r["instruction"], r["output"]) for r in split if "history" not in r}
+        firsts = {
+            (r["instruction"], r["output"]): r["source"]["cluster"]
+            for r in split
+            if r["source"]["origin"] == "question"
+        }
         follows = [r for r in split if "history" in r]
         assert len(follows) == len(firsts) > 0  # every kept question got one, beside it
-        assert all(tuple(r["history"][0]) in firsts for r in follows)
+        # in its first turn's split and cluster
+        assert all(firsts[tuple(r["history"][0])] == r["source"]["cluster"] for r in follows)
         assert all(r["instruction"].startswith("追问") for r in follows)
         records, report = load_records([tmp_path / "out" / name])
         turns = sorted(len(r.data["messages"]) for r in records)

@@ -1,22 +1,29 @@
-"""Keep what is worth training on: answer checks, near-duplicate questions, the split.
+"""Keep what is worth training on: answer checks, duplicates, clusters and the split.
 
-Near-duplicates: two questions whose character-bigram sets (after NFKC, lower case, and
-removing punctuation and spaces) have a Jaccard similarity of at least ``NEAR_DUPLICATE``
-(0.6) count as one question asked twice, and the later one is dropped. On short Chinese
-questions that catches rewordings such as 出差住宿每晚能报多少钱 / 出差住宿每晚最多能报多少钱
-(0.69); it also merges some questions that differ in one name (北京… / 上海…, 0.67). We
-err on that side on purpose: a lost training question costs little, a test question
-that paraphrases a training one inflates every score. De-duplication runs over the whole
-set before the split, so no test question has a near-duplicate in training.
+Exact duplicates (the same question after NFKC, lower case, and removing punctuation and
+spaces) are dropped: the first one asked stays. Near-duplicates are kept, and grouped:
+two questions whose character-bigram sets have a Jaccard similarity of at least
+``NEAR_DUPLICATE`` (0.6) are linked, and the linked questions (transitively) form a
+*cluster*. On short Chinese questions that links rewordings such as 出差住宿每晚能报多少钱 /
+出差住宿每晚最多能报多少钱 (0.69), and also two questions that differ in one name (北京… /
+上海…, 0.67): both are kept, as two questions, in one cluster. A whole cluster goes to
+train or to test (:func:`split_clusters`), so no test question has a near-duplicate in
+training, and the paraphrases the teacher writes for a training question join its
+cluster; one that comes near a test question is dropped instead (``near_test``).
+
+Clusters are connected components (single linkage) and not "close to the cluster's first
+question": only that way does every pair across the split stay under the threshold.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import re
 import unicodedata
 from collections import defaultdict
+from collections.abc import Iterable
 
 NEAR_DUPLICATE = 0.6
 NGRAM = 2
@@ -56,34 +63,113 @@ def jaccard(a: frozenset, b: frozenset) -> float:
     return len(a & b) / len(a | b) if a or b else 1.0
 
 
-def near_duplicates(texts: list[str], threshold: float = NEAR_DUPLICATE) -> list[int]:
-    """Indexes of texts that nearly repeat an earlier kept one (first occurrence wins)."""
-    index: dict[str, list[int]] = defaultdict(list)  # shingle -> kept texts having it
-    kept: dict[int, frozenset] = {}
-    dropped = []
-    for i, text in enumerate(texts):
+class NearIndex:
+    """Shingle sets with an inverted index: which stored texts a new one nearly repeats."""
+
+    def __init__(self, threshold: float = NEAR_DUPLICATE):
+        self.threshold = threshold
+        self.grams: list[frozenset] = []
+        self.index: dict[str, list[int]] = defaultdict(list)
+
+    def near(self, text: str) -> list[int]:
+        """Positions of the stored texts within the threshold of ``text``."""
         grams = shingles(text)
         shared: dict[int, int] = defaultdict(int)
         for gram in grams:
-            for j in index[gram]:
+            for j in self.index[gram]:
                 shared[j] += 1
-        if any(n / (len(grams) + len(kept[j]) - n) >= threshold for j, n in shared.items()):
-            dropped.append(i)
-            continue
-        kept[i] = grams
+        size = len(grams)
+        return [
+            j for j, n in shared.items() if n / (size + len(self.grams[j]) - n) >= self.threshold
+        ]
+
+    def add(self, text: str) -> int:
+        grams = shingles(text)
+        self.grams.append(grams)
         for gram in grams:
-            index[gram].append(i)
+            self.index[gram].append(len(self.grams) - 1)
+        return len(self.grams) - 1
+
+
+def near_duplicates(texts: list[str], threshold: float = NEAR_DUPLICATE) -> list[int]:
+    """Indexes of texts that nearly repeat an earlier kept one (first occurrence wins)."""
+    index, dropped = NearIndex(threshold), []
+    for i, text in enumerate(texts):
+        if index.near(text):
+            dropped.append(i)
+        else:
+            index.add(text)
     return dropped
 
 
-def split(n: int, test_ratio: float, seed: int) -> set[int]:
-    """The indexes (of ``n`` de-duplicated records) that go to the test set."""
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    n_test = round(n * test_ratio)
+def exact_duplicates(texts: Iterable[str], seen: set[str]) -> list[int]:
+    """Indexes of texts equal (after :func:`normalise`) to one in ``seen`` or an earlier one;
+    ``seen`` gains the others."""
+    dropped = []
+    for i, text in enumerate(texts):
+        key = normalise(text)
+        if key in seen:
+            dropped.append(i)
+        seen.add(key)
+    return dropped
+
+
+def clusters(texts: list[str], links: Iterable[tuple[int, int]] = (), threshold=NEAR_DUPLICATE):
+    """A cluster number for each text (numbered in order of first member): near-duplicates
+    (transitively) and the given ``links`` (e.g. a follow-up and its first turn) share one."""
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    def union(a: int, b: int) -> None:
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+
+    index = NearIndex(threshold)
+    for i, text in enumerate(texts):
+        for j in index.near(text):
+            union(i, j)
+        index.add(text)
+    for a, b in links:
+        union(a, b)
+    numbers: dict[int, int] = {}
+    return [numbers.setdefault(root(i), len(numbers)) for i in range(len(texts))]
+
+
+def held_out(n: int, test_ratio: float) -> int:
+    """How many of ``n`` items (clusters) the test set gets."""
+    n_test = int(n * test_ratio + 0.5)
     if test_ratio > 0 and n >= 2:
         n_test = min(max(n_test, 1), n - 1)
-    return set(order[:n_test])
+    return n_test
+
+
+def split(n: int, test_ratio: float, seed: int) -> set[int]:
+    """The indexes (of ``n`` items) that go to the test set, seeded."""
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return set(order[: held_out(n, test_ratio)])
+
+
+def split_clusters(kinds: list[str], test_ratio: float, seed: int) -> set[int]:
+    """The clusters (numbered 0..len(kinds)-1, each of the given kind) that go to test:
+    ``test_ratio`` of each kind, so both sets get their share of every kind."""
+    picked = set()
+    for kind in sorted(set(kinds)):
+        members = [i for i, k in enumerate(kinds) if k == kind]
+        picked |= {members[j] for j in split(len(members), test_ratio, seed)}
+    return picked
+
+
+def spread(n_items: int, share: float) -> list[int]:
+    """``round(n_items * share)`` spread evenly over ``n_items`` slots (0 or more each)."""
+    total = [int(i * share + 0.5) for i in range(n_items + 1)]
+    return [b - a for a, b in itertools.pairwise(total)]
 
 
 def chosen(text: str, ratio: float, seed: int) -> bool:

@@ -1,4 +1,6 @@
-"""Ask the teacher: questions for each chunk, an answer to each, a grounding verdict.
+"""Ask the teacher: questions for each chunk, an answer to each, a grounding verdict;
+follow-ups, paraphrases of training questions, and questions the documents leave open
+(each checked against the passages of all documents most similar to it).
 
 Each stage is a list of independent requests run ``concurrency`` at a time; results come
 back in input order, so the output never depends on which reply arrived first. A reply
@@ -26,6 +28,9 @@ PARAMS = {
     "answer": {"temperature": 0.2, "max_tokens": 800},
     "verify": {"temperature": 0.0, "max_tokens": 200},
     "followup": {"temperature": 0.8, "max_tokens": 300},
+    "paraphrase": {"temperature": 0.9, "max_tokens": 800},
+    "unanswerable": {"temperature": 0.8, "max_tokens": 1000},
+    "check": {"temperature": 0.0, "max_tokens": 200},
     "judge": {"temperature": 0.0, "max_tokens": 200},  # eval --judge-url
 }
 JSON_NUDGE = {
@@ -45,6 +50,14 @@ class Candidate:
     answer: str = ""
     drop: str | None = None
     parent: Candidate | None = None  # a follow-up's first turn
+    origin: str = "question"  # question | followup | paraphrase | unanswerable
+    of: Candidate | None = None  # the question a paraphrase rewords
+    topic: str = ""  # an unanswerable question's topic phrase
+    cluster: int = -1  # its cluster of near-duplicates (curate.clusters)
+
+    @property
+    def kind(self) -> str:
+        return "unanswerable" if self.origin == "unanswerable" else "answerable"
 
 
 def parse_json(text: str) -> Any:
@@ -115,15 +128,16 @@ class Asker:
         return (value, None) if value is not None else (None, "unparseable")
 
 
-def _question_items(value: Any, n: int) -> list[tuple[str, str]]:
-    """``[(question, input)]`` from ``{"questions": [...]}`` or a bare list."""
+def _question_items(value: Any, n: int, second: str = "input") -> list[tuple[str, str]]:
+    """``[(question, input)]`` from ``{"questions": [...]}`` or a bare list (``second``:
+    the other field kept, ``topic`` for unanswerable questions)."""
     items = value.get("questions", []) if isinstance(value, dict) else value
     out = []
     for item in items if isinstance(items, list) else []:
         if isinstance(item, str):
             item = {"question": item}
         if isinstance(item, dict) and str(item.get("question") or "").strip():
-            out.append((str(item["question"]).strip(), str(item.get("input") or "").strip()))
+            out.append((str(item["question"]).strip(), str(item.get(second) or "").strip()))
     return out[:n]
 
 
@@ -191,6 +205,48 @@ def ask_followups(asker: Asker, parents: list[Candidate], drops: Callable[[str],
         if reason or not question:
             drops(reason or "no_questions")
             return None
-        return Candidate(parent.chunk, question, parent=parent)
+        return Candidate(parent.chunk, question, parent=parent, origin="followup")
 
     return [c for c in asker.run(one, parents) if c is not None]
+
+
+def ask_paraphrases(asker: Asker, originals: list[Candidate], n: int, drops):
+    """Up to ``n`` rewordings of each training question, in order (unanswered yet)."""
+
+    def one(c: Candidate) -> list[Candidate]:
+        value, reason = asker.json(c.chunk, "paraphrase", question=user_turn(c), n=n)
+        items = value.get("paraphrases", []) if isinstance(value, dict) else value
+        texts = [str(t).strip() for t in items if str(t).strip()] if isinstance(items, list) else []
+        if reason or not texts:
+            drops(reason or "no_questions")
+        return [Candidate(c.chunk, t, origin="paraphrase", of=c) for t in texts[:n]]
+
+    return [p for batch in asker.run(one, originals) for p in batch]
+
+
+def ask_unanswerables(asker: Asker, quotas: list[tuple[Chunk, int]], drops):
+    """Questions the documents leave open, ``n`` for each ``(chunk, n)``, with topics."""
+
+    def one(item: tuple[Chunk, int]) -> list[Candidate]:
+        chunk, n = item
+        value, reason = asker.json(chunk, "unanswerable", n=n)
+        items = _question_items(value, n, "topic") if reason is None else []
+        if reason or not items:
+            drops(reason or "no_questions")
+        return [Candidate(chunk, q, origin="unanswerable", topic=t) for q, t in items]
+
+    return [c for batch in asker.run(one, quotas) for c in batch]
+
+
+def ask_checks(asker: Asker, candidates: list[Candidate], passages: Callable[[Candidate], str]):
+    """Drop each unanswerable question that one of the passages shown answers after all."""
+
+    def one(c: Candidate) -> None:
+        value, reason = asker.json(c.chunk, "check", question=c.question, passages=passages(c))
+        if reason is None and not isinstance(value, dict):
+            reason = "unparseable"
+        elif reason is None and str(value.get("answered")).lower() not in ("false", "no"):
+            reason = "answered_in_documents"
+        c.drop = reason
+
+    asker.run(one, candidates)

@@ -1,10 +1,18 @@
 """The prompt templates, in the document's language, and ``--prompts FILE`` overrides.
 
-Four tasks: ``questions`` (what a reader of the passage would ask), ``answer`` (from the
+Seven tasks: ``questions`` (what a reader of the passage would ask), ``answer`` (from the
 passage alone, naming the article it rests on), ``verify`` (does the passage support the
-answer?) and ``followup`` (the reader's next question, for multi-turn records). Each has
-a ``system`` and a ``user`` text with ``{placeholders}``. A prompts file (YAML) replaces
-any of them, e.g. ``zh: {answer: {system: "..."}}``.
+answer?), ``followup`` (the reader's next question, for multi-turn records),
+``paraphrase`` (a training question reworded: other words, another asker, colloquial or
+formal), ``unanswerable`` (questions on the passage's topic that the rules leave open,
+each with a short topic phrase) and ``check`` (does any of the most similar passages of
+all the documents answer such a question?). Each has a ``system`` and a ``user`` text
+with ``{placeholders}``. A prompts file (YAML) replaces any of them, e.g.
+``zh: {answer: {system: "..."}}``.
+
+:data:`REFUSAL` is the answer an unanswerable question is given (``distill.refusal``
+replaces it), in the document's language; it names no office, since the rules' owner
+differs from one organisation to the next.
 """
 
 from __future__ import annotations
@@ -52,6 +60,36 @@ ZH = {
             '它必须能只凭这段材料回答。输出 {{"question": "..."}}'
         ),
     },
+    "paraphrase": {
+        "system": "你是改写专家，把读者的问题换成别的说法。只输出 JSON。",
+        "user": (
+            "材料：\n{text}\n\n原问题：{question}\n\n"
+            "请把原问题改写成 {n} 种不同的问法，意思和所问的事实完全不变（金额、职称、地点、天数等"
+            "条件都要保留，原问题的背景也要写进问句里）。各种问法要明显不同：换用别的词语和句式，"
+            "换一个提问者（如新入职的老师、研究生、财务人员），口语和正式书面语都要有。"
+            '输出 {{"paraphrases": ["...", "..."]}}'
+        ),
+    },
+    "unanswerable": {
+        "system": "你负责设计规章没有覆盖的问题。只输出 JSON。",
+        "user": (
+            "下面是《{source}》中“{heading}”的一段材料。请提出 {n} 个读者可能会问、与这段材料"
+            "主题相近、但这份规章很可能没有作出规定的问题（例如另一类费用、另一种人员、规章没有"
+            "说到的情形）。不要问材料已经回答了的事。每个问题再给一个不超过 15 个字的主题短语"
+            "（不含金额和数字），能填进“细则未对____作出规定”。\n"
+            '输出格式：{{"questions": [{{"question": "...", "topic": "..."}}]}}\n\n'
+            "材料：\n{text}"
+        ),
+    },
+    "check": {
+        "system": "你是规章查证员，判断规章是否回答了一个问题。只输出 JSON。",
+        "user": (
+            "下面是规章中与问题最相关的几段材料。\n\n{passages}\n\n问题：{question}\n\n"
+            "这些材料中有没有任何一段回答了这个问题（哪怕只是部分回答，或给出了适用的金额、条件"
+            '或流程）？输出 {{"answered": true 或 false, "passage": 回答它的材料编号或 0, '
+            '"reason": "一句话理由"}}'
+        ),
+    },
 }
 
 EN = {
@@ -91,9 +129,52 @@ EN = {
             'Output {{"question": "..."}}'
         ),
     },
+    "paraphrase": {
+        "system": "You reword a reader's question. Output JSON only.",
+        "user": (
+            "Passage:\n{text}\n\nQuestion: {question}\n\n"
+            "Reword the question in {n} clearly different ways that ask exactly the same thing "
+            "(keep every condition: amounts, roles, places, days; fold any background into the "
+            "question itself). Vary the words and the sentence, the asker (a new lecturer, a "
+            "PhD student, a finance officer) and the register, colloquial and formal. "
+            'Output {{"paraphrases": ["...", "..."]}}'
+        ),
+    },
+    "unanswerable": {
+        "system": "You write questions the rules do not cover. Output JSON only.",
+        "user": (
+            "Below is a passage of '{source}', section '{heading}'. Write {n} questions a "
+            "reader might ask, close to this passage's topic, that these rules most likely do "
+            "not settle (another kind of expense, another group of people, a case the rules "
+            "leave open). Do not ask what the passage answers. Give each a short topic phrase "
+            "(at most 8 words, no amounts or numbers) that fits 'The rules do not cover ____'.\n"
+            'Format: {{"questions": [{{"question": "...", "topic": "..."}}]}}\n\n'
+            "Passage:\n{text}"
+        ),
+    },
+    "check": {
+        "system": "You check whether rules answer a question. Output JSON only.",
+        "user": (
+            "Below are the passages of the rules most related to the question.\n\n{passages}"
+            "\n\nQuestion: {question}\n\nDoes any passage answer the question, even in part "
+            "(an amount, condition or procedure that applies)? "
+            'Output {{"answered": true or false, "passage": its number or 0, '
+            '"reason": "one sentence"}}'
+        ),
+    },
 }
 
 DEFAULTS = {"zh": ZH, "en": EN}
+# The answer to a question the rules leave open; {topic} is the teacher's topic phrase.
+REFUSAL = {
+    "zh": "细则未对{topic}作出规定，请咨询相关管理部门。",
+    "en": "The rules do not cover {topic}; please ask the office responsible.",
+}
+# How the check prompt numbers the passages it shows.
+PASSAGE = {
+    "zh": "材料{n}（《{source}》{heading}）：\n{text}",
+    "en": "Passage {n} ('{source}', {heading}):\n{text}",
+}
 # How a follow-up is put to the answer and verify prompts: with the turn before it.
 FOLLOWUP_FRAME = {
     "zh": "此前的对话——问：{question}\n答：{answer}\n\n追问：{followup}",

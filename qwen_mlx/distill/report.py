@@ -1,11 +1,16 @@
 """``report.json`` and ``report.md`` for a distill run: what was read, asked, kept, dropped.
 
+Kept records are counted by split, kind (answerable / unanswerable) and origin (question,
+follow-up, paraphrase, unanswerable); the clusters of near-duplicate questions by split and
+by size (records per cluster), with the largest listed so an over-eager merge shows.
+
 Nothing secret goes in: the teacher URL is written without credentials
 (:func:`~qwen_mlx.distill.transport.public_url`), and the key never reaches a report.
 """
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,10 @@ from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_text
 
 DROP_MEANING = {
-    "near_duplicate": "question nearly repeats an earlier one",
+    "duplicate": "question repeats one asked before, word for word",
+    "near_test": "paraphrase came near a test question (it would leak the test)",
+    "answered_in_documents": "'unanswerable' question that a chunk of the documents answers",
+    "bad_topic": "unanswerable question without a short topic phrase for the refusal",
     "unsupported": "the teacher found the answer not supported by its passage",
     "empty": "empty answer",
     "truncated": "answer cut off at max_tokens",
@@ -26,6 +34,87 @@ DROP_MEANING = {
     "bad_reply": "reply was not a chat completion with text content, twice (never recorded)",
     "oversized": "reply far longer than the tokens asked for (never recorded)",
 }
+
+
+LARGEST = 5  # clusters listed in the report, largest first
+SHOWN = 4  # questions shown of each
+
+
+def tally(records: list[dict], key: str) -> dict[str, int]:
+    """Records by ``kind`` (top level) or by a ``source`` field such as ``origin``."""
+    values = Counter(r.get(key) or r["source"].get(key) for r in records)
+    return dict(sorted(values.items()))
+
+
+def cluster_summary(train: list[dict], test: list[dict]) -> dict:
+    """Clusters by split and by size, and the largest ones with a few of their questions."""
+    members: dict[int, list[dict]] = defaultdict(list)
+    side: dict[int, str] = {}
+    for name, records in (("train", train), ("test", test)):
+        for r in records:
+            members[r["source"]["cluster"]].append(r)
+            side[r["source"]["cluster"]] = name
+    sizes = Counter(len(m) for m in members.values())
+    largest = sorted(members, key=lambda k: (-len(members[k]), k))[:LARGEST]
+    return {
+        "total": len(members),
+        "train": sum(s == "train" for s in side.values()),
+        "test": sum(s == "test" for s in side.values()),
+        "sizes": {str(k): sizes[k] for k in sorted(sizes)},
+        "largest": [
+            {
+                "cluster": k,
+                "records": len(members[k]),
+                "split": side[k],
+                "questions": [r["instruction"] for r in members[k][:SHOWN]],
+            }
+            for k in largest
+            if len(members[k]) > 1
+        ],
+    }
+
+
+def _clusters_md(report: dict) -> list[str]:
+    c = report["clusters"]
+    lines = [
+        "",
+        "## Clusters",
+        "",
+        f"{c['total']} clusters of near-duplicate questions ({c['train']} train, {c['test']} "
+        "test); a cluster is never split, so no test question has a near-duplicate in training.",
+        "",
+        "| records in the cluster | clusters |",
+        "|---|---|",
+    ]
+    lines += [f"| {size} | {n} |" for size, n in c["sizes"].items()]
+    if c["largest"]:
+        lines += ["", "Largest:", ""]
+        lines += [
+            f"- cluster {x['cluster']} ({x['split']}, {x['records']} records): "
+            + " / ".join(x["questions"])
+            for x in c["largest"]
+        ]
+    return lines
+
+
+def _kept_md(report: dict) -> list[str]:
+    # answerable records by origin; an unanswerable one has no other origin
+    origins = sorted({o for side in report["by_origin"].values() for o in side} - {"unanswerable"})
+    lines = [
+        "",
+        "## Kept",
+        "",
+        f"{report['kept']} records kept, {report['dropped']} candidates dropped.",
+        "",
+        "| split | answerable | " + " | ".join(f"… {o}" for o in origins) + " | unanswerable |",
+        "|---|---|---|" + "---|" * len(origins),
+    ]
+    for name in ("train", "test"):
+        kinds, by = report["by_kind"][name], report["by_origin"][name]
+        cells = [kinds.get("answerable", 0), *(by.get(o, 0) for o in origins)]
+        cells.append(kinds.get("unanswerable", 0))
+        lines.append(f"| {name} | " + " | ".join(map(str, cells)) + " |")
+    return lines
 
 
 def markdown(report: dict) -> str:
@@ -50,6 +139,7 @@ def markdown(report: dict) -> str:
         for d in report["documents"]
     ]
     lines += [f"- not read: {p}" for p in report["unreadable"]]
+    lines += _kept_md(report) + _clusters_md(report)
     lines += ["", "## Dropped", "", "| reason | count | meaning |", "|---|---|---|"]
     lines += [f"| {k} | {v} | {DROP_MEANING.get(k, '')} |" for k, v in report["drops"].items()]
     return "\n".join(lines) + "\n"

@@ -2,28 +2,35 @@
 
 Writes into OUT_DIR: ``ledger.jsonl`` (every teacher reply, as it arrives),
 ``chunks.jsonl``, ``train.jsonl`` and ``test.jsonl`` (the seed's instruction/input/output
-plus ``source``), ``report.json`` and ``report.md``. The same documents, settings and
+plus ``kind`` and ``source``, with its cluster), ``report.json`` and ``report.md``. The
+stages themselves are in :mod:`~qwen_mlx.distill.pipeline`. The same documents, settings and
 ledger give the same chunks, train and test files, whatever the concurrency and however
 often it was stopped (the report counts what this run itself sent).
 """
 
 from __future__ import annotations
 
-import threading
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from rich.console import Console
 
 from qwen_mlx.config import Config
-from qwen_mlx.distill import curate, generate
+from qwen_mlx.distill import curate
 from qwen_mlx.distill.chunking import Chunk, chunk_document, token_counter
 from qwen_mlx.distill.documents import read_documents
+from qwen_mlx.distill.generate import Candidate, user_turn
 from qwen_mlx.distill.ledger import folder_lock
+from qwen_mlx.distill.pipeline import CHECK_PASSAGES, Distilled, Drops, Pipeline
 from qwen_mlx.distill.progress import distill_progress
 from qwen_mlx.distill.prompts import load_prompts
-from qwen_mlx.distill.report import require_records, settings, write_report
+from qwen_mlx.distill.report import (
+    cluster_summary,
+    require_records,
+    settings,
+    tally,
+    write_report,
+)
 from qwen_mlx.distill.teacher import Stopped, Teacher
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import disk_errors, write_jsonl
@@ -60,83 +67,51 @@ def read_corpus(docs: list[Path], cfg: Config, console: Console) -> Corpus:
 
 
 def plan(corpus: Corpus, cfg: Config) -> dict:
-    """What a run would send: requests and tokens, estimated (nothing is sent)."""
-    n = cfg.distill.questions_per_chunk
-    followups = round(len(corpus.chunks) * n * cfg.distill.followup_ratio)
-    per_chunk = 1 + 2 * n  # questions, then an answer and a verdict for each
+    """What a run would send: requests and tokens, estimated (nothing is sent).
+
+    Exact when nothing is dropped and no questions merge into clusters; follow-ups are the
+    seeded share of the questions, paraphrases are asked for the training share."""
+    d, chunks = cfg.distill, len(corpus.chunks)
+    asked = chunks * d.questions_per_chunk
+    open_ = curate.spread(chunks, d.unanswerable_ratio * d.questions_per_chunk)
+    originals = asked - curate.held_out(asked, d.test_ratio) if d.paraphrases else 0
+    paraphrases = originals * d.paraphrases
+    # request kind -> (requests, completion tokens each); prompts are a chunk and overhead
+    kinds = {
+        "questions": (chunks, d.questions_per_chunk * EST_QUESTION),
+        "answers": (asked, EST_ANSWER),
+        "grounding": (asked, EST_VERDICT),
+        "follow-ups": (3 * round(asked * d.followup_ratio), EST_QUESTION + EST_ANSWER),
+        "unanswerable": (sum(n > 0 for n in open_), 2 * EST_QUESTION),
+        "unanswerable checks": (sum(open_), EST_VERDICT),
+        "paraphrases": (originals, d.paraphrases * EST_QUESTION),
+        "paraphrase answers": (paraphrases, EST_ANSWER),
+        "paraphrase grounding": (paraphrases, EST_VERDICT),
+    }
     chunk_tokens = sum(c.tokens for c in corpus.chunks)
-    mean_chunk = chunk_tokens / max(len(corpus.chunks), 1)
+    prompt = chunk_tokens / max(chunks, 1) + EST_OVERHEAD
+    shown = {"unanswerable checks": CHECK_PASSAGES + 1}  # the most similar chunks and its own
     return {
         "documents": corpus.documents,
         "unreadable": corpus.problems,
-        "chunks": len(corpus.chunks),
+        "chunks": chunks,
         "chunk_tokens": chunk_tokens,
-        # each follow-up: its question, answer and verdict
-        "requests": len(corpus.chunks) * per_chunk + 3 * followups,
-        "prompt_tokens": round(
-            (chunk_tokens + EST_OVERHEAD) * per_chunk + 3 * followups * (mean_chunk + EST_OVERHEAD)
-        ),
-        "completion_tokens": (len(corpus.chunks) * n + followups)
-        * (EST_QUESTION + EST_ANSWER + EST_VERDICT),
+        "requests": sum(n for n, _ in kinds.values()),
+        "requests_by_kind": {k: n for k, (n, _) in kinds.items()},
+        "prompt_tokens": round(sum(n * prompt * shown.get(k, 1) for k, (n, _) in kinds.items())),
+        "completion_tokens": sum(n * each for n, each in kinds.values()),
     }
 
 
-def _record(c: generate.Candidate) -> dict:
+def _record(c: Candidate, cluster: int) -> dict:
     source = {"file": c.chunk.source, "heading": c.chunk.heading, "chunk": c.chunk.id}
+    source |= {"cluster": cluster, "origin": c.origin}
+    if c.of is not None:
+        source["rewords"] = c.of.question
     record = {"instruction": c.question, "input": c.context, "output": c.answer}
     if c.parent is not None:
-        record["history"] = [[generate.user_turn(c.parent), c.parent.answer]]
-    return {**record, "source": source}
-
-
-class Drops(Counter):
-    """Drops by reason, counted from the worker threads."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lock = threading.Lock()
-
-    def add(self, reason: str, n: int = 1) -> None:
-        with self.lock:
-            self[reason] += n
-
-
-def _survivors(cands: list, drops: Drops) -> list:
-    for c in cands:
-        if c.drop:
-            drops.add(c.drop)
-    return [c for c in cands if not c.drop]
-
-
-def _dedupe(cands: list, drops: Drops) -> list:
-    gone = set(curate.near_duplicates([c.question for c in cands]))
-    if gone:
-        drops.add("near_duplicate", len(gone))
-    return [c for i, c in enumerate(cands) if i not in gone]
-
-
-def _distil(corpus: Corpus, cfg: Config, teacher: Teacher, drops: Drops, bar) -> list:
-    d = cfg.distill
-    asker = generate.Asker(teacher, load_prompts(d.prompts), d.concurrency)
-    bar.stage("questions", len(corpus.chunks))
-    cands = generate.ask_questions(asker, corpus.chunks, d.questions_per_chunk, drops.add)
-    cands = _dedupe(cands, drops)  # before answering: a duplicate costs no more requests
-    kept = _answered(asker, cands, drops, bar, "")
-    parents = [c for c in kept if curate.chosen(c.question, d.followup_ratio, cfg.training.seed)]
-    bar.stage("follow-ups", len(parents))
-    followups = generate.ask_followups(asker, parents, drops.add)
-    followups = _dedupe(kept + followups, drops)[len(kept) :]  # kept ones are distinct already
-    return kept + _answered(asker, followups, drops, bar, " (follow-ups)")
-
-
-def _answered(asker, cands: list, drops: Drops, bar, label: str) -> list:
-    """Answer and check each candidate; the ones that pass."""
-    bar.stage(f"answers{label}", len(cands))
-    generate.ask_answers(asker, cands, curate.answer_problem)
-    cands = _survivors(cands, drops)
-    bar.stage(f"grounding{label}", len(cands))
-    generate.ask_verdicts(asker, cands)
-    return _survivors(cands, drops)
+        record["history"] = [[user_turn(c.parent), c.parent.answer]]
+    return {**record, "kind": c.kind, "source": source}
 
 
 def claim_output(out_dir: Path, docs: list[Path]) -> None:
@@ -181,18 +156,18 @@ def distill(docs: list[Path], out_dir: Path, cfg: Config, console: Console, dry_
         out_dir.mkdir(parents=True, exist_ok=True)
         record_files(out_dir, COMMAND, [], grows=[LEDGER])
     with folder_lock(out_dir, COMMAND):  # before the ledger is read: one run per folder
-        kept, drops = _distil_stoppable(corpus, cfg, teacher, console)
-        report = _write(out_dir, Outcome(corpus, kept, drops, estimate), cfg, teacher)
+        done, drops = _distil_stoppable(corpus, cfg, teacher, console)
+        report = _write(out_dir, Outcome(corpus, done, drops, estimate), cfg, teacher)
     require_records(report, out_dir)
     return report
 
 
 def _distil_stoppable(corpus: Corpus, cfg: Config, teacher: Teacher, console: Console):
-    """The records' candidates and drops, or Stopped (exit 130) on Ctrl-C, replies kept."""
+    """What the stages kept and the drops, or Stopped (exit 130) on Ctrl-C, replies kept."""
     drops = Drops()
     try:
         with distill_progress(teacher, drops, console) as bar:
-            return _distil(corpus, cfg, teacher, drops, bar), drops
+            return Pipeline(corpus.chunks, cfg, teacher, drops, bar).run(), drops
     except KeyboardInterrupt:
         teacher.close()  # the count below is the ledger's final one
         raise Stopped(
@@ -201,14 +176,14 @@ def _distil_stoppable(corpus: Corpus, cfg: Config, teacher: Teacher, console: Co
         ) from None
 
 
-def _split(kept: list, cfg: Config) -> tuple[list[dict], list[dict]]:
-    """Train and test records; a follow-up goes where its first turn went."""
-    firsts = [c for c in kept if c.parent is None]
-    picked = curate.split(len(firsts), cfg.distill.test_ratio, cfg.training.seed)
-    in_test = {id(c) for i, c in enumerate(firsts) if i in picked}
+def _split(done: Distilled) -> tuple[list[dict], list[dict]]:
+    """Train and test records, whole clusters to one side; clusters renumbered 1, 2, … in
+    record order, so the numbers read as the files do."""
+    numbers: dict[int, int] = {}
     train, test = [], []
-    for c in kept:
-        (test if id(c.parent or c) in in_test else train).append(_record(c))
+    for c in done.kept:
+        cluster = numbers.setdefault(c.cluster, len(numbers) + 1)
+        (test if done.in_test(c) else train).append(_record(c, cluster))
     return train, test
 
 
@@ -218,23 +193,23 @@ class Outcome:
     and the request estimate it started from."""
 
     corpus: Corpus
-    kept: list
+    done: Distilled
     drops: Drops
     estimate: dict
 
 
 def _write(out_dir: Path, outcome: Outcome, cfg: Config, teacher: Teacher) -> dict:
-    train, test = _split(outcome.kept, cfg)
+    train, test = _split(outcome.done)
     with writing(out_dir, COMMAND, OUTPUTS):
         write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in outcome.corpus.chunks))
         write_jsonl(out_dir / "train.jsonl", train)
         write_jsonl(out_dir / "test.jsonl", test)
-        report = _report(outcome, cfg, teacher, {"train": len(train), "test": len(test)})
+        report = _report(outcome, cfg, teacher, train, test)
         write_report(out_dir, report)
     return report
 
 
-def _report(outcome: Outcome, cfg: Config, teacher: Teacher, records: dict[str, int]) -> dict:
+def _report(outcome: Outcome, cfg: Config, teacher: Teacher, train: list, test: list) -> dict:
     corpus = outcome.corpus
     return {
         "teacher": {"url": teacher.url, "model": teacher.model},
@@ -244,7 +219,12 @@ def _report(outcome: Outcome, cfg: Config, teacher: Teacher, records: dict[str, 
         "planned_requests": outcome.estimate["requests"],
         "requests": teacher.usage.as_dict(),  # this run's; the ledger holds every run's
         "ledger_replies": len(teacher.ledger),
-        "records": records,
+        "records": {"train": len(train), "test": len(test)},
+        "kept": len(train) + len(test),
+        "dropped": sum(outcome.drops.values()),
+        "by_kind": {"train": tally(train, "kind"), "test": tally(test, "kind")},
+        "by_origin": {"train": tally(train, "origin"), "test": tally(test, "origin")},
+        "clusters": cluster_summary(train, test),
         "drops": dict(sorted(outcome.drops.items())),
         "settings": settings(cfg.distill),
     }
