@@ -139,7 +139,7 @@ def test_a_rerun_never_writes_over_a_hand_edit_or_into_the_documents(rules, tmp_
 
 def test_faults_are_retried_and_the_result_is_unchanged(rules, tmp_path):
     with TeacherStub() as clean:
-        assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
+        assert distill(clean.url, rules, tmp_path / "clean", *ORIGINALS_ONLY).exit_code == 0
     with TeacherStub() as stub:
         stub.faults = ["429", "500", "drop", "garbage", "slow", "not_json"]
         stub.slow_seconds = 2.0
@@ -151,6 +151,7 @@ def test_faults_are_retried_and_the_result_is_unchanged(rules, tmp_path):
             "1",
             "--set",
             "distill.timeout=0.7",
+            *ORIGINALS_ONLY,
         )
         assert result.exit_code == 0, result.output
         times = [t for t, _ in stub.requests]
@@ -317,6 +318,8 @@ def test_kill_9_mid_run_then_rerun_asks_nothing_twice(rules, tmp_path):
     with TeacherStub() as clean:
         assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
         total = len(clean.answered)
+        kinds = {b["messages"][0]["content"][:6] for b in clean.answered}
+    assert len(kinds) == 6  # questions, answers, checks, paraphrases, unanswerable, their checks
     out = tmp_path / "killed"
     with TeacherStub() as stub:
         cmd, env = _command(rules, out, stub.url), _env()
@@ -335,7 +338,7 @@ def test_kill_9_mid_run_then_rerun_asks_nothing_twice(rules, tmp_path):
     assert outputs(out) == outputs(tmp_path / "clean")
 
 
-def _command(rules, out, url):
+def _command(rules, out, url, *extra):
     """``data distill`` as its own process (so it can be killed), concurrency 3."""
     return [
         sys.executable,
@@ -351,6 +354,7 @@ def _command(rules, out, url):
         *SETTINGS,
         "--concurrency",
         "3",
+        *extra,
     ]
 
 
@@ -420,11 +424,13 @@ def test_follow_ups_are_multi_turn_records_in_their_first_turns_split(rules, tmp
 
 
 def test_ctrl_c_keeps_every_reply_already_sent_for(rules, tmp_path, sigint_as_in_a_terminal):
+    # the questions' requests alone: each is answered 0.3 s late (the kill -9 test above
+    # resumes every kind of request)
     with TeacherStub() as clean:
-        assert distill(clean.url, rules, tmp_path / "clean").exit_code == 0
+        assert distill(clean.url, rules, tmp_path / "clean", *ORIGINALS_ONLY).exit_code == 0
     out = tmp_path / "stopped"
     with TeacherStub(latency=0.3) as stub:
-        cmd = _command(rules, out, stub.url)
+        cmd = _command(rules, out, stub.url, *ORIGINALS_ONLY)
         proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         _wait_for_ledger(out, 4)
         proc.send_signal(signal.SIGINT)
