@@ -154,19 +154,6 @@ def test_the_model_tokenizer_counts_when_the_folder_exists(tiny_model_dir, tiny_
     assert estimate is estimate_tokens and "estimated" in note
 
 
-def test_near_duplicates_catch_rewordings_at_the_documented_threshold():
-    from qwen_mlx.distill.curate import near_duplicates
-
-    questions = [
-        "出差住宿每晚能报多少钱？",
-        "出差住宿每晚最多能报多少钱？",  # a rewording (0.69): dropped
-        "出差的伙食补助怎么算？",
-        "出差的伙食补助怎么算",  # punctuation only: dropped
-        "公杂费包括哪些费用？",
-    ]
-    assert near_duplicates(questions) == [1, 3]
-
-
 def test_answers_that_are_empty_cut_off_or_about_the_passage_are_named():
     from qwen_mlx.distill.curate import answer_problem
 

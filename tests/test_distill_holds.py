@@ -273,7 +273,7 @@ def test_plan_counts_paraphrases_and_unanswerable_questions():
     assert plan(corpus, cfg)["requests"] == 110  # as before paraphrases: 1 + 2 × 5 a chunk
 
 
-def test_rewordings_and_one_name_apart_cluster_and_only_exact_repeats_are_dropped():
+def test_near_duplicates_at_the_documented_threshold_cluster_and_only_exact_repeats_drop():
     from qwen_mlx.distill.curate import clusters, exact_duplicates
 
     questions = [

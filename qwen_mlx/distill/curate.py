@@ -91,17 +91,6 @@ class NearIndex:
         return len(self.grams) - 1
 
 
-def near_duplicates(texts: list[str], threshold: float = NEAR_DUPLICATE) -> list[int]:
-    """Indexes of texts that nearly repeat an earlier kept one (first occurrence wins)."""
-    index, dropped = NearIndex(threshold), []
-    for i, text in enumerate(texts):
-        if index.near(text):
-            dropped.append(i)
-        else:
-            index.add(text)
-    return dropped
-
-
 def exact_duplicates(texts: Iterable[str], seen: set[str]) -> list[int]:
     """Indexes of texts equal (after :func:`normalise`) to one in ``seen`` or an earlier one;
     ``seen`` gains the others."""
