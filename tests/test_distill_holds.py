@@ -308,3 +308,21 @@ def test_bm25_ranks_the_chunk_that_shares_the_rare_terms_first():
     assert index.top("出国签证费可以报销吗？", 2) == [1, 0]  # 报销 is shared, 签证 is rare
     assert index.top("are visa fees covered?", 1) == [3]
     assert index.top("天气", 3) == []  # nothing shared: nothing shown
+
+
+def test_every_template_formats_in_both_languages_and_the_new_ones_can_be_overridden(tmp_path):
+    from qwen_mlx.distill.prompts import DEFAULTS, load_prompts, messages
+
+    fields = {"source": "s", "heading": "h", "text": "t", "question": "q", "answer": "a"}
+    fields |= {"n": 2, "passages": "p"}
+    for lang, tasks in DEFAULTS.items():
+        assert set(tasks) == {
+            *("questions", "answer", "verify", "followup"),
+            *("paraphrase", "unanswerable", "check"),
+        }
+        for task_name in tasks:
+            system, user = messages(DEFAULTS, lang, task_name, **fields)
+            assert system["content"] and "{" not in user["content"].replace('{"', "")
+    mine = tmp_path / "prompts.yaml"
+    mine.write_text("zh:\n  paraphrase:\n    system: 你是改写专家，只改说法。\n", encoding="utf-8")
+    assert load_prompts(mine)["zh"]["paraphrase"]["system"] == "你是改写专家，只改说法。"

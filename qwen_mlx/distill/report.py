@@ -29,7 +29,7 @@ DROP_MEANING = {
     "truncated": "answer cut off at max_tokens",
     "meta": "answer talks about 'the passage' instead of answering",
     "unparseable": "reply was not the JSON asked for, twice",
-    "no_questions": "the teacher gave no questions for a chunk",
+    "no_questions": "the teacher gave no questions (for a chunk, rewordings or open questions)",
     "teacher_error": "request still failed after retries (asked again on a rerun)",
     "bad_reply": "reply was not a chat completion with text content, twice (never recorded)",
     "oversized": "reply far longer than the tokens asked for (never recorded)",
