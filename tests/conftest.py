@@ -90,18 +90,18 @@ def small_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def overfit_runs(tiny_models, small_data, tmp_path_factory):
-    """(backend, family name) -> ``Trained``: the overfitting LoRA run of that family's tiny
-    model on that backend, trained once per session (the contract suite reads it for learning,
-    agreement between backends and PEFT; the Qwen3 tests prompt from it)."""
-    from train_helpers import Trained, overfit_config, start_run
+def trained_runs(tiny_models, small_data, tmp_path_factory):
+    """(backend, family name, run name in ``train_helpers.RUNS``) -> ``Trained``: that LoRA
+    run of the family's tiny model on the backend, trained once per session (the contract
+    suite reads them; the Qwen3 tests prompt from one)."""
+    from train_helpers import RUNS, Trained, run_config, start_run
 
-    root = tmp_path_factory.mktemp("overfit")
+    root = tmp_path_factory.mktemp("runs")
 
     @functools.cache
-    def trained(backend: str, name: str):
-        run, model_dir = root / f"{name}-{backend}", tiny_models(name)
-        result, model = start_run(overfit_config(model_dir, small_data, run), backend)
+    def trained(backend: str, name: str, kind: str):
+        run, model_dir = root / f"{name}-{backend}-{kind}", tiny_models(name)
+        result, model = start_run(run_config(model_dir, small_data, run, *RUNS[kind]), backend)
         return Trained(run, model_dir, result, model)
 
     return trained

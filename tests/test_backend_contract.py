@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from backend_helpers import mlx_lora_model
 from lora_helpers import hf_logits
 from repo_helpers import BUNDLED_TRAIN
 from train_helpers import losses, run_config, start_run
@@ -49,14 +50,6 @@ def _mlx() -> Subject:
 
     from qwen_mlx.backends import mlx_model
 
-    def lora_model(model_dir, seed=0):
-        model, _ = mlx_model.load_base(model_dir, "none")
-        model.set_dtype(mx.float32)
-        mlx_model.add_lora(model, ALL_LINEAR, rank=8, alpha=16, dropout=0.0, seed=seed)
-        for layer in mlx_model.lora_layers(model).values():
-            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
-        return model.eval()
-
     def logits(model, ids, segment_ids=None):
         model.set_dtype(mx.float32)  # bf16 base → fp32 is exact; LoRA weights are fp32
         if segment_ids is None:
@@ -76,7 +69,7 @@ def _mlx() -> Subject:
         )
 
     four_bit = ("training.num_epochs=5", "training.learning_rate=1e-2")
-    return Subject("mlx", mlx_model, lora_model, logits, loss, 1e-3, 0.65, four_bit, quantized)
+    return Subject("mlx", mlx_model, mlx_lora_model, logits, loss, 1e-3, 0.65, four_bit, quantized)
 
 
 def _torch() -> Subject:
@@ -142,8 +135,8 @@ def adapter_weights(run_dir) -> dict[str, np.ndarray]:
     return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
-def test_loss_falls_clearly_when_overfitting(subject, family, overfit_runs):
-    trained = overfit_runs(subject.name, family.name)
+def test_loss_falls_clearly_when_overfitting(subject, family, trained_runs):
+    trained = trained_runs(subject.name, family.name, "overfit")
     run = trained.run
     curve = losses(run)
     assert curve[-1] < subject.learns_to * curve[0], curve
@@ -156,17 +149,18 @@ def test_loss_falls_clearly_when_overfitting(subject, family, overfit_runs):
     assert first["tokens_per_s"] > 0 and first["peak_memory_gb"] > 0
 
 
-def test_both_backends_learn_the_same_curve(family, overfit_runs):
+def test_both_backends_learn_the_same_curve(family, trained_runs):
     pytest.importorskip("mlx_lm")
     pytest.importorskip("peft")
-    mlx, torch = (np.array(losses(overfit_runs(b, family.name).run)) for b in ("mlx", "torch"))
+    runs = [trained_runs(backend, family.name, "short").run for backend in ("mlx", "torch")]
+    mlx, torch = (losses(run) for run in runs)
     assert len(mlx) == len(torch) >= 10
     # Same base, data, mask and batches: the first loss (LoRA B starts at zero) is the same,
-    # and the seeded A inits differ only enough to move later steps by a little (over 12
-    # epochs a step moves by up to ~3%, ~1% on average).
+    # and the seeded A inits differ only enough to move later steps by a little (Qwen3's tiny
+    # model by under 1%, Qwen2's by up to 2.1%).
     assert mlx[0] == pytest.approx(torch[0], rel=1e-4)
-    np.testing.assert_allclose(mlx, torch, rtol=0.05)
-    assert np.mean(np.abs(mlx - torch) / torch) < 0.02
+    np.testing.assert_allclose(mlx, torch, rtol=0.03)
+    assert mlx[-1] < 0.85 * mlx[0] and torch[-1] < 0.85 * torch[0]
 
 
 def test_packed_rows_equal_per_sample_logits_and_loss(subject, family_model_dir):
@@ -229,8 +223,8 @@ def test_resume_gives_the_same_adapter_as_a_straight_run(
     assert len(losses(tmp_path / "a")) == 6
 
 
-def test_peft_reproduces_the_trained_models_logits(subject, family, overfit_runs):
-    trained = overfit_runs(subject.name, family.name)
+def test_peft_reproduces_the_trained_models_logits(subject, family, trained_runs):
+    trained = trained_runs(subject.name, family.name, "short")
     model_dir, adapter = trained.model_dir, trained.run / "adapter"
     ids = np.random.default_rng(0).integers(5, 500, (1, 30))
     own = subject.logits(trained.model, ids)[0]

@@ -18,6 +18,7 @@ mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
 import mlx.nn as nn  # noqa: E402
+from backend_helpers import mlx_lora_model  # noqa: E402
 from lora_helpers import hf_logits  # noqa: E402
 from repo_helpers import QWEN25_3B  # noqa: E402
 from train_helpers import run_config, start_run  # noqa: E402
@@ -45,17 +46,6 @@ def fp32_logits(model, ids: np.ndarray) -> np.ndarray:
     return np.array(model(mx.array(ids)))
 
 
-def lora_model(model_dir, seed=0):
-    """The tiny model in fp32 with LoRA on every linear layer and a non-zero B."""
-    model, _ = mlx_model.load_base(model_dir, "none")
-    model.set_dtype(mx.float32)
-    mlx_model.add_lora(model, ALL_LINEAR, rank=8, alpha=16, dropout=0.0, seed=seed)
-    for layer in mlx_model.lora_layers(model).values():
-        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
-    model.eval()
-    return model
-
-
 def packed_batch(rows=2, length=64, seed=0):
     """Rows of three samples each with random targets, as the loop hands them over."""
     rng = np.random.default_rng(seed)
@@ -74,7 +64,7 @@ def gradients(model_dir, *extra):
     from qwen_mlx.backends.mlx_trainer import MLXHooks
 
     cfg = load_config(None, None, [f"model.path={model_dir}", "lora.dropout=0", *extra])
-    hooks = MLXHooks(lora_model(model_dir), cfg)
+    hooks = MLXHooks(mlx_lora_model(model_dir), cfg)
     loss = hooks.micro_step(packed_batch(), 0.5, sync=True)
     return loss, {k: np.array(g) for k, g in tree_flatten(hooks.grads)}
 

@@ -215,7 +215,7 @@ def test_liger_patches_a_qwen3_with_its_qwen3_kernels(monkeypatch):
 # ---------------------------------------------------------------- prompts as trained
 
 
-def _tuned_run(overfit_runs, data, folder, thinking: bool):
+def _tuned_run(trained_runs, data, folder, thinking: bool):
     """A copy of the tiny Qwen3's torch run whose config says chat.enable_thinking."""
     import shutil
 
@@ -223,7 +223,7 @@ def _tuned_run(overfit_runs, data, folder, thinking: bool):
 
     from qwen_mlx.config_file import save_config
 
-    trained = overfit_runs("torch", QWEN3.name)
+    trained = trained_runs("torch", QWEN3.name, "short")
     run = shutil.copytree(trained.run, folder)
     setting = f"chat.enable_thinking={str(thinking).lower()}"
     save_config(run_config(trained.model_dir, data, run, setting), run / "config.yaml")
@@ -232,12 +232,12 @@ def _tuned_run(overfit_runs, data, folder, thinking: bool):
 
 @pytest.mark.parametrize("thinking", [False, True])
 def test_engine_prompts_follow_the_runs_chat_enable_thinking(
-    thinking, overfit_runs, small_data, tmp_path
+    thinking, trained_runs, small_data, tmp_path
 ):
     # eval, chat and serve all open their engine with open_engine and ask it for prompts.
     from qwen_mlx.inference import open_engine
 
-    run = _tuned_run(overfit_runs, small_data, tmp_path / "run", thinking)
+    run = _tuned_run(trained_runs, small_data, tmp_path / "run", thinking)
     engine = open_engine(run, backend="torch")
     ids = engine.prompt_ids([QUESTION], 64)
     tokenizer = engine.tokenizer
@@ -309,7 +309,7 @@ def test_check_says_whether_enable_thinking_fits_the_data(
 
 @pytest.mark.parametrize("thinking", [False, True])
 def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
-    thinking, overfit_runs, small_data, tmp_path, monkeypatch
+    thinking, trained_runs, small_data, tmp_path, monkeypatch
 ):
     import types
 
@@ -317,16 +317,20 @@ def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
 
     from qwen_mlx import evaluate
 
-    run = _tuned_run(overfit_runs, small_data, tmp_path / "run", thinking)
+    run = _tuned_run(trained_runs, small_data, tmp_path / "run", thinking)
     asked = []
 
     def run_model(engine, label, *args):
         asked.append((label, engine.thinking))
         if label == "base":
             raise KeyboardInterrupt  # enough: both engines were set up
+        return types.SimpleNamespace()  # the tuned model's result
 
-    monkeypatch.setattr(evaluate, "GGUFEngine", lambda path: types.SimpleNamespace())
-    monkeypatch.setattr(evaluate, "open_engine", lambda *a, **k: types.SimpleNamespace())
+    def engine(*args, **kwargs):  # no adapter and no tokenizer: no drift to measure
+        return types.SimpleNamespace(has_adapter=False, tokenizer=None)
+
+    monkeypatch.setattr(evaluate, "GGUFEngine", engine)
+    monkeypatch.setattr(evaluate, "open_engine", engine)
     monkeypatch.setattr(evaluate, "run_model", run_model)
     for gguf in (tmp_path / "x.gguf", None):
         with pytest.raises(KeyboardInterrupt):
