@@ -106,7 +106,7 @@ def _torch() -> Subject:
         base = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer
         return type(base).__name__ == "Linear4bit"  # bitsandbytes' NF4 layer
 
-    four_bit = ("training.num_epochs=6",)
+    four_bit = ("training.num_epochs=6", "training.learning_rate=1e-2")
     return Subject("torch", torch_model, lora_model, logits, loss, 1e-5, 0.6, four_bit, quantized)
 
 
