@@ -50,14 +50,15 @@ def kl_divergence(base_logits: np.ndarray, tuned_logits: np.ndarray) -> np.ndarr
     return (np.exp(base) * (base - tuned)).sum(axis=-1)
 
 
-def base_answers(engine, prompts: list, max_tokens: int) -> list[dict]:
-    """Records of ``prompts`` (:class:`qwen_mlx.replay.Prompt`) answered greedily by the base
-    (``engine`` with its adapter off); an answer cut off at ``max_tokens`` is kept as far as
-    it went (drift is measured on the tokens, not on whole answers)."""
+def base_answers(engine, prompts: list, max_tokens: int, temperature: float = 0.0) -> list[dict]:
+    """Records of ``prompts`` (:class:`qwen_mlx.replay.Prompt`) answered by the base
+    (``engine`` with its adapter off; greedy unless ``temperature``); an answer cut off at
+    ``max_tokens`` is kept as far as it went (drift is measured on the tokens, not on whole
+    answers)."""
     from qwen_mlx.inference import complete
     from qwen_mlx.reasoning import split_reply
 
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
+    settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
     records = []
     with engine.adapter_disabled():
         for prompt in track(prompts, description="answering (base, general)", transient=True):

@@ -294,3 +294,47 @@ def test_eval_reports_in_domain_unseen_refusals_and_drift(tiny_model_dir, adapte
     assert tuned["general_drift"]["prompts"] == 3 and tuned["general_drift"]["kl_per_token"] > 0
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Answers that hold" in page and "general drift" in page
+
+
+# ---------------------------------------------------------------- replay against forgetting
+
+
+def test_replay_keeps_the_tuned_model_closer_to_its_base(tiny_model_dir, small_data, tmp_path):
+    """bench/forgetting.py measures this over seeds (BENCHMARKS.md, "Forgetting"); here one
+    small run with a loose bound keeps it from regressing: mixing the base's own answers in
+    must leave less drift than the same training without them."""
+    import torch
+    from train_helpers import QUIET as SILENT
+
+    from qwen_mlx.config_file import load_config, save_config
+    from qwen_mlx.drift import base_answers, measure
+    from qwen_mlx.fsutil import write_jsonl
+    from qwen_mlx.inference import open_engine
+    from qwen_mlx.replay import HELDOUT, REPLAY, general_prompts, load_prompts, pick
+    from qwen_mlx.training_run import train
+
+    base = open_engine(None, model=tiny_model_dir, backend="torch")
+    replay_prompts = pick(load_prompts(general_prompts(), REPLAY), 24, seed=0)
+    replay = tmp_path / "replay.jsonl"
+    torch.manual_seed(0)  # sampled at temperature 1: the base's own distribution, not its mode
+    write_jsonl(replay, base_answers(base, replay_prompts, max_tokens=16, temperature=1.0))
+    heldout = base_answers(base, pick(load_prompts(general_prompts(), HELDOUT), 6, 0), 12)
+
+    def drift(*extra: str) -> tuple[int, float]:
+        run = tmp_path / f"run{len(extra)}"
+        sets = [f"model.path={tiny_model_dir}", "model.quantization=none"]
+        sets += [f"data.train_file={small_data}", "training.num_epochs=6"]
+        sets += ["training.learning_rate=2e-3", "training.warmup_steps=1", "training.seed=3"]
+        sets += ["training.max_seq_length=256", f"output.dir={run}", *extra]
+        cfg = load_config(None, None, sets)
+        run.mkdir()
+        save_config(cfg, run / "config.yaml")
+        steps = train(cfg, run, False, SILENT).steps
+        return steps, measure(open_engine(run, backend="torch"), heldout, 256).kl_per_token
+
+    steps, plain = drift()
+    # The same number of updates: replay's rows take some of them, as in the benchmark.
+    _, mixed = drift(
+        f"data.replay_file={replay}", "data.replay_ratio=0.5", f"training.max_steps={steps}"
+    )
+    assert 0 < mixed < plain, (mixed, plain)
