@@ -50,6 +50,8 @@ def _prompts_file(path: Path) -> Path:
         ("细则未规定此类费用，请咨询财务处。", True),
         ("本细则没有涉及该情况。", True),
         ("无法确定，建议咨询学院财务。", True),
+        ("细则未对宠物寄养费作出规定。", True),
+        ("目前没有关于体检费的规定。", True),
         ("The rules do not cover this; please ask the finance office.", True),
         ("每晚500元，请向财务处咨询。", False),  # an amount: answered, maybe invented
         ("伙食补助每人每天100元。", False),
