@@ -109,29 +109,16 @@ def test_a_streamed_think_block_splits_as_the_whole_reply_does(size):
     assert reply_message(THOUGHT_REPLY, QWEN2.think_tags)["content"] == THOUGHT_REPLY
 
 
-class ScriptedEngine:
-    """An engine that answers every prompt with ``THOUGHT_REPLY``, a few characters a piece."""
-
-    model_id, description, context_length = "scripted", "scripted reply", 4096
-    family = QWEN3
-
-    def prompt_ids(self, messages, max_tokens):
-        return [1, 2, 3]
-
-    def pieces(self, prompt_ids, settings):
-        for at in range(0, len(THOUGHT_REPLY), 3):
-            yield THOUGHT_REPLY[at : at + 3]
-
-
 def test_serve_returns_the_think_part_as_reasoning_content():
     pytest.importorskip("fastapi")
     pytest.importorskip("uvicorn")
     from serve_helpers import http, running
+    from web_helpers import ScriptedEngine
 
     from qwen_mlx.serve import Server
 
     ask = {"model": "scripted", "messages": [QUESTION], "max_tokens": 100}
-    with running(Server(ScriptedEngine(), None)) as port:
+    with running(Server(ScriptedEngine(THOUGHT_REPLY), None)) as port:
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
         message = http("POST", url, json.dumps(ask).encode()).json()["choices"][0]["message"]
         streamed = http("POST", url, json.dumps({**ask, "stream": True}).encode()).text
@@ -147,9 +134,11 @@ def test_serve_returns_the_think_part_as_reasoning_content():
 
 
 def test_eval_scores_the_answer_not_the_think_block(qwen3_tokenizer):
+    from web_helpers import ScriptedEngine
+
     from qwen_mlx.evaluate import Case, run_model
 
-    engine = ScriptedEngine()
+    engine = ScriptedEngine(THOUGHT_REPLY)
     engine.tokenizer = qwen3_tokenizer
     engine.score = lambda samples: (2.0, 1)
     record = {"messages": [QUESTION, ANSWER]}

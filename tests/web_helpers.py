@@ -7,6 +7,7 @@ one Playwright downloads. Tests skip, saying why, where Playwright or Chromium i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -54,12 +55,19 @@ class ScriptedEngine:
 
     context_length = 4096
     family = QWEN3  # a reply's think block is reasoning
+    thinking, tokenizer, has_adapter = None, None, False
 
     def __init__(self, reply: str, model_id: str = "scripted", delay: float = 0.0):
-        self.reply, self.model_id, self.delay = reply, model_id, delay
-        self.description = f"{model_id} (scripted)"
+        self.reply, self.delay = reply, delay
+        self.name(model_id)
         self.asked: list[list[dict]] = []
         self.produced = 0  # pieces generated, over all requests
+
+    def name(self, model_id: str) -> None:
+        self.model_id, self.description = model_id, f"{model_id} (scripted)"
+
+    def adapter_disabled(self):
+        return contextlib.nullcontext()
 
     def prompt_ids(self, messages: list[dict], max_tokens: int) -> list[int]:
         self.asked.append(messages)
