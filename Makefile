@@ -34,7 +34,10 @@ demo: venv
 	# the random tiny model needs it to visibly learn.
 	$(BIN)/qwen-mlx train --backend auto $(DEMO_SET) --set training.num_epochs=3 \
 		--set training.learning_rate=2e-3 --set training.warmup_steps=5
-	$(BIN)/qwen-mlx eval $(DEMO)/run --data $(TEST_DATA) --compare-base --limit 10 --max-tokens 48
+	# Answers that hold: in-domain, the questions the rules leave open (refusals) and the
+	# general drift from the base: all 48 test questions, 20 held-out general prompts.
+	$(BIN)/qwen-mlx eval $(DEMO)/run --data $(TEST_DATA) --compare-base --max-tokens 48 \
+		--general-prompts 20
 	$(BIN)/qwen-mlx export $(DEMO)/run -o $(DEMO)/tiny-$(ARCH)-demo.gguf --quant q8_0
 	$(BIN)/qwen-mlx chat --gguf $(DEMO)/tiny-$(ARCH)-demo.gguf --max-tokens 48 \
 		--prompt "出差住宿标准是多少？"

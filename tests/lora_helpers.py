@@ -1,6 +1,6 @@
 """Helpers for the fuse / export / adapter tests (imported by them; not a test module).
 
-An adapter here is made the way our trainers' output looks (DESIGN §5): PEFT's own
+An adapter here is made the way our trainers' output looks: PEFT's own
 ``get_peft_model`` + ``save_pretrained`` on the tiny model. PEFT starts B at zero, so B is
 set to random values to give every layer a real update. A run folder is that adapter plus
 the resolved ``config.yaml``, as ``qwen-mlx train`` leaves it.
