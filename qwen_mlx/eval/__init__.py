@@ -1,0 +1,1 @@
+"""``qwen-mlx eval``: answers scored, judged and reported; refusals and general drift."""

@@ -1,0 +1,1 @@
+"""GGUF export and fuse: an adapter into its base, a model into a GGUF file and its ollama Modelfile."""

@@ -1,0 +1,1 @@
+"""``qwen-mlx serve``: the OpenAI-compatible API, its guards and the chat page."""
