@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_mlx import ggml_floats
+from qwen_mlx.export import ggml_floats
 from qwen_mlx.families import Family, find_family
 from qwen_mlx.tensor_io import SafetensorsWriter, f32_to_bf16, save_f32
 from qwen_mlx.tiny import padded_vocab_size, train_tokenizer

@@ -38,7 +38,7 @@ def base_records(model: Path, split: str, n: int, max_tokens: int, temperature=0
     prompts of one part of the general set."""
     import torch
 
-    from qwen_mlx.drift import base_answers
+    from qwen_mlx.eval.drift import base_answers
     from qwen_mlx.inference import open_engine
     from qwen_mlx.replay import general_prompts, load_prompts, pick
 
@@ -51,7 +51,7 @@ def base_records(model: Path, split: str, n: int, max_tokens: int, temperature=0
 def train_and_measure(model: Path, root: Path, seed: int, args, replay: Path | None, steps=0):
     """Train one run; return (its optimizer updates, its general drift on the held-out set)."""
     from qwen_mlx.config_file import load_config, save_config
-    from qwen_mlx.drift import measure
+    from qwen_mlx.eval.drift import measure
     from qwen_mlx.inference import open_engine
     from qwen_mlx.training_run import train
 

@@ -31,7 +31,7 @@ def _port() -> int:
 
 
 def _start(engine):
-    from qwen_mlx.serve import Server, make_server
+    from qwen_mlx.serve.server import Server, make_server
 
     port = _port()
     server = make_server(Server(engine), "127.0.0.1", port, log_level="error")

@@ -31,7 +31,7 @@ from qwen_mlx.config import DataConfig, TrainingConfig
 @click.group(cls=ErrorLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="qwen-mlx")
 def cli() -> None:
-    """Fine-tune Qwen2.5 on your own data and run it locally.
+    """Fine-tune Qwen (Qwen2.5, Qwen3) on your own data and run it locally.
 
     \b
     Typical workflow:

@@ -13,8 +13,8 @@ import click
 from qwen_mlx.backends import CHOICES
 from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
 from qwen_mlx.errors import UserError
+from qwen_mlx.export.gguf_quants import QUANT_CHOICES
 from qwen_mlx.families import names as family_names
-from qwen_mlx.gguf_quants import QUANT_CHOICES
 
 _model_option = click.option(
     "--model",
@@ -50,7 +50,7 @@ def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path, force: boo
     The result loads in transformers, mlx-lm or llama.cpp's converter like any model;
     weights keep the base's dtype. Works tensor by tensor, in little memory.
     """
-    from qwen_mlx.fuse import fuse as run_fuse
+    from qwen_mlx.export.fuse import fuse as run_fuse
 
     result = run_fuse(run_or_adapter, out_dir, model_dir, force=force)
     for note in result.notes:
@@ -99,10 +99,10 @@ def export(
 ) -> None:
     """Export a trained run (or a plain --model) to GGUF for ollama and llama.cpp.
 
-    The adapter is applied on the fly; no fused copy is written. A Modelfile with the
-    Qwen2.5 chat template and stop tokens is written beside the GGUF.
+    The adapter is applied on the fly; no fused copy is written. A Modelfile with the model
+    family's chat template and stop tokens is written beside the GGUF.
     """
-    from qwen_mlx.gguf_export import export as run_export
+    from qwen_mlx.export.gguf import export as run_export
 
     result = run_export(
         run_or_adapter,
@@ -252,8 +252,8 @@ def eval_command(
     not answer (kind: unanswerable), and the tuned model's general drift from its base
     (per-token KL on general prompts the base answered; not for --gguf).
     """
-    from qwen_mlx.evaluate import evaluate
-    from qwen_mlx.judge import judge_settings
+    from qwen_mlx.eval.evaluate import evaluate
+    from qwen_mlx.eval.judge import judge_settings
 
     evaluate(
         run_or_adapter,
@@ -375,8 +375,8 @@ def serve(
 
     A request holds at most 2048 messages; headers must arrive within 10 s, a body in 60 s.
     """
-    from qwen_mlx.serve import api_key_of, run
-    from qwen_mlx.serve_web import open_base
+    from qwen_mlx.serve.page import open_base
+    from qwen_mlx.serve.server import api_key_of, run
 
     if base_gguf is not None and gguf is None:
         raise UserError("--base-gguf is the base to compare --gguf with: give --gguf TUNED.gguf")

@@ -95,9 +95,7 @@ def check_control_tokens(tokenizer: Any, family: Family) -> Finding:
 
 
 def _template_fix(model_dir: Path, family: Family) -> str:
-    from importlib import resources
-
-    source = resources.files("qwen_mlx").joinpath("templates", family.chat_template_file)
+    source = family.chat_template_path()
     return (
         f"use the model's own tokenizer_config.json (`{download_hint(model_dir)}`), or copy "
         f"qwen-mlx's {family.name} template: cp {source} {model_dir / 'chat_template.jinja'}"

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_mlx import ggml_floats
 from qwen_mlx.errors import UserError
+from qwen_mlx.export import ggml_floats
 from qwen_mlx.model_files import INDEX, safetensors_header, shard_names
 
 # Stored bytes per element; bfloat16 is read as its uint16 bit pattern (numpy has no bf16).

@@ -80,7 +80,7 @@ def load_tokenizer(model_dir: str | Path) -> Any:
     if not tokenizer.chat_template:
         raise UserError(
             f"{model_dir}/tokenizer_config.json has no chat_template; use an Instruct model "
-            "folder or add Qwen2.5's ChatML template"
+            "folder or add its family's chat template (see `qwen-mlx check`)"
         )
     return tokenizer
 

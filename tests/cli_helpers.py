@@ -13,7 +13,8 @@ def one_error_line(result) -> str:
 
 
 def settings(model_dir, train_file, tmp_path, *more):
-    """``--set`` arguments for a one-step run of ``model_dir`` on ``train_file`` into tmp_path/run."""
+    """``--set`` arguments for a one-step run of ``model_dir`` on ``train_file`` (into
+    tmp_path/run)."""
     pairs = [
         f"model.path={model_dir}",
         f"data.train_file={train_file}",

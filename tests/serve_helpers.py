@@ -20,9 +20,9 @@ def free_port() -> int:
 
 @contextmanager
 def running(app_server, **options):
-    """Serve ``app_server`` (a ``qwen_mlx.serve.Server``); yields the port. ``options``: for
+    """Serve ``app_server`` (a ``qwen_mlx.serve.server.Server``); yields the port. ``options``: for
     ``make_server`` (``header_timeout``)."""
-    from qwen_mlx.serve import make_server
+    from qwen_mlx.serve.server import make_server
 
     port = free_port()
     uv = make_server(app_server, "127.0.0.1", port, log_level="error", **options)

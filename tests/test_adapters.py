@@ -202,7 +202,7 @@ def test_converted_pissa_fuses_to_the_model_peft_gives(tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from qwen_mlx.fuse import fuse
+    from qwen_mlx.export.fuse import fuse
     from qwen_mlx.tiny import build_tiny_model
 
     base = build_tiny_model(tmp_path / "f32", dtype="float32", seed=3)

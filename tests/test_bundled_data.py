@@ -14,7 +14,7 @@ import pytest
 from repo_helpers import BUNDLED_TEST, BUNDLED_TRAIN
 
 from qwen_mlx.data import load_records
-from qwen_mlx.refusals import is_refusal
+from qwen_mlx.eval.refusals import is_refusal
 
 UNANSWERABLE = "unanswerable"
 # The counts data/README.md states: (answerable, unanswerable) per file.
@@ -23,7 +23,7 @@ NEAR_DUPLICATE = 0.6  # character 5-gram Jaccard (the highest today: 0.17, unans
 # An amount of money, or any figure at all: a refusal must not invent one.
 AMOUNT = re.compile(r"\d|[元块¥￥]|万元")
 # Answerable records whose correct answers the plain refusal patterns flag anyway ("没有规定的，
-# …", "请确认…"): a known limit of qwen_mlx.refusals, kept visible here rather than hidden.
+# …", "请确认…"): a known limit of qwen_mlx.eval.refusals, kept visible here rather than hidden.
 FLAGGED_ANSWERS = {
     "项目结题后剩余的经费怎么处理？",
     "资助方的经费规定和学校细则不一样，听谁的？",

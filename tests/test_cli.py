@@ -102,7 +102,7 @@ def test_command_modules_are_added_explicitly_not_by_import_side_effects():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
     from qwen_mlx import cli_distill, cli_models
-    from qwen_mlx.gguf_quants import QUANT_CHOICES
+    from qwen_mlx.export.gguf_quants import QUANT_CHOICES
 
     assert cli_models.COMMANDS
     assert all(cli.commands[command.name] is command for command in cli_models.COMMANDS)

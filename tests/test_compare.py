@@ -17,7 +17,7 @@ from lora_helpers import make_peft_adapter, make_run
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.cli import cli
 from qwen_mlx.inference import complete, open_engine
-from qwen_mlx.serve_web import open_base
+from qwen_mlx.serve.page import open_base
 
 ASK = [{"role": "user", "content": "差旅费怎么报销？"}]
 GREEDY = GenerationSettings(max_tokens=24, temperature=0.0)
@@ -60,7 +60,7 @@ def ggufs(run, tiny_model_dir, tmp_path_factory):
     """(tuned, base) GGUF files of the run and of its base model."""
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.export.gguf import export
 
     root = tmp_path_factory.mktemp("gguf")
     tuned = export(run, root / "tuned.gguf").path
@@ -72,7 +72,7 @@ def test_two_ggufs_answer_under_their_own_names(ggufs, run):
     from web_helpers import api_answer, http
 
     from qwen_mlx.inference import GGUFEngine
-    from qwen_mlx.serve import Server
+    from qwen_mlx.serve.server import Server
 
     tuned_path, base_path = ggufs
     tuned = GGUFEngine(tuned_path)
@@ -104,7 +104,7 @@ def test_serve_on_a_run_gives_the_page_its_base_run_and_system_prompt(
     system = "data.system_prompt=你是报销助手。"
     prompted = make_run(tmp_path / "run", tiny_model_dir, run / "adapter", system)
     served = {}
-    with mock.patch("qwen_mlx.serve.run", lambda *args, **page: served.update(page)):
+    with mock.patch("qwen_mlx.serve.server.run", lambda *args, **page: served.update(page)):
         result = CliRunner().invoke(cli, ["serve", str(prompted), "--backend", "torch"])
     assert result.exit_code == 0, result.output
     assert served["base"].model_id == "tiny-qwen2"

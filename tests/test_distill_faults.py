@@ -180,7 +180,7 @@ def test_a_huge_body_is_cut_off_not_read_whole(tmp_path, fault):
 
 
 def test_a_judges_reason_is_cut_and_a_flood_is_a_failed_grade(tmp_path):
-    from qwen_mlx.judge import REASON_CHARS, JudgeSettings, grade, open_judge
+    from qwen_mlx.eval.judge import REASON_CHARS, JudgeSettings, grade, open_judge
 
     reasons = {"长": "理由" * 500, "洪": "理由" * 500_000}  # 1,000 and 1M characters
 
@@ -253,7 +253,7 @@ def test_another_teacher_or_model_is_never_answered_from_the_ledger(rules, tmp_p
 
 
 def test_a_judge_is_keyed_by_its_endpoint_and_model(tmp_path):
-    from qwen_mlx.judge import JudgeSettings, grade, open_judge
+    from qwen_mlx.eval.judge import JudgeSettings, grade, open_judge
 
     items = [("报销要审批吗？", "要", None, "要")]
     with TeacherStub(models=("a", "b")) as one, TeacherStub(models=("a",)) as two:
@@ -297,7 +297,7 @@ def test_a_run_that_keeps_nothing_exits_1_saying_what_dropped_everything(rules, 
 
 def test_a_judge_that_cannot_be_reached_is_called_the_judge(tmp_path):
     from qwen_mlx.errors import UserError
-    from qwen_mlx.judge import JudgeSettings, open_judge
+    from qwen_mlx.eval.judge import JudgeSettings, open_judge
 
     with pytest.raises(UserError, match=r"cannot reach the judge at http://127\.0\.0\.1:9/v1"):
         open_judge(JudgeSettings("http://127.0.0.1:9/v1", "m"), tmp_path)

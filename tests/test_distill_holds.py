@@ -13,7 +13,7 @@ from teacher_stub import OPEN_TOPICS, UNSUPPORTED_MARK, TeacherStub, default_rep
 
 from qwen_mlx.cli import cli
 from qwen_mlx.distill.curate import NEAR_DUPLICATE, held_out, jaccard, shingles
-from qwen_mlx.refusals import is_refusal
+from qwen_mlx.eval.refusals import is_refusal
 
 pytest.importorskip("openai")
 

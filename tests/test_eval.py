@@ -9,7 +9,7 @@ import pytest
 from repo_helpers import BUNDLED_TEST
 from rich.console import Console
 
-from qwen_mlx.text_metrics import bleu4, rouge_l, score_answers
+from qwen_mlx.eval.text_metrics import bleu4, rouge_l, score_answers
 
 
 def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
@@ -63,7 +63,7 @@ def overfit_run(tiny_model_dir, tmp_path_factory):
 
 
 def test_eval_report_base_vs_tuned(overfit_run):
-    from qwen_mlx.evaluate import evaluate
+    from qwen_mlx.eval.evaluate import evaluate
 
     run, data = overfit_run
     out = evaluate(
@@ -89,8 +89,8 @@ def test_eval_report_base_vs_tuned(overfit_run):
 def test_eval_on_the_exported_gguf_answers_like_the_run(overfit_run, tmp_path):
     """`eval --gguf` scores the exported file: same greedy answers as the trained run."""
     pytest.importorskip("llama_cpp")
-    from qwen_mlx.evaluate import evaluate
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.eval.evaluate import evaluate
+    from qwen_mlx.export.gguf import export
 
     run, data = overfit_run
     gguf = tmp_path / "run.gguf"
@@ -111,8 +111,8 @@ def test_a_judge_grades_every_answer_beside_rouge_and_a_rerun_asks_nothing(overf
     pytest.importorskip("openai")
     from teacher_stub import TeacherStub
 
-    from qwen_mlx.evaluate import evaluate
-    from qwen_mlx.judge import GRADES, JudgeSettings
+    from qwen_mlx.eval.evaluate import evaluate
+    from qwen_mlx.eval.judge import GRADES, JudgeSettings
 
     run, data = overfit_run
     with TeacherStub() as stub:
@@ -149,9 +149,9 @@ def test_a_wrong_judge_stops_before_any_answer_is_generated(overfit_run, monkeyp
     pytest.importorskip("openai")
     from teacher_stub import TeacherStub
 
-    from qwen_mlx import evaluate as ev
     from qwen_mlx.errors import UserError
-    from qwen_mlx.judge import JudgeSettings, judge_settings
+    from qwen_mlx.eval import evaluate as ev
+    from qwen_mlx.eval.judge import JudgeSettings, judge_settings
 
     def never(*args, **kwargs):
         raise AssertionError("answers were generated before the judge was checked")
@@ -175,7 +175,7 @@ def test_the_judge_sees_the_source_passage_of_a_distilled_test_file(tmp_path):
     pytest.importorskip("openai")
     from teacher_stub import TeacherStub
 
-    from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages
+    from qwen_mlx.eval.judge import JudgeSettings, grade, open_judge, passages
 
     chunk = {
         "id": "r.md#2",

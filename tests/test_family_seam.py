@@ -135,7 +135,7 @@ def test_the_reply_split_uses_the_familys_think_tags(registered):
 
 def test_the_gguf_writer_takes_tokens_stops_and_the_tensor_transform(toy_dir, registered, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.export.gguf import export
     from qwen_mlx.tensor_io import model_tensors, to_f32
 
     out = export(None, tmp_path / "toy.gguf", model=toy_dir, quant="f32").path
@@ -173,7 +173,7 @@ def test_a_lora_ggufs_b_gets_the_transform_of_its_weight(toy_dir, registered, tm
 
     from safetensors.numpy import save_file
 
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.export.gguf import export
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()

@@ -29,7 +29,7 @@ pytest.importorskip("uvicorn")
 from serve_helpers import free_port, running
 
 from qwen_mlx.inference import GGUFEngine, open_engine
-from qwen_mlx.serve import Server
+from qwen_mlx.serve.server import Server
 
 ASK = [{"role": "user", "content": "差旅费怎么报销？"}]
 LONG_REPLY = 6000  # tokens: several seconds on any CPU, so a generation left running shows
@@ -67,7 +67,7 @@ class Counting:
 def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.export.gguf import export
 
     return export(None, tmp_path_factory.mktemp("gguf") / "tiny.gguf", model=tiny_model_dir).path
 
@@ -305,7 +305,7 @@ def refused_at_once(port: int, messages: list[dict], max_tokens: int = 4) -> dic
 
 
 def test_a_flood_of_messages_is_refused_at_once_naming_the_limit(live):
-    from qwen_mlx.serve_api import MAX_MESSAGES
+    from qwen_mlx.serve.api import MAX_MESSAGES
 
     error = refused_at_once(live.port, flood(live))
     assert error["param"] == "messages" and str(MAX_MESSAGES) in error["message"]
@@ -323,8 +323,8 @@ def test_a_flood_does_not_hold_up_the_next_request(live):
 
 
 def test_a_prompt_that_cannot_fit_is_refused_by_counting(live):
-    from qwen_mlx.serve_api import MAX_TOKENS_LIMIT
-    from qwen_mlx.serve_guard import MAX_CHARS_PER_TOKEN
+    from qwen_mlx.serve.api import MAX_TOKENS_LIMIT
+    from qwen_mlx.serve.guard import MAX_CHARS_PER_TOKEN
 
     max_tokens = min(MAX_TOKENS_LIMIT, live.engine.context_length // 2)
     room = live.engine.context_length - max_tokens

@@ -19,7 +19,7 @@ from lora_helpers import hf_logits, make_peft_adapter, make_run
 from qwen_mlx import tensor_io
 from qwen_mlx.cli import cli
 from qwen_mlx.errors import UserError
-from qwen_mlx.fuse import fuse
+from qwen_mlx.export.fuse import fuse
 from qwen_mlx.outputs import OUTPUT_MARK
 from qwen_mlx.tensor_io import model_tensors
 
@@ -196,7 +196,7 @@ def test_memory_stays_at_a_few_blocks_not_the_model(tmp_path, monkeypatch):
 
 
 def test_failure_leaves_no_half_written_folder(adapter, tmp_path, monkeypatch):
-    import qwen_mlx.fuse as fuse_module
+    import qwen_mlx.export.fuse as fuse_module
 
     def broken(*args):
         raise OSError("disk full")

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from qwen_mlx import ggml_floats
+from qwen_mlx.export import ggml_floats
 from qwen_mlx.tensor_io import f32_to_f16
 
 
@@ -99,7 +99,7 @@ _BROKEN = {
 def test_a_changed_library_never_changes_or_stops_an_export(
     broken, tiny_model_dir, fresh_load, monkeypatch, tmp_path
 ):
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.export.gguf import export
 
     monkeypatch.setenv("QWEN_MLX_GGML", "0")
     expected = export(None, tmp_path / "numpy.gguf", model=tiny_model_dir, quant="f16").path

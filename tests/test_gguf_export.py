@@ -34,10 +34,10 @@ from lora_helpers import (
     make_run,
 )
 
-from qwen_mlx import gguf_tensors
 from qwen_mlx.cli import cli
 from qwen_mlx.errors import UserError
-from qwen_mlx.gguf_export import export
+from qwen_mlx.export import gguf_tensors
+from qwen_mlx.export.gguf import export
 from qwen_mlx.outputs import OUTPUT_MARK
 
 gguf = pytest.importorskip("gguf")

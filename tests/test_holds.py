@@ -20,7 +20,7 @@ from lora_helpers import make_peft_adapter, make_run
 from rich.console import Console
 
 from qwen_mlx.cli import cli
-from qwen_mlx.refusals import is_refusal
+from qwen_mlx.eval.refusals import is_refusal
 
 QUIET = Console(quiet=True)
 PROMPTS = [
@@ -69,7 +69,7 @@ def test_a_refusal_is_told_from_an_answer(answer, refused):
 
 def test_kl_matches_torchs_and_is_zero_for_the_same_model():
     torch = pytest.importorskip("torch")
-    from qwen_mlx.drift import kl_divergence
+    from qwen_mlx.eval.drift import kl_divergence
 
     rng = np.random.default_rng(0)
     base, tuned = rng.normal(size=(7, 50)) * 3, rng.normal(size=(7, 50)) * 3
@@ -94,7 +94,7 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 
 def _drift(backend: str, model_dir: Path, adapter: Path):
-    from qwen_mlx.drift import base_answers, measure
+    from qwen_mlx.eval.drift import base_answers, measure
     from qwen_mlx.inference import open_engine
     from qwen_mlx.replay import load_prompts
 
@@ -257,7 +257,7 @@ def test_a_short_replay_file_says_so(tiny_model_dir, small_data, tmp_path):
 
 
 def test_eval_reports_in_domain_unseen_refusals_and_drift(tiny_model_dir, adapters, tmp_path):
-    from qwen_mlx.evaluate import evaluate
+    from qwen_mlx.eval.evaluate import evaluate
 
     train = tmp_path / "train.jsonl"
     seen = {"instruction": "出差住宿标准是多少？", "output": "每晚500元。"}
@@ -309,7 +309,7 @@ def test_replay_keeps_the_tuned_model_closer_to_its_base(tiny_model_dir, small_d
     from train_helpers import QUIET as SILENT
 
     from qwen_mlx.config_file import load_config, save_config
-    from qwen_mlx.drift import base_answers, measure
+    from qwen_mlx.eval.drift import base_answers, measure
     from qwen_mlx.fsutil import write_jsonl
     from qwen_mlx.inference import open_engine
     from qwen_mlx.replay import HELDOUT, REPLAY, general_prompts, load_prompts, pick

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from lora_helpers import make_peft_adapter
 
-from qwen_mlx.gguf_export import export
+from qwen_mlx.export.gguf import export
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("peft")

@@ -315,7 +315,7 @@ def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
 
     from rich.console import Console
 
-    from qwen_mlx import evaluate
+    from qwen_mlx.eval import evaluate
 
     run = _tuned_run(trained_runs, small_data, tmp_path / "run", thinking)
     asked = []
@@ -351,9 +351,9 @@ def test_a_run_tuned_to_reason_gets_the_thinking_template(qwen3_dir, tmp_path):
     pytest.importorskip("peft")
     from lora_helpers import gguf_fields, make_peft_adapter, make_run
 
+    from qwen_mlx.export.gguf import export
+    from qwen_mlx.export.modelfile import modelfile_text
     from qwen_mlx.families import QWEN2
-    from qwen_mlx.gguf_export import export
-    from qwen_mlx.modelfile import modelfile_text
 
     adapter = make_peft_adapter(qwen3_dir, tmp_path / "adapter")
     run = make_run(tmp_path / "run", qwen3_dir, adapter, "chat.enable_thinking=true")
@@ -379,7 +379,7 @@ def test_chat_and_serve_on_a_gguf_prompt_as_its_run_was_tuned(
     # made default to the run's chat.enable_thinking, decides; an explicit setting still wins.
     pytest.importorskip("llama_cpp")
     from qwen_mlx import adapters
-    from qwen_mlx.gguf_export import export
+    from qwen_mlx.export.gguf import export
     from qwen_mlx.inference import GGUFEngine
 
     monkeypatch.setattr(adapters.Source, "thinking", property(lambda self: True))

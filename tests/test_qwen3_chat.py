@@ -91,7 +91,7 @@ THOUGHT_REPLY = "<think>\n先查细则。\n看第三条。\n</think>\n\n每人�
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 100])
 def test_a_streamed_think_block_splits_as_the_whole_reply_does(size):
     from qwen_mlx.reasoning import ReasoningSplit
-    from qwen_mlx.serve_api import reply_message
+    from qwen_mlx.serve.api import reply_message
 
     whole = reply_message(THOUGHT_REPLY, QWEN3.think_tags)
     assert whole["reasoning_content"] == "先查细则。\n看第三条。"
@@ -115,7 +115,7 @@ def test_serve_returns_the_think_part_as_reasoning_content():
     from serve_helpers import http, running
     from web_helpers import ScriptedEngine
 
-    from qwen_mlx.serve import Server
+    from qwen_mlx.serve.server import Server
 
     ask = {"model": "scripted", "messages": [QUESTION], "max_tokens": 100}
     with running(Server(ScriptedEngine(THOUGHT_REPLY), None)) as port:
@@ -136,7 +136,7 @@ def test_serve_returns_the_think_part_as_reasoning_content():
 def test_eval_scores_the_answer_not_the_think_block(qwen3_tokenizer):
     from web_helpers import ScriptedEngine
 
-    from qwen_mlx.evaluate import Case, run_model
+    from qwen_mlx.eval.evaluate import Case, run_model
 
     engine = ScriptedEngine(THOUGHT_REPLY)
     engine.tokenizer = qwen3_tokenizer

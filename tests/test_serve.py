@@ -16,7 +16,7 @@ pytest.importorskip("uvicorn")
 from serve_helpers import http, running  # noqa: E402
 
 from qwen_mlx.inference import open_engine  # noqa: E402
-from qwen_mlx.serve import Server  # noqa: E402
+from qwen_mlx.serve.server import Server  # noqa: E402
 
 KEY = "sk-test-123"
 MODEL = "tiny-qwen2"  # the model folder's name, which the server answers to

@@ -20,8 +20,8 @@ from click.testing import CliRunner
 from serve_helpers import running
 from web_helpers import ScriptedEngine
 
-from qwen_mlx.serve import Server
-from qwen_mlx.serve_guard import HEADER_TIMEOUT_S, allowed_hosts, host_name
+from qwen_mlx.serve.guard import HEADER_TIMEOUT_S, allowed_hosts, host_name
+from qwen_mlx.serve.server import Server
 
 KEY = "sk-guard-789"
 JSON = "application/json"
@@ -176,7 +176,9 @@ def serve_cli(monkeypatch, tmp_path, *args: str, env: dict | None = None):
 
     seen = {}
     monkeypatch.setattr("qwen_mlx.cli_models._engine", lambda *a: ScriptedEngine("好"))
-    monkeypatch.setattr("qwen_mlx.serve.run", lambda e, h, p, key, *a, **k: seen.update(key=key))
+    monkeypatch.setattr(
+        "qwen_mlx.serve.server.run", lambda e, h, p, key, *a, **k: seen.update(key=key)
+    )
     result = CliRunner().invoke(cli, ["serve", "--model", str(tmp_path), *args], env=env)
     return result, seen.get("key")
 

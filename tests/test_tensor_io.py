@@ -9,8 +9,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from qwen_mlx import ggml_floats, tensor_io
-from qwen_mlx.gguf_tensors import _DIRECT
+from qwen_mlx import tensor_io
+from qwen_mlx.export import ggml_floats
+from qwen_mlx.export.gguf_tensors import _DIRECT
 from qwen_mlx.tensor_io import (
     SafetensorsWriter,
     bf16_to_f32,

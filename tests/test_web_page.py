@@ -27,7 +27,7 @@ from web_helpers import (
     shot,
 )
 
-from qwen_mlx.serve import Server
+from qwen_mlx.serve.server import Server
 
 KEY = "sk-page-456"
 QUESTION = "差旅费怎么报销？"
@@ -241,7 +241,7 @@ def squash(text: str) -> str:
 
 def test_compare_shows_the_base_and_the_tuned_answer(browser, trained_run, tmp_path):
     from qwen_mlx.inference import open_engine
-    from qwen_mlx.serve_web import open_base
+    from qwen_mlx.serve.page import open_base
 
     tuned = open_engine(trained_run, backend="torch")
     base = open_base(tuned, trained_run, None, None)

@@ -28,7 +28,7 @@ from qwen_mlx.distill.chunking import Chunk
 from qwen_mlx.distill.generate import Candidate, user_turn
 from qwen_mlx.distill.prompts import PASSAGE, REFUSAL, language, load_prompts
 from qwen_mlx.distill.retrieval import BM25
-from qwen_mlx.refusals import is_refusal
+from qwen_mlx.eval.refusals import is_refusal
 
 CHECK_PASSAGES = 4  # the most similar chunks an unanswerable question is checked against
 TOPIC_CHARS = 40  # a longer "topic" is a sentence, not a topic phrase

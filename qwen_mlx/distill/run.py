@@ -18,11 +18,11 @@ from rich.console import Console
 from qwen_mlx.config import Config
 from qwen_mlx.distill import curate
 from qwen_mlx.distill.chunking import Chunk, chunk_document, token_counter
+from qwen_mlx.distill.dashboard import distill_progress
 from qwen_mlx.distill.documents import read_documents
 from qwen_mlx.distill.generate import Candidate, user_turn
 from qwen_mlx.distill.ledger import folder_lock
 from qwen_mlx.distill.pipeline import CHECK_PASSAGES, Distilled, Drops, Pipeline
-from qwen_mlx.distill.progress import distill_progress
 from qwen_mlx.distill.prompts import load_prompts
 from qwen_mlx.distill.report import (
     cluster_summary,

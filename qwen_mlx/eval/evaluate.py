@@ -6,9 +6,10 @@ against the reference with character-level ROUGE-L and BLEU-4 (:mod:`text_metric
 ``--gguf FILE`` answers with an exported GGUF instead, to confirm it behaves like the run.
 Beside them, the "answers that hold" figures (:mod:`holds`, :mod:`drift`): in-domain scores
 on answerable and on unseen-wording questions, the refusal rate on questions the rules do not
-answer, and the tuned model's general drift from its base. Everything lands in ``<run>/eval/`` (``<run>/eval-gguf/`` for a GGUF): ``answers.jsonl``
-(every answer and its scores, so the numbers can be recomputed), ``summary.json``,
-``report.md`` and a self-contained ``report.html`` (loss curve + side-by-side table).
+answer, and the tuned model's general drift from its base. Everything lands in
+``<run>/eval/`` (``<run>/eval-gguf/`` for a GGUF): ``answers.jsonl`` (every answer and its
+scores, so the numbers can be recomputed), ``summary.json``, ``report.md`` and a
+self-contained ``report.html`` (:mod:`pages`: loss curve + side-by-side table).
 """
 
 from __future__ import annotations
@@ -24,18 +25,18 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from qwen_mlx import holds
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.data import load_records
-from qwen_mlx.drift import HIGH_DRIFT, HIGH_DRIFT_FIX, Drift, general_drift
 from qwen_mlx.errors import UserError
+from qwen_mlx.eval import holds
+from qwen_mlx.eval.drift import HIGH_DRIFT, HIGH_DRIFT_FIX, Drift, general_drift
+from qwen_mlx.eval.judge import JudgeSettings, grade, open_judge, passages, stopped
+from qwen_mlx.eval.judge import summary as judge_summary
+from qwen_mlx.eval.pages import holds_table, summary_table, write_reports
+from qwen_mlx.eval.text_metrics import bleu4, rouge_l, score_answers
 from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import Engine, GGUFEngine, complete, open_engine
-from qwen_mlx.judge import JudgeSettings, grade, open_judge, passages, stopped
-from qwen_mlx.judge import summary as judge_summary
 from qwen_mlx.reasoning import split_reply
-from qwen_mlx.report import holds_table, summary_table, write_reports
-from qwen_mlx.text_metrics import bleu4, rouge_l, score_answers
 
 
 @dataclass

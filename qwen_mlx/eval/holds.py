@@ -6,8 +6,8 @@
   of a phrasing);
 - **refusals**: on ``kind: unanswerable`` questions, the share answered with "the rules do
   not cover this" (the judge's ``correct`` against the refusal reference, or
-  :func:`qwen_mlx.refusals.is_refusal` without a judge): 1 − the invention rate;
-- **general drift** (:mod:`qwen_mlx.drift`), the tuned model's only.
+  :func:`qwen_mlx.eval.refusals.is_refusal` without a judge): 1 − the invention rate;
+- **general drift** (:mod:`qwen_mlx.eval.drift`), the tuned model's only.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Any
 
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
-from qwen_mlx.judge import summary as judge_summary
-from qwen_mlx.refusals import is_refusal
-from qwen_mlx.text_metrics import score_answers
+from qwen_mlx.eval.judge import summary as judge_summary
+from qwen_mlx.eval.refusals import is_refusal
+from qwen_mlx.eval.text_metrics import score_answers
 
 UNANSWERABLE = "unanswerable"
 

@@ -1,1 +1,2 @@
-"""GGUF export and fuse: an adapter into its base, a model into a GGUF file and its ollama Modelfile."""
+"""GGUF export and fuse: an adapter merged into its base, a model into a GGUF file and its
+ollama Modelfile."""

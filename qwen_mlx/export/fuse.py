@@ -19,9 +19,9 @@ import numpy as np
 
 from qwen_mlx.adapters import Adapter, LoraPair, resolve_source
 from qwen_mlx.errors import UserError
+from qwen_mlx.file_progress import byte_progress
 from qwen_mlx.fsutil import write_json
 from qwen_mlx.outputs import output_dir
-from qwen_mlx.progress import byte_progress
 from qwen_mlx.tensor_io import (
     SafetensorsWriter,
     TensorRef,

@@ -20,17 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from qwen_mlx import gguf_tensors as gt
 from qwen_mlx.adapters import Source, resolve_source
 from qwen_mlx.errors import UserError
-from qwen_mlx.families import Family, family_of
-from qwen_mlx.fsutil import atomic_path, scratch_file
-from qwen_mlx.fuse import check_adapter_fits
-from qwen_mlx.gguf_quants import LORA_QUANTS, QUANT_CHOICES
-from qwen_mlx.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
-from qwen_mlx.llama_quant import llama_quantize, require_llama_cpp
-from qwen_mlx.model_files import read_model_config
-from qwen_mlx.modelfile import (
+from qwen_mlx.export import gguf_tensors as gt
+from qwen_mlx.export.fuse import check_adapter_fits
+from qwen_mlx.export.gguf_quants import LORA_QUANTS, QUANT_CHOICES
+from qwen_mlx.export.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
+from qwen_mlx.export.llama_quant import llama_quantize, require_llama_cpp
+from qwen_mlx.export.modelfile import (
     default_system,
     modelfile_path,
     ollama_command,
@@ -38,8 +35,11 @@ from qwen_mlx.modelfile import (
     require_ollama,
     write_modelfile,
 )
+from qwen_mlx.families import Family, family_of
+from qwen_mlx.file_progress import byte_progress
+from qwen_mlx.fsutil import atomic_path, scratch_file
+from qwen_mlx.model_files import read_model_config
 from qwen_mlx.outputs import claim_files, writing
-from qwen_mlx.progress import byte_progress
 from qwen_mlx.run_dir import ADAPTER
 from qwen_mlx.tensor_io import model_tensors
 

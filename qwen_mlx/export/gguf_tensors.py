@@ -22,7 +22,7 @@ import numpy as np
 
 from qwen_mlx.adapters import Adapter, LoraPair
 from qwen_mlx.errors import UserError
-from qwen_mlx.gguf_quants import QUANTS, QuantSpec
+from qwen_mlx.export.gguf_quants import QUANTS, QuantSpec
 from qwen_mlx.tensor_io import TensorRef, bf16_to_f16, encode_rows, f32_to_bf16, f32_to_f16
 
 # Tensors llama.cpp does not expect (it checks the count); transformers may save them.

@@ -95,12 +95,16 @@ class Family:
         """Tokens that end a reply: the end of the turn, and the end of the document."""
         return (self.turn_end, self.document_end)
 
+    def chat_template_path(self) -> Path:
+        """Where the family's chat template (Jinja source) is."""
+        if Path(self.chat_template_file).is_absolute():
+            return Path(self.chat_template_file)
+        folder = resources.files("qwen_mlx").joinpath("templates")
+        return Path(str(folder.joinpath(self.chat_template_file)))
+
     def chat_template(self) -> str:
         """The family's chat template (Jinja source)."""
-        if Path(self.chat_template_file).is_absolute():
-            return Path(self.chat_template_file).read_text("utf-8")
-        folder = resources.files("qwen_mlx").joinpath("templates")
-        return folder.joinpath(self.chat_template_file).read_text("utf-8")
+        return self.chat_template_path().read_text("utf-8")
 
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether config.json describes a model of this family."""

@@ -24,7 +24,7 @@ import anyio
 from starlette.datastructures import Headers
 from starlette.responses import Response
 
-from qwen_mlx.serve_api import ErrorResponse
+from qwen_mlx.serve.api import ErrorResponse
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::"})

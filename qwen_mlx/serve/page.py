@@ -1,6 +1,6 @@
 """The pages of ``qwen-mlx serve``: the chat page with its base-vs-tuned compare, and ``/docs``.
 
-The page (``qwen_mlx/web/``: one HTML file, a script and a style sheet of our own, nothing
+The page (``qwen_mlx/serve/web/``: one HTML file, a script and a style sheet of our own, nothing
 from elsewhere) is served at ``/`` without the API key, so it can load and ask for the key;
 everything it then calls is the API, behind the key. ``/ui/info`` tells it the models, and
 ``/run/eval/report.html`` and ``/run/loss.png`` hand it the run's eval report and loss curve:
@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse, HTMLResponse, Response
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.inference import Engine
-from qwen_mlx.serve_api import ErrorResponse
+from qwen_mlx.serve.api import ErrorResponse
 
 ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
 # What loads without the key: the page itself, which then asks for it.
@@ -113,7 +113,7 @@ def open_base(
 
 
 def _asset(name: str) -> bytes:
-    return resources.files("qwen_mlx").joinpath("web", name).read_bytes()
+    return resources.files("qwen_mlx.serve").joinpath("web", name).read_bytes()
 
 
 def add_page_routes(app: FastAPI, server: Any) -> None:

@@ -2,15 +2,15 @@
 
 Endpoints: ``POST /v1/chat/completions`` (plain, or server-sent events with ``"stream": true``),
 ``GET /v1/models``, ``GET /health``, and ``/openapi.json``. The wire format and its errors live
-in :mod:`qwen_mlx.serve_api`; the pages (the chat page at ``/``, ``/docs``) and the base model
-the chat page compares with, in :mod:`qwen_mlx.serve_web`.
+in :mod:`qwen_mlx.serve.api`; the pages (the chat page at ``/``, ``/docs``) and the base model
+the chat page compares with, in :mod:`qwen_mlx.serve.page`.
 
 One model serves everyone, so generations take turns behind a lock. Each request generates in
 its own worker thread (:class:`Job`) that checks a cancel flag between tokens and frees the
 model when it ends. The request side sets the flag when the client goes away, and stopping the
 server sets every flag, so an abandoned request never keeps the model, and SIGTERM ends the
 server in moments. The Host header, the API key and the body size are checked before anything
-is parsed, and a prompt's size before it is tokenized (:mod:`qwen_mlx.serve_guard`).
+is parsed, and a prompt's size before it is tokenized (:mod:`qwen_mlx.serve.guard`).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.errors import UserError
 from qwen_mlx.inference import Chunk, stream
 from qwen_mlx.reasoning import ReasoningSplit
-from qwen_mlx.serve_api import (
+from qwen_mlx.serve.api import (
     ChatRequest,
     ChunkWriter,
     ErrorResponse,
@@ -38,7 +38,7 @@ from qwen_mlx.serve_api import (
     install_error_handlers,
     usage,
 )
-from qwen_mlx.serve_guard import (
+from qwen_mlx.serve.guard import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     Guard,
@@ -46,7 +46,7 @@ from qwen_mlx.serve_guard import (
     cannot_fit,
     http_protocol,
 )
-from qwen_mlx.serve_web import PUBLIC_PATHS, add_page_routes
+from qwen_mlx.serve.page import PUBLIC_PATHS, add_page_routes
 
 SHUTDOWN_GRACE_S = 3  # after SIGTERM, in-flight replies are cut off after this long at most
 MIN_BODY_LIMIT = 1 << 20
