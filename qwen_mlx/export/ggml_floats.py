@@ -49,16 +49,23 @@ class _Ggml:
             library.ggml_cpu_init()
 
 
-def _library_file() -> Path | None:
-    if os.environ.get("QWEN_MLX_GGML", "1") == "0":
-        return None
+def library_folder() -> Path | None:
+    """llama-cpp-python's folder of shared libraries (ggml's among them), or None."""
     try:
         spec = importlib.util.find_spec("llama_cpp")  # finds the package, does not run it
     except (ImportError, ValueError):
         return None
     if spec is None or not spec.submodule_search_locations:
         return None
-    folder = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+def _library_file() -> Path | None:
+    if os.environ.get("QWEN_MLX_GGML", "1") == "0":
+        return None
+    folder = library_folder()
+    if folder is None:
+        return None
     return next((folder / name for name in _FILE_NAMES if (folder / name).is_file()), None)
 
 

@@ -5,8 +5,9 @@ Tensors are streamed: the header (metadata and the tensor table, whose sizes are
 advance) is written first, then each tensor is read, converted and written in blocks of rows,
 so memory stays at about one block whatever the model size. Exporting a run or adapter adds
 the LoRA update to each weight on the way (no fused copy on disk); ``--lora-only`` writes the
-adapter alone as a LoRA GGUF. Q4_K_M comes from llama.cpp's own quantizer (llama-cpp-python),
-fed with a 16-bit GGUF written first.
+adapter alone as a LoRA GGUF. Q4_K_M is streamed too: each block is quantized by ggml's own
+quantizer (llama-cpp-python's library) with llama.cpp's per-tensor type choices, so the
+tensors equal llama-quantize's and no 16-bit intermediate file is written.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from qwen_mlx.export import gguf_tensors as gt
 from qwen_mlx.export.fuse import check_adapter_fits
 from qwen_mlx.export.gguf_quants import LORA_QUANTS, QUANT_CHOICES
 from qwen_mlx.export.gguf_tokenizer import GGUFVocab, add_vocab, default_chat_template, read_vocab
-from qwen_mlx.export.llama_quant import llama_quantize, require_llama_cpp
+from qwen_mlx.export.llama_quant import require_llama_cpp
 from qwen_mlx.export.modelfile import (
     default_system,
     modelfile_path,
@@ -37,7 +38,7 @@ from qwen_mlx.export.modelfile import (
 )
 from qwen_mlx.families import Family, family_of
 from qwen_mlx.file_progress import byte_progress
-from qwen_mlx.fsutil import atomic_path, scratch_file
+from qwen_mlx.fsutil import atomic_path
 from qwen_mlx.model_files import read_model_config
 from qwen_mlx.outputs import claim_files, writing
 from qwen_mlx.run_dir import ADAPTER
@@ -220,7 +221,9 @@ def write_model_gguf(
     vocab: GGUFVocab = read_vocab(model_dir, config, family, source.thinking)
     name_map = _name_map(gguf, config, family)
     transform = partial(family.gguf_transform, config=config)
-    jobs, notes = gt.model_jobs(gguf, tensors, name_map, adapter, quant, transform)
+    arch = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH[family.gguf_arch]]
+    layers = config["num_hidden_layers"]
+    jobs, notes = gt.model_jobs(gguf, tensors, name_map, adapter, quant, transform, arch, layers)
     writer = _writer(gguf, path, family)
     add_model_metadata(writer, gguf, config, model_dir, name, gt.QUANTS[quant].file_type)
     add_vocab(writer, vocab)
@@ -260,20 +263,6 @@ def _add_base_model(writer, source: Source) -> None:
     (entry,) = Metadata.apply_metadata_heuristic(Metadata(), model_card=card).base_models
     for key, value in entry.items():
         getattr(writer, f"add_base_model_{key}")(0, value)
-
-
-# ---------------------------------------------------------------- q4_k_m via llama.cpp
-
-
-def _write_k_quant(out: Path, source: Source, quant: str, name: str) -> list[str]:
-    spec = gt.QUANTS[quant]
-    intermediate = gt.intermediate_quant(model_tensors(source.model_dir))
-    # The 16-bit GGUF only feeds llama.cpp's quantizer, which cannot start from 8 or 4 bits.
-    with scratch_file(out, f".{intermediate}") as tmp16:
-        notes = write_model_gguf(tmp16, source, intermediate, name, "writing 16-bit")
-        with atomic_path(out) as tmp:
-            notes += llama_quantize(tmp16, tmp, int(_gguf().LlamaFileType[spec.file_type]))
-    return notes
 
 
 # ---------------------------------------------------------------- the command
@@ -321,11 +310,8 @@ def export(
             with atomic_path(out) as tmp:
                 notes = write_lora_gguf(tmp, source, quant, name)
             return ExportResult(out, notes=notes)
-        if gt.QUANTS[quant].needs_llama_cpp:
-            notes = _write_k_quant(out, source, quant, name)
-        else:
-            with atomic_path(out) as tmp:
-                notes = write_model_gguf(tmp, source, quant, name)
+        with atomic_path(out) as tmp:
+            notes = write_model_gguf(tmp, source, quant, name)
         return _finish(out, source, name, ollama, notes)
 
 

@@ -44,6 +44,9 @@ class TensorJob:
     # The family's transform of the whole tensor's float32 values (None: as stored); such a
     # tensor is read and encoded in one block, its rows possibly reordered.
     transform: Callable[[np.ndarray], np.ndarray] | None = None
+    # q4_k_m: the 16-bit type ("F16"/"BF16") llama.cpp's quantizer would have read the values
+    # from; they are rounded to it before ggml quantizes them (None: encoded as they are).
+    via: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -74,7 +77,13 @@ _DIRECT = {
 }
 
 
-def encode(values: np.ndarray, qtype) -> np.ndarray:
+def encode(values: np.ndarray, qtype, via: str | None = None) -> np.ndarray:
+    if via is not None:  # llama.cpp's mixture: as llama-quantize would from a 16-bit GGUF
+        from qwen_mlx.export.llama_quant import ggml_quantize, through_16_bits
+
+        values = through_16_bits(values, via)
+        if qtype.name not in _ENCODE:
+            return ggml_quantize(values, qtype)
     encoder = _ENCODE.get(qtype.name)
     if encoder is not None:
         return encoder(values)
@@ -97,7 +106,7 @@ def _encode_rows(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.n
     # With a LoRA update, encoded straight from float32: rounding the fused weight to the
     # base's bf16 first (as a fused folder stores it) would cost f16 three bits of precision.
     dtype = job.ref.dtype
-    encoder = partial(encode, qtype=job.qtype)
+    encoder = partial(encode, qtype=job.qtype, via=job.via)
     if job.transform is not None:
         encoder = partial(_transformed, job.transform, encoder)
         return encode_rows(raw, dtype, (start, stop), job.pair, encoder)
@@ -174,6 +183,8 @@ def tensor_type(gguf, name: str, shape: tuple[int, ...], spec: QuantSpec, is_out
     types = gguf.GGMLQuantizationType
     if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight"):
         return types.F32, None
+    if spec.weight is None:  # llama.cpp's mixture: chosen for all matrices at once (_mixture)
+        return None, None
     qtype = types[spec.output if is_output else spec.weight]
     block, _ = gguf.GGML_QUANT_SIZES[qtype]
     if shape[-1] % block:
@@ -204,10 +215,13 @@ def model_jobs(
     adapter: Adapter | None,
     quant: str,
     transform: Callable[[str], Callable | None] = lambda name: None,
+    arch: str = "",
+    n_layer: int = 0,
 ) -> tuple[list[TensorJob], list[str]]:
     """The model's GGUF tensors in file order, plus notes about type fallbacks; ``name_map``
     is gguf's Hugging Face → GGUF name table of the model's architecture, ``transform`` the
-    family's export transform of a tensor (by Hugging Face name)."""
+    family's export transform of a tensor (by Hugging Face name); ``arch`` (GGUF's name) and
+    ``n_layer`` decide llama.cpp's q4_k_m mixture."""
     spec = QUANTS[quant]
     # Tied models (Qwen2.5 0.5B–3B) have no lm_head: the embedding doubles as the output.
     output = "output.weight" if "lm_head.weight" in tensors else "token_embd.weight"
@@ -221,7 +235,30 @@ def model_jobs(
         job = TensorJob(name, qtype, ref.shape, ref=ref, pair=pair, transform=transform(hf_name))
         jobs.append(job)
         notes += [note] if note else []
+    if spec.weight is None:
+        notes += _mixture(gguf, jobs, tensors, arch, n_layer)
     return sorted(jobs, key=lambda job: _order(job.name)), notes
+
+
+def _mixture(gguf, jobs: list[TensorJob], tensors, arch: str, n_layer: int) -> list[str]:
+    """Give every matrix the type llama.cpp's quantizer picks for q4_k_m (Q4_K, Q6_K on the
+    output and some attn_v/ffn_down, Q5_0/Q8_0/F16 where rows are not a multiple of 256), to
+    be quantized from the 16-bit values it would have read (bf16 for a bf16 model, else f16)."""
+    from qwen_mlx.export.llama_quant import q4_k_m_types, quantizable
+
+    via = intermediate_quant(tensors).upper()
+    matrices = {job.name: job.shape for job in jobs if quantizable(job.name, job.shape)}
+    chosen, fallbacks = q4_k_m_types(gguf, matrices, arch, n_layer)
+    for job in jobs:
+        if job.name in chosen:
+            job.qtype, job.via = chosen[job.name], via
+    assert all(job.qtype is not None for job in jobs)
+    if not fallbacks:
+        return []
+    return [
+        f"llama.cpp: {fallbacks} of {len(jobs)} tensor(s) required fallback quantization "
+        "(rows not a multiple of 256)"
+    ]
 
 
 def lora_jobs(
