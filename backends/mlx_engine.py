@@ -2,7 +2,9 @@
 
 The tokenizer is the model folder's own, loaded once through transformers (as training
 and every other engine load it) and handed to mlx-lm wrapped, so prompts, stop tokens and
-decoding are the same as on the torch backend.
+decoding are the same as on the torch backend. Several prompts are generated together
+(``pieces_batch``) by mlx-lm's ``BatchGenerator`` (left-padded prompts in a batched KV cache),
+each sequence leaving the batch at its own end of turn or ``max_tokens``.
 """
 
 from __future__ import annotations
@@ -67,6 +69,32 @@ class MLXEngine(HFEngine):
             yield from token_texts(tokens, decode)
         finally:  # stop generating now, not when the garbage collector gets to it
             responses.close()
+
+    def pieces_batch(self, prompts: list[list[int]], settings: GenerationSettings):
+        """The pieces of several prompts' replies, generated together."""
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_sampler
+
+        sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
+        generator = BatchGenerator(
+            self.model,
+            max_tokens=settings.max_tokens,
+            stop_tokens=[[token] for token in sorted(self.end_ids)],
+            sampler=sampler,
+            completion_batch_size=len(prompts),
+            prefill_batch_size=len(prompts),
+        )
+        try:
+            uids = generator.insert(prompts)
+            tokens: dict[int, list[int]] = {uid: [] for uid in uids}
+            while responses := generator.next_generated():
+                for r in responses:
+                    if r.finish_reason != "stop":  # "stop": the end-of-turn token itself
+                        tokens[r.uid].append(r.token)
+        finally:
+            generator.close()
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        return [list(token_texts(tokens[uid], decode)) for uid in uids]
 
     def score(self, samples: list) -> tuple[float, int]:
         """Summed target-token loss of tokenized samples and their count (test loss)."""

@@ -2,7 +2,9 @@
 
 ``generate()`` runs in a thread of its own and hands token ids over a queue, so the
 consumer (chat, eval, a server request) reads them as they come and can stop it at any
-token; stop strings are the caller's (:func:`qwen_mlx.inference.with_stops`).
+token; stop strings are the caller's (:func:`qwen_mlx.inference.with_stops`). Several
+prompts are generated together (``pieces_batch``) by one ``generate()`` call over LEFT-padded
+rows with an attention mask, so each row's new tokens line up at the end.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class TorchEngine(HFEngine):
             model = PeftModel.from_pretrained(model, str(adapter_dir))
         self.model = model.eval()
         self.has_adapter = adapter_dir is not None
+        self.value_bytes = torch.finfo(dtype).bits // 8
 
     @contextmanager
     def adapter_disabled(self) -> Iterator[None]:
@@ -80,6 +83,33 @@ class TorchEngine(HFEngine):
             cancel.set()
             thread.join()
 
+    def pieces_batch(
+        self, prompts: list[list[int]], settings: GenerationSettings
+    ) -> list[list[str]]:
+        """The pieces of several prompts' replies, generated together: each row stops at its
+        first end-of-turn token (transformers pads a finished row until all are done, or
+        ``max_tokens``)."""
+        import torch
+
+        width = max(len(p) for p in prompts)
+        pad = self.tokenizer.pad_token_id
+        pad = pad if pad is not None else min(self.end_ids)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids.to(self.model.device),
+                attention_mask=mask.to(self.model.device),
+                max_new_tokens=settings.max_tokens,
+                eos_token_id=sorted(self.end_ids),
+                pad_token_id=pad,
+                **_sampling(settings),
+            )
+        decode = partial(self.tokenizer.decode, skip_special_tokens=True)
+        return [
+            list(token_texts(_until(row, self.end_ids), decode)) for row in out[:, width:].tolist()
+        ]
+
     def score(self, samples: list) -> tuple[float, int]:
         """Summed target-token loss of tokenized samples and their count (test loss)."""
         import torch
@@ -98,7 +128,6 @@ class TorchEngine(HFEngine):
                 total += float(loss(*tensors))
                 count += int(batch["loss_mask"][:, 1:].sum())
         return total, count
-
 
     def target_logits(self, sample) -> Any:
         """float32 logits (numpy, targets × vocabulary) at the positions that predict the
@@ -152,6 +181,12 @@ class _TokenQueue:
                 yield token
         if self.error is not None:
             raise self.error
+
+
+def _until(tokens: list[int], end_ids: set[int]) -> list[int]:
+    """The tokens before the first end-of-turn token (the padding after it is no reply)."""
+    ends = [i for i, token in enumerate(tokens) if token in end_ids]
+    return tokens[: ends[0]] if ends else tokens
 
 
 def _sampling(settings: GenerationSettings) -> dict[str, Any]:

@@ -7,6 +7,11 @@ chosen backend (``auto`` as for training) for its engine (``backends/mlx_engine.
 llama.cpp. Prompts are encoded through :mod:`qwen_mlx.chat_template` (message text stays
 text); stop strings (:func:`with_stops`), token counts and finish reasons are applied here,
 the same way for every engine.
+
+Several prompts are answered together where the engine can (:func:`complete_batch`,
+:func:`answer_all`: the torch and MLX engines' ``pieces_batch``); each sequence still stops at
+its own end of turn, ``max_tokens`` or stop string, and greedy answers are the one-by-one
+answers token for token. An engine without ``pieces_batch`` (llama.cpp) answers one by one.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from contextlib import AbstractContextManager, closing, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import GenerationSettings, token_texts
@@ -38,6 +43,20 @@ class Chunk:
     text: str
     finish_reason: str | None = None  # "stop" or "length" on the last chunk
     completion_tokens: int = 0  # on the last chunk: how many tokens were generated
+
+
+class Completion(NamedTuple):
+    """A whole reply: its text, why it ended ("stop" or "length") and its token count."""
+
+    text: str
+    finish_reason: str
+    completion_tokens: int
+
+
+# Sequences answered together when the caller does not say (eval's --batch-size): decoding
+# on a Mac or a GPU is bound by memory bandwidth, so 8 cost little more than 1; the memory
+# estimate (:func:`fitting_batch_size`) lowers it where a big model leaves little room.
+DEFAULT_BATCH_SIZE = 8
 
 
 def room(context_length: int, max_tokens: int) -> int:
@@ -84,6 +103,11 @@ class Engine(Protocol):
         """Summed token loss and target count of tokenized samples (test loss)."""
         ...
 
+    # Optional (:func:`complete_batch` answers one by one without it):
+    # def pieces_batch(self, prompts: list[list[int]], settings) -> list[list[str]]:
+    #     """``pieces`` of several prompts generated together, each up to its own end of
+    #     the turn or ``settings.max_tokens``."""
+
     def target_logits(self, sample: Any) -> Any:
         """float32 logits (numpy, targets × vocabulary) where a tokenized sample's targets
         are predicted, teacher-forced (eval's general drift)."""
@@ -97,6 +121,7 @@ class HFEngine:
     backend_name = ""
     thinking: bool | None = False  # enable_thinking: open_engine sets chat.enable_thinking
     has_adapter = False  # the backends' engines set it when they load one
+    value_bytes = 2  # bytes per weight and cached value (bf16/fp16; torch on CPU: fp32)
 
     def __init__(self, model_dir: Path):
         from qwen_mlx.families import family_of
@@ -108,6 +133,7 @@ class HFEngine:
         self.family = family_of(config, model_dir)
         self.end_ids = end_token_ids(self.tokenizer, self.family, model_dir)
         self.context_length = int(config.get("max_position_embeddings", 32768))
+        self.config = config  # for the memory a batch of answers needs
         self.name(model_dir.name)
 
     def name(self, model_id: str) -> None:
@@ -138,7 +164,14 @@ def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
 
 
 class GGUFEngine:
-    """A GGUF file run by llama.cpp (llama-cpp-python), with the file's own chat template."""
+    """A GGUF file run by llama.cpp (llama-cpp-python), with the file's own chat template.
+
+    It answers one prompt at a time (no ``pieces_batch``): llama-cpp-python's high-level
+    ``Llama`` keeps a single sequence (id 0) in its context (``generate``/``eval`` take one
+    token list; only ``embed`` uses several sequence ids), so decoding several together would
+    mean rewriting its generation loop over the low-level ``llama_batch`` API, with a KV-cache
+    slot and a sampler per sequence.
+    """
 
     # Qwen3's enable_thinking, as for HFEngine; None: the GGUF's own template decides (our
     # export makes it default to how the run was tuned).
@@ -272,6 +305,13 @@ def stream(
     """Generate a reply as chunks; the last chunk carries the finish reason and the number
     of generated tokens. Setting ``cancel`` stops generation at the next token (no last
     chunk then)."""
+    return _chunks(engine.pieces(prompt_ids, settings), settings, cancel)
+
+
+def _chunks(
+    pieces: Iterator[str], settings: GenerationSettings, cancel: threading.Event | None = None
+) -> Iterator[Chunk]:
+    """:func:`stream`'s chunks of a reply's text pieces (a generator, closed when done)."""
     hit: list[str] = []
     counted = [0]
 
@@ -282,7 +322,7 @@ def stream(
                 return
             yield piece
 
-    with closing(engine.pieces(prompt_ids, settings)) as pieces:
+    with closing(pieces):
         for text in with_stops(tokens(pieces), settings.stop, hit):
             # A stray byte-level token that is not valid UTF-8 decodes to U+FFFD; dropping it
             # gives every engine the same text.
@@ -295,6 +335,71 @@ def stream(
     yield Chunk("", "length" if ran_out else "stop", counted[0])
 
 
+def _completion(chunks: Iterator[Chunk]) -> Completion:
+    chunks = list(chunks)
+    last = chunks[-1]
+    return Completion(
+        "".join(c.text for c in chunks), last.finish_reason or "stop", last.completion_tokens
+    )
+
+
+def complete_batch(
+    engine: Engine, prompts: list[list[int]], settings: GenerationSettings
+) -> list[Completion]:
+    """The replies to several prompts (``engine.prompt_ids``), generated together where the
+    engine batches (``pieces_batch``), else one by one; stop strings, token counts and finish
+    reasons as :func:`stream` gives them."""
+    batched = getattr(engine, "pieces_batch", None)
+    if batched is None or len(prompts) < 2:
+        return [_completion(stream(engine, ids, settings)) for ids in prompts]
+    return [
+        _completion(_chunks((p for p in pieces), settings)) for pieces in batched(prompts, settings)
+    ]
+
+
+def answer_all(
+    engine: Engine,
+    conversations: list[Messages],
+    settings: GenerationSettings,
+    batch_size: int | None = None,
+) -> Iterator[tuple[int, Completion]]:
+    """The reply to each conversation as (its index, :class:`Completion`), as they come: by
+    batches of ``batch_size`` (None: :func:`fitting_batch_size`), shortest prompts first so a
+    batch pads little, where the engine batches; else one by one, in order."""
+    if getattr(engine, "pieces_batch", None) is None or batch_size == 1:
+        for i, messages in enumerate(conversations):
+            ids = engine.prompt_ids(messages, settings.max_tokens)
+            yield i, complete_batch(engine, [ids], settings)[0]
+        return
+    prompts = [engine.prompt_ids(m, settings.max_tokens) for m in conversations]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    longest = max((len(p) for p in prompts), default=0) + settings.max_tokens
+    size = batch_size or fitting_batch_size(engine, longest)
+    for start in range(0, len(order), size):
+        part = order[start : start + size]
+        done = complete_batch(engine, [prompts[i] for i in part], settings)
+        yield from zip(part, done, strict=True)
+
+
+def fitting_batch_size(engine: Engine, tokens: int, limit: int = DEFAULT_BATCH_SIZE) -> int:
+    """How many sequences of ``tokens`` tokens to generate together: ``limit``, fewer where
+    the memory estimate says a batch would not fit beside the weights in 80% of this
+    machine's memory (each sequence needs its KV cache and its prompt's activations)."""
+    from qwen_mlx.memory import parameter_count, system_memory
+
+    config, memory = getattr(engine, "config", None), system_memory()
+    if not config or not memory:
+        return limit
+    size = getattr(engine, "value_bytes", 2)
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
+    activations = 4 * config["hidden_size"] + 3 * config["intermediate_size"]
+    per_sequence = tokens * (kv + activations) * size
+    spare = 0.8 * memory - parameter_count(config) * size
+    return max(1, min(limit, int(spare // per_sequence)))
+
+
 def ask(engine: Engine, messages: Messages, settings: GenerationSettings) -> Iterator[Chunk]:
     """The reply to a conversation, as :func:`stream` chunks."""
     return stream(engine, engine.prompt_ids(messages, settings.max_tokens), settings)
@@ -302,8 +407,8 @@ def ask(engine: Engine, messages: Messages, settings: GenerationSettings) -> Ite
 
 def complete(engine: Engine, messages: Messages, settings: GenerationSettings) -> tuple[str, str]:
     """The whole reply and its finish reason."""
-    chunks = list(ask(engine, messages, settings))
-    return "".join(c.text for c in chunks), chunks[-1].finish_reason or "stop"
+    text, reason, _ = _completion(ask(engine, messages, settings))
+    return text, reason
 
 
 def open_engine(
