@@ -363,6 +363,80 @@ def test_q4_k_m_fallback_is_reported(tiny_model_dir, tmp_path):
     assert any("fallback" in note for note in result.notes)
 
 
+def _llama_quantize(src: Path, dst: Path) -> None:
+    """llama.cpp's own quantizer (llama-quantize's code, no imatrix) on a 16-bit GGUF: Q4_K_M."""
+    import ctypes
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+    quiet = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
+    llama_cpp.llama_log_set(quiet, ctypes.c_void_p(0))
+    try:
+        status = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), ctypes.byref(params)
+        )
+    finally:
+        from llama_cpp._logger import llama_log_callback
+
+        llama_cpp.llama_log_set(llama_log_callback, ctypes.c_void_p(0))
+    assert status == 0
+
+
+def _tensors(path: Path) -> dict[str, tuple[str, bytes]]:
+    return {
+        t.name: (t.tensor_type.name, t.data.view(np.uint8).tobytes())
+        for t in gguf.GGUFReader(path).tensors
+    }
+
+
+# (width, ffn width, layers, dtype): real K-quants over 16 layers (Q6_K on attn_v/ffn_down of
+# llama.cpp's "more bits" layers), rows of 64 (Q5_0/Q8_0 fallbacks), rows of 272 (F16), a
+# float32 checkpoint (quantized from f16, as llama.cpp's converter writes it).
+_Q4_K_M_CASES = {
+    "wide": (256, 512, 16, "bfloat16"),
+    "narrow": (64, 128, 2, "bfloat16"),
+    "odd": (272, 544, 3, "bfloat16"),
+    "f32": (256, 512, 3, "float32"),
+}
+
+
+@pytest.mark.parametrize("case", [*_Q4_K_M_CASES, "untied", "fused"])
+def test_q4_k_m_tensors_equal_llama_quantizes(family, case, tmp_path):
+    """The streamed q4_k_m file has every tensor, type and byte of llama.cpp's quantizer run
+    on the 16-bit GGUF (bf16 for a bf16 model, else f16) that used to be written first."""
+    from qwen_mlx.adapters import resolve_source
+    from qwen_mlx.export.gguf import write_model_gguf
+    from qwen_mlx.tensor_io import model_tensors
+    from qwen_mlx.tiny import build_tiny_model
+
+    hidden, ffn, layers, dtype = _Q4_K_M_CASES.get(case, _Q4_K_M_CASES["wide"])
+    model = build_tiny_model(
+        tmp_path / "m",
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_layers=layers,
+        dtype=dtype,
+        arch=family.name,
+    )
+    source, target = (None, model)
+    if case == "untied":
+        model = target = _untied_copy(model, tmp_path / "untied")
+    if case == "fused":
+        source, target = make_peft_adapter(model, tmp_path / "adapter"), None
+    ours = export(source, tmp_path / "out" / "q.gguf", model=target, quant="q4_k_m").path
+    resolved = resolve_source(source, target)
+    sixteen = gguf_tensors.intermediate_quant(model_tensors(resolved.model_dir))
+    write_model_gguf(tmp_path / "16.gguf", resolved, sixteen, "q")
+    _llama_quantize(tmp_path / "16.gguf", tmp_path / "reference.gguf")
+    mine, reference = _tensors(ours), _tensors(tmp_path / "reference.gguf")
+    assert mine.keys() == reference.keys()
+    assert {n: t for n, (t, _) in mine.items()} == {n: t for n, (t, _) in reference.items()}
+    assert [n for n in mine if mine[n][1] != reference[n][1]] == []
+    types = {t for t, _ in mine.values()}
+    expected = {"wide": {"Q4_K", "Q6_K"}, "narrow": {"Q5_0", "Q8_0"}, "odd": {"F16"}}
+    assert expected.get(case, {"Q4_K", "Q6_K"}) <= types
+
+
 # ---------------------------------------------------------------- command line, Modelfile
 
 
