@@ -228,6 +228,13 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
     show_default=True,
     help="How many general prompts measure the drift from the base (0: skip it).",
 )
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Questions answered together (default: 8, fewer where the memory estimate says "
+    "they would not fit; 1: one by one). A GGUF answers one by one.",
+)
 def eval_command(
     run_or_adapter,
     data,
@@ -238,6 +245,7 @@ def eval_command(
     limit,
     general,
     general_prompts,
+    batch_size,
     **judge,
 ) -> None:
     """Test loss, perplexity and greedy answers scored with ROUGE-L / BLEU-4 (characters).
@@ -266,6 +274,7 @@ def eval_command(
         judge=judge_settings(judge["judge_url"], judge["judge_model"], judge["judge_key_env"]),
         general=general,
         general_prompts=general_prompts,
+        batch_size=batch_size,
         console=console,
     )
 

@@ -9,8 +9,10 @@ measures drift on), or the user's own file.
 
 Answers are greedy by default, one record per prompt with ``kind: replay``; an answer cut
 off at ``--max-tokens`` is left out (counted), since training on it would teach the model to
-stop mid-sentence. Every answer is appended to a progress file as it arrives, so Ctrl-C or a
-crash loses nothing: the same command goes on where it stopped.
+stop mid-sentence. Prompts are answered in batches as ``eval`` answers
+(:func:`qwen_mlx.inference.answer_all`); every answer is appended to a progress file as it
+arrives, so Ctrl-C or a crash loses at most the batch under way: the same command goes on
+where it stopped.
 """
 
 from __future__ import annotations
@@ -151,14 +153,13 @@ def _record(prompt: Prompt, answer: str, reasoning: str | None, model: str) -> d
     return {"messages": [*prompt.messages, turn], "kind": "replay", "source": source}
 
 
-def _answer(engine, prompt: Prompt, settings: GenerationSettings, model: str) -> dict:
-    from qwen_mlx.inference import complete
+def _answer(engine, prompt: Prompt, reply, model: str) -> dict:
+    """The progress entry of ``prompt``'s reply (:class:`qwen_mlx.inference.Completion`)."""
     from qwen_mlx.reasoning import split_reply
 
-    text, reason = complete(engine, prompt.messages, settings)
-    if reason == "length":
+    if reply.finish_reason == "length":
         return {"truncated": True}
-    reasoning, answer = split_reply(text, engine.family.think_tags)
+    reasoning, answer = split_reply(reply.text, engine.family.think_tags)
     return {"record": _record(prompt, answer.strip(), reasoning, model)}
 
 
@@ -171,6 +172,7 @@ def replay(
     settings: GenerationSettings | None = None,
     backend: str = "auto",
     seed: int = 42,
+    batch_size: int | None = None,
     console: Console,
 ) -> ReplayResult:
     """Answer the prompts with the base model ``model`` and write the records to ``out``."""
@@ -188,7 +190,7 @@ def replay(
     if todo:
         engine = open_engine(None, model=model, backend=backend)
         record_files(out.parent, COMMAND, [], grows=[progress.name])
-        _answer_all(engine, todo, keys, settings, progress, model.name, console)
+        _answer_all(engine, todo, keys, (settings, batch_size), progress, model.name, console)
         done = _read_progress(progress)
     entries = [done[keys[p.id]] for p in prompts]
     records = [e["record"] for e in entries if "record" in e]
@@ -200,12 +202,19 @@ def replay(
     return ReplayResult(out, len(records), truncated, reused, _notes(truncated, settings))
 
 
-def _answer_all(engine, todo, keys, settings, progress: Path, model: str, console) -> None:
-    """Answer ``todo``, appending each answer to ``progress`` (fsynced) as it arrives."""
+def _answer_all(engine, todo, keys, how, progress: Path, model: str, console) -> None:
+    """Answer ``todo`` (``how``: the settings and batch size), appending each answer to
+    ``progress`` (fsynced) as it arrives."""
+    from qwen_mlx.inference import answer_all
+
     with disk_errors(progress), open(progress, "a", encoding="utf-8") as fh:
         try:
-            for prompt in track(todo, description="answering", console=console):
-                entry = {"key": keys[prompt.id], **_answer(engine, prompt, settings, model)}
+            replies = answer_all(engine, [p.messages for p in todo], *how)
+            for i, reply in track(
+                replies, total=len(todo), description="answering", console=console
+            ):
+                prompt = todo[i]
+                entry = {"key": keys[prompt.id], **_answer(engine, prompt, reply, model)}
                 fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
                 fh.flush()
                 os.fsync(fh.fileno())

@@ -50,22 +50,30 @@ def kl_divergence(base_logits: np.ndarray, tuned_logits: np.ndarray) -> np.ndarr
     return (np.exp(base) * (base - tuned)).sum(axis=-1)
 
 
-def base_answers(engine, prompts: list, max_tokens: int, temperature: float = 0.0) -> list[dict]:
+def base_answers(
+    engine,
+    prompts: list,
+    max_tokens: int,
+    temperature: float = 0.0,
+    batch_size: int | None = None,
+) -> list[dict]:
     """Records of ``prompts`` (:class:`qwen_mlx.replay.Prompt`) answered by the base
-    (``engine`` with its adapter off; greedy unless ``temperature``); an answer cut off at
-    ``max_tokens`` is kept as far as it went (drift is measured on the tokens, not on whole
-    answers)."""
-    from qwen_mlx.inference import complete
+    (``engine`` with its adapter off; greedy unless ``temperature``), ``batch_size`` at a time
+    as eval answers; an answer cut off at ``max_tokens`` is kept as far as it went (drift is
+    measured on the tokens, not on whole answers)."""
+    from qwen_mlx.inference import answer_all
     from qwen_mlx.reasoning import split_reply
 
     settings = GenerationSettings(max_tokens=max_tokens, temperature=temperature)
-    records = []
+    records: list[dict] = [{} for _ in prompts]
     with engine.adapter_disabled():
-        for prompt in track(prompts, description="answering (base, general)", transient=True):
-            text, _ = complete(engine, prompt.messages, settings)
-            answer = split_reply(text, engine.family.think_tags)[1]
+        replies = answer_all(engine, [p.messages for p in prompts], settings, batch_size)
+        for i, reply in track(
+            replies, total=len(prompts), description="answering (base, general)", transient=True
+        ):
+            answer = split_reply(reply.text, engine.family.think_tags)[1]
             turn = {"role": "assistant", "content": answer}
-            records.append({"messages": [*prompt.messages, turn]})
+            records[i] = {"messages": [*prompts[i].messages, turn]}
     return records
 
 
@@ -85,7 +93,14 @@ def measure(engine, records: list[dict], max_seq_length: int) -> Drift:
     return Drift(total / max(count, 1), count, len(records))
 
 
-def general_drift(engine, prompts_file: Path | None, n: int, max_tokens: int, max_len: int):
+def general_drift(
+    engine,
+    prompts_file: Path | None,
+    n: int,
+    max_tokens: int,
+    max_len: int,
+    batch_size: int | None = None,
+):
     """The drift of a tuned ``engine`` on ``n`` held-out general prompts (the bundled set's
     held-out part unless ``prompts_file``), or None where it cannot be measured."""
     from qwen_mlx.replay import HELDOUT, general_prompts, load_prompts, pick
@@ -94,4 +109,5 @@ def general_drift(engine, prompts_file: Path | None, n: int, max_tokens: int, ma
         return None
     path = prompts_file or general_prompts()
     prompts = pick(load_prompts(path, None if prompts_file else HELDOUT), n, seed=0)
-    return measure(engine, base_answers(engine, prompts, max_tokens), max_len)
+    answers = base_answers(engine, prompts, max_tokens, batch_size=batch_size)
+    return measure(engine, answers, max_len)

@@ -35,7 +35,7 @@ from qwen_mlx.eval.judge import summary as judge_summary
 from qwen_mlx.eval.pages import holds_table, summary_table, write_reports
 from qwen_mlx.eval.text_metrics import bleu4, rouge_l, score_answers
 from qwen_mlx.fsutil import write_json, write_jsonl
-from qwen_mlx.inference import Engine, GGUFEngine, complete, open_engine
+from qwen_mlx.inference import Engine, GGUFEngine, answer_all, open_engine
 from qwen_mlx.reasoning import split_reply
 
 
@@ -113,15 +113,27 @@ def _score(engine: Engine, cases: list[Case], max_seq_length: int) -> float | No
     return total / max(count, 1)
 
 
-def run_model(engine: Engine, label: str, cases: list[Case], max_tokens: int, max_len: int):
+def run_model(
+    engine: Engine,
+    label: str,
+    cases: list[Case],
+    max_tokens: int,
+    max_len: int,
+    batch_size: int | None = None,
+):
+    """Test loss and a greedy answer to every case, ``batch_size`` questions answered together
+    (None: as many as fit, :func:`qwen_mlx.inference.fitting_batch_size`)."""
     result = ModelResult(label, engine.description)
     start = time.perf_counter()
     result.test_loss = _score(engine, cases, max_len)
     settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
-    for case in track(cases, description=f"answering ({label})", transient=True):
-        text, _reason = complete(engine, case.prompt, settings)
-        answer = split_reply(text, engine.family.think_tags)[1]  # a think block is no answer
-        result.answers.append(answer.strip())
+    replies = answer_all(engine, [c.prompt for c in cases], settings, batch_size)
+    answers = [""] * len(cases)
+    for i, reply in track(
+        replies, total=len(cases), description=f"answering ({label})", transient=True
+    ):
+        answers[i] = split_reply(reply.text, engine.family.think_tags)[1].strip()  # no think
+    result.answers = answers
     result.seconds = time.perf_counter() - start
     return result
 
@@ -138,6 +150,7 @@ def evaluate(
     judge: JudgeSettings | None = None,
     general: Path | None = None,
     general_prompts: int = 40,
+    batch_size: int | None = None,
     console: Console,
 ) -> Path:
     """Evaluate and write the report; return the report folder."""
@@ -154,15 +167,17 @@ def evaluate(
     console.print(f"evaluating on {len(cases)} questions", highlight=False)
     tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
     tuned_engine.thinking = source.thinking  # a GGUF is prompted as the run was trained too
-    results = [run_model(tuned_engine, "tuned", cases, max_tokens, max_len)]
-    results[0].drift = general_drift(tuned_engine, general, general_prompts, max_tokens, max_len)
+    results = [run_model(tuned_engine, "tuned", cases, max_tokens, max_len, batch_size)]
+    results[0].drift = general_drift(
+        tuned_engine, general, general_prompts, max_tokens, max_len, batch_size
+    )
     _warn_drift(results[0].drift, console)
     del tuned_engine
     gc.collect()
     if compare_base:
         base = open_engine(None, model=source.model_dir, backend=backend)
         base.thinking = source.thinking  # asked the same way as the tuned model
-        results.insert(0, run_model(base, "base", cases, max_tokens, max_len))
+        results.insert(0, run_model(base, "base", cases, max_tokens, max_len, batch_size))
     if judge_teacher is not None:
         try:
             _judge(judge_teacher, judge.concurrency, data, cases, results)
