@@ -144,3 +144,33 @@ def test_an_engine_without_batching_answers_one_by_one_in_order():
     first = next(answers)
     assert first == (0, Completion("answer 1", "length", 3)) and len(asked) == 1  # lazily
     assert [i for i, _ in answers] == [1, 2, 3, 4]
+
+
+QUESTION, ANSWER = "出差住宿费怎么报销？", "凭发票按标准报销。"
+
+
+@pytest.fixture(scope="module")
+def answers_and_stops(family, family_model_dir, family_tokenizer, tmp_path_factory):
+    """The family's tiny model tuned to answer QUESTION with ANSWER and end its turn."""
+    from lora_helpers import fine_tune_answer
+
+    out = tmp_path_factory.mktemp("stops") / family.name
+    return fine_tune_answer(
+        family_model_dir, family_tokenizer, QUESTION, ANSWER, out, enable_thinking=False
+    )
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_a_model_that_ends_its_turn_leaves_the_batch_while_the_others_go_on(
+    backend, answers_and_stops, tmp_path
+):
+    # an adapter that moves the tuned model enough that only some answers still end
+    adapter = make_peft_adapter(answers_and_stops, tmp_path / "a", seed=3, b_std=0.1)
+    engine = _engine(backend, answers_and_stops, adapter, False)
+    conversations = [*CONVERSATIONS, [{"role": "user", "content": QUESTION}]]
+    settings = GenerationSettings(max_tokens=MAX_TOKENS, temperature=0.0)
+    prompts = [engine.prompt_ids(c, MAX_TOKENS) for c in conversations]
+    one = _one_by_one(engine, prompts, settings)
+    assert one[-1] == Completion(ANSWER, "stop", one[-1].completion_tokens)
+    assert {c.finish_reason for c in one} == {"stop", "length"}  # some went on to the end
+    assert complete_batch(engine, prompts, settings) == one
