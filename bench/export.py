@@ -7,19 +7,25 @@ added; Qwen3: 26), plus a rank-16 LoRA adapter on all seven projections. Then ru
 its own process:
 
   reference f16 / q8_0   convert_hf_to_gguf.py from the llama-cpp-python sdist (its own gguf-py)
-  ours f16 / q8_0        qwen-mlx export --model DIR
+  reference q4_k_m       the same converter to bf16 (the model's own type, what our q4_k_m
+                         rounds through), then llama.cpp's quantizer (llama-quantize's code,
+                         llama_model_quantize through llama-cpp-python, all cores, no imatrix):
+                         times added, peak RSS the larger of the two processes
+  ours f16 / q8_0 / q4_k_m  qwen-mlx export --model DIR
   ours fused f16         qwen-mlx export ADAPTER (LoRA added on the fly)
   … (numpy floats)       the two above with QWEN_MLX_GGML=0, where llama-cpp-python is
                          installed: float16 conversions in numpy instead of ggml
 
 and prints wall time and peak RSS (the process's ru_maxrss, via wait4) with the ratios the
-issue sets as targets: time ≤ 1.0× and peak RSS ≤ 0.6× the reference's, fused ≤ 1.2× plain.
-It also checks that our tensors are byte-identical to the reference's.
+issues set as targets: time ≤ 1.0× and peak RSS ≤ 0.6× the reference's (q4_k_m: ≤ 0.5× and
+≤ 0.3×), fused ≤ 1.2× plain. It also checks that our tensors are byte-identical to the
+reference's. ``--only q4_k_m`` (repeatable) runs just the variants whose name contains it.
 
 The reference identifies tokenizers by hashing how they split a probe text and knows only
 published ones, so the harness tells it ours is "qwen2" (skipping that one tokenize call).
 
     python bench/export.py [--arch qwen2|qwen3] [--workdir DIR] [--llama-cpp DIR] [--repeats N]
+                           [--only NAME]...
 
 --llama-cpp is the vendored llama.cpp folder of an unpacked sdist, e.g. from
 `pip download llama-cpp-python==0.3.36 --no-deps --no-binary :all:`; by default the bench
@@ -107,6 +113,7 @@ MODELS = {
 }
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SDIST = "llama-cpp-python==0.3.36"
+REF_Q4 = ("ref-bf16.gguf", "ref-q4_k_m.gguf")  # the reference q4_k_m's input and output
 NUMPY = " (numpy floats)"  # our variants run with QWEN_MLX_GGML=0
 
 # Run as `python -c` in the reference's process: its tokenizer check, answered, then main().
@@ -119,6 +126,15 @@ conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
 sys.argv[0] = root + "/convert_hf_to_gguf.py"
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
+# llama-quantize's code on a 16-bit GGUF, as a `python -c` child: Q4_K_M, all cores, no imatrix.
+_QUANTIZE_RUNNER = """
+import ctypes, sys, llama_cpp
+params = llama_cpp.llama_model_quantize_default_params()
+params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
+src, dst = (name.encode() for name in sys.argv[1:3])
+sys.exit(llama_cpp.llama_model_quantize(src, dst, ctypes.byref(params)))
+"""
+QUANT_TARGETS = {"f16": (1.0, 0.6), "q8_0": (1.0, 0.6), "q4_k_m": (0.5, 0.3)}  # time, RSS
 
 
 # ---------------------------------------------------------------- the model folder
@@ -272,7 +288,13 @@ def measure(command: list[str]) -> tuple[float, float]:
     return elapsed, usage.ru_maxrss / 1024  # Linux reports KiB
 
 
-def rounds(variants: dict[str, list[str]], repeats: int) -> dict[str, list[tuple[float, float]]]:
+def measure_all(commands: list[list[str]]) -> tuple[float, float]:
+    """A pipeline of child processes run one after the other: total time, largest peak RSS."""
+    results = [measure(command) for command in commands]
+    return sum(t for t, _ in results), max(m for _, m in results)
+
+
+def rounds(variants: dict[str, list], repeats: int) -> dict[str, list[tuple[float, float]]]:
     """Every variant once per round, ``repeats`` rounds: variants compared with each other
     (fused vs plain) ran minutes apart at most, under the same load. Dirty pages of the
     previous output are flushed first, so no run pays for another's writeback."""
@@ -280,7 +302,8 @@ def rounds(variants: dict[str, list[str]], repeats: int) -> dict[str, list[tuple
     for _ in range(repeats):
         for name, command in variants.items():
             os.sync()
-            runs[name].append(measure(command))
+            pipeline = command if isinstance(command[0], list) else [command]
+            runs[name].append(measure_all(pipeline))
     return runs
 
 
@@ -327,6 +350,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/qwen-mlx-bench"))
     parser.add_argument("--llama-cpp", type=Path, default=None)
     parser.add_argument("--repeats", type=int, default=3, help="rounds (best time per variant)")
+    parser.add_argument("--only", action="append", help="run the variants whose name has this")
     parser.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     work = args.workdir
@@ -351,11 +375,18 @@ def main() -> None:
         "reference q8_0": [*ref, "--outtype", "q8_0", "--outfile", str(out / "ref-q8_0.gguf")],
         "ours q8_0": [*plain, "--quant", "q8_0", "-o", str(out / "ours-q8_0.gguf")],
         "ours fused f16": [*ours, str(adapter), "-o", str(out / "fused-f16.gguf")],
+        "reference q4_k_m": [
+            [*ref, "--outtype", "bf16", "--outfile", str(out / "ref-bf16.gguf")],
+            [sys.executable, "-c", _QUANTIZE_RUNNER, *(str(out / f) for f in REF_Q4)],
+        ],
+        "ours q4_k_m": [*plain, "--quant", "q4_k_m", "-o", str(out / "ours-q4_k_m.gguf")],
     }
     if ggml_floats.available():  # what llama-cpp-python's float16 conversion buys, side by side
         numpy_only = ["env", "QWEN_MLX_GGML=0"]
         variants[f"ours f16{NUMPY}"] = [*numpy_only, *variants["ours f16"]]
         variants[f"ours fused f16{NUMPY}"] = [*numpy_only, *variants["ours fused f16"]]
+    if args.only:
+        variants = {k: v for k, v in variants.items() if any(o in k for o in args.only)}
     size = (model / "model.safetensors").stat().st_size / 1e6
     print(f"model: {shape} shape, random bf16, {size:,.0f} MB; machine: {_machine()}")
     floats = "ggml (llama-cpp-python)" if ggml_floats.available() else "numpy"
@@ -364,14 +395,17 @@ def main() -> None:
     results = {name: (min(t for t, _ in r), max(m for _, m in r)) for name, r in runs.items()}
     for name, (wall, rss) in results.items():
         print(f"  {name:30s} {wall:6.2f} s   peak RSS {rss:7.0f} MB   (best of {args.repeats})")
-    for quant in ("f16", "q8_0"):
+    for quant, (time_target, rss_target) in QUANT_TARGETS.items():
+        if f"ours {quant}" not in results or f"reference {quant}" not in results:
+            continue
         (t_ours, m_ours), (t_ref, m_ref) = results[f"ours {quant}"], results[f"reference {quant}"]
         same = same_tensors(out / f"ours-{quant}.gguf", out / f"ref-{quant}.gguf")
         print(
-            f"{quant}: time {t_ours / t_ref:.2f}x reference (target ≤ 1.0), "
-            f"peak RSS {m_ours / m_ref:.2f}x (target ≤ 0.6), identical tensors: {same}"
+            f"{quant}: time {t_ours / t_ref:.2f}x reference (target ≤ {time_target}), "
+            f"peak RSS {m_ours / m_ref:.2f}x (target ≤ {rss_target}), identical tensors: {same}"
         )
-    for suffix in ("", NUMPY) if f"ours f16{NUMPY}" in runs else ("",):
+    fused = [s for s in ("", NUMPY) if f"ours fused f16{s}" in runs and f"ours f16{s}" in runs]
+    for suffix in fused:
         print(f"fused export{suffix}: {_fused_ratio(runs, suffix)}")
 
 

@@ -78,10 +78,12 @@ _DIRECT = {
 
 
 def encode(values: np.ndarray, qtype, via: str | None = None) -> np.ndarray:
-    if via is not None:  # llama.cpp's mixture: as llama-quantize would from a 16-bit GGUF
+    """``values`` as ``qtype``; with ``via`` (llama.cpp's mixture), rounded through that 16-bit
+    type first ("": they are 16-bit values already) and quantized by ggml."""
+    if via is not None:  # as llama-quantize would from a 16-bit GGUF
         from qwen_mlx.export.llama_quant import ggml_quantize, through_16_bits
 
-        values = through_16_bits(values, via)
+        values = through_16_bits(values, via) if via else values
         if qtype.name not in _ENCODE:
             return ggml_quantize(values, qtype)
     encoder = _ENCODE.get(qtype.name)
@@ -106,7 +108,10 @@ def _encode_rows(job: TensorJob, start: int, stop: int, raw: np.ndarray) -> np.n
     # With a LoRA update, encoded straight from float32: rounding the fused weight to the
     # base's bf16 first (as a fused folder stores it) would cost f16 three bits of precision.
     dtype = job.ref.dtype
-    encoder = partial(encode, qtype=job.qtype, via=job.via)
+    via = job.via
+    if via == dtype and job.pair is None and job.transform is None:
+        via = ""  # stored in the 16-bit type llama.cpp would read: rounding changes nothing
+    encoder = partial(encode, qtype=job.qtype, via=via)
     if job.transform is not None:
         encoder = partial(_transformed, job.transform, encoder)
         return encode_rows(raw, dtype, (start, stop), job.pair, encoder)
