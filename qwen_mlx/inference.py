@@ -103,15 +103,15 @@ class Engine(Protocol):
         """Summed token loss and target count of tokenized samples (test loss)."""
         ...
 
-    # Optional (:func:`complete_batch` answers one by one without it):
-    # def pieces_batch(self, prompts: list[list[int]], settings) -> list[list[str]]:
-    #     """``pieces`` of several prompts generated together, each up to its own end of
-    #     the turn or ``settings.max_tokens``."""
-
     def target_logits(self, sample: Any) -> Any:
         """float32 logits (numpy, targets × vocabulary) where a tokenized sample's targets
         are predicted, teacher-forced (eval's general drift)."""
         ...
+
+    # Optional; without it :func:`complete_batch` answers one by one (llama.cpp, test fakes):
+    # def pieces_batch(self, prompts: list[list[int]], settings) -> list[list[str]]:
+    #     """``pieces`` of several prompts generated together, each up to its own end of
+    #     the turn or ``settings.max_tokens``; greedy, the one-by-one pieces exactly."""
 
 
 class HFEngine:

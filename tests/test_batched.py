@@ -174,3 +174,29 @@ def test_a_model_that_ends_its_turn_leaves_the_batch_while_the_others_go_on(
     assert one[-1] == Completion(ANSWER, "stop", one[-1].completion_tokens)
     assert {c.finish_reason for c in one} == {"stop", "length"}  # some went on to the end
     assert complete_batch(engine, prompts, settings) == one
+
+
+def test_the_default_batch_fits_the_memory_estimate(monkeypatch):
+    from types import SimpleNamespace
+
+    from qwen_mlx.inference import DEFAULT_BATCH_SIZE, fitting_batch_size
+
+    qwen_3b = {  # Qwen2.5-3B's config.json
+        "hidden_size": 2048,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 2,
+        "vocab_size": 151936,
+        "model_type": "qwen2",
+        "architectures": ["Qwen2ForCausalLM"],
+    }
+    engine = SimpleNamespace(config=qwen_3b, value_bytes=2)
+    gib = 1024**3
+    monkeypatch.setattr("qwen_mlx.memory.system_memory", lambda: 64 * gib)
+    assert fitting_batch_size(engine, 1280) == DEFAULT_BATCH_SIZE  # plenty of room
+    monkeypatch.setattr("qwen_mlx.memory.system_memory", lambda: 8 * gib)
+    assert 1 < fitting_batch_size(engine, 1280) < DEFAULT_BATCH_SIZE  # bf16 weights 5.7 GiB
+    monkeypatch.setattr("qwen_mlx.memory.system_memory", lambda: 7 * gib)
+    assert fitting_batch_size(engine, 1280) == 1  # never less than one
+    assert fitting_batch_size(SimpleNamespace(), 1280) == DEFAULT_BATCH_SIZE  # a GGUF

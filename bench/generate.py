@@ -1,0 +1,119 @@
+"""Benchmark: eval's answering in batches against one by one, same run, same questions.
+
+Eval-style: greedy answers to N questions (the bundled test questions, then training
+questions to make up N), through :func:`qwen_mlx.inference.answer_all` as ``eval`` calls it,
+with ``--batch-size`` B against batch size 1 (today's one-by-one path). Prints seconds, the
+ratio and whether the answers are identical. Models: the tiny model, and a random model of
+the Qwen2.5-0.5B shape (its weights random, the tiny model's tokenizer) with ``--shape 0.5b``.
+
+    python bench/generate.py                                  # tiny, torch and mlx, 64 questions
+    python bench/generate.py --shape 0.5b --backend torch --questions 16 --max-tokens 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab (bench/train_torch.py)
+    "0.5b": (896, 4864, 24, 14, 2, 151936),
+}
+
+
+def questions(n: int) -> list[list[dict]]:
+    from qwen_mlx.eval.evaluate import load_cases
+
+    data = REPO / "data"
+    cases = load_cases(data / "报销细则_test.jsonl", None)
+    cases += load_cases(data / "报销细则_distilled_chunked.jsonl", None)
+    return [c.prompt for c in cases[:n]]
+
+
+def make_model(root: Path, shape: str) -> Path:
+    """The tiny model, or a random model of ``shape`` with the tiny model's tokenizer."""
+    import json
+
+    from qwen_mlx.tensor_io import save_tensors
+    from qwen_mlx.tiny import build_tiny_model, init_weights
+
+    train = REPO / "data" / "报销细则_distilled_chunked.jsonl"
+    folder = build_tiny_model(root / shape, data_file=train)
+    if shape == "tiny":
+        return folder
+    import numpy as np
+
+    e, f, layers, heads, kv, vocab = SHAPES[shape]
+    dims = dict(
+        vocab_size=vocab,
+        hidden_size=e,
+        intermediate_size=f,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+    )
+    save_tensors(folder / "model.safetensors", init_weights(np.random.default_rng(0), dims), "BF16")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **dims}))
+    return folder
+
+
+def timed(engine, conversations, settings, batch_size: int):
+    from qwen_mlx.inference import answer_all
+
+    start = time.perf_counter()
+    replies = dict(answer_all(engine, conversations, settings, batch_size))
+    seconds = time.perf_counter() - start
+    return seconds, [replies[i] for i in range(len(conversations))]
+
+
+def bench(backend: str, model: Path, args) -> None:
+    from qwen_mlx.backends.base import GenerationSettings
+    from qwen_mlx.inference import open_engine
+
+    engine = open_engine(None, model=model, backend=backend)
+    if backend == "mlx" and args.fp32:  # as the torch engine runs on a CPU
+        import mlx.core as mx
+
+        engine.model.set_dtype(mx.float32)
+    conversations = questions(args.questions)
+    settings = GenerationSettings(max_tokens=args.max_tokens, temperature=0.0)
+    timed(engine, conversations[:2], settings, 2)  # warm-up
+    one_s, one = timed(engine, conversations, settings, 1)
+    batch_s, batched = timed(engine, conversations, settings, args.batch_size)
+    tokens = sum(r.completion_tokens for r in one)
+    print(
+        f"{args.shape:>5} {backend:>5}  {len(conversations)} questions × ≤{args.max_tokens} "
+        f"tokens ({tokens} generated)  one by one {one_s:7.1f} s  batch {args.batch_size} "
+        f"{batch_s:7.1f} s  → {one_s / batch_s:.2f}×  identical answers: {one == batched}",
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny")
+    parser.add_argument("--backend", choices=["torch", "mlx", "both"], default="both")
+    parser.add_argument("--questions", type=int, default=64)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--fp32", action="store_true", help="MLX in float32 (as torch on a CPU)")
+    args = parser.parse_args()
+    print(f"machine: {platform.machine()}, {platform.processor() or '?'}, {_cores()} cores")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = make_model(Path(tmp), args.shape)
+        for backend in ["torch", "mlx"] if args.backend == "both" else [args.backend]:
+            bench(backend, model, args)
+
+
+def _cores() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+if __name__ == "__main__":
+    main()
