@@ -238,7 +238,7 @@ def _hidden(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("module", "function", "quant"),
-    [("gguf_export", "write_model_gguf", "f16"), ("gguf_export", "llama_quantize", "q4_k_m")],
+    [("export.gguf", "write_model_gguf", "f16"), ("export.gguf", "llama_quantize", "q4_k_m")],
 )
 def test_a_killed_export_leaves_nothing_after_the_next_one(
     tiny_model_dir, tmp_path, module, function, quant
@@ -258,7 +258,7 @@ def test_a_killed_export_leaves_nothing_after_the_next_one(
 def test_a_killed_fuse_leaves_nothing_after_the_next_one(adapter, tmp_path):
     out = tmp_path / "fused"
     args = ["fuse", adapter, "-o", out]
-    _kill_mid_way(tmp_path, "fuse", "fused_blocks", args)
+    _kill_mid_way(tmp_path, "export.fuse", "fused_blocks", args)
     assert any(name.startswith(".fused.") for name in _hidden(tmp_path))
     assert _invoke(*args).exit_code == 0
     assert _hidden(tmp_path) == []
