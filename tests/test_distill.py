@@ -95,6 +95,7 @@ def test_distill_writes_seed_format_the_same_at_any_concurrency(rules, tmp_path)
     assert any(r["source"]["heading"].endswith("第二章 住宿费") for r in train + test)
     records, report = load_records([tmp_path / "c1" / "train.jsonl"])  # usable as data.train_file
     assert len(records) == len(train) and not report.problems
+    assert train and test
     for t in test:  # no test question has a near-duplicate in training
         assert all(
             jaccard(shingles(t["instruction"]), shingles(r["instruction"])) < 0.6 for r in train

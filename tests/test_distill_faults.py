@@ -139,7 +139,8 @@ def test_a_reply_whose_content_is_not_text_is_a_counted_drop(rules, tmp_path, co
         assert bad.exit_code == 0, bad.output
         assert report(out)["drops"] == {"bad_reply": 1}
         assert "bad_reply" in (out / "report.md").read_text(encoding="utf-8")
-        assert all(isinstance(x["reply"]["content"], str) for x in ledger_lines(out))
+        lines = ledger_lines(out)
+        assert lines and all(isinstance(x["reply"]["content"], str) for x in lines)
         stub.reply = default_reply  # the same teacher, now good: the rerun is not poisoned
         good = distill(stub.url, rules, out)
     assert good.exit_code == 0, good.output
