@@ -319,3 +319,13 @@ def ledger_lines(out: Path, name: str = "ledger.jsonl") -> list[dict]:
         return []
     data = path.read_bytes()
     return [json.loads(x) for x in data[: data.rfind(b"\n") + 1].splitlines()]
+
+
+def rules_file(tmp_path: Path, monkeypatch, text: str) -> Path:
+    """``text`` as ``rules.md`` in ``tmp_path``, which becomes the working folder (no
+    ./config.yaml of the repo's) with no OPENAI_API_KEY set: what the distill tests run in."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    path = tmp_path / "rules.md"
+    path.write_text(text, encoding="utf-8")
+    return path

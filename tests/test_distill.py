@@ -12,7 +12,7 @@ import time
 import pytest
 from click.testing import CliRunner
 from repo_helpers import REPO_ROOT
-from teacher_stub import UNSUPPORTED_MARK, TeacherStub, default_reply
+from teacher_stub import UNSUPPORTED_MARK, TeacherStub, default_reply, rules_file
 
 from qwen_mlx.cli import cli
 from qwen_mlx.distill.curate import jaccard, shingles
@@ -38,11 +38,7 @@ FILES = ("train.jsonl", "test.jsonl", "chunks.jsonl")
 
 @pytest.fixture
 def rules(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no ./config.yaml of the repo's
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    path = tmp_path / "rules.md"
-    path.write_text(RULES, encoding="utf-8")
-    return path
+    return rules_file(tmp_path, monkeypatch, RULES)
 
 
 # Small chunks and few questions: three chunks, about fifty requests (with the default two

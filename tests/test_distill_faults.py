@@ -21,6 +21,7 @@ from teacher_stub import (
     held,
     ledger_lines,
     process_env,
+    rules_file,
     wait_for,
 )
 
@@ -44,11 +45,7 @@ QUESTION = [
 
 @pytest.fixture
 def rules(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no ./config.yaml of the repo's
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    path = tmp_path / "rules.md"
-    path.write_text(RULES, encoding="utf-8")
-    return path
+    return rules_file(tmp_path, monkeypatch, RULES)
 
 
 def distill(url, doc, out, *extra):

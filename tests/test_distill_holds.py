@@ -9,7 +9,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from teacher_stub import OPEN_TOPICS, UNSUPPORTED_MARK, TeacherStub, default_reply
+from teacher_stub import OPEN_TOPICS, UNSUPPORTED_MARK, TeacherStub, default_reply, rules_file
 
 from qwen_mlx.cli import cli
 from qwen_mlx.distill.curate import NEAR_DUPLICATE, held_out, jaccard, shingles
@@ -39,11 +39,7 @@ NEAR_SHANGHAI = "讲师到上海出差，住宿每晚最多能报多少钱？"  
 
 @pytest.fixture
 def rules(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # no ./config.yaml of the repo's
-    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
-    path = tmp_path / "rules.md"
-    path.write_text(RULES, encoding="utf-8")
-    return path
+    return rules_file(tmp_path, monkeypatch, RULES)
 
 
 def distill(url, docs, out, *extra):
