@@ -6,8 +6,9 @@ Every check goes through llama.cpp itself (llama-cpp-python): it must split text
 same tokens as the Hugging Face tokenizer, compute the same logits (f16), nearly the same
 greedy choices (q8_0), apply an adapter the same way fused or as a LoRA GGUF, stop a chat
 answer at the family's turn end after the opening the model was tuned with (thinking off
-unless the run says chat.enable_thinking), and load q4_k_m. Plus the Modelfile and the error
-paths. Tensors identical to llama.cpp's own converter: bench/export.py --arch.
+unless the run says chat.enable_thinking), and load q4_k_m, whose streamed tensors must equal
+llama.cpp's own quantizer's byte for byte. Plus the Modelfile and the error paths. Tensors
+identical to llama.cpp's own converter: bench/export.py --arch.
 """
 
 from __future__ import annotations
@@ -576,3 +577,14 @@ def test_truncated_weights_stop_the_export_with_one_clear_error(tiny_model_dir, 
     with pytest.raises(UserError, match="truncated; download the model again"):
         export(None, out / "x.gguf", model=model)
     assert list(out.iterdir()) == []
+
+
+def test_q4_k_m_refuses_weights_that_quantize_to_inf():
+    # llama-quantize validates each quantized chunk and stops; so does the streamed export.
+    from qwen_mlx.export.llama_quant import ggml_quantize
+
+    rows = np.ones((2, 256), dtype=np.float32)
+    assert ggml_quantize(rows, gguf.GGMLQuantizationType.Q4_K).shape == (2, 144)
+    rows[1, 7] = np.inf
+    with pytest.raises(UserError, match="inf or NaN"):
+        ggml_quantize(rows, gguf.GGMLQuantizationType.Q4_K)

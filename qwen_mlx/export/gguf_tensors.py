@@ -294,5 +294,6 @@ def lora_jobs(
 
 
 def intermediate_quant(tensors: dict[str, TensorRef]) -> str:
-    """The 16-bit type that feeds llama.cpp's quantizer losslessly for this model."""
+    """The 16-bit type llama.cpp's converter would write this model in losslessly, which its
+    quantizer would then read: q4_k_m values are rounded through it."""
     return "bf16" if any(ref.dtype == "BF16" for ref in tensors.values()) else "f16"

@@ -55,7 +55,8 @@ def _load_quantize_chunk():
     if hasattr(os, "add_dll_directory"):
         os.add_dll_directory(str(path.parent))
     try:
-        function = ctypes.CDLL(str(path)).ggml_quantize_chunk
+        library = ctypes.CDLL(str(path))
+        function, validate = library.ggml_quantize_chunk, library.ggml_validate_row_data
     except (OSError, AttributeError) as err:
         raise UserError(f"llama-cpp-python's ggml library cannot quantize ({err})") from None
     # size_t ggml_quantize_chunk(type, const float * src, void * dst, int64_t start,
@@ -70,7 +71,10 @@ def _load_quantize_chunk():
         ctypes.c_void_p,
     ]
     function.restype = ctypes.c_size_t
-    return function
+    # bool ggml_validate_row_data(type, const void * data, size_t nbytes): no inf/NaN scales
+    validate.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
+    validate.restype = ctypes.c_bool
+    return function, validate
 
 
 def _quantize_chunk():
@@ -90,11 +94,15 @@ def ggml_quantize(values: np.ndarray, qtype) -> np.ndarray:
     if n_per_row % block:
         raise ValueError(f"rows of {n_per_row} are not a multiple of {qtype.name}'s {block}")
     out = np.empty((rows, n_per_row // block * size), dtype=np.uint8)
-    written = _quantize_chunk()(
-        int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None
-    )
+    quantize, validate = _quantize_chunk()
+    written = quantize(int(qtype), values.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
     if written != out.nbytes:
         raise RuntimeError(f"ggml wrote {written} bytes of {qtype.name}, not {out.nbytes}")
+    if not validate(int(qtype), out.ctypes.data, out.nbytes):  # llama-quantize checks too
+        raise UserError(
+            f"{qtype.name} quantization gave inf or NaN (as llama-quantize would refuse to): "
+            "the model has inf/NaN weights or ones beyond float16's range; try --quant bf16"
+        )
     return out
 
 
