@@ -558,7 +558,7 @@ def test_lora_only_needs_an_adapter(tiny_model_dir, tmp_path):
 
 
 def test_failed_export_leaves_nothing_behind(tiny_model_dir, tmp_path, monkeypatch):
-    def broken(jobs, pool=None):
+    def broken(jobs, pool=None, **options):
         raise OSError("disk full")
         yield
 

@@ -47,6 +47,9 @@ from qwen_mlx.tensor_io import model_tensors
 EXPORT = "export"
 
 _WORKERS = min(4, os.cpu_count() or 1)  # threads encoding tensor blocks
+# K-quants (q4_k_m) cost 30–75 ns a value in ggml's quantizer, not memory bandwidth: every
+# core, as llama-quantize uses.
+_QUANT_WORKERS = os.cpu_count() or 1
 
 
 @dataclass
@@ -188,9 +191,10 @@ def _write(writer, jobs: list[gt.TensorJob], description: str) -> list[str]:
     writer.write_padding(fout, fout.tell())  # tensor data starts aligned
     overflows = 0
     total = sum(job.source_bytes for job in jobs)
-    with byte_progress(description, total) as advance, ThreadPoolExecutor(_WORKERS) as pool:
+    workers = _QUANT_WORKERS if any(job.via is not None for job in jobs) else _WORKERS
+    with byte_progress(description, total) as advance, ThreadPoolExecutor(workers) as pool:
         written = 0
-        for block in gt.encoded_stream(jobs, pool):
+        for block in gt.encoded_stream(jobs, pool, ahead=max(gt.IN_FLIGHT, 2 * workers)):
             fout.write(memoryview(np.ascontiguousarray(block.data)).cast("B"))
             written += block.data.nbytes
             overflows += block.overflows

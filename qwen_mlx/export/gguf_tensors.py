@@ -28,7 +28,7 @@ from qwen_mlx.tensor_io import TensorRef, bf16_to_f16, encode_rows, f32_to_bf16,
 # Tensors llama.cpp does not expect (it checks the count); transformers may save them.
 _SKIP = re.compile(r".*\.(rotary_emb\.inv_freq|attention\.masked_bias|attention\.bias)")
 _LAYER = re.compile(r"blk\.(\d+)\.")
-_IN_FLIGHT = 8  # blocks read and encoded ahead of the writer
+IN_FLIGHT = 8  # blocks read and encoded ahead of the writer
 
 
 @dataclass
@@ -147,7 +147,9 @@ def _block_tasks(jobs: list[TensorJob]) -> Iterator[tuple[TensorJob, tuple[int, 
             yield job, rows, i == len(ranges) - 1
 
 
-def encoded_stream(jobs: list[TensorJob], pool: Executor | None = None) -> Iterator[EncodedBlock]:
+def encoded_stream(
+    jobs: list[TensorJob], pool: Executor | None = None, ahead: int = IN_FLIGHT
+) -> Iterator[EncodedBlock]:
     """Every tensor's GGUF bytes, in blocks of rows (quantized blocks never straddle rows),
     tensor after tensor in order. With a thread pool, the workers read and encode the next
     blocks, across tensor boundaries, while the caller writes this one: numpy, BLAS and file
@@ -165,7 +167,7 @@ def encoded_stream(jobs: list[TensorJob], pool: Executor | None = None) -> Itera
         try:
             for task in _block_tasks(jobs):
                 pending.append(pool.submit(_block, *task, files))
-                if len(pending) > _IN_FLIGHT:
+                if len(pending) > ahead:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
