@@ -238,7 +238,7 @@ def _hidden(folder: Path) -> list[str]:
 
 @pytest.mark.parametrize(
     ("module", "function", "quant"),
-    [("export.gguf", "write_model_gguf", "f16"), ("export.gguf", "llama_quantize", "q4_k_m")],
+    [("export.gguf", "write_model_gguf", "f16"), ("export.gguf", "write_model_gguf", "q4_k_m")],
 )
 def test_a_killed_export_leaves_nothing_after_the_next_one(
     tiny_model_dir, tmp_path, module, function, quant
