@@ -4,7 +4,8 @@ Type rules follow llama.cpp's converter: norms, biases and other 1-D tensors sta
 matrices take the requested type; a matrix whose row length is not a multiple of the type's
 block size falls back to F16. For q4_0 the output matrix (the tied embedding on Qwen2.5
 0.5B–3B) is kept at 8 bits, as llama.cpp's quantizer keeps it at 6, because 4-bit logits
-hurt most. Names map through gguf's own Hugging Face → GGUF table; no transposes.
+hurt most. q4_k_m takes llama.cpp's quantizer's per-tensor mixture (llama_quant), quantized
+by ggml block by block. Names map through gguf's own Hugging Face → GGUF table; no transposes.
 """
 
 from __future__ import annotations
