@@ -13,6 +13,7 @@ the Qwen2.5-0.5B shape (its weights random, the tiny model's tokenizer) with ``-
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
@@ -101,8 +102,19 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--fp32", action="store_true", help="MLX in float32 (as torch on a CPU)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: torch's; on a loaded machine 1 is steadier)",
+    )
     args = parser.parse_args()
-    print(f"machine: {platform.machine()}, {platform.processor() or '?'}, {_cores()} cores")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"machine: {platform.machine()}, {_cores()} cores, load average {load}; {args}")
     with tempfile.TemporaryDirectory() as tmp:
         model = make_model(Path(tmp), args.shape)
         for backend in ["torch", "mlx"] if args.backend == "both" else [args.backend]:
@@ -110,8 +122,6 @@ def main() -> None:
 
 
 def _cores() -> int:
-    import os
-
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
