@@ -46,6 +46,12 @@ from qwen_mlx.config import TrainingConfig
 @click.option(
     "--backend", type=click.Choice(CHOICES), default="auto", show_default=True, help="Engine."
 )
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1),
+    default=None,
+    help="Prompts answered together (default: 8, fewer where memory is short; 1: one by one).",
+)
 @click.option("--seed", type=int, default=TrainingConfig.seed, show_default=True)
 def data_replay(
     out: Path,
@@ -55,6 +61,7 @@ def data_replay(
     max_tokens: int,
     temperature: float,
     backend: str,
+    batch_size: int | None,
     seed: int,
 ) -> None:
     """Have the base model answer general prompts, as training records that keep it general.
@@ -76,6 +83,7 @@ def data_replay(
         settings=settings,
         backend=backend,
         seed=seed,
+        batch_size=batch_size,
         console=console,
     )
     for note in result.notes:
