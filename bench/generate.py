@@ -15,14 +15,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-SHAPES = {  # hidden, intermediate, layers, heads, kv heads, vocab (bench/train_torch.py)
-    "0.5b": (896, 4864, 24, 14, 2, 151936),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_torch  # noqa: E402 (the bench's model shapes)
 
 
 def questions(n: int) -> list[list[dict]]:
@@ -47,15 +47,7 @@ def make_model(root: Path, shape: str) -> Path:
         return folder
     import numpy as np
 
-    e, f, layers, heads, kv, vocab = SHAPES[shape]
-    dims = dict(
-        vocab_size=vocab,
-        hidden_size=e,
-        intermediate_size=f,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-    )
+    dims = train_torch.shape_dims(shape)
     save_tensors(folder / "model.safetensors", init_weights(np.random.default_rng(0), dims), "BF16")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, **dims}))
@@ -96,7 +88,7 @@ def bench(backend: str, model: Path, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=["tiny", *SHAPES], default="tiny")
+    parser.add_argument("--shape", choices=["tiny", *train_torch.SHAPES], default="tiny")
     parser.add_argument("--backend", choices=["torch", "mlx", "both"], default="both")
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -49,13 +49,10 @@ OPTIONS = {  # variant suffix -> config overrides
 }
 
 
-def make_model(folder: Path, shape: str) -> None:
-    """A random-weight Qwen2 folder of the given shape (bf16, tied, like Qwen2.5)."""
-    from qwen_mlx.tensor_io import save_tensors
-    from qwen_mlx.tiny import init_weights
-
+def shape_dims(shape: str) -> dict[str, int]:
+    """config.json's sizes of a model of ``shape`` (a key of SHAPES)."""
     e, f, layers, heads, kv, vocab = SHAPES[shape]
-    dims = dict(
+    return dict(
         vocab_size=vocab,
         hidden_size=e,
         intermediate_size=f,
@@ -63,6 +60,14 @@ def make_model(folder: Path, shape: str) -> None:
         num_attention_heads=heads,
         num_key_value_heads=kv,
     )
+
+
+def make_model(folder: Path, shape: str) -> None:
+    """A random-weight Qwen2 folder of the given shape (bf16, tied, like Qwen2.5)."""
+    from qwen_mlx.tensor_io import save_tensors
+    from qwen_mlx.tiny import init_weights
+
+    dims = shape_dims(shape)
     weights = init_weights(np.random.default_rng(0), dims)
     save_tensors(folder / "model.safetensors", weights, "BF16")
     config = {

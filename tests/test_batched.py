@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from lora_helpers import make_peft_adapter
+from repo_helpers import QWEN25_3B
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.inference import Completion, answer_all, complete_batch
@@ -181,16 +182,7 @@ def test_the_default_batch_fits_the_memory_estimate(monkeypatch):
 
     from qwen_mlx.inference import DEFAULT_BATCH_SIZE, fitting_batch_size
 
-    qwen_3b = {  # Qwen2.5-3B's config.json
-        "hidden_size": 2048,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 16,
-        "num_key_value_heads": 2,
-        "vocab_size": 151936,
-        "model_type": "qwen2",
-        "architectures": ["Qwen2ForCausalLM"],
-    }
+    qwen_3b = {**QWEN25_3B, "architectures": ["Qwen2ForCausalLM"]}
     engine = SimpleNamespace(config=qwen_3b, value_bytes=2)
     gib = 1024**3
     monkeypatch.setattr("qwen_mlx.memory.system_memory", lambda: 64 * gib)
