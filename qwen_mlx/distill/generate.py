@@ -184,12 +184,8 @@ def ask_verdicts(asker: Asker, candidates: list[Candidate]) -> None:
     """Drop each answer the teacher says its passage does not support."""
 
     def one(c: Candidate) -> None:
-        value, reason = asker.json(c.chunk, "verify", question=_full_question(c), answer=c.answer)
-        if reason is None and not isinstance(value, dict):
-            reason = "unparseable"
-        elif reason is None and str(value.get("supported")).lower() not in ("true", "yes"):
-            reason = "unsupported"
-        c.drop = reason
+        reply = asker.json(c.chunk, "verify", question=_full_question(c), answer=c.answer)
+        c.drop = _verdict(*reply, "supported", ("true", "yes"), "unsupported")
 
     asker.run(one, candidates)
 
@@ -242,11 +238,17 @@ def ask_checks(asker: Asker, candidates: list[Candidate], passages: Callable[[Ca
     """Drop each unanswerable question that one of the passages shown answers after all."""
 
     def one(c: Candidate) -> None:
-        value, reason = asker.json(c.chunk, "check", question=c.question, passages=passages(c))
-        if reason is None and not isinstance(value, dict):
-            reason = "unparseable"
-        elif reason is None and str(value.get("answered")).lower() not in ("false", "no"):
-            reason = "answered_in_documents"
-        c.drop = reason
+        reply = asker.json(c.chunk, "check", question=c.question, passages=passages(c))
+        c.drop = _verdict(*reply, "answered", ("false", "no"), "answered_in_documents")
 
     asker.run(one, candidates)
+
+
+def _verdict(value, reason: str | None, key: str, keeps: tuple, drop: str) -> str | None:
+    """The drop reason of a yes/no verdict reply (None: kept): the asker's own reason, an
+    unparseable reply, or ``drop`` when ``value[key]`` is not one of ``keeps``."""
+    if reason is not None:
+        return reason
+    if not isinstance(value, dict):
+        return "unparseable"
+    return None if str(value.get(key)).lower() in keeps else drop
