@@ -14,7 +14,7 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from qwen_mlx import __version__, cli_distill, cli_models, cli_replay
+from qwen_mlx import __version__, cli_distill, cli_models, cli_pairs, cli_replay
 from qwen_mlx.backends import CHOICES
 from qwen_mlx.cli_base import (
     ErrorLineGroup,
@@ -90,6 +90,7 @@ def data() -> None:
 
 data.add_command(cli_distill.data_distill)
 data.add_command(cli_replay.data_replay)
+data.add_command(cli_pairs.data_pairs)
 
 
 SHOWN_BAD_RECORDS = 20

@@ -17,9 +17,7 @@ where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import random
 from dataclasses import dataclass, field
 from importlib import resources
@@ -27,12 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import track
 
+from qwen_mlx.answer_log import (
+    answer_key,
+    answer_logged,
+    progress_path,
+    publish,
+    read_progress,
+)
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import disk_errors, write_jsonl
-from qwen_mlx.outputs import claim_files, record_files, writing
+from qwen_mlx.outputs import claim_files
 
 COMMAND = "data replay"
 REPLAY, HELDOUT = "replay", "heldout"  # the two parts of the bundled prompt set
@@ -48,12 +51,6 @@ def general_prompts() -> Path:
 class Prompt:
     id: str
     messages: list[dict]  # ends with the user's turn
-
-
-class Stopped(UserError):
-    """Ctrl-C: the answers so far are kept; the message says to run it again."""
-
-    exit_code = 130
 
 
 # ---------------------------------------------------------------- prompts
@@ -125,24 +122,7 @@ class ReplayResult:
 def _key(model: Path, settings: GenerationSettings, prompt: Prompt) -> str:
     """What an answer depends on: the model, the settings, the conversation."""
     what = [str(model.resolve()), settings.max_tokens, settings.temperature, prompt.messages]
-    return hashlib.sha256(json.dumps(what, ensure_ascii=False).encode()).hexdigest()[:24]
-
-
-def _progress_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def _read_progress(path: Path) -> dict[str, dict]:
-    """Answers an interrupted run kept, by key (a torn last line is ignored)."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                entry = json.loads(line)
-                done[entry["key"]] = entry
-            except (ValueError, KeyError, TypeError):
-                continue
-    return done
+    return answer_key(*what)
 
 
 def _record(prompt: Prompt, answer: str, reasoning: str | None, model: str) -> dict:
@@ -181,48 +161,26 @@ def replay(
     settings = settings or GenerationSettings(max_tokens=512, temperature=0.0)
     prompts_path = prompts_file or general_prompts()
     prompts = pick(load_prompts(prompts_path, None if prompts_file else REPLAY), n, seed)
-    progress = _progress_path(out)
+    progress = progress_path(out)
     claim_files(out.parent, COMMAND, [out.name, progress.name], [model, prompts_path])
-    done = _read_progress(progress)
+    done = read_progress(progress)
     keys = {p.id: _key(model, settings, p) for p in prompts}
     todo = [p for p in prompts if keys[p.id] not in done]
     reused = len(prompts) - len(todo)
     if todo:
         engine = open_engine(None, model=model, backend=backend)
-        record_files(out.parent, COMMAND, [], grows=[progress.name])
-        _answer_all(engine, todo, keys, (settings, batch_size), progress, model.name, console)
-        done = _read_progress(progress)
+
+        def entry(i: int, reply) -> dict:
+            return _answer(engine, todo[i], reply, model.name)
+
+        asked = [(keys[p.id], p.messages) for p in todo]
+        answer_logged(engine, asked, (settings, batch_size), progress, entry, console, COMMAND)
+        done = read_progress(progress)
     entries = [done[keys[p.id]] for p in prompts]
     records = [e["record"] for e in entries if "record" in e]
-    with writing(out.parent, COMMAND, [out.name]):
-        write_jsonl(out, records)
-    progress.unlink(missing_ok=True)
-    record_files(out.parent, COMMAND, [], drop=[progress.name])
+    publish(out, COMMAND, records, progress)
     truncated = sum(1 for e in entries if e.get("truncated"))
     return ReplayResult(out, len(records), truncated, reused, _notes(truncated, settings))
-
-
-def _answer_all(engine, todo, keys, how, progress: Path, model: str, console) -> None:
-    """Answer ``todo`` (``how``: the settings and batch size), appending each answer to
-    ``progress`` (fsynced) as it arrives."""
-    from qwen_mlx.inference import answer_all
-
-    with disk_errors(progress), open(progress, "a", encoding="utf-8") as fh:
-        try:
-            replies = answer_all(engine, [p.messages for p in todo], *how)
-            for i, reply in track(
-                replies, total=len(todo), description="answering", console=console
-            ):
-                prompt = todo[i]
-                entry = {"key": keys[prompt.id], **_answer(engine, prompt, reply, model)}
-                fh.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-        except KeyboardInterrupt:
-            raise Stopped(
-                f"stopped: the answers so far are kept in {progress}; run the same command "
-                "again to go on"
-            ) from None
 
 
 def _notes(truncated: int, settings: GenerationSettings) -> list[str]:

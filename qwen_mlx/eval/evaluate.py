@@ -74,8 +74,10 @@ class ModelResult:
         }
 
 
-def load_cases(path: Path, limit: int | None) -> list[Case]:
-    records, report = load_records([path])
+def load_cases(path: Path, limit: int | None, system_prompt: str | None = None) -> list[Case]:
+    """The question/answer records of ``path`` (``system_prompt`` added where one has none,
+    as training adds ``data.system_prompt``), the first ``limit`` of them."""
+    records, report = load_records([path], system_prompt=system_prompt)
     cases = [
         Case(r.data["messages"][:-1], r.data["messages"][-1]["content"], r.data, r.source)
         for r in records

@@ -14,6 +14,7 @@ judge grades (or hangs) stops at once: :func:`stopped` is the one-line message.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,21 +49,32 @@ class JudgeSettings:
     model: str
     key_env: str = "OPENAI_API_KEY"
     concurrency: int = 4
+    timeout: float = 120.0  # seconds per HTTP attempt (the teacher retries)
 
 
-def open_judge(settings: JudgeSettings, out_dir: Path) -> Teacher:
-    """The judge, checked (URL, key, model) before any answer is generated."""
+LEDGER = "judge_ledger.jsonl"
+
+
+def open_judge(settings: JudgeSettings, out_dir: Path, ledger: str = LEDGER) -> Teacher:
+    """The judge, checked (URL, key, model) before any answer is generated; its verdicts are
+    kept in ``out_dir / ledger``."""
     teacher = Teacher(
-        settings.url, settings.model, settings.key_env, out_dir / "judge_ledger.jsonl", role="judge"
+        settings.url,
+        settings.model,
+        settings.key_env,
+        out_dir / ledger,
+        timeout=settings.timeout,
+        role="judge",
     )
     teacher.probe()
     return teacher
 
 
 def passages(data: Path, wheres: list[str]) -> list[str | None]:
-    """The source passage of each record (``file:line``) of a distilled test file."""
+    """The source passage of each record (``file:line``) of a distilled test file (JSONL,
+    with the ``chunks.jsonl`` of ``data distill`` beside it)."""
     chunks_file = data.parent / "chunks.jsonl"
-    if not chunks_file.is_file():
+    if data.suffix.lower() != ".jsonl" or not chunks_file.is_file():
         return [None] * len(wheres)
     lines = chunks_file.read_text(encoding="utf-8").splitlines()
     chunks = {c["id"]: c["text"] for c in map(json.loads, lines)}
@@ -89,13 +101,22 @@ def _messages(question: str, reference: str, passage: str | None, answer: str) -
     return [{"role": "system", "content": system}, {"role": "user", "content": text}]
 
 
-def grade(teacher: Teacher, items: list[tuple[str, str, str | None, str]], concurrency: int):
+def grade(
+    teacher: Teacher,
+    items: list[tuple[str, str, str | None, str]],
+    concurrency: int,
+    graded: Callable[[], None] = lambda: None,
+):
     """``(grade, reason)`` for each (question, reference, passage, answer); grade
-    ``failed`` when the judge gave no usable verdict."""
+    ``failed`` when the judge gave no usable verdict. ``graded`` is called after each
+    (a progress bar)."""
     asker = Asker(teacher, {}, concurrency)
 
     def one(item) -> tuple[str, str]:
-        value, reason = asker.ask_json(_messages(*item), "judge")
+        try:
+            value, reason = asker.ask_json(_messages(*item), "judge")
+        finally:
+            graded()
         if reason is None and isinstance(value, dict) and value.get("grade") in GRADES:
             return value["grade"], _one_line(value.get("reason", ""))
         return "failed", reason or "no grade in the reply"
