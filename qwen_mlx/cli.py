@@ -173,6 +173,13 @@ def _fill_values(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     metavar="NAME=VALUE",
     help="Value for the {{NAME}} placeholders in the records (repeatable).",
 )
+@click.option(
+    "--dataset",
+    "datasets",
+    multiple=True,
+    metavar="NAME",
+    help="A dataset of the LLaMA-Factory dataset_info.json given as INPUT (repeatable).",
+)
 def data_prepare(
     inputs: tuple[Path, ...],
     out_dir: Path,
@@ -182,6 +189,7 @@ def data_prepare(
     strict: bool,
     sft_from_preferences: bool,
     fill: dict[str, str],
+    datasets: tuple[str, ...],
 ) -> None:
     """Normalize INPUT files into chat JSONL and split them (seeded) into train/valid/test.
 
@@ -202,12 +210,13 @@ def data_prepare(
             strict=strict,
             from_preferences=sft_from_preferences,
             fill=fill,
+            datasets=datasets,
         )
     _list_bad_records(result.report.problems, "skipped", "all in report.json")
     console.print(result.report.summary(), highlight=False)
     for warning in result.report.warnings():
         err_console.print(f"[yellow]warning[/] {escape(warning)}", highlight=False, soft_wrap=True)
-    counts = ", ".join(f"{k} {v}" for k, v in result.counts.items())
+    counts = ", ".join(f"{k} {v}" for k, v in result.files.items())  # empty splits: no file
     console.print(f"[green]✓[/] wrote {counts} → {out_dir}", highlight=False)
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from qwen_mlx.data_prefs import preference_kind, refusal, sft_record
 from qwen_mlx.data_tools import RecordError
 from qwen_mlx.errors import UserError
 
-__all__ = ["RecordError", "load_records", "normalize", "read_raw", "split_records"]
+__all__ = ["RecordError", "Source", "load_records", "normalize", "read_raw", "split_records"]
 
 
 @dataclass
@@ -57,6 +58,7 @@ class LoadReport:
         default_factory=Counter
     )  # --sft-from-preferences: what became of them
     placeholders: Counter = field(default_factory=Counter)  # unfilled {{name}} → records
+    notes: list[str] = field(default_factory=list)  # about the inputs (a dataset entry's)
 
     @property
     def skipped(self) -> int:
@@ -77,10 +79,10 @@ class LoadReport:
     def warnings(self) -> list[str]:
         """What the user should act on although the records were kept."""
         if not self.placeholders:
-            return []
+            return list(self.notes)
         names = ", ".join(f"{{{{{k}}}}} in {n}" for k, n in self.placeholders.most_common())
         fills = " ".join(f"--fill {k}=…" for k in sorted(self.placeholders))
-        return [f"placeholders left in records ({names}): fill them with {fills}"]
+        return [*self.notes, f"placeholders left in records ({names}): fill them with {fills}"]
 
 
 # ---------------------------------------------------------------- reading files
@@ -112,13 +114,37 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
                 yield lineno, err
 
 
+_SPACE = re.compile(r"\s*")
+
+
+def _json_values(path: Path, text: str) -> Iterator[tuple[int, Any]]:
+    """JSON values one after another (Easy Dataset writes its multilingual-thinking .json so:
+    indented objects, one after the other), each numbered by the line it starts on."""
+    decoder, at, line = json.JSONDecoder(), 0, 1
+    while True:
+        start = _SPACE.match(text, at).end()
+        line += text.count("\n", at, start)
+        if start == len(text):
+            return
+        try:
+            value, end = decoder.raw_decode(text, start)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
+        except RecursionError:
+            raise UserError(f"{path}:{line}: JSON nested too deeply to read") from None
+        yield line, value
+        line += text.count("\n", start, end)
+        at = end
+
+
 def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
+    text = path.read_text(encoding="utf-8-sig")
     try:
-        obj = _json_value(path.read_text(encoding="utf-8-sig"))
+        obj = _json_value(text)
     except json.JSONDecodeError as err:
-        if err.msg == "Extra data":
-            hint = "one object per line belongs in a .jsonl file; rename it"
-            raise UserError(f"{path}:{err.lineno}: more than one JSON value ({hint})") from None
+        if err.msg == "Extra data":  # several values: records one after another
+            yield from _json_values(path, text)
+            return
         raise UserError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from None
     except RecordError as err:
         raise UserError(f"{path}: {err}") from None
@@ -180,8 +206,25 @@ def _read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
         yield number, {k: v for k, v in row.items() if v is not None}
 
 
+def _has_paragraphs(path: Path) -> bool:
+    """Whether a blank line stands between two lines of text."""
+    text_seen = blank_after = False
+    with open(path, encoding="utf-8-sig", newline=None) as fh:
+        for line in fh:
+            if not line.strip():
+                blank_after = text_seen
+            elif blank_after:
+                return True
+            else:
+                text_seen = True
+    return False
+
+
 def _read_txt(path: Path) -> Iterator[tuple[int, Any]]:
-    """Domain text for continued pre-training: each paragraph (blank-line separated) a record."""
+    """Domain text for continued pre-training: each paragraph (blank-line separated) a record,
+    or, in a file without blank lines, each line (one document per line, as LLaMA-Factory's
+    wiki_demo.txt and Hugging Face's text loader have it)."""
+    by_line = not _has_paragraphs(path)
     lines: list[str] = []
     start = 0
     with open(path, encoding="utf-8-sig", newline=None) as fh:
@@ -189,7 +232,7 @@ def _read_txt(path: Path) -> Iterator[tuple[int, Any]]:
             if line.strip():
                 start = start or lineno
                 lines.append(line)
-            elif lines:
+            if lines and (by_line or not line.strip()):
                 yield start, {"text": "".join(lines).rstrip("\n")}
                 lines, start = [], 0
 
@@ -220,6 +263,18 @@ def read_raw(path: str | Path) -> Iterator[tuple[int, Any]]:
         raise UserError(f"{path}: not UTF-8 text; re-save the file as UTF-8") from None
     except OSError as err:
         raise UserError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+@dataclass(frozen=True)
+class Source:
+    """A data file whose rows are converted before they are read as records (the column
+    mapping of a LLaMA-Factory dataset_info.json entry: :mod:`qwen_mlx.data_llamafactory`)."""
+
+    path: Path
+    convert: Callable[[Any], Any]
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 def _dedup_key(data: dict[str, Any]) -> str:
@@ -256,11 +311,13 @@ def _sft_view(obj: Any, source: str, options: ReadOptions, report: LoadReport) -
     return sft
 
 
-def _read_one(obj: Any, source: str, options: ReadOptions, report: LoadReport):
+def _read_one(obj: Any, source: str, options: ReadOptions, report: LoadReport, convert=None):
     """``(normalized record, format)`` of one raw record, or None when it is not kept."""
     try:
         if isinstance(obj, RecordError):
             raise obj
+        if convert is not None:
+            obj = convert(obj)
         kept = _sft_view(obj, source, options, report)
         if kept is None and obj is not None:  # a KTO record left out, already counted
             return None
@@ -277,7 +334,7 @@ def _read_one(obj: Any, source: str, options: ReadOptions, report: LoadReport):
 
 
 def load_records(
-    paths: list[str | Path] | tuple[str | Path, ...],
+    paths: list[str | Path | Source] | tuple[str | Path | Source, ...],
     *,
     system_prompt: str | None = None,
     strict: bool = False,
@@ -287,17 +344,19 @@ def load_records(
 ) -> tuple[list[Record], LoadReport]:
     """Read and normalize every record of ``paths``; bad ones go to the report (or raise).
 
-    Preference data is refused unless ``from_preferences`` (then the chosen answers are kept);
+    A :class:`Source` is read through its converter. Preference data is refused unless
+    ``from_preferences`` (then the chosen answers are kept);
     ``fill`` gives values for ``{{name}}`` placeholders.
     """
     options = ReadOptions(system_prompt, strict, from_preferences, dict(fill or {}))
     report = LoadReport()
     records: list[Record] = []
     seen: set[str] = set()
-    for path in paths:
+    for given in paths:
+        path, convert = (given.path, given.convert) if isinstance(given, Source) else (given, None)
         for lineno, obj in read_raw(path):
             source = f"{path}:{lineno}"
-            read = _read_one(obj, source, options, report)
+            read = _read_one(obj, source, options, report, convert)
             if read is None:
                 continue
             key = _dedup_key(read[0])

@@ -9,6 +9,7 @@ missing, the format the record was read as and the keys it has.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from typing import Any
@@ -63,32 +64,73 @@ def _joined_parts(parts: list, what: str) -> str:
 
 
 def _weight(turn: dict, role: str, what: str) -> dict:
-    """OpenAI's per-turn ``weight``: 0 keeps the turn as context without training on it."""
-    if "weight" not in turn:
+    """OpenAI's per-turn ``weight`` (LLaMA-Factory v1: ``loss_weight``): 0 keeps the turn as
+    context without training on it."""
+    key = next((k for k in ("weight", "loss_weight") if k in turn), None)
+    if key is None:
         return {}
-    weight = turn["weight"]
-    if weight not in (0, 1) or isinstance(weight, bool):
-        raise RecordError(f"{what}.weight: expected 0 or 1, got {weight!r}")
+    weight = turn[key]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise RecordError(f"{what}.{key}: expected 0 (context only) or 1 (trained), got {weight!r}")
     if role != "assistant":
-        raise RecordError(f"{what}.weight: only assistant turns have a weight")
+        if key == "loss_weight" and weight == 0:  # what v1 writes on every other turn
+            return {}
+        raise RecordError(f"{what}.{key}: only assistant turns have a weight")
     return {"weight": 0} if weight == 0 else {}
 
 
+# Where the reasoning of an assistant turn is kept: OpenAI's ``reasoning_content``, the short
+# ``reasoning``, Easy Dataset's ``thinking`` (null when it has none).
+REASONING_KEYS = ("reasoning", "reasoning_content", "thinking")
+
+
+def _v1_parts(content: Any, what: str) -> tuple[Any, list[str], list[Any]]:
+    """LLaMA-Factory v1 content parts taken apart: the text parts (None when there are
+    none), the ``reasoning`` parts' texts and the ``tool_call`` parts' values."""
+    if not isinstance(content, list):
+        return content, [], []
+    texts, reasoning, calls = [], [], []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "reasoning":
+            reasoning.append(text(part.get("value", part.get("text")), f"{what}[{i}]"))
+        elif kind == "tool_call":
+            calls.append((part.get("value"), f"{what}[{i}].value"))
+        else:
+            texts.append(part)
+    return texts or None, reasoning, calls
+
+
+def _reasoning(turn: dict, parts: list[str], what: str) -> dict:
+    given = [k for k in REASONING_KEYS if turn.get(k) not in (None, "")]
+    if len(given) + bool(parts) > 1:
+        found = ", ".join(given + ["reasoning parts"] * bool(parts))
+        raise RecordError(f"{what}: reasoning given twice ({found}); keep one")
+    if parts:
+        return {"reasoning_content": "\n".join(parts)}
+    if given:
+        return {"reasoning_content": text(turn[given[0]], f"{what}.{given[0]}")}
+    return {}
+
+
 def _assistant(turn: dict, what: str) -> dict:
+    content, reasoning, call_parts = _v1_parts(turn.get("content"), f"{what}.content")
     calls = turn.get("tool_calls") or turn.get("function_call")  # the latter: OpenAI's older name
     message: dict[str, Any] = {"role": "assistant", "content": ""}
-    if calls is None or turn.get("content") not in (None, ""):
-        message["content"] = text(turn.get("content"), f"{what}.content")
+    if (calls is None and not call_parts) or content not in (None, ""):
+        message["content"] = text(content, f"{what}.content")
+    if calls is not None and call_parts:
+        raise RecordError(f"{what}: tool calls given twice (tool_calls and tool_call parts)")
     if calls is not None:
         message["tool_calls"] = tool_calls(calls, f"{what}.tool_calls")
-    # Thinking models (Qwen3) train it inside the think block; OpenAI names it reasoning_content.
-    key = "reasoning" if "reasoning" in turn else "reasoning_content"
-    if turn.get(key) not in (None, ""):
-        message["reasoning_content"] = text(turn[key], f"{what}.{key}")
+    if call_parts:  # LLaMA-Factory v1: each part holds one call as JSON text
+        message["tool_calls"] = [c for value, at in call_parts for c in tool_calls(value, at)]
+    # Thinking models (Qwen3) train it inside the think block.
+    message.update(_reasoning(turn, reasoning, what))
     return {**message, **_weight(turn, "assistant", what)}
 
 
-def _chat_turn(turn: Any, what: str) -> dict:
+def _chat_turn(turn: Any, what: str) -> dict | None:
     if not isinstance(turn, dict):
         raise RecordError(f"{what}: expected an object with role and content")
     role = {"function": "tool"}.get(turn.get("role"), turn.get("role"))
@@ -96,6 +138,8 @@ def _chat_turn(turn: Any, what: str) -> dict:
         return _assistant(turn, what)
     if role not in ("system", "user", "tool"):
         raise RecordError(f"{what}: unsupported role {turn.get('role')!r}")
+    if role == "system" and turn.get("content") == "":
+        return None  # an empty system prompt (Easy Dataset writes one when none was set)
     return {
         "role": role,
         "content": text(turn.get("content"), f"{what}.content"),
@@ -114,7 +158,14 @@ def _system(obj: dict) -> Messages:
 
 
 def _turn_list(obj: dict, key: str) -> list:
+    """The turns under ``key``: a list, or JSON text of one (a CSV cell holds them so, as in
+    Easy Dataset's CSV exports)."""
     turns = obj[key]
+    if isinstance(turns, str) and turns.lstrip().startswith("["):
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as err:
+            raise RecordError(f"{key}: not valid JSON ({err.msg} at column {err.colno})") from None
     if not isinstance(turns, list):
         raise RecordError(f"{key}: expected a list, got {json_type(turns)}")
     return turns
@@ -130,6 +181,7 @@ def _with_tools(obj: dict, messages: Messages) -> dict:
 
 def _from_messages(obj: dict) -> dict:
     turns = [_chat_turn(t, f"messages[{i}]") for i, t in enumerate(_turn_list(obj, "messages"))]
+    turns = [t for t in turns if t is not None]
     system = _system(obj)
     if system and turns and turns[0]["role"] == "system":
         if turns[0]["content"] != system[0]["content"]:
@@ -181,12 +233,20 @@ def _history(obj: dict) -> Messages:
     return _pairs(history, "history")
 
 
+def _alpaca_user(obj: dict) -> str:
+    """The instruction and the input; either may be empty (Easy Dataset's "input" mode puts
+    the question in ``input`` under an empty instruction)."""
+    given = [key for key in ("instruction", "input") if obj.get(key) not in (None, "")]
+    if not given:
+        return text(obj.get("instruction"), "instruction")  # says missing or empty
+    return "\n\n".join(text(obj[key], key) for key in given)
+
+
 def _from_alpaca(obj: dict) -> dict:
-    instruction = text(obj.get("instruction"), "instruction")
-    extra = obj.get("input")
-    user = instruction if extra in (None, "") else f"{instruction}\n\n{text(extra, 'input')}"
-    answer = text(obj.get("output"), "output")
-    turns = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
+    answer: dict[str, Any] = {"role": "assistant", "content": text(obj.get("output"), "output")}
+    if obj.get("complexCOT") not in (None, ""):  # Easy Dataset's chain of thought
+        answer["reasoning_content"] = text(obj["complexCOT"], "complexCOT")
+    turns = [{"role": "user", "content": _alpaca_user(obj)}, answer]
     return {"messages": _system(obj) + _history(obj) + turns}
 
 
@@ -222,6 +282,8 @@ FORMATS: dict[str, tuple[str, Callable[[dict], dict], str]] = {
         "prompt with completion or response",
     ),
     "query": ("query/response", _question_answer("query", ("response",)), "query and response"),
+    # alpaca with no instruction at all (a CSV's empty cell), the question in input
+    "input": ("alpaca", _from_alpaca, "instruction and/or input, output"),
 }
 
 

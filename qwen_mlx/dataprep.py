@@ -1,15 +1,18 @@
 """``qwen-mlx data prepare`` and ``qwen-mlx data stats``.
 
-``prepare`` reads any mix of supported files, normalizes and de-duplicates them, splits them
-(seeded) into train/valid/test and writes ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``
-and ``report.json`` into the output folder. ``stats`` describes a file: counts, formats,
-turns, token-length percentiles with the model's tokenizer and what ``max_seq_length`` and
-packing would do to it.
+``prepare`` reads any mix of supported files (and the datasets of a LLaMA-Factory
+``dataset_info.json``), normalizes and de-duplicates them, splits them (seeded) into
+train/valid/test and writes ``train.jsonl``, ``valid.jsonl``, ``test.jsonl`` and
+``report.json`` into the output folder: one format per file, no empty file, so that mlx-lm's
+loader reads the folder too (text records beside chat ones go to ``text/``). ``stats``
+describes a file: counts, formats, turns, token-length percentiles with the model's tokenizer
+and what ``max_seq_length`` and packing would do to it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import contextlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +21,17 @@ from rich.console import Console
 from rich.progress import track
 
 from qwen_mlx.data import LoadReport, Problem, Record, load_records, split_records
+from qwen_mlx.data_llamafactory import resolve
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_json, write_jsonl
-from qwen_mlx.outputs import claim_files, writing
+from qwen_mlx.outputs import claim_files, record_files, writing
 
 PERCENTILES = (50, 90, 95, 99)
 PREPARE = "data prepare"
 SPLITS = ("train", "valid", "test")
-OUTPUTS = (*(f"{name}.jsonl" for name in SPLITS), "report.json")
+TEXT_DIR = "text"  # the text records, when the chat records take the split files
+SPLIT_FILES = (*(f"{s}.jsonl" for s in SPLITS), *(f"{TEXT_DIR}/{s}.jsonl" for s in SPLITS))
+OUTPUTS = (*SPLIT_FILES, "report.json")
 
 
 class NothingUsable(UserError):
@@ -49,8 +55,24 @@ def _load_usable(inputs: list[str | Path], **options: Any) -> tuple[list[Record]
 @dataclass
 class PrepareResult:
     out_dir: Path
-    counts: dict[str, int]
+    counts: dict[str, int]  # records by split
     report: LoadReport
+    files: dict[str, int] = field(default_factory=dict)  # records by file written
+
+
+def split_files(parts: dict[str, list[Record]]) -> dict[str, list[dict]]:
+    """The file of each record: one format per file and no empty file, as mlx-lm's loader
+    needs (it takes a file's format from its first record and fails on an empty one). The
+    chat records take ``train/valid/test.jsonl``; text records go there when there are no
+    chat records, else to ``text/``."""
+    chat_anywhere = any("messages" in r.data for part in parts.values() for r in part)
+    files: dict[str, list[dict]] = {}
+    for split, records in parts.items():
+        for record in records:
+            text_aside = chat_anywhere and "messages" not in record.data
+            name = f"{TEXT_DIR}/{split}.jsonl" if text_aside else f"{split}.jsonl"
+            files.setdefault(name, []).append(record.data)
+    return {name: files[name] for name in SPLIT_FILES if name in files}
 
 
 def prepare(
@@ -63,23 +85,43 @@ def prepare(
     strict: bool = False,
     from_preferences: bool = False,
     fill: dict[str, str] | None = None,
+    datasets: tuple[str, ...] = (),
 ) -> PrepareResult:
-    """Normalize ``inputs`` and write the seeded split into ``out_dir``."""
+    """Normalize ``inputs`` and write the seeded split into ``out_dir``; ``datasets`` names
+    the entries to read of a LLaMA-Factory ``dataset_info.json`` among the inputs."""
     out_dir = Path(out_dir)
-    claim_files(out_dir, PREPARE, OUTPUTS, inputs=[Path(p) for p in inputs])
+    sources, notes = resolve(list(map(Path, inputs)), tuple(datasets))
+    read = [Path(str(p)) for p in sources] + [Path(p) for p in inputs]
+    claim_files(out_dir, PREPARE, OUTPUTS, inputs=read)
     records, report = _load_usable(
-        inputs, strict=strict, from_preferences=from_preferences, fill=fill
+        sources, strict=strict, from_preferences=from_preferences, fill=fill
     )
+    report.notes += notes
     parts = split_records(records, valid_ratio, test_ratio, seed)
-    with writing(out_dir, PREPARE, OUTPUTS):
-        counts = {
-            s: write_jsonl(out_dir / f"{s}.jsonl", (r.data for r in parts[s])) for s in SPLITS
-        }
-        _write_report(out_dir, inputs, (valid_ratio, test_ratio, seed), counts, report)
-    return PrepareResult(out_dir, counts, report)
+    files = split_files(parts)
+    with writing(out_dir, PREPARE, [*files, "report.json"]):
+        written = {name: write_jsonl(out_dir / name, rows) for name, rows in files.items()}
+        counts = {s: len(parts[s]) for s in SPLITS}
+        _write_report(out_dir, inputs, (valid_ratio, test_ratio, seed), counts, report, written)
+    _forget_stale(out_dir, [name for name in SPLIT_FILES if name not in files])
+    return PrepareResult(out_dir, counts, report, written)
 
 
-def _write_report(out_dir: Path, inputs, split: tuple, counts: dict, report: LoadReport) -> None:
+def _forget_stale(out_dir: Path, names: list[str]) -> None:
+    """Remove what an earlier run wrote that this one did not (an empty split now): a stale
+    test.jsonl would be read as this data's. claim_files has checked they are ours, unedited."""
+    stale = [name for name in names if (out_dir / name).is_file()]
+    for name in stale:
+        (out_dir / name).unlink()
+    if stale:
+        record_files(out_dir, PREPARE, [], drop=stale)
+    with contextlib.suppress(OSError):  # text/, when nothing is left in it
+        (out_dir / TEXT_DIR).rmdir()
+
+
+def _write_report(
+    out_dir: Path, inputs, split: tuple, counts: dict, report: LoadReport, files: dict
+) -> None:
     valid_ratio, test_ratio, seed = split
     write_json(
         out_dir / "report.json",
@@ -89,6 +131,7 @@ def _write_report(out_dir: Path, inputs, split: tuple, counts: dict, report: Loa
             "valid_ratio": valid_ratio,
             "test_ratio": test_ratio,
             "counts": counts,
+            "files": files,
             "formats": dict(report.formats),
             "duplicates_removed": report.duplicates,
             "preferences": dict(report.preferences),

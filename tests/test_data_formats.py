@@ -133,7 +133,7 @@ def test_openai_weight_zero_is_kept_and_all_zero_refused():
     assert [m.get("weight") for m in data["messages"]] == [None, 0, None, None]
     with pytest.raises(RecordError, match="every assistant turn has weight 0"):
         normalize({"messages": [turns[0], turns[1]]})
-    with pytest.raises(RecordError, match=r"messages\[1\].weight: expected 0 or 1"):
+    with pytest.raises(RecordError, match=r"messages\[1\].weight: expected 0 \(context only\) or 1"):
         normalize({"messages": [turns[0], {**turns[1], "weight": 0.5}]})
 
 
