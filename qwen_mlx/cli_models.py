@@ -235,6 +235,13 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
     help="Questions answered together (default: 8, fewer where the memory estimate says "
     "they would not fit; 1: one by one). A GGUF answers one by one.",
 )
+@click.option(
+    "--pairs",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Held-out preference pairs (chosen/rejected): report the tuned model's preference "
+    "accuracy and reward margin over its base (default: the test file's own pairs, if any).",
+)
 def eval_command(
     run_or_adapter,
     data,
@@ -246,6 +253,7 @@ def eval_command(
     general,
     general_prompts,
     batch_size,
+    pairs,
     **judge,
 ) -> None:
     """Test loss, perplexity and greedy answers scored with ROUGE-L / BLEU-4 (characters).
@@ -259,6 +267,10 @@ def eval_command(
     on those worded unlike any training question), the refusal rate on questions the rules do
     not answer (kind: unanswerable), and the tuned model's general drift from its base
     (per-token KL on general prompts the base answered; not for --gguf).
+
+    Preference accuracy: with --pairs (or a test file of pairs), the share of held-out pairs
+    whose chosen answer the tuned model prefers more than its base does (DPO's implicit
+    reward), and the mean reward margin.
     """
     from qwen_mlx.eval.evaluate import evaluate
     from qwen_mlx.eval.judge import judge_settings
@@ -275,6 +287,7 @@ def eval_command(
         general=general,
         general_prompts=general_prompts,
         batch_size=batch_size,
+        pairs=pairs,
         console=console,
     )
 

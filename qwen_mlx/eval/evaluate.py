@@ -33,6 +33,7 @@ from qwen_mlx.eval.drift import HIGH_DRIFT, HIGH_DRIFT_FIX, Drift, general_drift
 from qwen_mlx.eval.judge import JudgeSettings, grade, open_judge, passages, stopped
 from qwen_mlx.eval.judge import summary as judge_summary
 from qwen_mlx.eval.pages import holds_table, summary_table, write_reports
+from qwen_mlx.eval.preference import Preference, preference_accuracy
 from qwen_mlx.eval.text_metrics import bleu4, rouge_l, score_answers
 from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import Engine, GGUFEngine, answer_all, open_engine
@@ -56,11 +57,14 @@ class ModelResult:
     test_loss: float | None = None
     seconds: float = 0.0
     drift: Drift | None = None  # the tuned model's general drift from its base
+    preference: Preference | None = None  # the tuned model's, on held-out pairs
 
     def summary(self, cases: list[Case], trained: set[str] | None) -> dict[str, Any]:
         pairs = list(zip(self.answers, (c.reference for c in cases), strict=True))
         judged = {"judge": judge_summary([g for g, _ in self.verdicts])} if self.verdicts else {}
         drift = {"general_drift": self.drift.as_dict()} if self.drift else {}
+        if self.preference:
+            drift["preference"] = self.preference.as_dict()
         return {
             "model": self.description,
             "test_loss": self.test_loss,
@@ -76,8 +80,9 @@ class ModelResult:
 
 def load_cases(path: Path, limit: int | None, system_prompt: str | None = None) -> list[Case]:
     """The question/answer records of ``path`` (``system_prompt`` added where one has none,
-    as training adds ``data.system_prompt``), the first ``limit`` of them."""
-    records, report = load_records([path], system_prompt=system_prompt)
+    as training adds ``data.system_prompt``), the first ``limit`` of them; a preference
+    pair's question with its chosen answer as the reference."""
+    records, report = load_records([path], system_prompt=system_prompt, from_preferences=True)
     cases = [
         Case(r.data["messages"][:-1], r.data["messages"][-1]["content"], r.data, r.source)
         for r in records
@@ -86,6 +91,15 @@ def load_cases(path: Path, limit: int | None, system_prompt: str | None = None) 
     if not cases:
         raise UserError(f"{path}: no question/answer records to evaluate ({report.summary()})")
     return cases[:limit] if limit else cases
+
+
+def _holds_pairs(path: Path) -> bool:
+    """Whether a test file holds preference pairs (then eval measures preference accuracy
+    on them too)."""
+    from qwen_mlx.data import read_raw
+    from qwen_mlx.data_prefs import preference_kind
+
+    return any(preference_kind(obj) == "pair" for _, obj in read_raw(path))
 
 
 def test_data(source, run_dir: Path | None, data: Path | None) -> Path:
@@ -153,18 +167,25 @@ def evaluate(
     general: Path | None = None,
     general_prompts: int = 40,
     batch_size: int | None = None,
+    pairs: Path | None = None,
     console: Console,
 ) -> Path:
-    """Evaluate and write the report; return the report folder."""
+    """Evaluate and write the report; return the report folder. ``pairs``: held-out
+    preference pairs to measure preference accuracy on (else the test file's own pairs)."""
     from qwen_mlx.adapters import resolve_source
 
     source = resolve_source(run_or_adapter, None)
     run_dir = _run_dir(Path(run_or_adapter), source)
     # A GGUF report goes beside the run's own, so the two can be compared.
     out_dir = run_dir / ("eval-gguf" if gguf else "eval")
+    if pairs is not None and gguf is not None:
+        raise UserError(
+            "--pairs needs the run's adapter (the reference is the base): not with --gguf"
+        )
     judge_teacher = open_judge(judge, out_dir) if judge else None  # fail before answering
     data = test_data(source, run_dir, data)
     cases = load_cases(data, limit)
+    pairs = pairs or (data if _holds_pairs(data) and gguf is None else None)
     max_len = source.run_config.training.max_seq_length if source.run_config else 2048
     console.print(f"evaluating on {len(cases)} questions", highlight=False)
     tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
@@ -174,6 +195,8 @@ def evaluate(
         tuned_engine, general, general_prompts, max_tokens, max_len, batch_size
     )
     _warn_drift(results[0].drift, console)
+    if pairs is not None:
+        results[0].preference = preference_accuracy(tuned_engine, pairs, max_len, source.run_config)
     del tuned_engine
     gc.collect()
     if compare_base:
@@ -260,3 +283,17 @@ def print_summary(summary: dict, console: Console) -> None:
     for row in rows:
         table.add_row(*row)
     console.print(table)
+    for label, scores in summary.items():
+        if scores.get("preference"):
+            console.print(preference_line(label, scores["preference"]), highlight=False)
+
+
+def preference_line(label: str, preference: dict) -> str:
+    """The preference figures of one model, in one line."""
+    skipped = preference["skipped"]
+    left_out = f"; {skipped} longer than max_seq_length left out" if skipped else ""
+    return (
+        f"preference accuracy ({label}): {preference['accuracy']:.1f}% of "
+        f"{preference['pairs']} held-out pairs, reward margin {preference['reward_margin']:.4f} "
+        f"(β={preference['beta']:g}; log-ratio margin {preference['margin']:.4f} nats){left_out}"
+    )
