@@ -31,6 +31,7 @@ class EncodeReport:
     encoded: int = 0
     truncated: int = 0
     dropped: int = 0  # nothing left to learn after truncation
+    windowed: int = 0  # long text records cut into max_seq_length windows (not truncated)
     control_text: int = 0  # records whose text spells a control token (encoded as text)
     unwritten_reasoning: int = 0  # records whose reasoning the template does not write (Qwen2)
     lengths: list[int] = field(default_factory=list)  # before truncation
@@ -99,6 +100,14 @@ def encode_text(tokenizer: Any, text: str) -> Sample:
     return Sample(ids, [0] + [1] * (len(ids) - 1))
 
 
+def text_windows(sample: Sample, length: int) -> list[Sample]:
+    """A long text record cut into windows of ``length`` tokens, so that none of the document
+    is truncated away; a window's first token has no context in it, so it is no target."""
+    starts = range(0, len(sample), length)
+    windows = [sample.input_ids[at : at + length] for at in starts]
+    return [Sample(ids, [0] + [1] * (len(ids) - 1)) for ids in windows if len(ids) > 1]
+
+
 def encode_record(tokenizer: Any, data: dict, mask_prompt: bool = True) -> Sample:
     if "messages" in data:
         return encode_chat(tokenizer, data["messages"], mask_prompt, data.get("tools"))
@@ -122,6 +131,10 @@ def encode_records(
             m.get("reasoning_content") for m in data.get("messages", [])
         )
         report.lengths.append(len(sample))
+        if len(sample) > max_seq_length and "text" in data:
+            report.windowed += 1
+            samples += text_windows(sample, max_seq_length)
+            continue
         if len(sample) > max_seq_length:
             report.truncated += 1
             sample = Sample(sample.input_ids[:max_seq_length], sample.loss_mask[:max_seq_length])
