@@ -69,17 +69,27 @@ class Preference:
 # ---------------------------------------------------------------- reading pairs
 
 
+# The keys of a pair's two answers, in each format (OpenAI's preference format last).
+SIDES = (
+    ("chosen", "rejected"),
+    ("chosen_messages", "rejected_messages"),
+    ("preferred_output", "non_preferred_output"),
+)
+
+
 def _sides(obj: dict) -> tuple[dict, dict]:
     """The chosen and the rejected record a pair stands for (as SFT records of its format:
     :func:`qwen_mlx.data_prefs.sft_record` reads the chosen side; the rejected side is the
-    same pair with its answers swapped)."""
+    same pair with its two answers swapped)."""
     from qwen_mlx.data_prefs import sft_record
 
-    swapped = {k: v for k, v in obj.items() if k not in ("chosen", "chosen_messages")}
-    if "rejected_messages" in obj:
-        swapped["chosen_messages"] = obj["rejected_messages"]
-    else:
-        swapped["chosen"] = obj.get("rejected")
+    swapped = dict(obj)
+    for good, bad in SIDES:
+        for key, value in ((good, obj.get(bad)), (bad, obj.get(good))):
+            if value is None:
+                swapped.pop(key, None)
+            else:
+                swapped[key] = value
     return sft_record(obj, "pair"), sft_record(swapped, "pair")
 
 
