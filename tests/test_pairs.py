@@ -401,6 +401,31 @@ def test_ctrl_c_keeps_the_answers_and_the_rerun_goes_on(run, tmp_path, monkeypat
     assert [p["rejected"][0]["content"] for p in pairs] == answers[1:]
 
 
+def test_answers_of_an_adapter_retrained_since_are_not_reused(
+    run, tmp_path, monkeypatch, tiny_model_dir
+):
+    import os
+
+    from qwen_mlx import inference
+
+    run_dir, answers = run
+    own = make_run(tmp_path / "run", tiny_model_dir, run_dir / "adapter")
+    data, out = _data(tmp_path / "qa.jsonl", answers), tmp_path / "pairs.jsonl"
+    real, engines = inference.open_engine, []
+
+    def stopping(*args, **kwargs):
+        engines.append(_StopAfter(real(*args, **kwargs), 3 if not engines else 0))
+        return engines[-1]
+
+    monkeypatch.setattr("qwen_mlx.inference.open_engine", stopping)
+    assert _pairs(own, "--data", data, "-o", out, "--batch-size", "1").exit_code == 130
+    weights = next((own / "adapter").glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 10**9))
+    again = _pairs(own, "--data", data, "-o", out, "--batch-size", "1")
+    assert again.exit_code == 0, again.output
+    assert engines[1].asked == len(QUESTIONS) and "earlier run" not in again.output
+
+
 def test_a_users_file_an_input_or_a_run_is_never_written_over(run, tmp_path):
     run_dir, answers = run
     data = _data(tmp_path / "qa.jsonl", answers)
