@@ -168,7 +168,6 @@ def make_pairs(
     from qwen_mlx.adapters import resolve_source
     from qwen_mlx.eval.evaluate import load_cases
     from qwen_mlx.eval.judge import open_judge
-    from qwen_mlx.eval.text_metrics import rouge_l
 
     settings = settings or GenerationSettings(max_tokens=512, temperature=0.0)
     source = resolve_source(run, None)
@@ -190,21 +189,31 @@ def make_pairs(
     if todo:
         _answer(run, backend, todo, (settings, batch_size), progress, console)
         done = read_progress(progress)
-    answers = [done[k]["answer"] for k in keys]
+    entries = [done[k] for k in keys]
+    answers = [e["answer"] for e in entries]
     grades = _grades(teacher, judge, data, cases, answers, console) if teacher else None
-    records, counts, cut_off = [], Counter(), 0
-    for i, case in enumerate(cases):
+    records, counts = _sort(cases, entries, grades, threshold, Path(run).name)
+    publish(out, COMMAND, records, progress)
+    cut_off = sum(r["source"]["cut_off"] for r in records)
+    return PairsResult(out, counts, len(cases), reused, _notes(cut_off, counts, settings))
+
+
+def _sort(cases, entries: list[dict], grades, threshold: float, model: str):
+    """The pairs the answers (progress ``entries``) make, and the answers by reason."""
+    from qwen_mlx.eval.text_metrics import rouge_l
+
+    records, counts = [], Counter()
+    for i, (case, entry) in enumerate(zip(cases, entries, strict=True)):
         grade, why = grades[i] if grades else (None, None)
-        reason = classify(case.record.get("kind"), case.reference, answers[i], grade, threshold)
+        answer = entry["answer"]
+        reason = classify(case.record.get("kind"), case.reference, answer, grade, threshold)
         counts[reason] += 1
         if reason in PAIRED:
             extra = {"judge": grade, "judge_reason": why} if grades else {}
             if not grades and reason == LOW_ROUGE_L:
-                extra = {"rouge_l": round(rouge_l(answers[i], case.reference) / 100, 4)}
-            records.append(_pair(case, done[keys[i]], reason, Path(run).name, extra))
-            cut_off += done[keys[i]]["cut_off"]
-    publish(out, COMMAND, records, progress)
-    return PairsResult(out, counts, len(cases), reused, _notes(cut_off, counts, settings))
+                extra = {"rouge_l": round(rouge_l(answer, case.reference) / 100, 4)}
+            records.append(_pair(case, entry, reason, model, extra))
+    return records, counts
 
 
 def _answer(run: Path, backend: str, todo, how, progress: Path, console: Console) -> None:
