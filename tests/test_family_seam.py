@@ -44,6 +44,8 @@ def _reversed_q_rows(name: str, config: dict):
 def toy(tmp_path_factory) -> Family:
     template = tmp_path_factory.mktemp("toy") / "toy.jinja"
     template.write_text(TEMPLATE, encoding="utf-8")
+    ollama_template = template.with_name("toy.gotmpl")
+    ollama_template.write_text("{{ .Prompt }}", encoding="utf-8")
     return dataclasses.replace(
         QWEN2,  # Qwen2's shapes and GGUF architecture; every other fact is the toy's own
         name="toy",
@@ -55,7 +57,7 @@ def toy(tmp_path_factory) -> Family:
         turn_end="<|/turn|>",
         default_system_prompt="",
         chat_template_file=str(template),
-        ollama_template="{{ .Prompt }}",
+        ollama_template_file=str(ollama_template),
         think_tags=("<reason>", "</reason>"),
         empty_think="<reason>\n\n</reason>\n\n",
         text_tokens=("<reason>", "</reason>"),

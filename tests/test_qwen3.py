@@ -342,8 +342,6 @@ def test_eval_prompts_a_gguf_and_the_base_as_the_run_was_trained(
 
 # ---------------------------------------------------------------- GGUF of a run tuned to reason
 
-THINK_OFF = "{{ if and $.IsThinkSet (not $.Think) }}<think>\n\n</think>"
-
 
 def test_a_run_tuned_to_reason_gets_the_thinking_template(qwen3_dir, tmp_path):
     # chat.enable_thinking: the model opens its own think block; ollama's think: false (and
@@ -359,8 +357,9 @@ def test_a_run_tuned_to_reason_gets_the_thinking_template(qwen3_dir, tmp_path):
     run = make_run(tmp_path / "run", qwen3_dir, adapter, "chat.enable_thinking=true")
     export(run, tmp_path / "thinks.gguf", quant="q8_0")
     modelfile = (tmp_path / "thinks.Modelfile").read_text()
-    assert "<|im_start|>assistant\n<think>" not in modelfile
-    assert modelfile.count(THINK_OFF) == 3
+    # The thinking form of the template (rendered as ollama does in test_ollama_template.py).
+    assert f'TEMPLATE """{QWEN3.ollama_template(thinking=True)}"""' in modelfile
+    assert "{{- $tunedToThink := true }}" in modelfile
     assert 'PARAMETER stop "<|im_end|>"' in modelfile
     # The GGUF's own template, rendered without enable_thinking, leaves the block to the model.
     template = gguf_fields(tmp_path / "thinks.gguf")["tokenizer.chat_template"]

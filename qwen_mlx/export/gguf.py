@@ -34,6 +34,7 @@ from qwen_mlx.export.modelfile import (
     ollama_command,
     ollama_create,
     require_ollama,
+    sampling_defaults,
     write_modelfile,
 )
 from qwen_mlx.families import Family, family_of
@@ -136,19 +137,14 @@ _ROPE_SCALING = {
 
 def _add_sampling(writer, model_dir: Path) -> None:
     """generation_config's sampling defaults, which llama.cpp tools start from."""
-    import json
-
-    path = model_dir / "generation_config.json"
-    gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     adders = {
-        "top_k": (writer.add_sampling_top_k, int),
-        "top_p": (writer.add_sampling_top_p, float),
-        "temperature": (writer.add_sampling_temp, float),
-        "repetition_penalty": (writer.add_sampling_penalty_repeat, float),
+        "top_k": writer.add_sampling_top_k,
+        "top_p": writer.add_sampling_top_p,
+        "temperature": writer.add_sampling_temp,
+        "repetition_penalty": writer.add_sampling_penalty_repeat,
     }
-    for key, (add, cast) in adders.items():
-        if isinstance(gen.get(key), (int, float)):
-            add(cast(gen[key]))
+    for key, value in sampling_defaults(model_dir).items():
+        adders[key](value)
 
 
 def add_model_metadata(writer, gguf, config: dict, model_dir: Path, name: str, file_type) -> None:
@@ -342,7 +338,8 @@ def _finish(out: Path, source: Source, name: str, ollama: str | None, notes: lis
     _, family = check_architecture(source.model_dir)
     template = default_chat_template(source.model_dir)
     system = source.system_prompt or default_system(template, family)
-    modelfile = write_modelfile(out, system, family, source.thinking)
+    sampling = sampling_defaults(source.model_dir)
+    modelfile = write_modelfile(out, system, family, source.thinking, sampling)
     notes += [source.qlora_note] if source.qlora_note else []
     command = ollama_command(ollama or name, modelfile)
     if ollama:

@@ -1,15 +1,17 @@
 """The ollama Modelfile beside an exported GGUF (``NAME.Modelfile``), and ``ollama create``.
 
-Ollama guesses a prompt template from the GGUF's chat template and often guesses wrong for
-fine-tunes: answers then run on forever or leak ``<|im_start|>``. So the Modelfile states
-the family's template (ChatML for Qwen2.5) and its stop tokens itself, and opens replies the
-way the model was trained: on Qwen3, after an empty think block unless the run was tuned with
-``chat.enable_thinking``. When the model's own template adds the family's default system
-prompt to conversations without one (as training did), so does ours.
+The Modelfile states the family's chat template in ollama's Go template language (the
+family's ``ollama_template``: system turn, tools, tool calls and results, reasoning) and its
+stop tokens, and opens replies the way the model was trained: on Qwen3, after an empty think
+block unless the run was tuned with ``chat.enable_thinking``. When the model's own template
+adds the family's default system prompt to conversations without one (as training did), so
+does ours. ollama reads no sampling defaults from a GGUF, so the model's
+``generation_config.json`` ones become ``PARAMETER`` lines.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,18 +33,58 @@ def _quoted(text: str, what: str) -> str:
     return f'"""{text}"""'
 
 
-def ollama_template(family: Family, thinking: bool) -> str:
-    """The family's ollama template; for a model tuned to reason, its thinking one."""
-    return family.ollama_thinking_template if thinking and family.thinks else family.ollama_template
+# generation_config.json's sampling keys, their type, and ollama's PARAMETER for each.
+SAMPLING_KEYS: dict[str, tuple[type, str]] = {
+    "temperature": (float, "temperature"),
+    "top_p": (float, "top_p"),
+    "top_k": (int, "top_k"),
+    "repetition_penalty": (float, "repeat_penalty"),
+}
 
 
-def modelfile_text(gguf_name: str, system: str | None, family: Family, thinking: bool) -> str:
-    """The Modelfile for ``./gguf_name`` (in the same folder), with ``system`` as SYSTEM."""
-    template = _quoted(ollama_template(family, thinking), "template")
+def sampling_defaults(model_dir: Path) -> dict[str, float | int]:
+    """The sampling defaults of the model's ``generation_config.json`` (those of
+    ``SAMPLING_KEYS`` it gives, by its own key names); none without the file."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise UserError(f"{path}: not readable JSON ({error}); fix or remove the file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: expected a JSON object; fix or remove the file")
+    found: dict[str, float | int] = {}
+    for key, (kind, _) in SAMPLING_KEYS.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{path}: {key} must be a number, not {value!r}")
+        found[key] = kind(value)
+    return found
+
+
+def parameter_lines(sampling: dict[str, float | int]) -> list[str]:
+    """``PARAMETER`` lines for the sampling defaults (ollama's names)."""
+    return [f"PARAMETER {SAMPLING_KEYS[key][1]} {value}" for key, value in sampling.items()]
+
+
+def modelfile_text(
+    gguf_name: str,
+    system: str | None,
+    family: Family,
+    thinking: bool,
+    sampling: dict[str, float | int] | None = None,
+) -> str:
+    """The Modelfile for ``./gguf_name`` (in the same folder), with ``system`` as SYSTEM and
+    ``sampling`` (generation_config.json's defaults) as PARAMETER lines."""
+    template = _quoted(family.ollama_template(thinking), "template")
     lines = [f"FROM ./{gguf_name}", "", f"TEMPLATE {template}", ""]
     if system:
         lines += [f"SYSTEM {_quoted(system, 'system prompt')}", ""]
     lines += [f'PARAMETER stop "{token}"' for token in family.stop_tokens]
+    lines += parameter_lines(sampling or {})
     return "\n".join(lines) + "\n"
 
 
@@ -52,12 +94,16 @@ def modelfile_path(gguf_path: Path) -> Path:
 
 
 def write_modelfile(
-    gguf_path: Path, system: str | None, family: Family, thinking: bool = False
+    gguf_path: Path,
+    system: str | None,
+    family: Family,
+    thinking: bool = False,
+    sampling: dict[str, float | int] | None = None,
 ) -> Path:
     """Write the Modelfile of ``gguf_path`` beside it (atomically) and return its path;
     ``thinking``: the model was tuned with chat.enable_thinking."""
     path = modelfile_path(gguf_path)
-    write_text(path, modelfile_text(gguf_path.name, system, family, thinking))
+    write_text(path, modelfile_text(gguf_path.name, system, family, thinking, sampling))
     return path
 
 

@@ -30,6 +30,18 @@ def no_transform(name: str, config: dict[str, Any]) -> None:
     return None
 
 
+# The line of a thinking family's ollama template that says how replies open; the export sets
+# it to true for a run tuned to reason.
+OLLAMA_TUNED_TO_THINK = "{{- $tunedToThink := false }}"
+
+
+def _template_path(name: str) -> Path:
+    """A template file: one shipped in qwen_mlx/templates, or an absolute path."""
+    if Path(name).is_absolute():
+        return Path(name)
+    return Path(str(resources.files("qwen_mlx").joinpath("templates").joinpath(name)))
+
+
 @dataclass(frozen=True)
 class TinyFacts:
     """What the offline tiny model of a family writes beyond the shapes (``tiny-model``)."""
@@ -64,7 +76,10 @@ class Family:
     default_system_prompt: str  # what the chat template inserts when there is no system turn
     # The family's Jinja chat template: a file in qwen_mlx/templates, or an absolute path.
     chat_template_file: str
-    ollama_template: str  # the same template in ollama's Go template language
+    # The same template in ollama's Go template language (the Modelfile's TEMPLATE): a file in
+    # qwen_mlx/templates, or an absolute path. A family with think tags declares there
+    # ``OLLAMA_TUNED_TO_THINK`` (false), which the export sets for a run tuned to reason.
+    ollama_template_file: str
     tiny: TinyFacts  # the offline tiny model's tables
     # (open, close) of the think block its chat template writes (Qwen3: <think>, </think>);
     # None when it writes none. chat.enable_thinking applies to a family that has them.
@@ -74,8 +89,6 @@ class Family:
     # Added tokens that are ordinary text, not control tokens (Qwen3's think tags): one id
     # each, but a chat template writes them as text, so message text may spell them.
     text_tokens: tuple[str, ...] = ()
-    # ollama's template for a model of such a family tuned to reason (chat.enable_thinking).
-    ollama_thinking_template: str = ""
     # Whether a prompt starts with a BOS token (tokenizer.ggml.add_bos_token); Qwen's do not.
     adds_bos: bool = False
     gguf_transform: TensorTransform = no_transform
@@ -97,14 +110,21 @@ class Family:
 
     def chat_template_path(self) -> Path:
         """Where the family's chat template (Jinja source) is."""
-        if Path(self.chat_template_file).is_absolute():
-            return Path(self.chat_template_file)
-        folder = resources.files("qwen_mlx").joinpath("templates")
-        return Path(str(folder.joinpath(self.chat_template_file)))
+        return _template_path(self.chat_template_file)
 
     def chat_template(self) -> str:
         """The family's chat template (Jinja source)."""
         return self.chat_template_path().read_text("utf-8")
+
+    def ollama_template(self, thinking: bool = False) -> str:
+        """The family's ollama template; ``thinking``: for a model tuned to reason
+        (chat.enable_thinking), whose replies open its own think block."""
+        text = _template_path(self.ollama_template_file).read_text("utf-8").rstrip("\n")
+        if not (thinking and self.thinks):
+            return text
+        if OLLAMA_TUNED_TO_THINK not in text:
+            raise ValueError(f"{self.ollama_template_file} lacks {OLLAMA_TUNED_TO_THINK}")
+        return text.replace(OLLAMA_TUNED_TO_THINK, OLLAMA_TUNED_TO_THINK.replace("false", "true"))
 
     def matches(self, config: dict[str, Any]) -> bool:
         """Whether config.json describes a model of this family."""

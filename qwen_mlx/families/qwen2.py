@@ -18,42 +18,6 @@ SPLIT_PATTERN = (
 )
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
-# Go template (ollama): a system turn, then every message as <|im_start|>role … <|im_end|>, and
-# an open assistant turn to answer in. The {{- else }} branch serves old /api/generate clients.
-# {open} marks where a reply starts, {last_open} the same inside the last assistant turn.
-_OLLAMA_TEMPLATE = """{{- if .Messages }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}
-{{- range $i, $_ := .Messages }}
-{{- $last := eq (len (slice $.Messages $i)) 1 }}
-{{- if eq .Role "user" }}<|im_start|>user
-{{ .Content }}<|im_end|>
-{{ else if eq .Role "assistant" }}<|im_start|>assistant
-{last_open}{{ .Content }}{{ if not $last }}<|im_end|>
-{{ end }}
-{{- end }}
-{{- if and (ne .Role "assistant") $last }}<|im_start|>assistant
-{open}{{ end }}
-{{- end }}
-{{- else }}
-{{- if .System }}<|im_start|>system
-{{ .System }}<|im_end|>
-{{ end }}{{ if .Prompt }}<|im_start|>user
-{{ .Prompt }}<|im_end|>
-{{ end }}<|im_start|>assistant
-{open}{{ end }}{{ .Response }}{{ if .Response }}<|im_end|>{{ end }}"""
-
-
-def ollama_template(reply_opening: str = "") -> str:
-    """The ollama template, with ``reply_opening`` (Go template text) written where the
-    model's reply starts: nothing for Qwen2, Qwen3's think-block opening for Qwen3."""
-    last_open = "{{ if $last }}" + reply_opening + "{{ end }}" if reply_opening else ""
-    return _OLLAMA_TEMPLATE.replace("{last_open}", last_open).replace("{open}", reply_opening)
-
-
-OLLAMA_TEMPLATE = ollama_template()
-
 
 def _widths(config: dict[str, Any]) -> tuple[int, int, int, int]:
     """(hidden, intermediate, query width, key/value width) of a decoder block."""
@@ -115,7 +79,7 @@ QWEN2 = Family(
     turn_end="<|im_end|>",
     default_system_prompt=DEFAULT_SYSTEM_PROMPT,
     chat_template_file="qwen2_5_chat_template.jinja",
-    ollama_template=OLLAMA_TEMPLATE,
+    ollama_template_file="qwen2_5_ollama.gotmpl",
     tiny=TinyFacts(
         transformers_version="4.43.1",
         config={"max_position_embeddings": 32768, "sliding_window": 32768},

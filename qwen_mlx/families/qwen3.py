@@ -19,13 +19,6 @@ from qwen_mlx.families.base import Shapes, TinyFacts
 
 THINK_TAGS = ("<think>", "</think>")
 EMPTY_THINK = f"{THINK_TAGS[0]}\n\n{THINK_TAGS[1]}\n\n"  # enable_thinking=False's reply opening
-# Tuned without reasoning, the model answers after the empty think block, as it was trained.
-OLLAMA_TEMPLATE = qwen2.ollama_template(EMPTY_THINK)
-# Tuned with reasoning, it opens its own think block, unless a request asks think: false
-# (ollama's .Think / .IsThinkSet, as its own qwen3 template reads them).
-OLLAMA_THINKING_TEMPLATE = qwen2.ollama_template(
-    "{{ if and $.IsThinkSet (not $.Think) }}" + EMPTY_THINK + "{{ end }}"
-)
 
 
 def head_dim(config: dict[str, Any]) -> int:
@@ -66,8 +59,7 @@ QWEN3 = dataclasses.replace(
     gguf_arch="QWEN3",
     default_system_prompt="",  # Qwen3's template adds no system turn of its own
     chat_template_file="qwen3_chat_template.jinja",
-    ollama_template=OLLAMA_TEMPLATE,
-    ollama_thinking_template=OLLAMA_THINKING_TEMPLATE,
+    ollama_template_file="qwen3_ollama.gotmpl",
     think_tags=THINK_TAGS,
     empty_think=EMPTY_THINK,
     text_tokens=THINK_TAGS,
