@@ -234,12 +234,13 @@ def _history(obj: dict) -> Messages:
 
 
 def _alpaca_user(obj: dict) -> str:
-    """The instruction and the input; either may be empty (Easy Dataset's "input" mode puts
-    the question in ``input`` under an empty instruction)."""
+    """The instruction and the input joined by a newline, as LLaMA-Factory joins them (and
+    ``data distill`` writes a follow-up's first turn); either may be empty (Easy Dataset's
+    "input" mode puts the question in ``input`` under an empty instruction)."""
     given = [key for key in ("instruction", "input") if obj.get(key) not in (None, "")]
     if not given:
         return text(obj.get("instruction"), "instruction")  # says missing or empty
-    return "\n\n".join(text(obj[key], key) for key in given)
+    return "\n".join(text(obj[key], key) for key in given)
 
 
 def _from_alpaca(obj: dict) -> dict:

@@ -193,6 +193,7 @@ def stats(
     result["target_tokens"] = int(sum(sum(s.loss_mask) for s in samples))
     result["max_seq_length"] = max_seq_length
     result["truncated"] = enc.truncated
+    result["text_windowed"] = enc.windowed  # long text records cut into windows instead
     result["dropped_after_truncation"] = enc.dropped
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     rows = pack(samples, max_seq_length, pad)

@@ -42,7 +42,7 @@ def test_alpaca_with_input_system_and_history():
         (S, "你是报销助手"),
         (U, "差旅费怎么报？"),
         (A, "先在网上报销系统填单。"),
-        (U, "住宿标准是多少？\n\n职称：副教授；城市：上海"),
+        (U, "住宿标准是多少？\n职称：副教授；城市：上海"),  # joined as LLaMA-Factory does
         (A, "每晚不超过600元。"),
     ]
 

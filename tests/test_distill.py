@@ -242,7 +242,7 @@ def test_the_key_comes_from_the_named_variable_and_is_written_nowhere(rules, tmp
             env={"MY_TEACHER_KEY": "sk-very-secret"},
         )
     assert result.exit_code == 0, result.output
-    for path in (tmp_path / "out").iterdir():
+    for path in (p for p in (tmp_path / "out").rglob("*") if p.is_file()):  # chat/ too
         assert "sk-very-secret" not in path.read_text(encoding="utf-8"), path.name
 
 

@@ -2,7 +2,9 @@
 
 Writes into OUT_DIR: ``ledger.jsonl`` (every teacher reply, as it arrives),
 ``chunks.jsonl``, ``train.jsonl`` and ``test.jsonl`` (the seed's instruction/input/output
-plus ``kind`` and ``source``, with its cluster), ``report.json`` and ``report.md``. The
+plus ``kind`` and ``source``, with its cluster), ``report.json`` and ``report.md``, and the
+same records for LLaMA-Factory (``dataset_info.json``) and mlx-lm (``chat/``:
+:mod:`~qwen_mlx.distill.exports`). The
 stages themselves are in :mod:`~qwen_mlx.distill.pipeline`. The same documents, settings and
 ledger give the same chunks, train and test files, whatever the concurrency and however
 often it was stopped (the report counts what this run itself sent).
@@ -20,6 +22,7 @@ from qwen_mlx.distill import curate
 from qwen_mlx.distill.chunking import Chunk, chunk_document, token_counter
 from qwen_mlx.distill.dashboard import distill_progress
 from qwen_mlx.distill.documents import read_documents
+from qwen_mlx.distill.exports import CHAT_FILES, DATASET_INFO, chat_copies, dataset_info
 from qwen_mlx.distill.generate import Candidate, user_turn
 from qwen_mlx.distill.ledger import folder_lock
 from qwen_mlx.distill.pipeline import CHECK_PASSAGES, Distilled, Drops, Pipeline
@@ -33,11 +36,13 @@ from qwen_mlx.distill.report import (
 )
 from qwen_mlx.distill.teacher import Stopped, Teacher
 from qwen_mlx.errors import UserError
-from qwen_mlx.fsutil import disk_errors, write_jsonl
+from qwen_mlx.fsutil import disk_errors, write_json, write_jsonl
 from qwen_mlx.outputs import claim_files, holds_input, record_files, writing
 
 COMMAND = "data distill"
 OUTPUTS = ("chunks.jsonl", "train.jsonl", "test.jsonl", "report.json", "report.md")
+# The same records for LLaMA-Factory and mlx-lm (an empty split's chat file is not written).
+FOR_OTHERS = (DATASET_INFO, *CHAT_FILES)
 LEDGER = "ledger.jsonl"  # appended to while the teacher answers: never "edited"
 # Rough completion sizes for --plan: a list of questions, an answer, a verdict (tokens).
 EST_QUESTION, EST_ANSWER, EST_VERDICT, EST_OVERHEAD = 40, 150, 30, 150
@@ -120,7 +125,7 @@ def claim_output(out_dir: Path, docs: list[Path]) -> None:
     given = holds_input(out_dir, docs)
     if given is not None:
         raise UserError(f"{out_dir} holds the document {given}; choose another -o folder")
-    claim_files(out_dir, COMMAND, (*OUTPUTS, LEDGER), inputs=docs)
+    claim_files(out_dir, COMMAND, (*OUTPUTS, *FOR_OTHERS, LEDGER), inputs=docs)
 
 
 def open_teacher(cfg: Config, out_dir: Path, docs: list[Path]) -> Teacher:
@@ -200,13 +205,31 @@ class Outcome:
 
 def _write(out_dir: Path, outcome: Outcome, cfg: Config, teacher: Teacher) -> dict:
     train, test = _split(outcome.done)
-    with writing(out_dir, COMMAND, OUTPUTS):
+    if cfg.data.system_prompt:  # the column LLaMA-Factory reads it from (qwen-mlx too)
+        for record in train + test:
+            record["system"] = cfg.data.system_prompt
+    chats = chat_copies({"train": train, "test": test})
+    with writing(out_dir, COMMAND, (*OUTPUTS, DATASET_INFO, *chats)):
         write_jsonl(out_dir / "chunks.jsonl", (asdict(c) for c in outcome.corpus.chunks))
         write_jsonl(out_dir / "train.jsonl", train)
         write_jsonl(out_dir / "test.jsonl", test)
+        write_json(out_dir / DATASET_INFO, dataset_info({"train": train, "test": test}))
+        for name, records in chats.items():
+            write_jsonl(out_dir / name, records)
         report = _report(outcome, cfg, teacher, train, test)
         write_report(out_dir, report)
+    _forget_stale(out_dir, [name for name in CHAT_FILES if name not in chats])
     return report
+
+
+def _forget_stale(out_dir: Path, names: list[str]) -> None:
+    """An earlier run's chat file of a split that is empty now: removed (claim_output has
+    checked it is ours and unedited), so mlx-lm does not read it as this run's."""
+    stale = [name for name in names if (out_dir / name).is_file()]
+    for name in stale:
+        (out_dir / name).unlink()
+    if stale:
+        record_files(out_dir, COMMAND, [], drop=stale)
 
 
 def _report(outcome: Outcome, cfg: Config, teacher: Teacher, train: list, test: list) -> dict:
