@@ -26,6 +26,7 @@ from qwen_mlx.cli_base import (
     set_option,
 )
 from qwen_mlx.config import DataConfig, TrainingConfig
+from qwen_mlx.review import command as review_command
 
 
 @click.group(cls=ErrorLineGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,6 +46,7 @@ def cli() -> None:
 
 for _command in cli_models.COMMANDS:
     cli.add_command(_command)
+cli.add_command(review_command.review)
 
 
 @cli.command()
@@ -137,7 +139,7 @@ def _fill_values(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
 
 
 @data.command("prepare")
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "-o",
     "--out",
@@ -180,6 +182,15 @@ def _fill_values(ctx, param, values: tuple[str, ...]) -> dict[str, str]:
     metavar="NAME",
     help="A dataset of the LLaMA-Factory dataset_info.json given as INPUT (repeatable).",
 )
+@click.option(
+    "--from-grades",
+    "from_grades",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    metavar="RUN",
+    help="Also the corrected answers of RUN's graded eval report (`qwen-mlx review RUN`); "
+    "writes from_grades.jsonl and the preference pairs.jsonl into -o (repeatable).",
+)
 def data_prepare(
     inputs: tuple[Path, ...],
     out_dir: Path,
@@ -190,6 +201,7 @@ def data_prepare(
     sft_from_preferences: bool,
     fill: dict[str, str],
     datasets: tuple[str, ...],
+    from_grades: tuple[Path, ...],
 ) -> None:
     """Normalize INPUT files into chat JSONL and split them (seeded) into train/valid/test.
 
@@ -200,6 +212,14 @@ def data_prepare(
     """
     from qwen_mlx.dataprep import prepare
 
+    if not inputs and not from_grades:
+        raise click.UsageError("give INPUT files, --from-grades RUN, or both")
+    if from_grades:  # the corrected answers become one more input (qwen_mlx.review.grades)
+        from qwen_mlx.review.grades import write_from_grades
+
+        sft, n = write_from_grades(list(from_grades), out_dir, "data prepare")
+        console.print(f"grades: {n['sft']} corrected answers, {n['pairs']} preference pairs")
+        inputs = (*inputs, sft)
     with _bad_records_listed("skipped"):
         result = prepare(
             list(inputs),
