@@ -133,7 +133,7 @@ def test_openai_weight_zero_is_kept_and_all_zero_refused():
     assert [m.get("weight") for m in data["messages"]] == [None, 0, None, None]
     with pytest.raises(RecordError, match="every assistant turn has weight 0"):
         normalize({"messages": [turns[0], turns[1]]})
-    with pytest.raises(RecordError, match=r"messages\[1\].weight: expected 0 \(context only\) or 1"):
+    with pytest.raises(RecordError, match=r"messages\[1\].weight: expected 0 \(context only\)"):
         normalize({"messages": [turns[0], {**turns[1], "weight": 0.5}]})
 
 
@@ -214,6 +214,18 @@ def test_txt_is_domain_text_by_paragraph(tmp_path):
     ]
     assert [r.source.rsplit(":", 1)[1] for r in records] == ["1", "5"]
     assert report.formats == {"text": 2}
+
+
+def test_txt_without_blank_lines_is_a_document_per_line(tmp_path):
+    # LLaMA-Factory's wiki_demo.txt: one document per line. It was one record of the whole
+    # file, trained on its first max_seq_length tokens only.
+    path = tmp_path / "wiki.txt"
+    path.write_text("第一篇 住宿\n第二篇 伙食\n\n", "utf-8")  # a trailing blank line only
+    records, _ = load_records([path])
+    assert [(r.data, r.source.rsplit(":", 1)[1]) for r in records] == [
+        ({"text": "第一篇 住宿"}, "1"),
+        ({"text": "第二篇 伙食"}, "2"),
+    ]
 
 
 @pytest.mark.parametrize(

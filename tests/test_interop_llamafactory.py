@@ -296,18 +296,15 @@ def test_v1_reasoning_and_tool_call_parts():
 # ---------------------------------------------------------------- long text
 
 
-def test_long_text_records_are_windows_not_truncated(tmp_path, tiny_tokenizer):
-    long = "第一条 住宿费每晚不超过五百元。" * 200
-    path = tmp_path / "wiki.txt"
-    path.write_text(f"{long}\n短文一篇。\n", encoding="utf-8")
-    records, _ = load_records([path])
-    assert len(records) == 2
-    full = len(encode_record(tiny_tokenizer, records[0].data))
-    samples, report = encode_records(tiny_tokenizer, [r.data for r in records], 64)
+def test_long_text_records_are_windows_not_truncated(tiny_tokenizer):
+    # A long document was truncated to its first max_seq_length tokens, the rest unseen.
+    records = [{"text": "第一条 住宿费每晚不超过五百元。" * 200}, {"text": "短文一篇。"}]
+    whole = encode_record(tiny_tokenizer, records[0])
+    samples, report = encode_records(tiny_tokenizer, records, 64)
     assert report.truncated == 0 and report.windowed == 1
     assert all(len(s) <= 64 for s in samples)
     windows = samples[:-1]
-    assert [t for s in windows for t in s.input_ids] == encode_record(
-        tiny_tokenizer, records[0].data
-    ).input_ids
-    assert sum(map(sum, (s.loss_mask for s in windows))) == full - len(windows)
+    assert len(windows) == -(-len(whole) // 64)
+    assert [t for s in windows for t in s.input_ids] == whole.input_ids
+    # every token but each window's first is a target
+    assert sum(map(sum, (s.loss_mask for s in windows))) == len(whole) - len(windows)
