@@ -9,6 +9,11 @@ records that do are counted in the report, as are truncated ones.
 Packing puts several samples in one row of ``max_seq_length`` tokens. Each row carries
 ``segment_ids`` (1, 2, … per sample, 0 for padding) and ``position_ids`` restarting at 0 for
 every sample, so backends can keep attention inside each sample.
+
+Preference pairs (DPO/ORPO): :func:`encode_pair` turns a pair record into its chosen and
+rejected samples (targets: the answer tokens only); :func:`pack_pairs` keeps a pair's two
+samples side by side in one row, chosen as segment ``2k-1`` and rejected as ``2k``, so every
+batch holds whole pairs and the objective finds them by segment number alone.
 """
 
 from __future__ import annotations
@@ -145,6 +150,112 @@ def encode_records(
     return samples, report
 
 
+# ---------------------------------------------------------------- preference pairs
+
+
+@dataclass
+class PairSamples:
+    """A preference pair as two samples whose targets are the answer tokens only."""
+
+    chosen: Sample
+    rejected: Sample
+    truncated: bool = False  # a side was longer than max_seq_length and was cut at the end
+
+    @property
+    def problem(self) -> str | None:
+        """Why the pair cannot be trained on, or None: ``"prompt_too_long"`` (a side has no
+        answer token left within max_seq_length), ``"identical"`` (nothing to prefer)."""
+        if not any(self.chosen.loss_mask) or not any(self.rejected.loss_mask):
+            return "prompt_too_long"
+        same = self.chosen.input_ids == self.rejected.input_ids
+        return "identical" if same and self.chosen.loss_mask == self.rejected.loss_mask else None
+
+    def __len__(self) -> int:
+        return len(self.chosen) + len(self.rejected)
+
+
+def _cut(sample: Sample, length: int | None) -> Sample:
+    if length is None or len(sample) <= length:
+        return sample
+    return Sample(sample.input_ids[:length], sample.loss_mask[:length])
+
+
+def encode_pair(
+    tokenizer: Any,
+    record: Any,
+    max_seq_length: int | None = None,
+    system_prompt: str | None = None,
+) -> PairSamples:
+    """A pair record (any format :mod:`qwen_mlx.data_prefs` reads, or a
+    :class:`~qwen_mlx.data_prefs.Pair`) → its chosen and rejected samples through the chat
+    template, targets the answer turns (the prompt's own assistant turns are context). Each
+    side longer than ``max_seq_length`` is cut at the end, as TRL's ``max_length`` does;
+    check :attr:`PairSamples.problem` before training or scoring. A record that is not a
+    readable pair raises :class:`~qwen_mlx.data_tools.RecordError`."""
+    from qwen_mlx.data_prefs import Pair, read_pair
+
+    pair = record if isinstance(record, Pair) else read_pair(record, system_prompt)
+    chosen, rejected = (
+        encode_chat(tokenizer, turns, True, pair.tools) for turns in pair.conversations()
+    )
+    cut = max_seq_length is not None and max(len(chosen), len(rejected)) > max_seq_length
+    return PairSamples(_cut(chosen, max_seq_length), _cut(rejected, max_seq_length), cut)
+
+
+@dataclass
+class PairEncodeReport:
+    """What encoding pairs cost: truncated sides, pairs dropped and why, their lengths."""
+
+    encoded: int = 0
+    truncated: int = 0
+    prompt_too_long: int = 0
+    identical: int = 0  # identical only after truncation cut their differences away
+    lengths: list[tuple[int, int]] = field(default_factory=list)  # (chosen, rejected), uncut
+
+    def warnings(self, max_seq_length: int) -> list[str]:
+        out = []
+        if self.truncated:
+            out.append(
+                f"{self.truncated} of {self.encoded} pairs have an answer side longer than "
+                f"max_seq_length={max_seq_length}, cut at the end; raise training.max_seq_length "
+                "to keep them whole"
+            )
+        if self.prompt_too_long:
+            out.append(
+                f"{self.prompt_too_long} of {self.encoded} pairs were dropped: their prompt "
+                f"leaves no answer token within max_seq_length={max_seq_length}"
+            )
+        if self.identical:
+            out.append(
+                f"{self.identical} of {self.encoded} pairs were dropped: chosen and rejected are "
+                f"the same within max_seq_length={max_seq_length} tokens"
+            )
+        return out
+
+
+def encode_pairs(
+    tokenizer: Any, pairs: Iterable[Any], max_seq_length: int
+) -> tuple[list[PairSamples], PairEncodeReport]:
+    """Encode pairs (see :func:`encode_pair`), dropping and counting the unusable ones."""
+    report, out = PairEncodeReport(), []
+    for pair in pairs:
+        whole = encode_pair(tokenizer, pair)
+        report.encoded += 1
+        report.lengths.append((len(whole.chosen), len(whole.rejected)))
+        samples = PairSamples(
+            _cut(whole.chosen, max_seq_length),
+            _cut(whole.rejected, max_seq_length),
+            len(whole.chosen) > max_seq_length or len(whole.rejected) > max_seq_length,
+        )
+        report.truncated += samples.truncated
+        problem = samples.problem
+        if problem is not None:
+            setattr(report, problem, getattr(report, problem) + 1)
+            continue
+        out.append(samples)
+    return out, report
+
+
 # ---------------------------------------------------------------- rows
 
 
@@ -156,10 +267,17 @@ class Row:
     loss_mask: np.ndarray
     position_ids: np.ndarray
     segment_ids: np.ndarray
+    # Preference rows: the reference model's summed answer log-prob of each segment
+    # (set by the loop before training, see qwen_mlx.objectives).
+    ref_logps: np.ndarray | None = None
 
     @property
     def num_tokens(self) -> int:
         return int((self.segment_ids > 0).sum())
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.segment_ids.max(initial=0))
 
 
 def _row(samples: list[Sample], length: int, pad_id: int) -> Row:
@@ -178,26 +296,42 @@ def _row(samples: list[Sample], length: int, pad_id: int) -> Row:
     return Row(ids, mask, pos, seg)
 
 
+def _pack_units(units: list[list[Sample]], length: int, pad_id: int) -> list[Row]:
+    """First-fit-decreasing bin packing of units (samples that stay side by side in one
+    row) into rows of ``length`` tokens."""
+    bins: list[list[Sample]] = []
+    space: list[int] = []
+    for unit in sorted(units, key=lambda u: sum(map(len, u)), reverse=True):
+        size = sum(map(len, unit))
+        if size > length:
+            raise ValueError("sample longer than max_seq_length; truncate before packing")
+        for b, free in enumerate(space):
+            if size <= free:
+                bins[b] += unit
+                space[b] -= size
+                break
+        else:
+            bins.append(list(unit))
+            space.append(length - size)
+    return [_row(b, length, pad_id) for b in bins]
+
+
 def pack(samples: list[Sample], max_seq_length: int, pad_id: int) -> list[Row]:
     """First-fit-decreasing bin packing of samples into rows of ``max_seq_length`` tokens.
 
     Rows are padded to ``max_seq_length``; the order of rows is by construction, so the
     trainer shuffles them (seeded) each epoch.
     """
-    bins: list[list[Sample]] = []
-    space: list[int] = []
-    for sample in sorted(samples, key=len, reverse=True):
-        if len(sample) > max_seq_length:
-            raise ValueError("sample longer than max_seq_length; truncate before packing")
-        for b, free in enumerate(space):
-            if len(sample) <= free:
-                bins[b].append(sample)
-                space[b] -= len(sample)
-                break
-        else:
-            bins.append([sample])
-            space.append(max_seq_length - len(sample))
-    return [_row(b, max_seq_length, pad_id) for b in bins]
+    return _pack_units([[s] for s in samples], max_seq_length, pad_id)
+
+
+def pack_pairs(pairs: list[PairSamples], row_length: int, pad_id: int, packing: bool) -> list[Row]:
+    """Rows of whole pairs (chosen, then rejected, as consecutive segments): packed into rows
+    of ``row_length`` tokens, or one pair to a row, unpadded, without packing."""
+    units = [[p.chosen, p.rejected] for p in pairs]
+    if packing:
+        return _pack_units(units, row_length, pad_id)
+    return [_row(u, sum(map(len, u)), pad_id) for u in units]
 
 
 def unpacked(samples: list[Sample], pad_id: int) -> list[Row]:
@@ -220,4 +354,9 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, np.ndarray]:
         out["loss_mask"][i, :n] = row.loss_mask
         out["position_ids"][i, :n] = row.position_ids
         out["segment_ids"][i, :n] = row.segment_ids
+    if rows[0].ref_logps is not None:
+        ref = np.zeros((len(rows), max(r.num_segments for r in rows)), dtype=np.float32)
+        for i, row in enumerate(rows):
+            ref[i, : len(row.ref_logps)] = row.ref_logps
+        out["ref_logps"] = ref
     return out
