@@ -23,6 +23,7 @@ const S = {
   editing: false,
   conflict: null, // {rec, action, fields, current}
   seq: 0,
+  busy: false, // a decision is being saved: keys wait for it (no two at once on one record)
 };
 
 const statusOf = (rec) => (rec.status === "accepted" && rec.edited ? "edited" : rec.status);
@@ -190,11 +191,26 @@ async function decide(action, fields) {
 }
 
 async function quick(action) {
-  if (S.editing || !$("conflict").hidden) return;
-  if ((await decide(action)) && S.at < S.shown.length - 1) select(S.at + 1);
+  if (S.editing || S.busy || !$("conflict").hidden) return;
+  S.busy = true;
+  try {
+    if ((await decide(action)) && S.at < S.shown.length - 1) select(S.at + 1);
+  } finally {
+    S.busy = false;
+  }
 }
 
 async function save() {
+  if (S.busy) return;
+  S.busy = true;
+  try {
+    await saveEdit();
+  } finally {
+    S.busy = false;
+  }
+}
+
+async function saveEdit() {
   const rec = currentRecord();
   const fields = editedFields(rec);
   const before = textOf(rec).answer;
@@ -286,7 +302,7 @@ function onKey(event) {
     }
     return;
   }
-  if (typing(event) || event.ctrlKey || event.metaKey || event.altKey) return;
+  if (typing(event) || event.ctrlKey || event.metaKey || event.altKey || S.busy) return;
   const actions = {
     j: () => S.at < S.shown.length - 1 && select(S.at + 1),
     k: () => S.at > 0 && select(S.at - 1),
