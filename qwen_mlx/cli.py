@@ -207,8 +207,10 @@ def data_prepare(
 
     Formats are detected per record: messages (OpenAI, with tools), conversations (sharegpt,
     with function_call/observation), conversation (Firefly), instruction/input/output,
-    prompt/completion, prompt/response, query/response, text, and .txt paragraphs. Bad records
-    are listed by file:line and skipped (or fatal with --strict); exact duplicates are removed.
+    prompt/completion, prompt/response, query/response, text, and .txt paragraphs (lines, in a
+    file without blank lines); a LLaMA-Factory dataset_info.json is read by --dataset NAME.
+    Bad records are listed by file:line and skipped (or fatal with --strict); exact duplicates
+    are removed. Each file written holds one format and none is empty (mlx-lm reads the folder).
     """
     from qwen_mlx.dataprep import prepare
 
