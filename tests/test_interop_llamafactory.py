@@ -308,3 +308,13 @@ def test_long_text_records_are_windows_not_truncated(tiny_tokenizer):
     assert [t for s in windows for t in s.input_ids] == whole.input_ids
     # every token but each window's first is a target
     assert sum(map(sum, (s.loss_mask for s in windows))) == len(whole) - len(windows)
+
+
+def test_data_stats_counts_windows_not_truncation(tmp_path, tiny_model_dir):
+    from qwen_mlx.dataprep import stats
+
+    path = tmp_path / "wiki.jsonl"
+    rows = [{"text": "第一条 住宿费每晚不超过五百元。" * 200}, {"text": "短文一篇。"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), "utf-8")
+    result = stats(path, tiny_model_dir, max_seq_length=64)
+    assert (result["truncated"], result["text_windowed"]) == (0, 1)
