@@ -89,6 +89,12 @@ def fuse(run_or_adapter: Path, model_dir: Path | None, out_dir: Path, force: boo
     default=None,
     help="Also run `ollama create NAME` with the Modelfile (needs ollama on PATH).",
 )
+@click.option(
+    "--print-serve-commands",
+    is_flag=True,
+    help="Write nothing; print the vLLM, llama.cpp server and ollama command lines that "
+    "serve this run (and the GGUF -o names) to many users.",
+)
 def export(
     run_or_adapter: Path | None,
     model_dir: Path | None,
@@ -96,6 +102,7 @@ def export(
     quant: str | None,
     lora_only: bool,
     ollama_name: str | None,
+    print_serve_commands: bool,
 ) -> None:
     """Export a trained run (or a plain --model) to GGUF for ollama and llama.cpp.
 
@@ -104,6 +111,9 @@ def export(
     """
     from qwen_mlx.export.gguf import export as run_export
 
+    if print_serve_commands:
+        _print_serve_commands(run_or_adapter, out_file, model_dir, lora_only)
+        return
     result = run_export(
         run_or_adapter,
         out_file,
@@ -132,6 +142,18 @@ def export(
     else:
         command = " ".join(result.ollama_create)
         console.print(f"load it into ollama with:\n  {command}", highlight=False, soft_wrap=True)
+
+
+def _print_serve_commands(
+    run_or_adapter: Path | None, gguf: Path, model_dir: Path | None, lora_only: bool
+) -> None:
+    from qwen_mlx.export.serving import serve_commands
+
+    found = serve_commands(run_or_adapter, gguf, model=model_dir, lora_only=lora_only)
+    for note in found.notes:
+        err_console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    for what, command in found.commands:
+        console.print(f"# {what}\n{command}", highlight=False, soft_wrap=True, markup=False)
 
 
 @click.group(cls=ErrorLineGroup)

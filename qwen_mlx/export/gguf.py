@@ -304,7 +304,7 @@ def export(
         require_ollama()
     out = Path(out)
     names = _claim_outputs(out, source, lora_only)
-    name = _model_name(Path(run_or_adapter) if run_or_adapter else source.model_dir)
+    name = model_name(Path(run_or_adapter) if run_or_adapter else source.model_dir)
     with writing(out.parent, EXPORT, names):
         if lora_only:
             with atomic_path(out) as tmp:
@@ -326,7 +326,7 @@ def _claim_outputs(out: Path, source: Source, lora_only: bool) -> list[str]:
     return names
 
 
-def _model_name(path: Path) -> str:
+def model_name(path: Path) -> str:
     """A name for general.name and ollama: the run's folder (not "adapter"), lower-case."""
     path = path.resolve()
     if path.name == ADAPTER:
