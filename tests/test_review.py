@@ -161,7 +161,7 @@ FORMATS = [
                 {"role": "user", "content": "q"},
                 {"role": "assistant", "content": "a"},
             ]
-        },  # fmt: skip
+        },
         lambda r: r["messages"][-1]["content"],
         [{"role": "system", "content": "s"}],
     ),
@@ -173,7 +173,7 @@ FORMATS = [
                 {"from": "human", "value": "q"},
                 {"from": "gpt", "value": "a"},
             ]
-        },  # fmt: skip
+        },
         lambda r: r["conversations"][-1]["value"],
         [{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}],
     ),

@@ -66,6 +66,12 @@ def press_and_wait(page, key: str, reviewed: int, total: int) -> None:
     )
 
 
+def wait_reviewed(page, reviewed: int) -> None:
+    """Until the page shows ``reviewed`` records decided."""
+    script = "n => document.getElementById('progress').textContent.startsWith(n + ' /')"
+    page.wait_for_function(script, arg=reviewed)
+
+
 def current_question(page) -> str:
     return page.inner_text("#show-question")
 
@@ -88,9 +94,7 @@ def test_review_20_records_by_keyboard_edit_reload_and_reject(browser, data, tmp
         page.keyboard.press("e")
         page.fill("#edit-answer", "住宿费凭发票在标准内据实报销。（已核对第三条）")
         page.keyboard.press("Control+Enter")
-        page.wait_for_function(
-            "() => document.getElementById('progress').textContent.startsWith('2 /')"
-        )
+        wait_reviewed(page, 2)
         if page.locator("#cluster").is_visible():
             page.click("#cluster-skip")  # not here: the cluster test applies one
         page.keyboard.press("j")
@@ -147,9 +151,7 @@ def test_a_rejected_test_record_never_reaches_train(browser, data):
         page.select_option("#filter-file", "test.jsonl")
         question = current_question(page)
         page.keyboard.press("r")
-        page.wait_for_function(
-            "() => document.getElementById('progress').textContent.startsWith('1 /')"
-        )
+        wait_reviewed(page, 1)
     train = rows(data / "reviewed" / "train.jsonl")
     test = rows(data / "reviewed" / "test.jsonl")
     assert question not in [r["instruction"] for r in train + test]
@@ -167,9 +169,7 @@ def test_two_pages_editing_one_record_see_the_conflict_and_lose_nothing(browser,
         first.fill("#edit-answer", "甲的答案")
         second.fill("#edit-answer", "乙的答案")
         first.keyboard.press("Control+Enter")
-        first.wait_for_function(
-            "() => document.getElementById('progress').textContent.startsWith('1 /')"
-        )
+        wait_reviewed(first, 1)
         second.keyboard.press("Control+Enter")
         second.locator("#conflict").wait_for()
         assert "甲" in second.inner_text("#conflict-text")
@@ -237,9 +237,7 @@ def test_data_text_is_shown_as_text_never_as_markup(browser, tmp_path):
         assert page.locator("#edit-input").is_hidden()
         page.fill("#edit-answer", f"改{hostile}")
         page.keyboard.press("Control+Enter")
-        page.wait_for_function(
-            "() => document.getElementById('progress').textContent.startsWith('1 /')"
-        )
+        wait_reviewed(page, 1)
         assert page.evaluate("() => window.pwned") is None
     [_, chat] = rows(tmp_path / "reviewed" / "qa.jsonl")
     assert chat["messages"][-1]["content"] == f"改{hostile}"
