@@ -68,7 +68,8 @@ class Grading:
     """An eval report's answers, the ledger of grades on them, and the counts."""
 
     def __init__(self, folder: Path):
-        self.dir = Path(folder)
+        """``folder``: the eval report folder, or the run that holds it in ``eval/``."""
+        self.dir = eval_dir(folder) or Path(folder)
         self.summary = _read_json(self.dir / "summary.json")
         self.rows = _read_rows(self.dir / ANSWERS)
         self.labels = _labels(self.rows[0])
