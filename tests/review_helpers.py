@@ -130,3 +130,17 @@ def _wait_until_up(url: str, process) -> None:
         except OSError:
             time.sleep(0.1)
     raise AssertionError("the review server did not start")
+
+
+def doc_shot(page, path: Path) -> None:
+    """With QWEN_MLX_DOC_SHOTS=1: ``page`` as the README's picture at ``path``, a small PNG
+    (a 64-colour palette: text and flat colours lose nothing visible)."""
+    if not os.environ.get("QWEN_MLX_DOC_SHOTS"):
+        return
+    import io
+
+    from PIL import Image
+
+    page.set_viewport_size({"width": 1280, "height": 760})
+    image = Image.open(io.BytesIO(page.screenshot()))
+    image.convert("RGB").quantize(colors=64).save(path, optimize=True)

@@ -10,7 +10,6 @@ shows their accuracy beside the judge's and how often they agree; `data prepare
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -19,7 +18,7 @@ pytest.importorskip("torch")
 
 from click.testing import CliRunner
 from repo_helpers import BUNDLED_TEST, REPO_ROOT
-from review_helpers import rows, serving
+from review_helpers import doc_shot, rows, serving
 from serve_helpers import http
 from web_helpers import chromium, shot
 
@@ -84,6 +83,9 @@ def stats_row(page, label: str) -> list[str]:
 
 def test_grades_in_the_page_become_sft_records_and_pairs(run, tmp_path):
     rows_before = answers(run)
+    for report in ("report.md", "report.html"):  # the report says how to grade it
+        text = (run / "eval" / report).read_text(encoding="utf-8")
+        assert f"qwen-mlx review {run / 'eval'}" in text
     assert all(r["tuned_judge"] in ("correct", "partly", "wrong") for r in rows_before)
     judge_wrong = [r["tuned_judge"] == "wrong" for r in rows_before[:2]]
     grading = Grading(run / "eval")
@@ -120,9 +122,7 @@ def test_grades_in_the_page_become_sft_records_and_pairs(run, tmp_path):
         assert first.locator("button[data-grade=wrong]").get_attribute("aria-pressed") == "true"
         assert first.locator("textarea.corrected").input_value() == "正确答案一：每晚600元。"
         assert "赵会计" in first.locator(".state").inner_text()
-        if os.environ.get("QWEN_MLX_DOC_SHOTS"):  # the README's picture, made on request
-            page.set_viewport_size({"width": 1280, "height": 760})
-            page.screenshot(path=str(DOCS_SHOT))
+        doc_shot(page, DOCS_SHOT)  # with QWEN_MLX_DOC_SHOTS=1: the README's picture
     grading.ledger.close()
 
     ledger = rows(run / "eval" / "grades.jsonl")

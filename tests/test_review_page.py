@@ -10,7 +10,6 @@ offered to the paraphrases; data text stays text. Screenshots go under each test
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 
@@ -18,7 +17,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 from repo_helpers import REPO_ROOT
-from review_helpers import distilled, rows, serving
+from review_helpers import distilled, doc_shot, rows, serving
 from web_helpers import chromium, http, shot
 
 from qwen_mlx.review.reviewed import Review
@@ -123,9 +122,7 @@ def test_review_20_records_by_keyboard_edit_reload_and_reject(browser, data, tmp
         page.click("#drops summary")
         assert "duplicate" in page.inner_text("#drops-body")
         shot(page, tmp_path, "after-reload")
-        if os.environ.get("QWEN_MLX_DOC_SHOTS"):  # the README's picture, made on request
-            page.set_viewport_size({"width": 1280, "height": 760})
-            page.screenshot(path=str(DOCS_SHOT))
+        doc_shot(page, DOCS_SHOT)  # with QWEN_MLX_DOC_SHOTS=1: the README's picture
 
     for name, content in originals.items():  # the data files are never changed
         assert (data / name).read_bytes() == content

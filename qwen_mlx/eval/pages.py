@@ -72,6 +72,16 @@ def _drift_cell(drift: dict | None) -> str:
     return "n/a" if not drift else f"{drift['kl_per_token']:.4f} (n={drift['prompts']})"
 
 
+def grade_note(report_dir: Path | None) -> str:
+    """How to grade the answers of the report in ``report_dir`` by hand (docs/review.md)."""
+    where = report_dir if report_dir is not None else "RUN"
+    return (
+        "Grade these answers yourself (correct / partly / wrong, with the right answer) in "
+        f"the browser: qwen-mlx review {where}; the corrections become training data with "
+        f"qwen-mlx data prepare --from-grades {where}."
+    )
+
+
 HOLDS_NOTE = (
     "in-domain: ROUGE-L on the answerable questions (judge accuracy when graded); unseen "
     "wording: those worded unlike any training question; refusals: share of the questions "
@@ -116,11 +126,13 @@ def _scores(row: dict, label: str) -> str:
     return text
 
 
-def markdown(summary: dict, rows: list[dict], labels: list[str]) -> str:
+def markdown(
+    summary: dict, rows: list[dict], labels: list[str], report_dir: Path | None = None
+) -> str:
     lines = ["# Evaluation", "", *_md_table(*summary_table(summary))]
     lines += ["", "ROUGE-L and BLEU-4: character level, 0–100, greedy answers.", ""]
     lines += ["## Answers that hold", "", *_md_table(*holds_table(summary)), "", HOLDS_NOTE, ""]
-    lines += ["## Answers", ""]
+    lines += ["## Answers", "", grade_note(report_dir), ""]
     for i, row in enumerate(rows, start=1):
         lines += [f"### {i}. {row['question']}", "", f"**reference**: {row['reference']}", ""]
         for label in labels:
@@ -161,7 +173,13 @@ def loss_svg(metrics_path: Path, width: int = 640, height: int = 240) -> str:
     )
 
 
-def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path) -> str:
+def page(
+    summary: dict,
+    rows: list[dict],
+    labels: list[str],
+    metrics_path: Path,
+    report_dir: Path | None = None,
+) -> str:
     esc = html.escape
     cols = "".join(f"<th>{esc(label)}</th>" for label in labels)
     answers = ""
@@ -181,7 +199,8 @@ def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path)
         f"<h2>Answers that hold</h2>{_html_table(*holds_table(summary))}"
         f"<p class='score'>{esc(HOLDS_NOTE)}</p>"
         f"<h2>Training</h2>{loss_svg(metrics_path) or '<p>no metrics.jsonl</p>'}"
-        f"<h2>Answers</h2><table><tr><th>question</th><th>reference</th>{cols}</tr>{answers}"
+        f"<h2>Answers</h2><p class='score'>{esc(grade_note(report_dir))}</p>"
+        f"<table><tr><th>question</th><th>reference</th>{cols}</tr>{answers}"
         "</table></body></html>"
     )
 
@@ -189,5 +208,5 @@ def page(summary: dict, rows: list[dict], labels: list[str], metrics_path: Path)
 def write_reports(
     out_dir: Path, summary: dict, rows: list[dict], labels: list[str], metrics_path: Path
 ) -> None:
-    write_text(out_dir / "report.md", markdown(summary, rows, labels))
-    write_text(out_dir / "report.html", page(summary, rows, labels, metrics_path))
+    write_text(out_dir / "report.md", markdown(summary, rows, labels, out_dir))
+    write_text(out_dir / "report.html", page(summary, rows, labels, metrics_path, out_dir))
