@@ -28,6 +28,15 @@ def test_sampling_defaults_become_ollama_parameters(tmp_path):
     ]
 
 
+def test_do_sample_false_is_greedy_in_ollama_too(tmp_path):
+    config = {"do_sample": False, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.1}
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    expected = {"temperature": 0.0, "repetition_penalty": 1.1}
+    assert sampling_defaults(tmp_path, as_ollama=True) == expected
+    # the GGUF's metadata keeps the values as written
+    assert sampling_defaults(tmp_path)["temperature"] == 0.7
+
+
 def test_only_the_sampling_defaults_the_model_gives_are_written(tmp_path):
     (tmp_path / "generation_config.json").write_text('{"top_k": 40.0, "eos_token_id": 2}')
     sampling = sampling_defaults(tmp_path)

@@ -338,7 +338,7 @@ def _finish(out: Path, source: Source, name: str, ollama: str | None, notes: lis
     _, family = check_architecture(source.model_dir)
     template = default_chat_template(source.model_dir)
     system = source.system_prompt or default_system(template, family)
-    sampling = sampling_defaults(source.model_dir)
+    sampling = sampling_defaults(source.model_dir, as_ollama=True)
     modelfile = write_modelfile(out, system, family, source.thinking, sampling)
     notes += [source.qlora_note] if source.qlora_note else []
     command = ollama_command(ollama or name, modelfile)

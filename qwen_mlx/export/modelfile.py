@@ -42,9 +42,11 @@ SAMPLING_KEYS: dict[str, tuple[type, str]] = {
 }
 
 
-def sampling_defaults(model_dir: Path) -> dict[str, float | int]:
+def sampling_defaults(model_dir: Path, as_ollama: bool = False) -> dict[str, float | int]:
     """The sampling defaults of the model's ``generation_config.json`` (those of
-    ``SAMPLING_KEYS`` it gives, by its own key names); none without the file."""
+    ``SAMPLING_KEYS`` it gives, by its own key names); none without the file. ``as_ollama``:
+    what ollama must be told to sample the same way (greedy is its temperature 0); without
+    it, the values as written (for the GGUF's metadata)."""
     path = Path(model_dir) / "generation_config.json"
     if not path.is_file():
         return {}
@@ -62,6 +64,13 @@ def sampling_defaults(model_dir: Path) -> dict[str, float | int]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{path}: {key} must be a number, not {value!r}")
         found[key] = kind(value)
+    if as_ollama and config.get("do_sample") is False:
+        # transformers decodes greedily when do_sample is false, whatever temperature, top_p
+        # and top_k say (the repetition penalty still applies); ollama's greedy is temperature 0.
+        found = {
+            "temperature": 0.0,
+            **{k: v for k, v in found.items() if k == "repetition_penalty"},
+        }
     return found
 
 
