@@ -93,7 +93,7 @@ class MLXHooks:
 
         self._train_step, self._eval_step, self._update = train_step, eval_step, update
 
-    def micro_step(self, batch, scale: float, sync: bool) -> float:
+    def micro_step(self, batch, scales: dict[str, float], sync: bool) -> dict[str, float]:
         from mlx.utils import tree_map
 
         from qwen_mlx.backends.mlx_model import device_batch
@@ -102,10 +102,11 @@ class MLXHooks:
         self.model.train()  # traced graphs keep the mode they were traced in
         mx.random.seed(dropout_seed(self.cfg.training.seed, self.draws))
         self.draws += 1
-        loss, grads = self._train_step(*device_batch(batch), mx.array(scale, mx.float32))
+        scale = mx.array(scales["tokens"], mx.float32)
+        loss, grads = self._train_step(*device_batch(batch), scale)
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
         mx.eval(loss, self.grads)
-        return loss.item()
+        return {"loss": loss.item()}
 
     def optimizer_step(self, lr: float) -> float:
         mx = self.mx
@@ -118,17 +119,16 @@ class MLXHooks:
     def discard_gradients(self) -> None:
         self.grads = None
 
-    def eval_loss(self, batches) -> tuple[float, int]:
+    def eval_sums(self, batches) -> dict[str, float]:
         from qwen_mlx.backends.mlx_model import device_batch
 
         self.model.eval()
-        total, count = 0.0, 0
+        total = 0.0
         for batch in batches:
             total += self._eval_step(*device_batch(batch)).item()
-            count += int(batch["loss_mask"][:, 1:].sum())
         self.model.train()
         self.mx.clear_cache()
-        return total, count
+        return {"loss": total}
 
     def snapshot_rng(self) -> None:
         self.snapshot = self.draws

@@ -8,7 +8,9 @@ Loss: only assistant tokens are targets, so the LM head runs only on the hidden 
 predict a target, in chunks, each chunk recomputed in the backward pass. The fp32 logits of a
 whole row (rows × 151,936 for Qwen) never exist at once. With Liger Kernel (CUDA), its fused
 linear + cross-entropy does the same job in Triton, and its RMSNorm, SwiGLU and RoPE kernels
-replace transformers' eager ones.
+replace transformers' eager ones. Preference objectives (DPO, ORPO) need each sample's
+summed answer log-prob instead: the same chunks give per-token log-probs, summed per sample
+(Liger's fused loss only gives the total, so those runs use the chunks).
 
 Attention: SDPA with the block-diagonal mask transformers builds from packed position ids, or
 FlexAttention (CUDA), which gets the same mask as a block mask and skips the blocks that lie
@@ -191,6 +193,28 @@ def _chunk_loss(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor
     return F.cross_entropy(logits, labels, reduction="sum")
 
 
+def _chunk_logps(hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    logits = (hidden @ weight.t()).float()
+    return -F.cross_entropy(logits, labels, reduction="none")
+
+
+def _chunked(fn, hidden: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> list:
+    """``fn`` over LOSS_CHUNK targets at a time, each chunk recomputed in the backward pass
+    (one chunk alone is not: recomputing it would only cost time)."""
+    if labels.numel() <= LOSS_CHUNK:
+        return [fn(hidden, labels, weight)]
+    return [
+        checkpoint(
+            fn,
+            hidden[at : at + LOSS_CHUNK],
+            labels[at : at + LOSS_CHUNK],
+            weight,
+            use_reentrant=False,
+        )
+        for at in range(0, labels.numel(), LOSS_CHUNK)
+    ]
+
+
 class TokenLoss(nn.Module):
     """Summed cross-entropy over target tokens; the module DDP wraps."""
 
@@ -204,8 +228,15 @@ class TokenLoss(nn.Module):
             self.fused = LigerFusedLinearCrossEntropyLoss(reduction="sum")
 
     def forward(
-        self, input_ids: torch.Tensor, position_ids: torch.Tensor, loss_mask: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        loss_mask: torch.Tensor,
+        sample_of_target: torch.Tensor | None = None,
+        samples: int = 0,
     ) -> torch.Tensor:
+        """The summed target loss; with ``sample_of_target`` (the sample each target token
+        belongs to, in row-major order), each of the ``samples`` samples' summed log-prob."""
         causal_lm = self.peft_model.get_base_model()
         # No attention mask and no cache: transformers then builds a block-diagonal causal
         # mask from the position ids that restart at 0 for every packed sample.
@@ -216,17 +247,38 @@ class TokenLoss(nn.Module):
         hidden = hidden[:, :-1][targets]
         labels = input_ids[:, 1:][targets]
         weight = causal_lm.get_output_embeddings().weight
+        if sample_of_target is not None:
+            logps = torch.cat(_chunked(_chunk_logps, hidden, labels, weight))
+            return logps.new_zeros(samples).index_add(0, sample_of_target, logps)
         if self.fused is not None:
             return self.fused(weight, hidden, labels).float()
-        if labels.numel() <= LOSS_CHUNK:  # one chunk: recomputing it would only cost time
-            return _chunk_loss(hidden, labels, weight)
+        chunks = _chunked(_chunk_loss, hidden, labels, weight)
+        if len(chunks) == 1:
+            return chunks[0]
         total = hidden.new_zeros((), dtype=torch.float32)
-        for start in range(0, labels.numel(), LOSS_CHUNK):
-            end = start + LOSS_CHUNK
-            total = total + checkpoint(
-                _chunk_loss, hidden[start:end], labels[start:end], weight, use_reentrant=False
-            )
+        for chunk in chunks:
+            total = total + chunk
         return total
+
+
+def load_lora_weights(peft_model: nn.Module, adapter_dir: Path) -> None:
+    """Set the model's LoRA layers from a trained adapter (PEFT or mlx-lm format), exactly;
+    ``training.from_adapter``. Its rank and targets must be the run's (training_run sees to
+    that)."""
+    from qwen_mlx.adapters import load_adapter
+    from qwen_mlx.errors import UserError
+
+    modules = dict(peft_model.get_base_model().named_modules())
+    for name, pair in load_adapter(Path(adapter_dir)).pairs.items():
+        layer = modules.get(name)
+        if layer is None or not hasattr(layer, "lora_A"):
+            raise UserError(f"{adapter_dir}: {name} has no LoRA layer in this run's model")
+        with torch.no_grad():
+            a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            a.copy_(torch.from_numpy(pair.a).to(a.dtype))
+            # PEFT scales by lora_alpha / r; fold any other scale of the adapter into B.
+            scale = layer.scaling["default"]
+            b.copy_(torch.from_numpy(pair.b * (pair.scale / scale)).to(b.dtype))
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -1,8 +1,9 @@
 """The PyTorch backend: LoRA / QLoRA with PEFT on CUDA, CPU or MPS.
 
 :func:`qwen_mlx.training_run.train` runs the shared loop (:mod:`qwen_mlx.loop`); this module
-plans a run here and supplies the loop's hooks (forward/backward, AdamW update, checkpoint
-files). Model code lives in ``torch_model``, inference in ``torch_engine``. Under
+plans a run here and supplies the loop's hooks (forward/backward of the run's objective —
+:mod:`qwen_mlx.objectives` — AdamW update, checkpoint files). Model code lives in
+``torch_model``, inference in ``torch_engine``. Under
 ``torchrun --nproc_per_node N`` it runs as DDP: each rank trains on its share of rows,
 gradients are averaged, and rank 0 writes the run folder. Importing this module does not
 import torch; that happens when a backend method runs.
@@ -41,10 +42,13 @@ class TorchHooks:
     ):
         import torch
 
+        from qwen_mlx import objectives
         from qwen_mlx.backends.torch_model import TokenLoss
 
         self.torch = torch
         self.model, self.device, self.cfg = peft_model, device, cfg
+        self.objective = objectives.build(cfg.training)
+        self.ops = torch_ops()
         self.rank, self.world_size = dist_info
         self.loss = TokenLoss(peft_model, fused_cross_entropy=liger)
         if self.world_size > 1:
@@ -68,16 +72,33 @@ class TorchHooks:
             for k in ("input_ids", "position_ids", "loss_mask")
         ]
 
-    def micro_step(self, batch, scale: float, sync: bool) -> float:
+    def _objective_loss(self, loss_fn, batch, scales):
+        """The objective's (scaled loss, sums) of ``batch`` through ``loss_fn``."""
+        from qwen_mlx import objectives
+
+        tensors = self._tensors(batch)
+        if not self.objective.pairs:
+            return self.objective.loss(self.ops, loss_fn(*tensors), scales)
+        layout = objectives.pair_layout(batch)
+        t = self.torch
+        logps = loss_fn(
+            *tensors, t.from_numpy(layout.sample_of_target).to(self.device), layout.samples
+        )
+        arrays = (
+            t.from_numpy(a).to(self.device) for a in (layout.tokens, layout.ref, layout.weight)
+        )
+        return self.objective.loss(self.ops, objectives.pair_inputs(logps, *arrays), scales)
+
+    def micro_step(self, batch, scales: dict[str, float], sync: bool) -> dict[str, float]:
         import contextlib
 
         self.model.train()
         no_sync = getattr(self.loss, "no_sync", None)
         context = no_sync() if (no_sync and not sync) else contextlib.nullcontext()
         with context:
-            total = self.loss(*self._tensors(batch))
-            (total * scale).backward()
-        return float(total.detach())
+            scaled, sums = self._objective_loss(self.loss, batch, scales)
+            scaled.backward()
+        return {key: float(value.detach()) for key, value in sums.items()}
 
     def optimizer_step(self, lr: float) -> float:
         for group in self.optimizer.param_groups:
@@ -91,15 +112,29 @@ class TorchHooks:
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def eval_loss(self, batches) -> tuple[float, int]:
+    def eval_sums(self, batches) -> dict[str, float]:
+        from qwen_mlx import objectives
+
         self.model.eval()
-        total, count = 0.0, 0
+        total: dict[str, float] = {}
         inner = getattr(self.loss, "module", self.loss)  # no DDP collectives on rank 0 alone
+        ones = dict.fromkeys(("tokens", "pairs"), 1.0)
         with self.torch.no_grad():
             for batch in batches:
-                total += float(inner(*self._tensors(batch)))
-                count += int(batch["loss_mask"][:, 1:].sum())
-        return total, count
+                _, sums = self._objective_loss(inner, batch, ones)
+                objectives.add_sums(total, {k: float(v) for k, v in sums.items()})
+        return total
+
+    def reference_logps(self, batch):
+        from qwen_mlx import objectives
+
+        self.model.eval()
+        inner = getattr(self.loss, "module", self.loss)
+        layout = objectives.pair_layout(batch)
+        index = self.torch.from_numpy(layout.sample_of_target).to(self.device)
+        with self.torch.no_grad():
+            logps = inner(*self._tensors(batch), index, layout.samples)
+        return logps.float().cpu().numpy()
 
     def snapshot_rng(self) -> None:
         t = self.torch
@@ -156,6 +191,25 @@ class TorchHooks:
         """Leave DDP's process group, if this run joined one."""
         if self.world_size > 1 and self.torch.distributed.is_initialized():
             self.torch.distributed.destroy_process_group()
+
+
+def torch_ops():
+    """The array functions :mod:`qwen_mlx.objectives` needs, from torch."""
+    import torch
+    import torch.nn.functional as F
+
+    from qwen_mlx.objectives import Ops
+
+    return Ops(
+        log_sigmoid=F.logsigmoid,
+        log1p=torch.log1p,
+        exp=torch.exp,
+        expm1=torch.expm1,
+        log=torch.log,
+        where=torch.where,
+        detach=lambda x: x.detach(),
+        to_float=lambda x: x.float(),
+    )
 
 
 def save_peft_adapter(model, folder: Path) -> None:
@@ -261,7 +315,12 @@ class TorchBackend:
     def trainer(self, cfg: Config, plan: DevicePlan) -> TorchHooks:
         """The base on the planned device (quantized, attention, kernels as planned), PEFT LoRA,
         AdamW, DDP when started by torchrun: the loop's hooks."""
-        from qwen_mlx.backends.torch_model import add_lora, apply_liger, load_base
+        from qwen_mlx.backends.torch_model import (
+            add_lora,
+            apply_liger,
+            load_base,
+            load_lora_weights,
+        )
 
         _init_distributed(plan.world_size)
         settings: TorchSettings = plan.settings
@@ -270,6 +329,8 @@ class TorchBackend:
         if liger:
             apply_liger(base)
         model = add_lora(base, cfg)
+        if cfg.training.from_adapter:
+            load_lora_weights(model, Path(cfg.training.from_adapter))
         return TorchHooks(model, device, cfg, (plan.rank, plan.world_size), liger)
 
     def engine(self, model_dir: Path, adapter_dir: Path | None = None):

@@ -302,12 +302,20 @@ def data_stats(
     help="Continue an interrupted run from its last checkpoint (its folder). Only "
     "training.max_steps, eval_every and save_every may change.",
 )
+@click.option(
+    "--from-adapter",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="Start from this run's (or adapter folder's) adapter, e.g. an SFT run before "
+    "training.objective dpo (then also the reference); sets training.from_adapter.",
+)
 def train(
     config_path: Path | None,
     backend: str | None,
     preset: str | None,
     overrides: tuple[str, ...],
     resume: Path | None,
+    from_adapter: Path | None,
 ) -> None:
     """Train a LoRA adapter (QLoRA on a 4-bit base by default) on your data.
 
@@ -319,6 +327,8 @@ def train(
 
     # A resumed run starts from its own config.yaml; only an explicit -c is laid over it.
     config = config_path if resume is not None else default_config(config_path)
+    if from_adapter is not None:  # JSON is YAML: the path stays one string whatever it holds
+        overrides = (*overrides, f"training.from_adapter={json.dumps(str(from_adapter))}")
     start(config, backend, preset, overrides, resume, console)
 
 

@@ -76,6 +76,24 @@ class TrainingConfig:
         "Trainer: auto (MLX on Apple Silicon, else PyTorch), mlx or torch.",
         choices=("auto", "mlx", "torch"),
     )
+    objective: str = _f(
+        "sft",
+        "What the run learns from: sft (answers, token cross-entropy), dpo (preference pairs, "
+        "DPO's sigmoid loss against the starting model as reference) or orpo (pairs, ORPO: "
+        "NLL of the chosen answer plus an odds-ratio term; no reference).",
+        choices=("sft", "dpo", "orpo"),
+    )
+    beta: float = _f(
+        0.1,
+        "dpo: DPO's beta (how far the model may move from the reference; TRL's default 0.1). "
+        "orpo: the weight of the odds-ratio term (the paper's lambda; TRL's ORPOConfig.beta, "
+        "LLaMA-Factory's pref_beta).",
+    )
+    from_adapter: str | None = _f(
+        None,
+        "Start from this run's (or adapter folder's) LoRA adapter instead of a new one, e.g. "
+        "an SFT run before DPO; with dpo it is also the reference model.",
+    )
     num_epochs: int = _f(3, "Passes over the training data.")
     learning_rate: float = _f(5e-5, "Peak learning rate (after warmup, cosine decay).")
     batch_size: int = _f(1, "Rows per optimizer micro-step.")
@@ -117,6 +135,12 @@ class TrainingConfig:
         "Stop after N optimizer updates (0: all epochs). The schedule still spans every "
         "epoch, so a run stopped early resumes exactly where it was.",
     )
+
+
+def row_length(training: TrainingConfig) -> int:
+    """Tokens per training row: ``max_seq_length``, or twice that for preference objectives,
+    whose rows hold whole pairs (each side up to max_seq_length, as TRL's max_length)."""
+    return training.max_seq_length * (1 if training.objective == "sft" else 2)
 
 
 def recomputed_layers(training: TrainingConfig, n_layers: int) -> int:
@@ -217,6 +241,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "lora.dropout": (lambda v: 0 <= v < 1, "a number in [0, 1)"),
     "lora.target_modules": (lambda v: len(v) > 0, "a non-empty list of module names"),
     "training.num_epochs": (lambda v: v >= 1, "an integer ≥ 1"),
+    "training.beta": (lambda v: v > 0, "a number > 0"),
     "training.learning_rate": (lambda v: v > 0, "a number > 0"),
     "training.batch_size": (lambda v: v >= 1, "an integer ≥ 1"),
     "training.gradient_accumulation_steps": (lambda v: v >= 1, "an integer ≥ 1"),

@@ -8,6 +8,12 @@ loss warnings, checkpoints, loss.png) goes through one reporter, a
 :class:`~qwen_mlx.monitor.RunReporter` on rank 0 and a silent one elsewhere.
 :func:`qwen_mlx.training_run.train` calls :func:`train_loop`.
 
+What is minimised is the objective's (:mod:`qwen_mlx.objectives`: SFT, DPO, ORPO): it
+gives the denominators of a window (target tokens, pairs), the hooks compute its loss, and
+it turns the summed values into the logged metrics. DPO's reference log-probs are computed
+once, before the first update (and before a checkpoint is restored), from the weights the
+run starts with: the base (a new adapter's B is 0) or the ``training.from_adapter`` one.
+
 Determinism is what makes resume exact: the row order of epoch ``e`` is a permutation
 seeded by ``(seed, e)``, the learning rate is a function of the step, checkpoints are taken
 at optimizer-update boundaries, and the backend saves the RNG state (dropout) as of the
@@ -22,14 +28,14 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 from rich.console import Console
 
-from qwen_mlx import checkpoints
+from qwen_mlx import checkpoints, objectives
 from qwen_mlx.checkpoints import LoopState
 from qwen_mlx.config import Config
 from qwen_mlx.errors import TrainingStopped, UserError
@@ -45,16 +51,23 @@ class Hooks(Protocol):
     rank: int
     world_size: int
 
-    def micro_step(self, batch: dict[str, np.ndarray], scale: float, sync: bool) -> float:
-        """Forward + backward of ``scale * summed token loss``; return the summed loss."""
+    def micro_step(
+        self, batch: dict[str, np.ndarray], scales: dict[str, float], sync: bool
+    ) -> dict[str, float]:
+        """Forward + backward of the objective's loss of ``batch``, each of its sums divided
+        by the window's count (``scales``: key → 1/count); return the objective's sums."""
 
     def optimizer_step(self, lr: float) -> float:
         """Clip, update, zero the gradients; return the gradient norm before clipping."""
 
     def discard_gradients(self) -> None: ...
 
-    def eval_loss(self, batches: Iterator[dict[str, np.ndarray]]) -> tuple[float, int]:
-        """Summed token loss and number of target tokens over ``batches`` (no dropout)."""
+    def eval_sums(self, batches: Iterator[dict[str, np.ndarray]]) -> dict[str, float]:
+        """The objective's sums over ``batches`` (no dropout, no gradient)."""
+
+    def reference_logps(self, batch: dict[str, np.ndarray]) -> np.ndarray:
+        """Each sample's summed target log-prob under the weights the run started with (no
+        dropout, no gradient); called before any update or restored checkpoint."""
 
     def snapshot_rng(self) -> None:
         """Remember the RNG state now; checkpoints save the last snapshot."""
@@ -130,12 +143,30 @@ def _every(value: int, total: int, times: int) -> int:
     return value if value > 0 else max(1, total // times)
 
 
-def _evaluate(hooks: Hooks, rows: list[Row], batch_size: int, pad_id: int) -> float | None:
+def _batches(rows: list[Row], batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+    return [collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
+
+
+def _evaluate(
+    hooks: Hooks, objective, rows: list[Row], batch_size: int, pad_id: int
+) -> dict[str, float] | None:
     if not rows:
         return None
-    batches = (collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size))
-    total, count = hooks.eval_loss(batches)
-    return total / max(count, 1)
+    batches = _batches(rows, batch_size, pad_id)
+    counts = objectives.window_counts(objective, batches)
+    return objective.summarize(hooks.eval_sums(iter(batches)), counts)
+
+
+def attach_reference(hooks: Hooks, rows: list[Row], batch_size: int, pad_id: int) -> None:
+    """Set every row's ``ref_logps``: its samples' log-probs under the starting weights, in
+    batches of ``batch_size`` rows in row order, so a resumed run gets the same numbers."""
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        logps = np.asarray(hooks.reference_logps(collate(part, pad_id)), dtype=np.float32)
+        at = 0
+        for row in part:
+            row.ref_logps = logps[at : at + row.num_segments]
+            at += row.num_segments
 
 
 @dataclass
@@ -144,28 +175,36 @@ class StepResult:
     lr: float
     grad_norm: float
     tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's, loss included
 
 
 class _NotFinite(Exception):
     """The loss of an update was NaN or inf (the update was not applied)."""
 
 
-def _train_window(hooks: Hooks, window: list[dict[str, np.ndarray]], lr: float) -> StepResult:
-    """One optimizer update over an accumulation window; the loss is a per-token mean."""
-    targets = hooks.all_reduce_sum(float(sum(int(b["loss_mask"][:, 1:].sum()) for b in window)))
-    # DDP averages gradients over ranks, hence world_size / (targets of all ranks).
-    scale = hooks.world_size / max(targets, 1.0)
-    loss_sum = 0.0
+def _train_window(
+    hooks: Hooks, objective, window: list[dict[str, np.ndarray]], lr: float
+) -> StepResult:
+    """One optimizer update over an accumulation window; the loss is the objective's mean
+    over the whole window (per target token for SFT, per pair for DPO), however it is split
+    into batches and ranks."""
+    local = objectives.window_counts(objective, window)
+    counts = {key: hooks.all_reduce_sum(float(n)) for key, n in local.items()}
+    # DDP averages gradients over ranks, hence world_size / (count of all ranks).
+    scales = {key: hooks.world_size / max(n, 1.0) for key, n in counts.items()}
+    sums: dict[str, float] = {}
     for k, batch in enumerate(window):
-        loss_sum += hooks.micro_step(batch, scale, sync=k == len(window) - 1)
-    loss = hooks.all_reduce_sum(loss_sum) / max(targets, 1.0)
+        objectives.add_sums(sums, hooks.micro_step(batch, scales, sync=k == len(window) - 1))
+    sums = {key: hooks.all_reduce_sum(value) for key, value in sums.items()}
+    metrics = objective.summarize(sums, counts)
+    loss = metrics["loss"]
     if not math.isfinite(loss):
         hooks.discard_gradients()
         raise _NotFinite(loss)
     grad_norm = hooks.optimizer_step(lr)
     hooks.snapshot_rng()
     tokens = sum(int((b["segment_ids"] > 0).sum()) for b in window) * hooks.world_size
-    return StepResult(loss, lr, grad_norm, tokens)
+    return StepResult(loss, lr, grad_norm, tokens, metrics)
 
 
 def _last_checkpoint(run_dir: Path, last_saved: int, resumable: bool = True) -> str:
@@ -222,6 +261,7 @@ class _Run:
     cfg: Config
     data: RunData
     hooks: Hooks
+    objective: objectives.SFT
     rows: list[Row]
     schedule: Schedule
     stop_at: int
@@ -233,9 +273,9 @@ class _Run:
         if self.hooks.rank != 0:  # validation is rank 0's alone (no collectives in it)
             return
         t, data = self.cfg.training, self.data
-        loss = _evaluate(self.hooks, data.valid, t.batch_size, data.pad_id)
-        if loss is not None:
-            self.reporter.validation(state, loss)
+        metrics = _evaluate(self.hooks, self.objective, data.valid, t.batch_size, data.pad_id)
+        if metrics is not None:
+            self.reporter.validation(state, metrics)
 
     def checkpoint(self, state: LoopState) -> None:
         self.reporter.checkpoint(state, self.hooks.save_state)
@@ -254,7 +294,7 @@ def _epochs(run: _Run, state: LoopState, ctrl_c: _CtrlC) -> None:
             batch_rows = [[run.rows[i] for i in b] for b in windows[state.window]]
             window = [collate(b, run.data.pad_id) for b in batch_rows]
             lr = learning_rate(state.step, schedule.total_steps, schedule.warmup, t.learning_rate)
-            result = _train_window(hooks, window, lr)
+            result = _train_window(hooks, run.objective, window, lr)
             state.step, state.window = state.step + 1, state.window + 1
             state.tokens += result.tokens
             session_tokens += result.tokens
@@ -284,13 +324,16 @@ def train_loop(
     rows = rank_rows(data.train, hooks.rank, hooks.world_size)
     schedule = _schedule(cfg, len(rows), console, hooks.rank == 0)
     total = schedule.total_steps
+    objective = objectives.build(t)
+    if objective.reference:
+        _reference(hooks, rows + data.valid, t.batch_size, data.pad_id, console)
     state = _resume(run_dir, hooks, data, console) if resume else LoopState()
     state.data_fingerprint = data.fingerprint
     stop_at = min(total, t.max_steps) if t.max_steps else total
     reporter = _reporter(hooks, RunDir(run_dir), console, schedule)
     reporter.start(state, stop_at, resume)
     every = _every(t.eval_every, total, 10), _every(t.save_every, total, 5)
-    run = _Run(cfg, data, hooks, rows, schedule, stop_at, reporter, *every)
+    run = _Run(cfg, data, hooks, objective, rows, schedule, stop_at, reporter, *every)
     hooks.snapshot_rng()
     ctrl_c = _CtrlC()
     try:
@@ -312,6 +355,15 @@ def train_loop(
     finally:
         reporter.finish()
     return state
+
+
+def _reference(hooks: Hooks, rows: list[Row], batch_size: int, pad_id: int, console) -> None:
+    started = time.perf_counter()
+    attach_reference(hooks, rows, batch_size, pad_id)
+    if hooks.rank == 0:
+        pairs = sum(r.num_segments for r in rows) // 2
+        seconds = time.perf_counter() - started
+        console.print(f"reference log-probs of {pairs} pairs: {seconds:.1f} s", highlight=False)
 
 
 def _interrupted(run: _Run, state: LoopState, ctrl_c: _CtrlC, run_dir: Path) -> None:

@@ -3,6 +3,12 @@
 The loop talks to one reporter object: :class:`RunReporter` on rank 0, which shows and
 writes all of it (checkpoints too), and :class:`SilentReporter` on every other rank.
 
+Preference runs (DPO, ORPO) also show and record the objective's reward metrics: the reward
+margin (chosen − rejected) and preference accuracy on the progress line, every metric in
+metrics.jsonl (``reward_chosen``, ``reward_rejected``, ``reward_margin``, ``accuracy``, and
+ORPO's ``nll``, ``log_odds_ratio``; ``val_…`` on validation lines), and loss.png gets a
+second panel with the margin and accuracy.
+
 The seed guide's advice on reading the loss ("steadily falling: good; fluctuating a lot:
 learning rate too high; not falling: data or config problem") is turned into warnings
 printed while training runs. NaN/inf is not a warning: the loop stops on it.
@@ -65,8 +71,37 @@ class MetricsLog:
         return out
 
 
+def _curve(metrics: list[dict], kind: str, key: str) -> list[tuple[int, float]]:
+    return [(m["step"], m[key]) for m in metrics if m.get("type") == kind and key in m]
+
+
+def _plot_rewards(ax, metrics: list[dict]) -> None:
+    """The preference panel: reward margin (left axis) and accuracy (right axis)."""
+    for kind, key, style, label in (
+        ("train", "reward_margin", "-", "reward margin"),
+        ("eval", "val_reward_margin", "o-", "validation reward margin"),
+    ):
+        if points := _curve(metrics, kind, key):
+            ax.plot(*zip(*points, strict=True), style, label=label, linewidth=1)
+    ax.set_ylabel("reward margin")
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    right = ax.twinx()
+    for kind, key, style, label in (
+        ("train", "accuracy", "-", "accuracy"),
+        ("eval", "val_accuracy", "s--", "validation accuracy"),
+    ):
+        if points := _curve(metrics, kind, key):
+            right.plot(*zip(*points, strict=True), style, color="tab:green", label=label, lw=1)
+    right.set_ylabel("preference accuracy")
+    right.set_ylim(-0.02, 1.02)
+    lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize="small")
+
+
 def plot_loss(metrics: list[dict], out: Path) -> bool:
-    """Write the training/validation loss curve; False when matplotlib is not installed."""
+    """Write the training/validation loss curve (and, for preference runs, the reward margin
+    and accuracy below it); False when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -74,9 +109,14 @@ def plot_loss(metrics: list[dict], out: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    train = [(m["step"], m["loss"]) for m in metrics if m.get("type") == "train"]
-    valid = [(m["step"], m["val_loss"]) for m in metrics if m.get("type") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    train = _curve(metrics, "train", "loss")
+    valid = _curve(metrics, "eval", "val_loss")
+    preference = any("reward_margin" in m for m in metrics)
+    if preference:
+        fig, (ax, lower) = plt.subplots(2, 1, figsize=(7, 7), dpi=100, sharex=True)
+        _plot_rewards(lower, metrics)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if valid:
@@ -157,12 +197,20 @@ def progress_bar(console: Console) -> Progress:
         BarColumn(bar_width=16),
         MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[prefs]}"),
         TextColumn("lr {task.fields[lr]}"),
         TextColumn("{task.fields[tps]} tok/s"),
         TextColumn("{task.fields[mem]}"),
         TimeRemainingColumn(),
         console=console,
     )
+
+
+def _preference_text(metrics: dict[str, float]) -> str:
+    """Reward margin and preference accuracy, for the progress line (empty for SFT)."""
+    if "reward_margin" not in metrics:
+        return ""
+    return f"margin {metrics['reward_margin']:+.3f} acc {metrics['accuracy']:.0%}"
 
 
 class RunReporter:
@@ -184,6 +232,7 @@ class RunReporter:
             completed=state.step,
             epoch=state.epoch + 1,
             loss="-",
+            prefs="",
             lr="-",
             tps="-",
             mem="-",
@@ -202,11 +251,13 @@ class RunReporter:
 
     def step(self, state: LoopState, result: Any, tokens_per_s: float, memory_gb: float) -> None:
         """Log one optimizer step: metrics.jsonl, the progress bar and any loss warning."""
+        extra = {k: v for k, v in result.metrics.items() if k != "loss"}
         self.metrics.write(
             type="train",
             step=state.step,
             epoch=self._epoch(state),
             loss=result.loss,
+            **extra,
             lr=result.lr,
             grad_norm=result.grad_norm,
             tokens=state.tokens,
@@ -222,20 +273,24 @@ class RunReporter:
             completed=state.step,
             epoch=state.epoch + 1,
             loss=f"{self.watch.ema:.4f}",
+            prefs=_preference_text(result.metrics),
             lr=f"{result.lr:.2e}",
             tps=f"{tokens_per_s:,.0f}",
             mem=f"{memory_gb:.1f}G",
         )
 
-    def validation(self, state: LoopState, loss: float) -> None:
+    def validation(self, state: LoopState, metrics: dict[str, float]) -> None:
+        loss = metrics["loss"]
+        extra = {f"val_{k}": v for k, v in metrics.items() if k != "loss"}
+        if not extra:  # perplexity means something for a token loss only
+            extra = {"val_ppl": math.exp(min(loss, 50))}
         self.metrics.write(
-            type="eval",
-            step=state.step,
-            epoch=self._epoch(state),
-            val_loss=loss,
-            val_ppl=math.exp(min(loss, 50)),
+            type="eval", step=state.step, epoch=self._epoch(state), val_loss=loss, **extra
         )
-        self.progress.console.print(f"step {state.step}: validation loss {loss:.4f}")
+        more = _preference_text(metrics)
+        self.progress.console.print(
+            f"step {state.step}: validation loss {loss:.4f}" + (f", {more}" if more else "")
+        )
 
     def checkpoint(self, state: LoopState, write_backend_state) -> None:
         """Save a checkpoint of ``state`` unless this step already has one."""
@@ -263,7 +318,7 @@ class SilentReporter(RunReporter):
     def step(self, state: LoopState, result: Any, tokens_per_s: float, memory_gb: float) -> None:
         pass
 
-    def validation(self, state: LoopState, loss: float) -> None:
+    def validation(self, state: LoopState, metrics: dict[str, float]) -> None:
         pass
 
     def checkpoint(self, state: LoopState, write_backend_state) -> None:

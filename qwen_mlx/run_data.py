@@ -4,6 +4,13 @@ Shared by every backend so that one config trains on exactly the same rows every
 The validation and test records actually used are written into the run folder
 (``data/valid.jsonl``, ``data/test.jsonl``), and a fingerprint of the training rows is kept
 in checkpoints so that resuming on changed data is refused instead of silently diverging.
+
+Preference objectives (``training.objective: dpo | orpo``) read pairs instead
+(:func:`qwen_mlx.data_prefs.load_pairs`; SFT data is then one error line, as pairs are for
+SFT): each pair's chosen and rejected samples (:func:`qwen_mlx.tokens.encode_pairs`) stay
+side by side in one row of ``2 × max_seq_length`` tokens (:func:`qwen_mlx.tokens.pack_pairs`).
+A pair whose two answers are the same, or whose prompt leaves no answer token within
+max_seq_length, is dropped and counted in one line.
 """
 
 from __future__ import annotations
@@ -14,12 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.config import Config
-from qwen_mlx.data import load_records, split_records
+from qwen_mlx.config import Config, row_length
+from qwen_mlx.data import Record, load_records, split_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_jsonl
 from qwen_mlx.run_dir import RunDir
-from qwen_mlx.tokens import EncodeReport, Row, encode_records, pack, unpacked
+from qwen_mlx.tokens import (
+    EncodeReport,
+    Row,
+    encode_pairs,
+    encode_records,
+    pack,
+    pack_pairs,
+    unpacked,
+)
 
 
 @dataclass
@@ -74,8 +89,69 @@ def fingerprint(rows: list[Row]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _pair_records(cfg: Config, run_dir: Path | None) -> tuple[list, list, list[str]]:
+    """Training and validation pairs (as :class:`~qwen_mlx.data_prefs.Pair`), and notes."""
+    from qwen_mlx.data_prefs import load_pairs
+
+    data, objective = cfg.data, cfg.training.objective
+    pairs, report = load_pairs([data.train_file], objective, data.system_prompt)
+    notes = [f"{data.train_file}: {report.summary()}"]
+    notes += [f"  skipped {p}" for p in report.problems[:5]]
+    if data.valid_file:
+        valid, vreport = load_pairs([data.valid_file], objective, data.system_prompt)
+        notes.append(f"{data.valid_file}: {vreport.summary()}")
+        train = pairs
+    else:
+        records = [Record(p.record(), source) for p, source in pairs]
+        parts = split_records(records, data.valid_ratio, 0.0, cfg.training.seed)
+        by_source = {source: p for p, source in pairs}
+        train = [(by_source[r.source], r.source) for r in parts["train"]]
+        valid = [(by_source[r.source], r.source) for r in parts["valid"]]
+        notes.append(f"validation: {len(valid)} pairs split off (valid_ratio {data.valid_ratio})")
+    if not train:
+        raise UserError(
+            f"{data.train_file}: no usable preference pairs (see `qwen-mlx data stats`)"
+        )
+    if data.replay_file:
+        notes.append(f"data.replay_file is for SFT; training.objective {objective} does not use it")
+    if not data.mask_prompt:
+        notes.append(
+            f"data.mask_prompt: false does not apply to {objective}: the answers are compared"
+        )
+    if run_dir is not None:
+        write_jsonl(RunDir(run_dir).valid_data, (p.record() for p, _ in valid))
+    return [p for p, _ in train], [p for p, _ in valid], notes
+
+
+def _pair_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None) -> RunData:
+    train, valid, notes = _pair_records(cfg, run_dir)
+    max_len, t = cfg.training.max_seq_length, cfg.training
+    train_pairs, report = encode_pairs(tokenizer, train, max_len)
+    valid_pairs, _ = encode_pairs(tokenizer, valid, max_len)
+    if not train_pairs:
+        raise UserError(
+            f"{cfg.data.train_file}: no pair has answer tokens within max_seq_length={max_len}; "
+            "raise training.max_seq_length"
+        )
+    pad_id = _pad_id(tokenizer)
+    rows = pack_pairs(train_pairs, row_length(t), pad_id, t.packing)
+    notes += report.warnings(max_len)
+    tokens = sum(r.num_tokens for r in rows)
+    how = "packed into" if t.packing else "in"
+    notes.append(f"{len(train_pairs)} pairs, {tokens:,} tokens, {how} {len(rows)} rows")
+    return RunData(
+        train=rows,
+        valid=pack_pairs(valid_pairs, row_length(t), pad_id, t.packing),
+        pad_id=pad_id,
+        fingerprint=fingerprint(rows),
+        messages=notes,
+    )
+
+
 def build_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None = None) -> RunData:
     """Everything a trainer iterates over, identical for every backend."""
+    if cfg.training.objective != "sft":
+        return _pair_run_data(cfg, tokenizer, run_dir)
     train_records, valid_records, notes = _records(cfg, run_dir)
     max_len, mask = cfg.training.max_seq_length, cfg.data.mask_prompt
     train_samples, report = encode_records(tokenizer, train_records, max_len, mask)

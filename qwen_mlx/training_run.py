@@ -36,6 +36,32 @@ def _safe_on_resume(key: str) -> bool:
     return key in SAFE_ON_RESUME or key.split(".", 1)[0] in UNUSED_BY_TRAINING
 
 
+def adopt_adapter(cfg: Config) -> str | None:
+    """``training.from_adapter`` (a run folder or an adapter folder) resolved to the adapter
+    folder, and the run's LoRA shape (rank, alpha, targets) taken from it, since its weights
+    are the starting point; returns a note when that changed the config, else None."""
+    from qwen_mlx.adapters import load_adapter
+
+    given = Path(cfg.training.from_adapter)
+    folder = given / "adapter" if (given / "adapter").is_dir() else given
+    if not folder.is_dir():
+        raise UserError(f"training.from_adapter {given}: not a run or adapter folder")
+    adapter = load_adapter(folder)
+    rank, scale = adapter.common_scale()
+    targets = sorted({name.rsplit(".", 1)[-1] for name in adapter.pairs})
+    lora = cfg.lora
+    shape = (rank, float(scale * rank), targets)
+    before = (lora.rank, float(lora.alpha), sorted(lora.target_modules))
+    cfg.training.from_adapter = str(folder)
+    if shape == before:
+        return None
+    lora.rank, lora.alpha, lora.target_modules = rank, scale * rank, targets
+    return (
+        f"lora.rank {rank}, alpha {scale * rank:g} and target_modules {targets} come from "
+        f"{folder} (the adapter the run starts from)"
+    )
+
+
 def _check_inputs(cfg: Config) -> None:
     require_model(cfg.model.path, cfg.lora.target_modules)  # what `check` marks ✗, in one line
     if not Path(cfg.data.train_file).is_file():
@@ -92,6 +118,10 @@ def resolve_run(
             )
         if backend is not None:
             cfg.training.backend = backend
+        if cfg.training.from_adapter:
+            note = adopt_adapter(cfg)
+            if note:
+                _warn(Console(stderr=True), note)
     _check_inputs(cfg)
     return cfg, run_dir
 

@@ -33,11 +33,11 @@ class FakeHooks:
         self.lrs: list[float] = []
         self.saved: list[str] = []
 
-    def micro_step(self, batch, scale, sync):
+    def micro_step(self, batch, scales, sync):
         targets = int(batch["loss_mask"][:, 1:].sum())
         per_token = self.losses.pop(0) if self.losses else 2.0
-        self.calls.append(("micro", targets, scale, sync))
-        return per_token * targets
+        self.calls.append(("micro", targets, scales["tokens"], sync))
+        return {"loss": per_token * targets}
 
     def optimizer_step(self, lr):
         self.lrs.append(lr)
@@ -46,9 +46,8 @@ class FakeHooks:
     def discard_gradients(self):
         self.calls.append(("discard",))
 
-    def eval_loss(self, batches):
-        n = sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)
-        return 1.5 * n, n
+    def eval_sums(self, batches):
+        return {"loss": 1.5 * sum(int(b["loss_mask"][:, 1:].sum()) for b in batches)}
 
     def snapshot_rng(self):
         pass
@@ -210,10 +209,10 @@ def test_loss_watch_gives_the_seeds_advice_once():
 class _Interrupting(FakeHooks):
     """Sends this process SIGINT (Ctrl-C) in the middle of the third update's window."""
 
-    def micro_step(self, batch, scale, sync):
+    def micro_step(self, batch, scales, sync):
         if len(self.calls) == 4:
             os.kill(os.getpid(), signal.SIGINT)
-        return super().micro_step(batch, scale, sync)
+        return super().micro_step(batch, scales, sync)
 
 
 def test_ctrl_c_finishes_the_step_then_checkpoints(tmp_path, sigint_as_in_a_terminal):

@@ -65,7 +65,7 @@ def gradients(model_dir, *extra):
 
     cfg = load_config(None, None, [f"model.path={model_dir}", "lora.dropout=0", *extra])
     hooks = MLXHooks(mlx_lora_model(model_dir), cfg)
-    loss = hooks.micro_step(packed_batch(), 0.5, sync=True)
+    loss = hooks.micro_step(packed_batch(), {"tokens": 0.5}, sync=True)["loss"]
     return loss, {k: np.array(g) for k, g in tree_flatten(hooks.grads)}
 
 
