@@ -115,6 +115,11 @@ def test_review_20_records_by_keyboard_edit_reload_and_reject(browser, data, tmp
         page.fill("#search", "住宿")
         assert 0 < page.locator("#list li:not([hidden])").count() < total
         page.fill("#search", "")
+        heading = review.data.items[-1].source["heading"]
+        page.select_option("#filter-heading", heading)
+        under = [i for i in review.data.items if i.source["heading"] == heading]
+        assert page.locator("#list li:not([hidden])").count() == len(under) < total
+        page.select_option("#filter-heading", "")
         page.select_option("#filter-category", "paraphrase")
         assert "改写问法" in page.inner_text("#meta")
         assert page.inner_text("#passage")  # the source passage beside it
@@ -226,7 +231,14 @@ def test_data_text_is_shown_as_text_never_as_markup(browser, tmp_path):
     data.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), "utf-8")
     review = Review(data)
     with serving(review) as url:
-        page = open_review(browser, url)
+        requested: list[str] = []
+        page = browser.new_context().new_page()
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(f"{url}/")
+        page.fill("#name", "王会计")
+        page.click("#name-form button")
+        page.wait_for_selector("body[data-ready=true]")
+        assert all(u.startswith(url) or u.startswith("data:") for u in requested), requested
         assert page.inner_text("#show-answer") == f"答案{hostile}"
         assert page.locator("#detail img, #list img").count() == 0
         page.keyboard.press("j")
