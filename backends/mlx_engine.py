@@ -96,6 +96,10 @@ class MLXEngine(HFEngine):
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         return [list(token_texts(tokens[uid], decode)) for uid in uids]
 
+    def decoder(self) -> MLXDecoder:
+        """Continuous batching over this model (``serve``)."""
+        return MLXDecoder(self)
+
     def score(self, samples: list) -> tuple[float, int]:
         """Summed target-token loss of tokenized samples and their count (test loss)."""
         from qwen_mlx.backends.mlx_model import device_batch, target_loss
@@ -117,3 +121,61 @@ class MLXEngine(HFEngine):
         logits = self.model(mx.array([sample.input_ids]))[0, :-1].astype(mx.float32)
         targets = np.flatnonzero(np.asarray(sample.loss_mask[1:]))
         return np.array(logits[mx.array(targets)])
+
+
+UNBOUNDED = 1 << 16
+
+
+class MLXDecoder:
+    """Continuous batching on MLX (:class:`qwen_mlx.inference.Decoder`): mlx-lm's
+    ``BatchGenerator``, which reads joining prompts between decode steps (a long one in
+    ``prefill_step_size`` pieces, decoding the others in between) and drops a sequence at its
+    end of turn or ``max_tokens``; each sequence samples with its own settings."""
+
+    def __init__(self, engine: MLXEngine, prefill_step_size: int = 512):
+        from mlx_lm.generate import BatchGenerator
+
+        self.decode = partial(engine.tokenizer.decode, skip_special_tokens=True)
+        self._generator = BatchGenerator(
+            engine.model,
+            stop_tokens=[[token] for token in sorted(engine.end_ids)],
+            prefill_step_size=prefill_step_size,
+            # no bound of its own: the caller (serve's --max-concurrent) decides how many join
+            completion_batch_size=UNBOUNDED,
+            prefill_batch_size=UNBOUNDED,
+        )
+        self._seqs: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self._seqs)
+
+    def join(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+        from mlx_lm.sample_utils import make_sampler
+
+        # None: the batch's shared greedy sampler, one call for all greedy sequences
+        sampler = None
+        if settings.temperature > 0:
+            sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
+        (seq,) = self._generator.insert([prompt_ids], [settings.max_tokens], samplers=[sampler])
+        self._seqs.add(seq)
+        return seq
+
+    def leave(self, seq: int) -> None:
+        if seq in self._seqs:
+            self._seqs.discard(seq)
+            self._generator.remove([seq])
+
+    def step(self) -> list:
+        from qwen_mlx.inference import Step
+
+        steps = []
+        for r in self._generator.next_generated() if self._seqs else []:
+            done = r.finish_reason is not None
+            if done:
+                self._seqs.discard(r.uid)
+            # "stop": the token is the end of turn itself, which is no part of the reply
+            steps.append(Step(r.uid, None if r.finish_reason == "stop" else r.token, done))
+        return steps
+
+    def close(self) -> None:
+        self._generator.close()

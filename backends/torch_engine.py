@@ -110,6 +110,10 @@ class TorchEngine(HFEngine):
             list(token_texts(_until(row, self.end_ids), decode)) for row in out[:, width:].tolist()
         ]
 
+    def decoder(self) -> TorchDecoder:
+        """Continuous batching over this model (``serve``)."""
+        return TorchDecoder(self)
+
     def score(self, samples: list) -> tuple[float, int]:
         """Summed target-token loss of tokenized samples and their count (test loss)."""
         import torch
@@ -140,6 +144,188 @@ class TorchEngine(HFEngine):
         with torch.no_grad():
             logits = self.model(input_ids=ids).logits[0, :-1]
             return np.asarray(logits[targets].float().cpu())
+
+
+class _Row:
+    """One sequence of a :class:`TorchDecoder`: its settings, the token it feeds next, how
+    many real tokens its cache row holds and how many it has generated."""
+
+    def __init__(self, seq: int, prompt: list[int], settings: GenerationSettings):
+        import torch
+
+        self.seq, self.prompt, self.settings = seq, prompt, settings
+        self.last, self.length, self.count = -1, 0, 0
+        self.generator = None
+        if settings.temperature > 0:
+            self.generator = torch.Generator()
+            self.generator.seed()
+
+    def pick(self, logits, greedy: int) -> int:
+        """The next token: ``greedy`` (the batch's argmax) at temperature 0, else sampled
+        with the sequence's temperature and top_p."""
+        import torch
+
+        if self.generator is None:
+            return greedy
+        probs = torch.softmax(logits.float().cpu() / self.settings.temperature, dim=-1)
+        if self.settings.top_p < 1.0:
+            ordered, order = probs.sort(descending=True)
+            # keep the smallest set of most likely tokens whose mass reaches top_p
+            outside = ordered.cumsum(-1) - ordered >= self.settings.top_p
+            probs[order[outside]] = 0.0
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class TorchDecoder:
+    """Continuous batching on torch (:class:`qwen_mlx.inference.Decoder`).
+
+    The batch is one KV cache (transformers' ``DynamicCache``, rows × heads × columns × dim)
+    whose rows are the sequences, right-aligned: a row's real tokens are its last columns, the
+    columns before them padding that the attention mask hides, and each row's positions
+    count only its real tokens, so every row attends exactly as it would alone. A joining
+    sequence reads its prompt alone (as one-by-one generation does) and its cache is then
+    padded on the left to the batch's width (or the batch to its) and added as a row. A
+    sequence that leaves is dropped from the rows, and columns only padding holds are cut.
+
+    transformers' own continuous batching (``generate_batch``) runs its own thread with a
+    paged cache and one generation config for all requests; serve needs per-request
+    sampling and the adapter switched per batch, so the loop is ours, on its cache.
+    """
+
+    def __init__(self, engine: TorchEngine):
+        self.model, self.end_ids = engine.model, engine.end_ids
+        self.decode = partial(engine.tokenizer.decode, skip_special_tokens=True)
+        self._rows: list[_Row] = []  # in the cache's row order
+        self._joining: list[_Row] = []
+        self._cache: Any = None
+        self._mask: Any = None  # rows × columns: 1 where a row has a real token
+        self._seqs = 0
+        self._cache_kwarg = _cache_kwarg(engine.model)
+
+    def __len__(self) -> int:
+        return len(self._rows) + len(self._joining)
+
+    def join(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+        self._seqs += 1
+        self._joining.append(_Row(self._seqs, prompt_ids, settings))
+        return self._seqs
+
+    def leave(self, seq: int) -> None:
+        self._joining = [row for row in self._joining if row.seq != seq]
+        keep = [i for i, row in enumerate(self._rows) if row.seq != seq]
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+
+    def step(self) -> list:
+        import torch
+
+        with torch.inference_mode():
+            steps = self._decode() if self._rows else []
+            joining, self._joining = self._joining, []
+            steps += [self._prefill(row) for row in joining]
+        return steps
+
+    def _decode(self) -> list:
+        import torch
+
+        from qwen_mlx.inference import Step
+
+        device = self.model.device
+        inputs = torch.tensor([[row.last] for row in self._rows], device=device)
+        self._mask = torch.cat([self._mask, torch.ones_like(inputs)], dim=1)
+        positions = torch.tensor([[row.length] for row in self._rows], device=device)
+        logits = self.model(
+            input_ids=inputs,
+            attention_mask=self._mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self._cache_kwarg: self._cache},
+        ).logits[:, -1, :]
+        greedy = logits.argmax(-1).tolist()
+        steps, keep = [], []
+        for i, row in enumerate(self._rows):
+            token = row.pick(logits[i], greedy[i])
+            row.length, row.count, row.last = row.length + 1, row.count + 1, token
+            if token in self.end_ids:
+                steps.append(Step(row.seq, None, True))
+            else:
+                done = row.count >= row.settings.max_tokens
+                steps.append(Step(row.seq, token, done))
+                if not done:
+                    keep.append(i)
+        if len(keep) < len(self._rows):
+            self._keep(keep)
+        return steps
+
+    def _prefill(self, row: _Row):
+        import torch
+        from transformers import DynamicCache
+
+        from qwen_mlx.inference import Step
+
+        ids = torch.tensor([row.prompt], device=self.model.device)
+        cache = DynamicCache(config=self.model.config)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kwarg: cache},
+        ).logits[:, -1, :]
+        token = row.pick(logits[0], int(logits[0].argmax()))
+        row.length, row.count, row.last = len(row.prompt), 1, token
+        if token in self.end_ids:
+            return Step(row.seq, None, True)
+        if row.settings.max_tokens <= 1:
+            return Step(row.seq, token, True)
+        self._add(row, cache)
+        return Step(row.seq, token, False)
+
+    def _add(self, row: _Row, cache: Any) -> None:
+        """Add a sequence's cache as the batch's last row, the narrower padded on the left."""
+        import torch
+        from torch.nn.functional import pad
+
+        mask = torch.ones((1, row.length), dtype=torch.long, device=self.model.device)
+        if self._cache is None:
+            self._cache, self._mask, self._rows = cache, mask, [row]
+            return
+        width = max(self._mask.shape[1], row.length)
+        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+            for name in ("keys", "values"):
+                a, b = getattr(mine, name), getattr(theirs, name)
+                a = pad(a, (0, 0, width - a.shape[-2], 0))
+                b = pad(b, (0, 0, width - b.shape[-2], 0))
+                setattr(mine, name, torch.cat([a, b], dim=0))
+        self._mask = torch.cat(
+            [pad(self._mask, (width - self._mask.shape[1], 0)), pad(mask, (width - row.length, 0))]
+        )
+        self._rows.append(row)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep these rows (in order); cut the columns that are padding in all of them."""
+        self._rows = [self._rows[i] for i in keep]
+        if not keep:
+            self._cache = self._mask = None
+            return
+        import torch
+
+        index = torch.tensor(keep, device=self._mask.device)
+        mask = self._mask[index]
+        start = int(mask.any(dim=0).int().argmax())  # the first column a row uses
+        self._mask = mask[:, start:]
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward argument that takes the KV cache: ``cache`` since transformers 5.2x,
+    ``past_key_values`` before (still accepted, with a deprecation warning)."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 class _TokenQueue:

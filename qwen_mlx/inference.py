@@ -112,6 +112,9 @@ class Engine(Protocol):
     # def pieces_batch(self, prompts: list[list[int]], settings) -> list[list[str]]:
     #     """``pieces`` of several prompts generated together, each up to its own end of
     #     the turn or ``settings.max_tokens``; greedy, the one-by-one pieces exactly."""
+    # Optional; without it ``serve`` answers one request at a time (llama.cpp, test fakes):
+    # def decoder(self) -> Decoder:
+    #     """A new :class:`Decoder`: continuous batching over this engine's model."""
 
 
 class HFEngine:
@@ -276,24 +279,49 @@ def _llama_controls(llm: Any) -> dict[str, int]:
     return controls
 
 
+class StopText:
+    """A reply's text as its pieces arrive, cut at the first stop string (then ``hit`` names
+    it): text that may be the start of a stop string is held back until it is known not to
+    be. The push form, for replies decoded together; :func:`with_stops` pulls."""
+
+    def __init__(self, stops: list[str]):
+        self.stops, self.hit = stops, None
+        self._buffer, self._hold = "", max((len(s) for s in stops), default=1) - 1
+
+    def feed(self, piece: str) -> str:
+        """The text now known to be the reply's ("" while held back or after a stop)."""
+        if self.hit is not None:
+            return ""
+        self._buffer += piece
+        found = [(i, s) for s in self.stops if (i := self._buffer.find(s)) >= 0]
+        if found:
+            cut, self.hit = min(found)
+            text, self._buffer = self._buffer[:cut], ""
+            return text
+        if len(self._buffer) <= self._hold:
+            return ""
+        keep = len(self._buffer) - self._hold
+        text, self._buffer = self._buffer[:keep], self._buffer[keep:]
+        return text
+
+    def flush(self) -> str:
+        """The text held back, once the reply has ended without a stop string."""
+        text, self._buffer = self._buffer, ""
+        return text
+
+
 def with_stops(pieces: Iterator[str], stops: list[str], hit: list[str]) -> Iterator[str]:
     """Pass text through until a stop string appears (recorded in ``hit``); text that may be
     the start of a stop string is held back until it is known not to be."""
-    buffer, hold = "", max((len(s) for s in stops), default=1) - 1
+    text = StopText(stops)
     for piece in pieces:
-        buffer += piece
-        found = [(i, s) for s in stops if (i := buffer.find(s)) >= 0]
-        if found:
-            cut, stop = min(found)
-            hit.append(stop)
-            if buffer[:cut]:
-                yield buffer[:cut]
+        if out := text.feed(piece):
+            yield out
+        if text.hit is not None:
+            hit.append(text.hit)
             return
-        if len(buffer) > hold:
-            yield buffer[: len(buffer) - hold]
-            buffer = buffer[len(buffer) - hold :]
-    if buffer:
-        yield buffer
+    if rest := text.flush():
+        yield rest
 
 
 def stream(
@@ -333,6 +361,87 @@ def _chunks(
         return
     ran_out = not hit and counted[0] >= settings.max_tokens
     yield Chunk("", "length" if ran_out else "stop", counted[0])
+
+
+class Step(NamedTuple):
+    """What a :class:`Decoder` step did for one sequence: the token it generated (None when
+    the sequence ended its turn) and whether the sequence has left the batch (its end of
+    turn or ``max_tokens``)."""
+
+    seq: int
+    token: int | None
+    done: bool
+
+
+class Decoder(Protocol):
+    """Continuous batching on one engine (``engine.decoder()``): sequences join between
+    steps and leave when done or when told to; each step decodes one token of every
+    sequence together. Greedy, each sequence's tokens are its one-by-one tokens. Used from
+    one thread only (the thread that made it)."""
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of a sequence's tokens (special tokens dropped)."""
+        ...
+
+    def join(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+        """Add a sequence; its prompt is read at the next step. Returns its id."""
+        ...
+
+    def leave(self, seq: int) -> None:
+        """Drop a sequence now (its client went, or a stop string ended it)."""
+        ...
+
+    def step(self) -> list[Step]:
+        """Read the prompts of sequences that joined, decode one token of the others."""
+        ...
+
+    def __len__(self) -> int:
+        """Sequences in the batch (joined and not left)."""
+        ...
+
+
+def _pushed_pieces(decode) -> Any:
+    """``token_texts`` fed one token at a time: call the result with a token, get its piece
+    (it yields one piece per token, so each call pulls exactly the token given)."""
+    box: list[int] = []
+    pieces = token_texts(iter(box.pop, None), decode)
+
+    def piece(token: int) -> str:
+        box.append(token)
+        return next(pieces)
+
+    return piece
+
+
+class ReplyChunks:
+    """One reply's :class:`Chunk` s as its tokens arrive from a :class:`Decoder`: the same
+    text, stop strings, token count and finish reason as :func:`stream` gives one by one."""
+
+    def __init__(self, settings: GenerationSettings, decode):
+        self.max_tokens = settings.max_tokens
+        self._piece = _pushed_pieces(decode)
+        self._text = StopText(settings.stop)
+        self.count = 0
+        self.stopped = False  # a stop string ended it: the decoder should drop it
+
+    def token(self, token: int) -> list[Chunk]:
+        self.count += 1
+        chunks = _text_chunk(self._text.feed(self._piece(token)))
+        if self._text.hit is not None:
+            self.stopped = True
+            chunks.append(Chunk("", "stop", self.count))
+        return chunks
+
+    def end(self) -> list[Chunk]:
+        """The model ended the reply (its end of turn, or ``max_tokens``)."""
+        reason = "length" if self.count >= self.max_tokens else "stop"
+        return [*_text_chunk(self._text.flush()), Chunk("", reason, self.count)]
+
+
+def _text_chunk(text: str) -> list[Chunk]:
+    # A stray byte-level token that is not valid UTF-8 decodes to U+FFFD (as in _chunks).
+    text = text.replace("\ufffd", "")
+    return [Chunk(text)] if text else []
 
 
 def _completion(chunks: Iterator[Chunk]) -> Completion:

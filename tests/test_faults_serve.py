@@ -62,6 +62,34 @@ class Counting:
                 self.produced[index] += 1
                 yield piece
 
+    @property
+    def decoder(self):
+        make = self.engine.decoder  # AttributeError where the engine answers one by one
+        return lambda: CountingDecoder(make(), self.produced)
+
+
+class CountingDecoder:
+    """The server's batch of a :class:`Counting` engine, counting each sequence's tokens."""
+
+    def __init__(self, decoder, produced: list[int]):
+        self.decoder, self.produced, self.index = decoder, produced, {}
+        self.decode, self.leave = decoder.decode, decoder.leave
+
+    def __len__(self):
+        return len(self.decoder)
+
+    def join(self, prompt_ids, settings):
+        seq = self.decoder.join(prompt_ids, settings)
+        self.index[seq] = len(self.produced)
+        self.produced.append(0)
+        return seq
+
+    def step(self):
+        steps = self.decoder.step()
+        for step in steps:
+            self.produced[self.index[step.seq]] += step.token is not None
+        return steps
+
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_model_dir, tmp_path_factory) -> Path:

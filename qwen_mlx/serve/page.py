@@ -78,9 +78,31 @@ class AdapterOff:
         with self.engine.adapter_disabled(), closing(pieces):
             yield from pieces
 
+    @property
+    def decoder(self):
+        """The tuned engine's continuous batching, stepped with the adapter off (a batch of
+        its own: the server never mixes the two in one batch)."""
+        make = self.engine.decoder  # AttributeError where the engine has none
+        return lambda: AdapterOffDecoder(make(), self.engine.adapter_disabled)
+
     def score(self, samples: list) -> tuple[float, int]:
         with self.engine.adapter_disabled():
             return self.engine.score(samples)
+
+
+class AdapterOffDecoder:
+    """A :class:`~qwen_mlx.inference.Decoder` whose steps run with the adapter bypassed."""
+
+    def __init__(self, decoder: Any, adapter_disabled):
+        self.inner, self.adapter_disabled = decoder, adapter_disabled
+        self.decode, self.join, self.leave = decoder.decode, decoder.join, decoder.leave
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def step(self) -> list:
+        with self.adapter_disabled():
+            return self.inner.step()
 
 
 def base_engine(

@@ -5,12 +5,13 @@ Endpoints: ``POST /v1/chat/completions`` (plain, or server-sent events with ``"s
 in :mod:`qwen_mlx.serve.api`; the pages (the chat page at ``/``, ``/docs``) and the base model
 the chat page compares with, in :mod:`qwen_mlx.serve.page`.
 
-One model serves everyone, so generations take turns behind a lock. Each request generates in
-its own worker thread (:class:`Job`) that checks a cancel flag between tokens and frees the
-model when it ends. The request side sets the flag when the client goes away, and stopping the
-server sets every flag, so an abandoned request never keeps the model, and SIGTERM ends the
-server in moments. The Host header, the API key and the body size are checked before anything
-is parsed, and a prompt's size before it is tokenized (:mod:`qwen_mlx.serve.guard`).
+One model serves everyone: one thread (:mod:`qwen_mlx.serve.scheduler`) decodes the
+requests in flight together, up to ``max_concurrent`` of them, between steps admitting those
+that wait and dropping those whose client went away (the request side sets the job's cancel
+flag when the client goes, and stopping the server sets every flag, so an abandoned request
+never keeps its slot, and SIGTERM ends the server in moments). The Host header, the API key
+and the body size are checked before anything is parsed, and a prompt's size before it is
+tokenized (:mod:`qwen_mlx.serve.guard`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from fastapi.responses import Response
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.errors import UserError
-from qwen_mlx.inference import Chunk, stream
 from qwen_mlx.reasoning import ReasoningSplit
 from qwen_mlx.serve.api import (
     ChatRequest,
@@ -47,71 +47,16 @@ from qwen_mlx.serve.guard import (
     http_protocol,
 )
 from qwen_mlx.serve.page import PUBLIC_PATHS, add_page_routes
+from qwen_mlx.serve.scheduler import DEFAULT_MAX_CONCURRENT, Job, Scheduler
 
 SHUTDOWN_GRACE_S = 3  # after SIGTERM, in-flight replies are cut off after this long at most
 MIN_BODY_LIMIT = 1 << 20
 BODY_BYTES_PER_TOKEN = 64  # a full context of JSON-escaped CJK text needs about 8
 
 
-class Job:
-    """One request's generation, in its own thread. Chunks reach the event loop through a
-    queue; setting ``cancel`` stops the generation at the next token (or while it waits for
-    the model) and the thread then frees the model."""
-
-    _END = object()
-
-    def __init__(
-        self, server: Server, engine: Any, prompt_ids: list[int], settings: GenerationSettings
-    ):
-        self.cancel = threading.Event()
-        self.prompt_tokens = len(prompt_ids)
-        self.think_tags = engine.family.think_tags  # where a reply's think block ends
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._server, self._engine = server, engine
-        server.jobs.add(self)
-        args = (prompt_ids, settings)
-        threading.Thread(target=self._run, args=args, daemon=True, name="generate").start()
-
-    def _put(self, item: Any) -> None:
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:  # the event loop has closed: nobody is waiting any more
-            self.cancel.set()
-
-    def _run(self, prompt_ids: list[int], settings: GenerationSettings) -> None:
-        server = self._server
-        try:
-            if server.acquire(self.cancel):
-                try:
-                    for chunk in stream(self._engine, prompt_ids, settings, self.cancel):
-                        self._put(chunk)
-                finally:
-                    server.lock.release()
-        except Exception as err:  # a bug or a model failure: the request side reports it
-            self._put(err)
-        finally:
-            server.jobs.discard(self)
-            self._put(self._END)
-
-    async def next(self) -> Chunk | None:
-        """The next chunk; None when the generation has ended (the last chunk carries the
-        finish reason unless the job was cancelled)."""
-        item = await self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return None if item is self._END else item
-
-    async def collect(self) -> list[Chunk]:
-        chunks = []
-        while (chunk := await self.next()) is not None:
-            chunks.append(chunk)
-        return chunks
-
-
 class Server:
-    """The model (and the base model it is compared with), its lock, the generations in
-    flight, and what the page shows of the run."""
+    """The model (and the base model it is compared with), the scheduler that runs its
+    generations, and what the page shows of the run."""
 
     def __init__(
         self,
@@ -123,6 +68,7 @@ class Server:
         run_dir: Path | None = None,
         system_prompt: str | None = None,
         allowed_hosts: tuple[str, ...] = (),
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     ):
         self.engine, self.base = engine, base
         # Requests pick one by their `model` field; a base adapter-off view shares the weights.
@@ -134,10 +80,8 @@ class Server:
         self.cors_origins = list(cors_origins)
         self.max_body = max(MIN_BODY_LIMIT, BODY_BYTES_PER_TOKEN * engine.context_length)
         self.body_timeout = BODY_TIMEOUT_S  # seconds for a request's body to arrive
-        self.lock = threading.Lock()  # the model: one generation at a time
+        self.scheduler = Scheduler(max_concurrent)  # the model: requests decoded together
         self._encoding = threading.Lock()  # one prompt encoding at a time per tokenizer
-        self.jobs: set[Job] = set()
-        self.closing = False
 
     def settings(self, req: ChatRequest) -> GenerationSettings:
         return GenerationSettings(
@@ -153,18 +97,13 @@ class Server:
         with self._encoding:
             return engine.prompt_ids(messages, settings.max_tokens)
 
-    def acquire(self, cancel: threading.Event) -> bool:
-        """Wait for the model unless cancelled first."""
-        while not cancel.is_set():
-            if self.lock.acquire(timeout=0.05):
-                return True
-        return False
+    @property
+    def closing(self) -> bool:
+        return self.scheduler.closing
 
     def stop_all(self) -> None:
         """The server is stopping: end every generation now, refuse new ones."""
-        self.closing = True
-        for job in list(self.jobs):
-            job.cancel.set()
+        self.scheduler.stop_all()
 
 
 class EventStream(Response):
@@ -287,7 +226,7 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
             ids = await asyncio.to_thread(server.prompt_ids, engine, messages, settings)
         except UserError as err:
             return ErrorResponse(400, str(err), "messages", code="context_length_exceeded")
-        job = Job(server, engine, ids, settings)
+        job = Job(server.scheduler, engine, ids, settings)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return EventStream(job, ChunkWriter(engine.model_id, include_usage))
@@ -352,13 +291,17 @@ def run(
     **page: Any,
 ) -> None:
     """Serve until Ctrl-C or SIGTERM. ``page``: the :class:`Server`'s base model, run folder,
-    system prompt and allowed host names."""
+    system prompt, allowed host names and ``max_concurrent``."""
     server = Server(engine, api_key, cors_origins=cors_origins, **page)
     where = f"http://{host}:{port}"
     console.print(f"serving {engine.description} at {where}/v1 (Ctrl-C stops)", highlight=False)
     if server.base is not None:
         console.print(f"  and its base, {server.base.description}, to compare", highlight=False)
-    console.print(f"  chat page: {where}/", highlight=False)
+    if callable(getattr(engine, "decoder", None)) and server.scheduler.max_concurrent > 1:
+        together = f"up to {server.scheduler.max_concurrent} requests decoded together"
+    else:
+        together = "one request at a time"
+    console.print(f"  {together}; chat page: {where}/", highlight=False)
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:
         console.print("[yellow]⚠[/] listening beyond this machine without --api-key")
     make_server(server, host, port).run()
