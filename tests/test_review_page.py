@@ -175,8 +175,9 @@ def test_two_pages_editing_one_record_see_the_conflict_and_lose_nothing(browser,
         second.keyboard.press("Control+Enter")
         second.locator("#conflict").wait_for()
         assert "甲" in second.inner_text("#conflict-text")
-        assert second.inner_text("#conflict-theirs") == "甲的答案"
-        assert second.inner_text("#conflict-mine") == "乙的答案"
+        question = second.inner_text("#show-question")
+        assert second.inner_text("#conflict-theirs") == f"问题：{question}\n答案：甲的答案"
+        assert second.inner_text("#conflict-mine") == f"问题：{question}\n答案：乙的答案"
         assert second.input_value("#edit-answer") == "乙的答案"  # still in the editor
         shot(second, tmp_path, "conflict")
         second.click("#conflict-mine-wins")

@@ -222,14 +222,22 @@ async function saveEdit() {
 
 // ------------------------------------------------------------------ two people, one record
 
+// Every field of a version, so a clash over the question or input shows too.
+function fieldsText(fields) {
+  const names = { question: "问题", input: "输入", answer: "答案" };
+  return FIELDS.filter((name) => name in fields && (name !== "input" || fields.input))
+    .map((name) => `${names[name]}：${fields[name]}`)
+    .join("\n");
+}
+
 function showConflict(rec, action, fields, current) {
   S.conflict = { rec, action, fields, current };
   const theirs = current.edits || rec.fields;
   const what = current.status === "rejected" ? "驳回了此记录" : current.edited ? "修改了此记录" : "通过了此记录";
   $("conflict-text").textContent =
     `${current.reviewer || "其他人"} 在 ${current.time} ${what}（在您载入之后）。您的${action === "edit" ? "修改" : "决定"}尚未保存：请选择保留哪一个。`;
-  $("conflict-theirs").textContent = current.status === "rejected" ? "（已驳回）" : theirs.answer;
-  $("conflict-mine").textContent = fields ? fields.answer : STATUS_LABELS[action === "reject" ? "rejected" : "accepted"];
+  $("conflict-theirs").textContent = current.status === "rejected" ? "（已驳回）" : fieldsText(theirs);
+  $("conflict-mine").textContent = fields ? fieldsText(fields) : STATUS_LABELS[action === "reject" ? "rejected" : "accepted"];
   $("conflict").hidden = false;
 }
 
