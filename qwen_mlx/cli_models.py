@@ -15,6 +15,7 @@ from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
 from qwen_mlx.errors import UserError
 from qwen_mlx.export.gguf_quants import QUANT_CHOICES
 from qwen_mlx.families import names as family_names
+from qwen_mlx.serve import DEFAULT_MAX_CONCURRENT
 
 _model_option = click.option(
     "--model",
@@ -398,6 +399,14 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
     help="With --gguf: the base model's GGUF, which the page compares the tuned one with.",
 )
+@click.option(
+    "--max-concurrent",
+    type=click.IntRange(1, 256),
+    default=DEFAULT_MAX_CONCURRENT,
+    show_default=True,
+    help="Requests decoded together (continuous batching; more wait in a queue). 1: one "
+    "at a time. A GGUF always answers one at a time.",
+)
 def serve(
     run_or_adapter,
     model_dir,
@@ -410,6 +419,7 @@ def serve(
     api_key_env,
     cors_origins,
     base_gguf,
+    max_concurrent,
 ) -> None:
     """OpenAI-compatible API: /v1/chat/completions (incl. stream), /v1/models, /health.
 
@@ -431,6 +441,7 @@ def serve(
         "run_dir": run_or_adapter if run_or_adapter and run_or_adapter.is_dir() else None,
         "system_prompt": _run_system_prompt(run_or_adapter),
         "allowed_hosts": allowed_hosts,
+        "max_concurrent": max_concurrent,
     }
     run(engine, host, port, api_key, console, cors_origins, **page)
 

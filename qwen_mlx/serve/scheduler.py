@@ -24,8 +24,7 @@ from typing import Any
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.inference import Chunk, ReplyChunks, stream
-
-DEFAULT_MAX_CONCURRENT = 8  # decoding on a Mac or a GPU is memory bound: 8 cost little more
+from qwen_mlx.serve import DEFAULT_MAX_CONCURRENT
 
 
 class Cancel(threading.Event):
