@@ -192,3 +192,52 @@ def test_the_default_batch_fits_the_memory_estimate(monkeypatch):
     monkeypatch.setattr("qwen_mlx.memory.system_memory", lambda: 7 * gib)
     assert fitting_batch_size(engine, 1280) == 1  # never less than one
     assert fitting_batch_size(SimpleNamespace(), 1280) == DEFAULT_BATCH_SIZE  # a GGUF
+
+
+def _through_decoder(engine, prompts, settings, joins_at: list[int]) -> list[Completion]:
+    """The replies of a continuous batch (``engine.decoder()``) that prompt i joins at step
+    ``joins_at[i]``, put together as serve puts its chunks together."""
+    from qwen_mlx.inference import ReplyChunks
+
+    decoder, replies, chunks, seqs = engine.decoder(), {}, {}, {}
+    for step in range(10_000):
+        for i in [i for i, at in enumerate(joins_at) if at == step]:
+            seqs[decoder.join(prompts[i], settings)] = i
+            replies[i], chunks[i] = ReplyChunks(settings, decoder.decode), []
+        if not len(decoder) and step > max(joins_at):
+            break
+        for s in decoder.step():
+            i = seqs[s.seq]
+            if replies[i].stopped:
+                continue
+            chunks[i] += replies[i].token(s.token) if s.token is not None else []
+            if replies[i].stopped and not s.done:
+                decoder.leave(s.seq)  # a stop string: as serve drops it
+            elif s.done and not replies[i].stopped:
+                chunks[i] += replies[i].end()
+    return [
+        Completion("".join(c.text for c in chunks[i]), *_last(chunks[i]))
+        for i in range(len(prompts))
+    ]
+
+
+def _last(chunks) -> tuple[str, int]:
+    return chunks[-1].finish_reason, chunks[-1].completion_tokens
+
+
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_sequences_joining_a_running_batch_get_the_one_by_one_answers(
+    backend, answers_and_stops, tmp_path
+):
+    adapter = make_peft_adapter(answers_and_stops, tmp_path / "a", seed=3, b_std=0.1)
+    engine = _engine(backend, answers_and_stops, adapter, False)
+    conversations = [*CONVERSATIONS, [{"role": "user", "content": QUESTION}]]
+    settings = GenerationSettings(max_tokens=MAX_TOKENS, temperature=0.0)
+    prompts = [engine.prompt_ids(c, MAX_TOKENS) for c in conversations]
+    one = _one_by_one(engine, prompts, settings)
+    assert {c.finish_reason for c in one} == {"stop", "length"}  # ends of turn, and not
+    joins_at = [0, 0, 3, 5, 9, 2]  # later ones join while the first decode
+    assert _through_decoder(engine, prompts, settings, joins_at) == one
+    stopped = GenerationSettings(max_tokens=MAX_TOKENS, temperature=0.0, stop=[one[1].text[3:5]])
+    want = _one_by_one(engine, prompts, stopped)
+    assert _through_decoder(engine, prompts, stopped, joins_at) == want
