@@ -1,27 +1,34 @@
-"""Benchmark: `qwen-mlx serve` throughput and latency, against calling the engine directly.
+"""Benchmark: `qwen-mlx serve` with continuous batching against one request at a time.
 
-For each engine (the torch backend on a model folder; llama.cpp on a GGUF when given):
-requests/s and p50/p95 latency with 1, 4 and 16 concurrent clients (official openai client,
-127.0.0.1), and tokens/s of a single stream. The baseline is the same generation called
-in-process with no HTTP, so the ratio is what the server costs.
+One process, one loaded model, two servers in turn: ``--max-concurrent 1`` (the path the
+server had before it batched: requests take turns) and ``--max-concurrent N`` (decoded
+together). For each, C concurrent clients (official openai client, 127.0.0.1) each send
+``--rounds`` greedy requests (eval questions of different lengths, ``--max-tokens`` new tokens):
+requests/s and p50/p95 latency; then a single client's time to first token (streamed, median
+of ``--ttft-runs``); peak RSS while each server answers, against the memory estimate
+(:func:`qwen_mlx.inference.generation_memory` plus what the process held before the model).
 
-    python bench/serve.py                          # builds the tiny model
-    python bench/serve.py --model DIR --gguf FILE  # your own model and its export
+    python bench/serve.py                                        # tiny model, torch
+    python bench/serve.py --shape 0.5b --max-tokens 16 --rounds 1 --threads 2
+    python bench/serve.py --gguf FILE   # also a GGUF through llama.cpp (one at a time only)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import socket
 import statistics
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-QUESTION = [{"role": "user", "content": "差旅费报销需要哪些材料？"}]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import generate  # the bench's models and questions
 
 
 def _port() -> int:
@@ -30,111 +37,193 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(engine):
-    from qwen_mlx.serve.server import Server, make_server
-
-    port = _port()
-    server = make_server(Server(engine), "127.0.0.1", port, log_level="error")
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}/v1"
+def _rss() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def direct(engine, max_tokens: int, n: int) -> float:
-    """Requests/s of in-process generation (the baseline)."""
-    from qwen_mlx.backends.base import GenerationSettings
-    from qwen_mlx.inference import complete
+class PeakRSS:
+    """The largest resident set seen while the block runs (sampled every 20 ms)."""
 
-    settings = GenerationSettings(max_tokens=max_tokens, temperature=0.0)
-    complete(engine, QUESTION, settings)  # warm-up: the first call pays one-off setup
-    start = time.perf_counter()
-    for _ in range(n):
-        complete(engine, QUESTION, settings)
-    return n / (time.perf_counter() - start)
+    def __enter__(self):
+        self.peak, self._done = _rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
 
 
-def concurrent(url: str, model: str, clients: int, requests: int, max_tokens: int) -> dict:
+class Serving:
+    """A server of ``engine`` with ``max_concurrent`` on a free port, while the block runs."""
+
+    def __init__(self, engine, max_concurrent: int):
+        from qwen_mlx.serve.server import Server, make_server
+
+        self.port = _port()
+        self.server = make_server(
+            Server(engine, max_concurrent=max_concurrent), "127.0.0.1", self.port, "error"
+        )
+
+    def __enter__(self) -> str:
+        threading.Thread(target=self.server.run, daemon=True).start()
+        while not self.server.started:
+            time.sleep(0.05)
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+
+
+def _client(url: str):
     import openai
 
-    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    return openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=3600)
 
-    def one(_):
+
+def load(url: str, model: str, asked: list, clients: int, max_tokens: int) -> dict:
+    """``asked`` requests from ``clients`` concurrent clients: requests/s and latencies."""
+    client = _client(url)
+
+    def one(messages):
         t = time.perf_counter()
-        client.chat.completions.create(
-            model=model, messages=QUESTION, max_tokens=max_tokens, temperature=0
+        reply = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0
         )
-        return time.perf_counter() - t
+        return time.perf_counter() - t, reply.choices[0].message.content
 
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        latencies = sorted(pool.map(one, range(requests)))
+        done = list(pool.map(one, asked))
     elapsed = time.perf_counter() - start
+    latencies = sorted(seconds for seconds, _ in done)
     return {
-        "rps": requests / elapsed,
+        "rps": len(asked) / elapsed,
         "p50": statistics.median(latencies),
-        "p95": latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))],
+        "p95": latencies[min(len(latencies) - 1, round(0.95 * (len(latencies) - 1)))],
+        "answers": [text for _, text in done],
     }
 
 
-def stream_tokens_per_s(url: str, model: str, max_tokens: int) -> float:
-    import openai
-
-    client = openai.OpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
-    start = time.perf_counter()
-    chunks = list(
-        client.chat.completions.create(
-            model=model,
-            messages=QUESTION,
-            stream=True,
-            max_tokens=max_tokens,
-            temperature=0,
-            stream_options={"include_usage": True},
+def first_token_s(url: str, model: str, messages: list, max_tokens: int, runs: int) -> float:
+    """Median seconds from sending a streamed request to its first text."""
+    client = _client(url)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
         )
-    )
-    return chunks[-1].usage.completion_tokens / (time.perf_counter() - start)
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                times.append(time.perf_counter() - start)
+                break
+        stream.close()
+    return statistics.median(times)
 
 
-def bench(name: str, engine, args) -> None:
-    server, url = _start(engine)
-    try:
-        base = direct(engine, args.max_tokens, args.requests)
-        print(f"\n{name}: direct (no HTTP) {base:.2f} req/s")
-        print(f"{'clients':>8} {'req/s':>8} {'× direct':>9} {'p50 s':>7} {'p95 s':>7}")
-        for clients in (1, 4, 16):
-            r = concurrent(
-                url, engine.model_id, clients, max(args.requests, clients), args.max_tokens
+def bench(name: str, engine, args, before_model: int) -> None:
+    from qwen_mlx.inference import generation_memory
+
+    asked_all = generate.questions(max(args.clients) * args.rounds)
+    prompt = generate.questions(1)[0]
+    batched = [m for m in args.max_concurrent if m > 1]
+    modes = [1, *batched] if callable(getattr(engine, "decoder", None)) else [1]
+    print(f"\n{name}; {args.max_tokens} new tokens a request, greedy", flush=True)
+    print(f"{'clients':>8} {'max-conc':>8} {'req/s':>7} {'× one':>6} {'p50 s':>7} {'p95 s':>7}")
+    rows, peaks = {}, {}
+    for mode in modes:
+        with Serving(engine, mode) as url, PeakRSS() as rss:
+            _client(url).chat.completions.create(  # warm-up: one-off setup is not measured
+                model=engine.model_id, messages=prompt, max_tokens=2, temperature=0
             )
+            for clients in args.clients:
+                asked = asked_all[: clients * args.rounds]
+                r = load(url, engine.model_id, asked, clients, args.max_tokens)
+                rows[clients, mode] = r
+                ratio = r["rps"] / rows[clients, 1]["rps"]
+                print(
+                    f"{clients:8d} {mode:8d} {r['rps']:7.3f} {ratio:6.2f} {r['p50']:7.2f} "
+                    f"{r['p95']:7.2f}",
+                    flush=True,
+                )
+            ttft = first_token_s(url, engine.model_id, prompt, args.max_tokens, args.ttft_runs)
+            rows["ttft", mode] = ttft
+        peaks[mode] = rss.peak
+        print(f"  --max-concurrent {mode}: single-client time to first token {ttft:.3f} s")
+    for mode in batched:
+        same = all(rows[c, mode]["answers"] == rows[c, 1]["answers"] for c in args.clients)
+        ttft = rows["ttft", mode] / rows["ttft", 1]
+        print(f"  max-concurrent {mode}: identical answers {same}; TTFT {ttft:.2f}× one at a time")
+    config = getattr(engine, "config", None)
+    if config:
+        longest = max(len(engine.prompt_ids(m, args.max_tokens)) for m in asked_all)
+        for mode in modes:
+            sequences = min(mode, max(args.clients))
+            size = getattr(engine, "value_bytes", 2)
+            estimate = generation_memory(config, sequences, longest + args.max_tokens, size)
+            used = peaks[mode] - before_model
             print(
-                f"{clients:8d} {r['rps']:8.2f} {r['rps'] / base:9.2f} {r['p50']:7.3f} "
-                f"{r['p95']:7.3f}"
+                f"  peak RSS at --max-concurrent {mode}: {peaks[mode] / 2**20:.0f} MiB, "
+                f"{used / 2**20:.0f} MiB above the process before the model; estimate "
+                f"{estimate / 2**20:.0f} MiB ({sequences} × {longest + args.max_tokens} "
+                f"tokens): {used / estimate:.2f}× the estimate"
             )
-        tps = stream_tokens_per_s(url, engine.model_id, args.stream_tokens)
-        print(f"single stream: {tps:.1f} tokens/s")
-    finally:
-        server.should_exit = True
+
+
+def _import_libraries(backend: str) -> None:
+    """What loading a model imports, so the RSS before the model holds the libraries."""
+    if backend == "mlx":
+        import mlx_lm.generate  # noqa: F401
+    else:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, help="model folder (default: build the tiny model)")
-    parser.add_argument("--gguf", type=Path, help="also benchmark this GGUF through llama.cpp")
-    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--shape", choices=["tiny", *generate.train_torch.SHAPES], default="tiny")
+    parser.add_argument("--backend", choices=["torch", "mlx"], default="torch")
+    parser.add_argument("--gguf", type=Path, help="also this GGUF through llama.cpp")
+    parser.add_argument("--clients", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--max-concurrent", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--rounds", type=int, default=2, help="requests per client")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--stream-tokens", type=int, default=128)
+    parser.add_argument("--ttft-runs", type=int, default=5)
+    parser.add_argument("--fp32", action="store_true", help="MLX in float32 (as torch on a CPU)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     from qwen_mlx.inference import GGUFEngine, open_engine
 
-    print(f"machine: {platform.machine()}, {platform.processor() or 'cpu'}")
+    load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(
+        f"machine: {platform.machine()}, {generate._cores()} cores, load average {load_avg}; {args}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from qwen_mlx.tiny import build_tiny_model
+        model = generate.make_model(Path(tmp), args.shape)
+        _import_libraries(args.backend)
+        before_model = _rss()
+        engine = open_engine(None, model=model, backend=args.backend)
+        if args.backend == "mlx" and args.fp32:
+            import mlx.core as mx
 
-            model = build_tiny_model(Path(tmp) / "tiny")
-        bench("torch backend", open_engine(None, model=model, backend="torch"), args)
+            engine.model.set_dtype(mx.float32)
+        bench(f"{args.shape} shape, {engine.description}", engine, args, before_model)
         if args.gguf:
-            bench("GGUF (llama.cpp)", GGUFEngine(args.gguf), args)
+            bench("GGUF (llama.cpp)", GGUFEngine(args.gguf), args, _rss())
+    load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"load average at the end: {load_avg}")
 
 
 if __name__ == "__main__":

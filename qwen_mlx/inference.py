@@ -494,19 +494,30 @@ def fitting_batch_size(engine: Engine, tokens: int, limit: int = DEFAULT_BATCH_S
     """How many sequences of ``tokens`` tokens to generate together: ``limit``, fewer where
     the memory estimate says a batch would not fit beside the weights in 80% of this
     machine's memory (each sequence needs its KV cache and its prompt's activations)."""
-    from qwen_mlx.memory import parameter_count, system_memory
+    from qwen_mlx.memory import system_memory
 
     config, memory = getattr(engine, "config", None), system_memory()
     if not config or not memory:
         return limit
     size = getattr(engine, "value_bytes", 2)
+    weights = generation_memory(config, 0, tokens, size)
+    per_sequence = generation_memory(config, 1, tokens, size) - weights
+    spare = 0.8 * memory - weights
+    return max(1, min(limit, int(spare // per_sequence)))
+
+
+def generation_memory(config: dict, sequences: int, tokens: int, value_bytes: int) -> int:
+    """The memory estimate of generating ``sequences`` sequences of ``tokens`` tokens (prompt
+    and reply) together: the weights, and each sequence's KV cache and its prompt's
+    activations, at ``value_bytes`` a value."""
+    from qwen_mlx.memory import parameter_count
+
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     kv = 2 * config["num_hidden_layers"] * config.get("num_key_value_heads", heads) * head_dim
     activations = 4 * config["hidden_size"] + 3 * config["intermediate_size"]
-    per_sequence = tokens * (kv + activations) * size
-    spare = 0.8 * memory - parameter_count(config) * size
-    return max(1, min(limit, int(spare // per_sequence)))
+    per_sequence = tokens * (kv + activations) * value_bytes
+    return parameter_count(config) * value_bytes + sequences * per_sequence
 
 
 def ask(engine: Engine, messages: Messages, settings: GenerationSettings) -> Iterator[Chunk]:
