@@ -13,7 +13,10 @@ positions, and under that mask no token attends across a sample, so this is exac
 
 Loss: only target tokens (``loss_mask[t] == 1``, predicted from position ``t - 1``) go
 through the LM head, in chunks recomputed in the backward pass, so the fp32 logits of a
-whole row (rows × 151,936 for Qwen) never exist at once.
+whole row (rows × 151,936 for Qwen) never exist at once. Preference objectives (DPO, ORPO)
+take each sample's summed answer log-prob instead (:func:`sample_logps`): the same chunks,
+their per-token log-probs summed per sample through a one-hot (targets × samples) matrix, both
+sizes bucketed so that few graphs are compiled.
 """
 
 from __future__ import annotations
@@ -244,6 +247,46 @@ def target_loss(
 
         total = total + (mx.checkpoint(chunk) if several else chunk)(h[part])
     return total
+
+
+def sample_logps(
+    model: nn.Module,
+    input_ids: mx.array,
+    segment_ids: mx.array,
+    positions: mx.array,
+    labels: mx.array,
+    onehot: mx.array,
+    recompute: int = 0,
+) -> mx.array:
+    """Each sample's summed log-prob of its targets: ``onehot[t, s]`` is 1 where target ``t``
+    belongs to sample ``s`` (0 for the padding targets and samples)."""
+    h = hidden_states(model, input_ids, block_causal_mask(segment_ids), recompute)
+    h = h.reshape(-1, h.shape[-1])[positions]
+    head = lm_head(model)
+    several = positions.shape[0] > LOSS_CHUNK
+    total = mx.zeros((onehot.shape[1],), dtype=mx.float32)
+    for start in range(0, positions.shape[0], LOSS_CHUNK):
+        part = slice(start, start + LOSS_CHUNK)
+        lab, owner = labels[part], onehot[part]
+
+        def chunk(x: mx.array, lab=lab, owner=owner) -> mx.array:
+            logps = -nn.losses.cross_entropy(head(x).astype(mx.float32), lab, reduction="none")
+            return logps @ owner
+
+        total = total + (mx.checkpoint(chunk) if several else chunk)(h[part])
+    return total
+
+
+def pair_device_batch(batch: dict[str, np.ndarray], layout) -> tuple[mx.array, ...]:
+    """The arrays :func:`sample_logps` takes, then the layout's per-sample token counts,
+    reference log-probs and per-pair weights (a :class:`qwen_mlx.objectives.PairLayout`)."""
+    batch = pad_batch(batch)
+    positions, labels, _ = targets(batch["input_ids"], batch["loss_mask"])
+    onehot = np.zeros((len(positions), len(layout.tokens)), dtype=np.float32)
+    found = len(layout.sample_of_target)
+    onehot[np.arange(found), layout.sample_of_target] = 1.0
+    arrays = (batch["input_ids"], batch["segment_ids"], positions, labels, onehot)
+    return tuple(mx.array(a) for a in (*arrays, layout.tokens, layout.ref, layout.weight))
 
 
 def _bucket(n: int, cap: int) -> int:

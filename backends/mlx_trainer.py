@@ -1,9 +1,10 @@
 """The MLX backend: LoRA / QLoRA on Apple Silicon (Metal), and on CPU with ``mlx[cpu]``.
 
 :func:`qwen_mlx.training_run.train` runs the shared loop (:mod:`qwen_mlx.loop`); this module
-plans a run here and supplies the loop's hooks (a compiled forward/backward, AdamW update,
-checkpoint files). Model code lives in ``mlx_model``, inference in ``mlx_engine``. Importing
-this module does not import mlx; that happens when a backend method runs.
+plans a run here and supplies the loop's hooks (a compiled forward/backward of the run's
+objective — :mod:`qwen_mlx.objectives` — AdamW update, checkpoint files). Model code lives
+in ``mlx_model``, inference in ``mlx_engine``. Importing this module does not import mlx;
+that happens when a backend method runs.
 
 Dropout randomness is a pure function of (seed, micro-step number): each micro-step
 reseeds MLX's generator from that pair, so a checkpoint only needs the counter to make a
@@ -27,6 +28,26 @@ from qwen_mlx.fsutil import atomic_dir
 from qwen_mlx.memory import GiB
 
 OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.json"
+PAD_PAIRS_TO = 8  # pairs per batch are rounded up to a multiple: few shapes to compile
+
+
+def mlx_ops():
+    """The array functions :mod:`qwen_mlx.objectives` needs, from MLX."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from qwen_mlx.objectives import Ops
+
+    return Ops(
+        log_sigmoid=nn.log_sigmoid,
+        log1p=mx.log1p,
+        exp=mx.exp,
+        expm1=mx.expm1,
+        log=mx.log,
+        where=mx.where,
+        detach=mx.stop_gradient,
+        to_float=lambda x: x.astype(mx.float32),
+    )
 
 
 def dropout_seed(seed: int, draw: int) -> int:
@@ -44,7 +65,10 @@ class MLXHooks:
         import mlx.core as mx
         import mlx.optimizers as optim
 
+        from qwen_mlx import objectives
+
         self.mx, self.model, self.cfg = mx, model, cfg
+        self.objective = objectives.build(cfg.training)
         self.optimizer = optim.AdamW(
             learning_rate=cfg.training.learning_rate, weight_decay=0.0, bias_correction=True
         )  # bias correction: the same update as torch.optim.AdamW
@@ -92,6 +116,54 @@ class MLXHooks:
             return norm
 
         self._train_step, self._eval_step, self._update = train_step, eval_step, update
+        if self.objective.pairs:
+            self._compile_pairs(recompute, traced)
+
+    def _compile_pairs(self, recompute: int, traced: list) -> None:
+        """The steps of a preference objective: its loss (and sums) of per-sample log-probs."""
+        import mlx.nn as nn
+
+        from qwen_mlx.backends.mlx_model import sample_logps
+        from qwen_mlx.objectives import pair_inputs
+
+        mx, model, objective, ops = self.mx, self.model, self.objective, mlx_ops()
+
+        def pair_loss(model, *arrays, recompute=0):
+            *arrays, tokens, ref, weight, scale_tokens, scale_pairs = arrays
+            logps = sample_logps(model, *arrays, recompute=recompute)
+            x = pair_inputs(logps, tokens, ref, weight)
+            scaled, sums = objective.loss(ops, x, {"tokens": scale_tokens, "pairs": scale_pairs})
+            return scaled, tuple(sums[k] for k in objective.sums)
+
+        grad_fn = nn.value_and_grad(model, partial(pair_loss, recompute=recompute))
+
+        @partial(mx.compile, inputs=traced, outputs=traced)
+        def train_step(*arrays):
+            (_, sums), grads = grad_fn(model, *arrays)
+            return sums, grads
+
+        @partial(mx.compile, inputs=[model.state])
+        def eval_step(*arrays):
+            return pair_loss(model, *arrays)[1]
+
+        @partial(mx.compile, inputs=[model.state])
+        def logps_step(*arrays):
+            return sample_logps(model, *arrays)
+
+        self._pair_train_step, self._pair_eval_step, self._logps_step = (
+            train_step,
+            eval_step,
+            logps_step,
+        )
+
+    def _pair_arrays(self, batch, scales: dict[str, float]) -> tuple:
+        from qwen_mlx.backends.mlx_model import pair_device_batch
+        from qwen_mlx.objectives import pair_layout
+
+        mx = self.mx
+        arrays = pair_device_batch(batch, pair_layout(batch, PAD_PAIRS_TO))
+        scale = [mx.array(scales.get(k, 1.0), mx.float32) for k in ("tokens", "pairs")]
+        return (*arrays, *scale)
 
     def micro_step(self, batch, scales: dict[str, float], sync: bool) -> dict[str, float]:
         from mlx.utils import tree_map
@@ -102,11 +174,15 @@ class MLXHooks:
         self.model.train()  # traced graphs keep the mode they were traced in
         mx.random.seed(dropout_seed(self.cfg.training.seed, self.draws))
         self.draws += 1
-        scale = mx.array(scales["tokens"], mx.float32)
-        loss, grads = self._train_step(*device_batch(batch), scale)
+        if self.objective.pairs:
+            sums, grads = self._pair_train_step(*self._pair_arrays(batch, scales))
+        else:
+            scale = mx.array(scales["tokens"], mx.float32)
+            loss, grads = self._train_step(*device_batch(batch), scale)
+            sums = (loss,)
         self.grads = grads if self.grads is None else tree_map(mx.add, self.grads, grads)
-        mx.eval(loss, self.grads)
-        return {"loss": loss.item()}
+        mx.eval(sums, self.grads)
+        return {k: v.item() for k, v in zip(self.objective.sums, sums, strict=True)}
 
     def optimizer_step(self, lr: float) -> float:
         mx = self.mx
@@ -121,14 +197,27 @@ class MLXHooks:
 
     def eval_sums(self, batches) -> dict[str, float]:
         from qwen_mlx.backends.mlx_model import device_batch
+        from qwen_mlx.objectives import add_sums
 
         self.model.eval()
-        total = 0.0
+        total: dict[str, float] = {}
         for batch in batches:
-            total += self._eval_step(*device_batch(batch)).item()
+            if self.objective.pairs:
+                sums = self._pair_eval_step(*self._pair_arrays(batch, {}))
+            else:
+                sums = (self._eval_step(*device_batch(batch)),)
+            add_sums(total, {k: v.item() for k, v in zip(self.objective.sums, sums, strict=True)})
         self.model.train()
         self.mx.clear_cache()
-        return {"loss": total}
+        return total
+
+    def reference_logps(self, batch) -> np.ndarray:
+        self.model.eval()
+        arrays = self._pair_arrays(batch, {})[:5]  # the model's inputs, not the objective's
+        logps = self._logps_step(*arrays)
+        count = int(batch["segment_ids"].max(axis=1).sum())
+        self.model.train()
+        return np.array(logps.astype(self.mx.float32))[:count]
 
     def snapshot_rng(self) -> None:
         self.snapshot = self.draws
@@ -271,13 +360,15 @@ class MLXBackend:
 
     def trainer(self, cfg: Config, plan: DevicePlan) -> MLXHooks:
         """The base (quantized per the config), LoRA on the targets, AdamW: the loop's hooks."""
-        from qwen_mlx.backends.mlx_model import add_lora, load_base
+        from qwen_mlx.backends.mlx_model import add_lora, load_base, load_peft_weights
 
         previous = _limit_memory(plan)
         model, _ = load_base(cfg.model.path, cfg.model.quantization)
         lora = cfg.lora
         targets = list(lora.target_modules)
         add_lora(model, targets, lora.rank, lora.alpha, lora.dropout, cfg.training.seed)
+        if cfg.training.from_adapter:
+            load_peft_weights(model, Path(cfg.training.from_adapter))
         hooks = MLXHooks(model, cfg)
         hooks.cache_limit = previous
         return hooks
