@@ -30,6 +30,7 @@ from qwen_mlx.review.grades import Grading
 
 DOCS_SHOT = REPO_ROOT / "docs" / "grade-page.png"
 QUESTIONS = 4
+SYSTEM = "你是报销助手。"
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def evaluated(tiny_model_dir, tmp_path_factory):
     from qwen_mlx.eval.judge import JudgeSettings
 
     root = tmp_path_factory.mktemp("graded")
-    run = make_run(root / "run", tiny_model_dir, make_peft_adapter(tiny_model_dir, root / "a"))
+    adapter = make_peft_adapter(tiny_model_dir, root / "a")
+    run = make_run(root / "run", tiny_model_dir, adapter, f"data.system_prompt={SYSTEM}")
     lines = BUNDLED_TEST.read_text(encoding="utf-8").splitlines()[:QUESTIONS]
     test = root / "test.jsonl"
     test.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -142,17 +144,23 @@ def test_grades_in_the_page_become_sft_records_and_pairs(run, tmp_path):
     assert "2 corrected answers, 3 preference pairs" in result.output
     q1, q2 = rows_before[0]["question"], rows_before[1]["question"]
     sft = rows(out / "from_grades.jsonl")
+    system = {"role": "system", "content": SYSTEM}  # the conversation the model was asked
     assert [r["messages"] for r in sft] == [
         [
+            system,
             {"role": "user", "content": q1},
             {"role": "assistant", "content": "正确答案一：每晚600元。"},
         ],
-        [{"role": "user", "content": q2}, {"role": "assistant", "content": "正确答案二：80元。"}],
+        [
+            system,
+            {"role": "user", "content": q2},
+            {"role": "assistant", "content": "正确答案二：80元。"},
+        ],
     ]
     assert len(rows(out / "train.jsonl")) == 2  # and through prepare like any input
     pairs = rows(out / "pairs.jsonl")
     assert [
-        (p["prompt"][0]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
+        (p["prompt"][-1]["content"], p["chosen"][0]["content"], p["rejected"][0]["content"])
         for p in pairs
     ] == [
         (q1, "正确答案一：每晚600元。", rows_before[0]["tuned"]),
@@ -160,6 +168,7 @@ def test_grades_in_the_page_become_sft_records_and_pairs(run, tmp_path):
         (q2, "正确答案二：80元。", rows_before[1]["base"]),
     ]
     for pair in pairs:  # TRL's conversational preference format, as data_prefs knows it
+        assert pair["prompt"][0] == system
         assert set(pair) >= {"prompt", "chosen", "rejected"}
         assert pair["chosen"][0]["role"] == pair["rejected"][0]["role"] == "assistant"
         assert preference_kind(pair) == "pair"

@@ -184,7 +184,7 @@ def evaluate(
         )
     judge_teacher = open_judge(judge, out_dir) if judge else None  # fail before answering
     data = test_data(source, run_dir, data)
-    cases = load_cases(data, limit)
+    cases = load_cases(data, limit, source.system_prompt)  # as training asked (data.system_prompt)
     pairs = pairs or (data if _holds_pairs(data) and gguf is None else None)
     max_len = source.run_config.training.max_seq_length if source.run_config else 2048
     console.print(f"evaluating on {len(cases)} questions", highlight=False)
@@ -251,6 +251,9 @@ def _write(
     rows = []
     for i, case in enumerate(cases):
         row = {"question": case.prompt[-1]["content"], "reference": case.reference}
+        # the whole conversation asked (system turn, earlier turns), so a grader's correction
+        # becomes a training record of the same conversation (review's --from-grades)
+        row["prompt"] = case.prompt
         for result in results:
             answer = result.answers[i]
             row[result.label] = answer
