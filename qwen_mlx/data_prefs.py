@@ -255,3 +255,45 @@ def load_pairs(
             pairs.append((pair, source))
     report.kept = len(pairs)
     return pairs, report
+
+
+def is_pair_file(path: str | Path) -> bool:
+    """Whether the first record of ``path`` is a preference pair (``data stats`` then
+    describes pairs)."""
+    from qwen_mlx.data import read_raw
+
+    first = next(iter(read_raw(path)), None)
+    return first is not None and preference_kind(first[1]) == "pair"
+
+
+def pair_stats(path: str | Path, model_dir: str | Path | None, max_seq_length: int) -> dict:
+    """``data stats`` of a pair file: pairs kept and dropped, formats and, with a tokenizer,
+    each side's token lengths, what max_seq_length cuts or drops, and the packed rows."""
+    from qwen_mlx.dataprep import _percentiles
+
+    pairs, report = load_pairs([path], "dpo")
+    result: dict[str, Any] = {
+        "file": str(path),
+        "pairs": report.kept,
+        "bad_records": len(report.problems),
+        "problems": report.problems,
+        "duplicates_removed": report.duplicates,
+        "identical_dropped": report.identical,
+        "formats": dict(report.formats),
+    }
+    if model_dir is None:
+        return result
+    from qwen_mlx.tokens import encode_pairs, load_tokenizer, pack_pairs
+
+    tokenizer = load_tokenizer(model_dir)
+    samples, enc = encode_pairs(tokenizer, [p for p, _ in pairs], max_seq_length)
+    result["chosen_tokens"] = _percentiles([c for c, _ in enc.lengths])
+    result["rejected_tokens"] = _percentiles([r for _, r in enc.lengths])
+    result["max_seq_length"] = max_seq_length
+    result["truncated"] = enc.truncated
+    result["prompt_too_long_dropped"] = enc.prompt_too_long
+    result["identical_after_truncation_dropped"] = enc.identical
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    rows = pack_pairs(samples, 2 * max_seq_length, pad, packing=True)
+    result["packed_rows"] = len(rows)
+    return result

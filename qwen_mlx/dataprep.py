@@ -167,6 +167,10 @@ def stats(
     from_preferences: bool = False,
 ) -> dict[str, Any]:
     """Describe a dataset file; token statistics need ``model_dir`` (its tokenizer)."""
+    from qwen_mlx.data_prefs import is_pair_file, pair_stats
+
+    if not from_preferences and is_pair_file(path):  # DPO/ORPO data: pairs and their lengths
+        return pair_stats(path, model_dir, max_seq_length)
     records, report = _load_usable([path], from_preferences=from_preferences)
     data = [r.data for r in records]
     result: dict[str, Any] = {

@@ -176,6 +176,7 @@ class Fit:
 
 def estimate_run(cfg: Config, plan: DevicePlan) -> Estimate:
     """The peak-memory estimate of training ``cfg`` as ``plan`` runs it."""
+    from qwen_mlx.config import row_length
     from qwen_mlx.model_files import read_model_config
 
     t = cfg.training
@@ -184,7 +185,10 @@ def estimate_run(cfg: Config, plan: DevicePlan) -> Estimate:
         quantization=plan.quantization,
         rank=cfg.lora.rank,
         targets=list(cfg.lora.target_modules),
-        max_seq_length=t.max_seq_length,
+        # Preference rows hold whole pairs (2 × max_seq_length); a DPO/ORPO step of a row
+        # costs what an SFT step of it does (bench/preference.py), the reference pass having
+        # run before training without gradients.
+        max_seq_length=row_length(t),
         batch_size=t.batch_size,
         fp32=plan.fp32,
     )

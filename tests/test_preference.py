@@ -155,6 +155,26 @@ def test_identical_and_too_long_pairs_are_dropped_and_counted(tiny_tokenizer, tm
     assert any("prompt leaves no answer token" in w for w in encoded.warnings(256))
 
 
+def test_data_stats_counts_pairs_and_their_lengths(tiny_model_dir, pair_files, tmp_path):
+    from qwen_mlx.dataprep import stats
+
+    path = _write(
+        tmp_path / "p.jsonl",
+        [
+            *(json.loads(x) for x in pair_files["held"].read_text(encoding="utf-8").splitlines()),
+            {"instruction": "Q", "chosen": "same", "rejected": "same"},
+        ],
+    )
+    result = stats(path, tiny_model_dir, 256)
+    assert (result["pairs"], result["identical_dropped"], result["formats"]) == (
+        8,
+        1,
+        {"alpaca": 8},
+    )
+    assert 0 < result["chosen_tokens"]["min"] <= result["chosen_tokens"]["max"] <= 256
+    assert result["packed_rows"] >= 1 and result["prompt_too_long_dropped"] == 0
+
+
 def test_each_objective_refuses_the_other_kind_of_data(tiny_model_dir, pair_files, tmp_path):
     from qwen_mlx.run_data import build_run_data
     from qwen_mlx.tokens import load_tokenizer
