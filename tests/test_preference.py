@@ -398,3 +398,15 @@ def test_dpo_trains_on_a_four_bit_base(backend, tiny_model_dir, pair_files, tmp_
     train = [m for m in metrics(tmp_path / "q") if m["type"] == "train"]
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
     assert train[-1]["loss"] < 0.5 * train[0]["loss"] and train[-1]["accuracy"] > 0.5
+
+
+def test_the_memory_estimate_counts_a_preference_row_as_two_sides(tiny_model_dir, pair_files):
+    """A DPO row holds whole pairs (2 × max_seq_length tokens) and costs what an SFT row of
+    that length costs (bench/preference.py measures it: BENCHMARKS.md)."""
+    from qwen_mlx import memory
+    from qwen_mlx.backends.base import DevicePlan
+
+    plan = DevicePlan("cpu", "none", fp32=True, device_memory=None)
+    dpo = _config(tiny_model_dir, pair_files["train"], "x", "training.objective=dpo")
+    sft = _config(tiny_model_dir, pair_files["sft"], "x", "training.max_seq_length=512")
+    assert memory.estimate_run(dpo, plan).parts == memory.estimate_run(sft, plan).parts
