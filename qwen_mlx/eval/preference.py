@@ -9,10 +9,9 @@ strictly above the rejected one's (a tie is not: TRL's ``rewards/accuracies``); 
 is the mean difference of the two. A model that learnt nothing from the pairs scores 0
 accuracy and margin 0 (its reward is 0 everywhere), not 50%.
 
-Pairs are read in every pair format qwen-mlx recognises (:mod:`qwen_mlx.data_prefs`: chosen /
-rejected on alpaca, sharegpt, messages, TRL's prompt/chosen/rejected, as ``data pairs``
-writes them): each side becomes the conversation it stands for, and the turns after the
-prompt the two share are the scored answer (earlier assistant turns are context only).
+Pairs are read and tokenized exactly as DPO training reads them (:func:`qwen_mlx.data_prefs.read_pair`,
+:func:`qwen_mlx.tokens.encode_pair`: every pair format qwen-mlx recognises, as ``data pairs``
+writes them too; the answers are the scored tokens, earlier assistant turns context only).
 """
 
 from __future__ import annotations
@@ -28,15 +27,6 @@ from qwen_mlx.errors import UserError
 # DPO's β when the run's config names none (TRL's default): it scales the reported rewards,
 # never the accuracy.
 DEFAULT_BETA = 0.1
-
-
-@dataclass
-class PairSamples:
-    """A pair as two tokenized samples whose targets are the answers only."""
-
-    chosen: Any  # qwen_mlx.conversation.Sample
-    rejected: Any
-    source: str
 
 
 @dataclass
@@ -69,82 +59,48 @@ class Preference:
 # ---------------------------------------------------------------- reading pairs
 
 
-# The keys of a pair's two answers, in each format (OpenAI's preference format last).
-SIDES = (
-    ("chosen", "rejected"),
-    ("chosen_messages", "rejected_messages"),
-    ("preferred_output", "non_preferred_output"),
-)
-
-
-def _sides(obj: dict) -> tuple[dict, dict]:
-    """The chosen and the rejected record a pair stands for (as SFT records of its format:
-    :func:`qwen_mlx.data_prefs.sft_record` reads the chosen side; the rejected side is the
-    same pair with its two answers swapped)."""
-    from qwen_mlx.data_prefs import sft_record
-
-    swapped = dict(obj)
-    for good, bad in SIDES:
-        for key, value in ((good, obj.get(bad)), (bad, obj.get(good))):
-            if value is None:
-                swapped.pop(key, None)
-            else:
-                swapped[key] = value
-    return sft_record(obj, "pair"), sft_record(swapped, "pair")
-
-
-def _scored(messages: list[dict], start: int) -> list[dict]:
-    """``messages`` with every assistant turn before ``start`` as context only."""
-    return [
-        {**m, "weight": 0} if i < start and m["role"] == "assistant" else m
-        for i, m in enumerate(messages)
-    ]
-
-
-def read_pairs(path: Path, system_prompt: str | None = None) -> list[tuple[list, list, str]]:
-    """``(chosen messages, rejected messages, file:line)`` of every pair of ``path``, the
-    turns before the answers marked context only; anything else is one error line."""
+def read_pairs(path: Path, system_prompt: str | None = None) -> list[tuple[Any, str]]:
+    """``(Pair, file:line)`` of every pair of ``path``, read as training reads pairs
+    (:func:`qwen_mlx.data_prefs.read_pair`); anything else is one error line."""
     from qwen_mlx.data import read_raw
-    from qwen_mlx.data_formats import normalize
-    from qwen_mlx.data_prefs import preference_kind
+    from qwen_mlx.data_prefs import preference_kind, read_pair
     from qwen_mlx.data_tools import RecordError
 
     pairs = []
     for line, obj in read_raw(path):
         where = f"{path}:{line}"
+        if isinstance(obj, RecordError):
+            raise UserError(f"{where}: {obj}")
         if preference_kind(obj) != "pair":
             raise UserError(
                 f"{where}: not a preference pair (chosen/rejected): --pairs takes held-out "
                 "pairs, e.g. from `qwen-mlx data pairs`"
             )
         try:
-            chosen, rejected = (normalize(side, system_prompt)[0] for side in _sides(obj))
+            pair = read_pair(obj, system_prompt)
         except RecordError as err:
             raise UserError(f"{where}: {err}") from None
-        a, b = chosen.get("messages"), rejected.get("messages")
-        if not a or not b:
-            raise UserError(f"{where}: a pair needs a conversation on both sides")
-        start = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
-        if start is None or start >= min(len(a), len(b)):
+        if pair.identical:
             raise UserError(f"{where}: chosen and rejected are the same; nothing to prefer")
-        pairs.append((_scored(a, start), _scored(b, start), where))
+        pairs.append((pair, where))
     if not pairs:
         raise UserError(f"{path}: no preference pairs")
     return pairs
 
 
 def encode_pairs(tokenizer: Any, pairs: list, max_seq_length: int) -> tuple[list, int]:
-    """The pairs as :class:`PairSamples`; a pair longer than ``max_seq_length`` on either
-    side is left out (counted): cut, its answers would not be compared whole."""
-    from qwen_mlx.conversation import encode_chat
+    """The pairs as :class:`qwen_mlx.tokens.PairSamples` (training's encoding: the answers
+    are the targets); a pair longer than ``max_seq_length`` on either side is left out
+    (counted): cut, its answers would not be compared whole."""
+    from qwen_mlx.tokens import encode_pair
 
     out, skipped = [], 0
-    for chosen, rejected, where in pairs:
-        a, b = encode_chat(tokenizer, chosen), encode_chat(tokenizer, rejected)
-        if max(len(a), len(b)) > max_seq_length:
+    for pair, _ in pairs:
+        samples = encode_pair(tokenizer, pair)
+        if max(len(samples.chosen), len(samples.rejected)) > max_seq_length:
             skipped += 1
             continue
-        out.append(PairSamples(a, b, where))
+        out.append(samples)
     return out, skipped
 
 
@@ -157,7 +113,7 @@ def log_prob(engine, sample) -> float:
     return -loss
 
 
-def measure(engine, samples: list[PairSamples], beta: float, skipped: int = 0) -> Preference:
+def measure(engine, samples: list, beta: float, skipped: int = 0) -> Preference:
     """Preference accuracy and margins of ``engine`` (tuned; its adapter off: the
     reference) on tokenized pairs."""
     chosen, rejected = [], []
