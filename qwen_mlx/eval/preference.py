@@ -9,9 +9,10 @@ strictly above the rejected one's (a tie is not: TRL's ``rewards/accuracies``); 
 is the mean difference of the two. A model that learnt nothing from the pairs scores 0
 accuracy and margin 0 (its reward is 0 everywhere), not 50%.
 
-Pairs are read and tokenized exactly as DPO training reads them (:func:`qwen_mlx.data_prefs.read_pair`,
-:func:`qwen_mlx.tokens.encode_pair`: every pair format qwen-mlx recognises, as ``data pairs``
-writes them too; the answers are the scored tokens, earlier assistant turns context only).
+Pairs are read and tokenized exactly as DPO training reads them
+(:func:`qwen_mlx.data_prefs.read_pair`, :func:`qwen_mlx.tokens.encode_pair`: every pair format
+qwen-mlx recognises, ``data pairs``' output too; the answers are the scored tokens, earlier
+assistant turns context only).
 """
 
 from __future__ import annotations
