@@ -294,6 +294,14 @@ class TorchBackend:
         kernels = (
             "Liger Kernel (fused RMSNorm, SwiGLU, RoPE, linear + CE)" if liger else "PyTorch's"
         )
+        if liger and cfg.training.objective != "sft":
+            # Liger's fused linear + cross-entropy returns one total; DPO/ORPO need each
+            # answer's own log-prob, so their loss takes the chunked path (the rest stays fused).
+            kernels = "Liger Kernel (fused RMSNorm, SwiGLU, RoPE; chunked loss)"
+            kernel_note = (
+                f"training.kernels: liger: {cfg.training.objective} needs each answer's "
+                "log-prob, which Liger's fused loss does not give; the loss is computed in chunks"
+            )
         facts = [("torch kernels", f"attention {attention}, kernels: {kernels}")]
         if quantization != "none":
             where = (

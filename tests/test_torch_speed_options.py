@@ -169,3 +169,17 @@ def test_training_checkpoints_layers_by_itself_when_memory_is_short(
     layers = model.get_base_model().model.layers
     assert len(layers) > 0 and all(layer.gradient_checkpointing for layer in layers)
     assert f"recomputing {len(layers)} of {len(layers)} layers" in out.getvalue()
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_liger_with_a_preference_objective_says_its_loss_is_chunked(monkeypatch, objective):
+    import qwen_mlx.backends.torch_model as tm
+    from qwen_mlx.backends.torch_trainer import TorchBackend
+
+    monkeypatch.setattr(tm, "kernel_plan", lambda kernels, device: (True, None))
+    sets = ["model.quantization=none", "training.kernels=liger"]
+    sft = TorchBackend().plan(load_config(None, None, sets))
+    assert not any("liger" in note for note in sft.notes)
+    plan = TorchBackend().plan(load_config(None, None, [*sets, f"training.objective={objective}"]))
+    assert any(f"{objective} needs each answer's log-prob" in note for note in plan.notes)
+    assert "chunked loss" in dict(plan.facts)["torch kernels"]
