@@ -4,9 +4,10 @@ One process, one loaded model, two servers in turn: ``--max-concurrent 1`` (the 
 server had before it batched: requests take turns) and ``--max-concurrent N`` (decoded
 together). For each, C concurrent clients (official openai client, 127.0.0.1) each send
 ``--rounds`` greedy requests (eval questions of different lengths, ``--max-tokens`` new tokens):
-requests/s and p50/p95 latency; then a single client's time to first token (streamed, median
-of ``--ttft-runs``); peak RSS while each server answers, against the memory estimate
-(:func:`qwen_mlx.inference.generation_memory` plus what the process held before the model).
+requests/s and p50/p95 latency; then a single client's time to first token (a streamed
+one-token reply, median of ``--ttft-runs``); peak RSS while each server answers, against the
+memory estimate (:func:`qwen_mlx.inference.generation_memory`), counted above what the
+process held before the model loaded.
 
     python bench/serve.py                                        # tiny model, torch
     python bench/serve.py --shape 0.5b --max-tokens 16 --rounds 1 --threads 2
@@ -111,20 +112,20 @@ def load(url: str, model: str, asked: list, clients: int, max_tokens: int) -> di
     }
 
 
-def first_token_s(url: str, model: str, messages: list, max_tokens: int, runs: int) -> float:
-    """Median seconds from sending a streamed request to its first text."""
+def first_token_s(url: str, model: str, messages: list, runs: int) -> float:
+    """Median seconds a single client waits for a one-token streamed reply: reading the
+    prompt and deciding the first token, with HTTP (a random model's first tokens may be no
+    text at all, so the reply's end marks the token)."""
     client = _client(url)
     times = []
     for _ in range(runs):
         start = time.perf_counter()
         stream = client.chat.completions.create(
-            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+            model=model, messages=messages, max_tokens=1, temperature=0, stream=True
         )
-        for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.content:
-                times.append(time.perf_counter() - start)
-                break
-        stream.close()
+        for _chunk in stream:
+            pass
+        times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
@@ -153,7 +154,7 @@ def bench(name: str, engine, args, before_model: int) -> None:
                     f"{r['p95']:7.2f}",
                     flush=True,
                 )
-            ttft = first_token_s(url, engine.model_id, prompt, args.max_tokens, args.ttft_runs)
+            ttft = first_token_s(url, engine.model_id, prompt, args.ttft_runs)
             rows["ttft", mode] = ttft
         peaks[mode] = rss.peak
         print(f"  --max-concurrent {mode}: single-client time to first token {ttft:.3f} s")
