@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
@@ -135,6 +136,49 @@ def test_malformed_json_is_a_4xx(live):
 def test_models_and_health(client, live):
     assert [m.id for m in client.models.list()] == ["tiny-qwen2"]
     assert http("GET", f"{live}/health").json()["status"] == "ok"
+
+
+def test_a_model_is_fetched_by_its_id_and_says_when_it_was_created(client, live):
+    listed = client.models.list().data[0]
+    fetched = client.models.retrieve(MODEL)
+    assert fetched.id == MODEL and fetched.created == listed.created
+    assert abs(fetched.created - time.time()) < 24 * 3600  # a Unix time, in seconds
+    missing = http("GET", f"{live}/v1/models/gpt-4o")
+    assert missing.status_code == 404 and "tiny-qwen2" in missing.json()["error"]["message"]
+
+
+def test_max_tokens_is_bounded_by_the_context_not_a_fixed_limit(client, engine):
+    # Qwen3's cards ask for up to 32768; the tiny model's context is 32768 tokens.
+    stream = client.chat.completions.create(
+        model=MODEL, messages=ASK, max_tokens=16384, temperature=0, stream=True
+    )
+    with stream:
+        assert next(iter(stream))  # accepted: the reply has begun
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(
+            model=MODEL, messages=ASK, max_tokens=engine.context_length, temperature=0
+        )
+    error = refused.value.body
+    assert error["param"] == "max_tokens" and str(engine.context_length) in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("message", "said"),
+    [
+        (
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            "text only",
+        ),
+        ({"role": "assistant", "content": None}, "null"),
+    ],
+    ids=["image part", "assistant content null"],
+)
+def test_what_the_model_cannot_read_is_refused_with_a_clear_message(live, message, said):
+    body = {"messages": [{"role": "user", "content": "你好"}, message, *ASK]}
+    reply = http("POST", f"{live}/v1/chat/completions", json.dumps(body).encode())
+    assert reply.status_code == 400
+    error = reply.json()["error"]
+    assert error["param"] == "messages[1].content" and said in error["message"]
 
 
 def test_api_key_is_enforced(engine):

@@ -25,7 +25,6 @@ from starlette.exceptions import HTTPException
 
 from qwen_mlx.reasoning import split_reply
 
-MAX_TOKENS_LIMIT = 8192
 # Messages per request, as OpenAI allows: far beyond a real conversation, and few enough that
 # rendering and tokenizing them all takes a moment, not seconds of the one tokenizer.
 MAX_MESSAGES = 2048
@@ -51,11 +50,32 @@ class TextPart(BaseModel):
     text: str
 
 
+# Parts of a message that are not text: OpenAI's and other servers' names for them.
+MEDIA_PARTS = ("image_url", "input_image", "image", "input_audio", "audio", "video_url", "file")
+
+
 class Message(BaseModel):
     model_config = ConfigDict(strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, value, info: ValidationInfo):
+        # Said before pydantic tries each type of the union, whose errors name neither cause.
+        if value is None:
+            role = info.data.get("role")
+            detail = " (tool calls are not supported)" if role == "assistant" else ""
+            raise ValueError(f"content is missing (null): every {role} turn needs text{detail}")
+        if isinstance(value, list):
+            for i, part in enumerate(value):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in MEDIA_PARTS:
+                    raise ValueError(
+                        f"part {i} is {kind}: this model reads text only; send text parts"
+                    )
+        return value
 
     @field_validator("content")
     @classmethod
@@ -78,8 +98,9 @@ class ChatRequest(BaseModel):
 
     model: str | None = None
     messages: list[Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_LIMIT)
+    # Bounded by the model's context (the server checks it), as vLLM bounds it.
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=0.7, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None

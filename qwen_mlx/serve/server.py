@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,7 @@ class Server:
         self.cors_origins = list(cors_origins)
         self.max_body = max(MIN_BODY_LIMIT, BODY_BYTES_PER_TOKEN * engine.context_length)
         self.body_timeout = BODY_TIMEOUT_S  # seconds for a request's body to arrive
+        self.started = int(time.time())  # the `created` of its model objects
         self.scheduler = Scheduler(max_concurrent)  # the model: requests decoded together
         self._encoding = threading.Lock()  # one prompt encoding at a time per tokenizer
 
@@ -197,10 +199,18 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
     async def health():
         return {"status": "ok", "model": model_id}
 
+    def model_object(name: str) -> dict:
+        return {"id": name, "object": "model", "created": server.started, "owned_by": "local"}
+
     @app.get("/v1/models")
     async def models():
-        listed = [{"id": name, "object": "model", "owned_by": "local"} for name in server.engines]
-        return {"object": "list", "data": listed}
+        return {"object": "list", "data": [model_object(name) for name in server.engines]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str):
+        if name not in server.engines:
+            return _no_such_model(server, name)
+        return model_object(name)
 
     add_page_routes(app, server)
 
@@ -208,16 +218,18 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
     async def chat(req: ChatRequest, request: Request):
         engine = server.engines.get(req.model or model_id)
         if engine is None:
-            names = ", ".join(f"`{name}`" for name in server.engines)
-            return ErrorResponse(
-                404,
-                f"the model `{req.model}` does not exist; this server runs {names}",
-                "model",
-                code="model_not_found",
-            )
+            return _no_such_model(server, req.model)
         if server.closing:
             return ErrorResponse(503, "the server is shutting down", kind="server_error")
         settings = server.settings(req)
+        if settings.max_tokens >= engine.context_length:
+            return ErrorResponse(
+                400,
+                f"max_tokens={settings.max_tokens} does not fit in the model's context of "
+                f"{engine.context_length} tokens beside the prompt; lower it",
+                "max_tokens",
+                code="context_length_exceeded",
+            )
         messages = [{"role": m.role, "content": m.content} for m in req.messages]
         too_long = cannot_fit(messages, engine.context_length, settings.max_tokens)
         if too_long:  # refused by counting: a hostile request never holds the tokenizer
@@ -233,6 +245,16 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
         return await _answer(job, request, engine.model_id)
 
     return app
+
+
+def _no_such_model(server: Server, name: str | None) -> ErrorResponse:
+    names = ", ".join(f"`{known}`" for known in server.engines)
+    return ErrorResponse(
+        404,
+        f"the model `{name}` does not exist; this server runs {names}",
+        "model",
+        code="model_not_found",
+    )
 
 
 class Uvicorn(uvicorn.Server):
