@@ -247,3 +247,33 @@ def test_eval_pairs_with_a_gguf_is_refused_before_any_work(runs, tmp_path):
         cli, ["eval", str(moved), "--gguf", str(gguf), "--pairs", str(pairs)]
     )
     assert "--pairs needs the run's adapter" in one_error_line(result)
+
+
+def test_a_dpo_run_from_an_adapter_is_measured_against_that_adapter(runs, tmp_path):
+    """DPO's reference was the adapter it started from (training.from_adapter), so eval's
+    π_ref is that adapter too, not the base: a DPO run that did not move from its start
+    prefers nothing, where against the base it would show the start's own preferences."""
+    from qwen_mlx.eval.evaluate import evaluate
+
+    moved, _, rows = runs
+    pairs = _write(tmp_path / "pairs.jsonl", rows)
+    start = moved / "adapter"
+    model = load_config_of(moved).model.path
+    dpo = make_run(tmp_path / "dpo", Path(model), start, "training.objective=dpo",
+                   f"training.from_adapter={start}")  # fmt: skip
+    test = _write(tmp_path / "qa.jsonl", [{"instruction": QUESTIONS[0], "output": "凭发票报销。"}])
+    out = evaluate(dpo, test, backend="torch", max_tokens=4, general_prompts=0, pairs=pairs,
+                   console=QUIET)  # fmt: skip
+    preference = json.loads((out / "summary.json").read_text(encoding="utf-8"))["tuned"][
+        "preference"
+    ]
+    assert preference["reference"] == str(start)
+    assert preference["accuracy"] == 0.0 and abs(preference["margin"]) < 1e-5
+    against_base = _measure(moved, pairs)  # the same weights, measured against the base
+    assert against_base.reference == "base" and against_base.margin > 0
+
+
+def load_config_of(run: Path):
+    from qwen_mlx.config_file import load_config
+
+    return load_config(run / "config.yaml", None, [])

@@ -33,7 +33,13 @@ from qwen_mlx.eval.drift import HIGH_DRIFT, HIGH_DRIFT_FIX, Drift, general_drift
 from qwen_mlx.eval.judge import JudgeSettings, grade, open_judge, passages, stopped
 from qwen_mlx.eval.judge import summary as judge_summary
 from qwen_mlx.eval.pages import holds_table, summary_table, write_reports
-from qwen_mlx.eval.preference import Preference, preference_accuracy
+from qwen_mlx.eval.preference import (
+    Preference,
+    pair_samples,
+    preference_accuracy,
+    reference_adapter,
+    reference_log_probs,
+)
 from qwen_mlx.eval.text_metrics import bleu4, rouge_l, score_answers
 from qwen_mlx.fsutil import write_json, write_jsonl
 from qwen_mlx.inference import Engine, GGUFEngine, answer_all, open_engine
@@ -188,6 +194,7 @@ def evaluate(
     pairs = pairs or (data if _holds_pairs(data) and gguf is None else None)
     max_len = source.run_config.training.max_seq_length if source.run_config else 2048
     console.print(f"evaluating on {len(cases)} questions", highlight=False)
+    reference = _dpo_reference(pairs, max_len, source.run_config, backend, console)
     tuned_engine = GGUFEngine(gguf) if gguf else open_engine(run_or_adapter, backend=backend)
     tuned_engine.thinking = source.thinking  # a GGUF is prompted as the run was trained too
     results = [run_model(tuned_engine, "tuned", cases, max_tokens, max_len, batch_size)]
@@ -196,7 +203,9 @@ def evaluate(
     )
     _warn_drift(results[0].drift, console)
     if pairs is not None:
-        results[0].preference = preference_accuracy(tuned_engine, pairs, max_len, source.run_config)
+        results[0].preference = preference_accuracy(
+            tuned_engine, pairs, max_len, source.run_config, reference
+        )
     del tuned_engine
     gc.collect()
     if compare_base:
@@ -213,6 +222,28 @@ def evaluate(
     print_summary(summary, console)
     console.print(f"[green]✓[/] report: {out_dir / 'report.html'}", highlight=False)
     return out_dir
+
+
+def _dpo_reference(pairs: Path | None, max_len: int, run_config, backend: str, console: Console):
+    """π_ref's log-probs of the pairs when the run is DPO from an adapter (its reference in
+    training was that adapter, not the base), from an engine loaded and freed before the
+    tuned one, so two models are never in memory at once; None: the reference is the base."""
+    folder = reference_adapter(run_config) if pairs is not None else None
+    if folder is None:
+        return None
+    if not folder.is_dir():
+        console.print(
+            f"[yellow]⚠[/] {folder} (the adapter DPO started from, its reference) is gone; "
+            "preference accuracy is measured against the base instead",
+            highlight=False,
+        )
+        return None
+    engine = open_engine(folder, backend=backend)
+    samples, _ = pair_samples(engine.tokenizer, pairs, max_len, run_config)
+    logps = reference_log_probs(engine, samples)
+    del engine
+    gc.collect()
+    return logps
 
 
 def _judge(teacher, concurrency: int, data: Path, cases: list[Case], results) -> None:
@@ -298,5 +329,6 @@ def preference_line(label: str, preference: dict) -> str:
     return (
         f"preference accuracy ({label}): {preference['accuracy']:.1f}% of "
         f"{preference['pairs']} held-out pairs, reward margin {preference['reward_margin']:.4f} "
-        f"(β={preference['beta']:g}; log-ratio margin {preference['margin']:.4f} nats){left_out}"
+        f"(β={preference['beta']:g}; log-ratio margin {preference['margin']:.4f} nats; "
+        f"reference: {preference.get('reference', 'base')}){left_out}"
     )

@@ -39,6 +39,7 @@ class Preference:
     beta: float
     pairs: int
     skipped: int  # pairs longer than max_seq_length, left out
+    reference: str = "base"  # π_ref: "base" (adapter off), else the adapter DPO started from
 
     @property
     def reward_margin(self) -> float:
@@ -54,6 +55,7 @@ class Preference:
             "beta": self.beta,
             "pairs": self.pairs,
             "skipped": self.skipped,
+            "reference": self.reference,
         }
 
 
@@ -114,14 +116,44 @@ def log_prob(engine, sample) -> float:
     return -loss
 
 
-def measure(engine, samples: list, beta: float, skipped: int = 0) -> Preference:
-    """Preference accuracy and margins of ``engine`` (tuned; its adapter off: the
-    reference) on tokenized pairs."""
+def reference_adapter(run_config) -> Path | None:
+    """The adapter a DPO run started from (``training.from_adapter``): its reference model,
+    so also π_ref here; None where the reference is the base (a new adapter, SFT, ORPO)."""
+    training = getattr(run_config, "training", None)
+    if getattr(training, "objective", "sft") != "dpo" or not getattr(
+        training, "from_adapter", None
+    ):
+        return None
+    return Path(training.from_adapter)
+
+
+def reference_log_probs(engine, samples: list) -> list[tuple[float, float]]:
+    """(chosen, rejected) summed answer log-probs of each pair under ``engine`` as it is
+    (adapter on): π_ref of a DPO run that started from an adapter."""
+    return [
+        (log_prob(engine, pair.chosen), log_prob(engine, pair.rejected))
+        for pair in track(samples, description="reference log-probs", transient=True)
+    ]
+
+
+def measure(
+    engine,
+    samples: list,
+    beta: float,
+    skipped: int = 0,
+    reference: list[tuple[float, float]] | None = None,
+    reference_name: str = "base",
+) -> Preference:
+    """Preference accuracy and margins of ``engine`` (tuned) on tokenized pairs, against
+    ``reference`` log-probs (:func:`reference_log_probs`), else its own adapter off."""
     chosen, rejected = [], []
-    for pair in track(samples, description="preference accuracy", transient=True):
+    for i, pair in enumerate(track(samples, description="preference accuracy", transient=True)):
         tuned = [log_prob(engine, pair.chosen), log_prob(engine, pair.rejected)]
-        with engine.adapter_disabled():
-            base = [log_prob(engine, pair.chosen), log_prob(engine, pair.rejected)]
+        if reference is not None:
+            base = list(reference[i])
+        else:
+            with engine.adapter_disabled():
+                base = [log_prob(engine, pair.chosen), log_prob(engine, pair.rejected)]
         chosen.append(tuned[0] - base[0])
         rejected.append(tuned[1] - base[1])
     n = len(samples)
@@ -134,18 +166,34 @@ def measure(engine, samples: list, beta: float, skipped: int = 0) -> Preference:
         beta=beta,
         pairs=n,
         skipped=skipped,
+        reference=reference_name,
     )
 
 
-def preference_accuracy(engine, path: Path, max_seq_length: int, run_config=None) -> Preference:
-    """The tuned ``engine``'s preference accuracy on the pairs of ``path`` (β and the system
-    prompt from ``run_config`` when it has them)."""
+def pair_samples(tokenizer, path: Path, max_seq_length: int, run_config=None) -> tuple[list, int]:
+    """The pairs of ``path`` tokenized (the run's system prompt added where one has none),
+    and how many were left out as too long."""
     system = run_config.data.system_prompt if run_config else None
-    beta = getattr(getattr(run_config, "training", None), "beta", None) or DEFAULT_BETA
-    samples, skipped = encode_pairs(engine.tokenizer, read_pairs(path, system), max_seq_length)
+    samples, skipped = encode_pairs(tokenizer, read_pairs(path, system), max_seq_length)
     if not samples:
         raise UserError(
             f"{path}: every pair is longer than max_seq_length={max_seq_length}; nothing to "
             "measure preference accuracy on"
         )
-    return measure(engine, samples, beta, skipped)
+    return samples, skipped
+
+
+def preference_accuracy(
+    engine,
+    path: Path,
+    max_seq_length: int,
+    run_config=None,
+    reference: list[tuple[float, float]] | None = None,
+) -> Preference:
+    """The tuned ``engine``'s preference accuracy on the pairs of ``path`` (β and the system
+    prompt from ``run_config`` when it has them). π_ref: ``reference``'s log-probs (those of
+    :func:`reference_adapter`, measured first by the caller), else the engine's adapter off."""
+    beta = getattr(getattr(run_config, "training", None), "beta", None) or DEFAULT_BETA
+    samples, skipped = pair_samples(engine.tokenizer, path, max_seq_length, run_config)
+    name = str(reference_adapter(run_config)) if reference is not None else "base"
+    return measure(engine, samples, beta, skipped, reference, name)
