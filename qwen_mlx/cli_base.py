@@ -59,3 +59,51 @@ def default_config(path: Path | None) -> Path | None:
     if path is not None:
         return path
     return Path("config.yaml") if Path("config.yaml").is_file() else None
+
+
+def server_options(port: int):
+    """The options of a command that serves pages and an API (``serve``, ``review``): where it
+    listens, the host names it answers, its key and the origins allowed to call it; one
+    definition so the two servers keep one meaning."""
+    options = [
+        click.option(
+            "--host", default="127.0.0.1", show_default=True, help="Address to listen on."
+        ),
+        click.option("--port", type=click.IntRange(1, 65535), default=port, show_default=True),
+        click.option(
+            "--allowed-host",
+            "allowed_hosts",
+            multiple=True,
+            metavar="NAME",
+            help="Also answer requests whose Host header names NAME (repeatable; '*': any). "
+            "Without it only localhost, IP addresses (so 0.0.0.0 works for clients using the "
+            "machine's address) and --host itself are answered; other names get 403 (DNS "
+            "rebinding guard).",
+        ),
+        click.option(
+            "--api-key",
+            default=None,
+            help="Require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-env).",
+        ),
+        click.option(
+            "--api-key-env",
+            metavar="VAR",
+            default=None,
+            help="Like --api-key, the key read from the environment variable VAR.",
+        ),
+        click.option(
+            "--cors-origin",
+            "cors_origins",
+            multiple=True,
+            metavar="ORIGIN",
+            help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the server "
+            "(repeatable).",
+        ),
+    ]
+
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply

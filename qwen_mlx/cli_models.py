@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from qwen_mlx.backends import CHOICES
-from qwen_mlx.cli_base import ErrorLineGroup, console, err_console
+from qwen_mlx.cli_base import ErrorLineGroup, console, err_console, server_options
 from qwen_mlx.errors import UserError
 from qwen_mlx.export.gguf_quants import QUANT_CHOICES
 from qwen_mlx.families import names as family_names
@@ -365,35 +365,7 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
 @_plain_model_option
 @_gguf_option
 @_engine_backend
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
-@click.option(
-    "--allowed-host",
-    "allowed_hosts",
-    multiple=True,
-    metavar="NAME",
-    help="Also answer requests whose Host header names NAME (repeatable; '*': any). Without "
-    "it only localhost, IP addresses (so 0.0.0.0 works for clients using the machine's "
-    "address) and --host itself are answered; other names get 403 (DNS rebinding guard).",
-)
-@click.option(
-    "--api-key",
-    default=None,
-    help="Require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-env).",
-)
-@click.option(
-    "--api-key-env",
-    metavar="VAR",
-    default=None,
-    help="Like --api-key, the key read from the environment variable VAR.",
-)
-@click.option(
-    "--cors-origin",
-    "cors_origins",
-    multiple=True,
-    metavar="ORIGIN",
-    help="Let web pages from ORIGIN (e.g. http://localhost:3000) call the API (repeatable).",
-)
+@server_options(port=8000)
 @click.option(
     "--base-gguf",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),

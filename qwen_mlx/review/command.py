@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from qwen_mlx.cli_base import console
+from qwen_mlx.cli_base import console, server_options
 from qwen_mlx.errors import UserError
 
 
@@ -27,33 +27,7 @@ from qwen_mlx.errors import UserError
     is_flag=True,
     help="The reviewed set holds only records someone accepted (default: all but rejected).",
 )
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8001, show_default=True)
-@click.option(
-    "--allowed-host",
-    "allowed_hosts",
-    multiple=True,
-    metavar="NAME",
-    help="Also answer requests whose Host header names NAME (repeatable; '*': any), as serve.",
-)
-@click.option(
-    "--api-key",
-    default=None,
-    help="Require 'Authorization: Bearer KEY' (visible in ps: prefer --api-key-env).",
-)
-@click.option(
-    "--api-key-env",
-    metavar="VAR",
-    default=None,
-    help="Like --api-key, the key read from the environment variable VAR.",
-)
-@click.option(
-    "--cors-origin",
-    "cors_origins",
-    multiple=True,
-    metavar="ORIGIN",
-    help="Let web pages from ORIGIN call this server (repeatable).",
-)
+@server_options(port=8001)
 def review(
     target: Path,
     reviewer: str | None,
