@@ -5,16 +5,20 @@ users know: length-sorted batches padded to a multiple of 32, no packing, logits
 whole vocabulary at every position, the loss masked to the answer. Variants, each in its own
 process so peak memory is clean:
 
-    mlx-lm       mlx-lm's trainer                                       (the baseline)
-    ours         qwen-mlx's MLX trainer: packed rows, block-diagonal mask, target-only loss
-    ours-unpacked  ours with training.packing: false                   (packing's share)
-    ours-gc      ours + gradient checkpointing                          (memory for speed)
+    mlx-lm         mlx-lm's trainer                                     (the baseline)
+    ours-packed    qwen-mlx's MLX trainer, training.packing: true: packed rows of --seq
+                   tokens, block-diagonal mask, target-only loss
+    ours-unpacked  training.packing: false: one sample a row, causal mask
+    ours-bucketed  training.packing: bucketed: length-sorted batches (mlx-lm's order)
+    ours           the default, training.packing: auto (which layout it picks is printed)
+    ours-gc        the default + gradient checkpointing                 (memory for speed)
 
 Both start from the same base, quantized in memory the same way (4-bit, group 64, the
 embedding too), LoRA rank 16 / scale 2 / dropout 0.05 on all seven linear layers of every
-block, batch 1, gradient accumulation 4, one pass over the same seed-like synthetic samples
-(those of bench/train_torch.py: prompt ~1/3, answer ~2/3, 120–480 tokens). tokens/s counts
-real (non-padding) tokens over the whole training call, compilation included.
+block, batch 1 (--batch), gradient accumulation 4, one pass over the same seed-like
+synthetic samples (those of bench/train_torch.py: prompt ~1/3, answer ~2/3, 120–480
+tokens). tokens/s counts real (non-padding) tokens over the whole training call,
+compilation included.
 
     python bench/train_mlx.py                          # CPU (mlx[cpu]): tiny shape, 16 samples
     python bench/train_mlx.py --shape 0.5b --samples 400  # on a Mac
@@ -39,7 +43,8 @@ import train_torch
 # mlx[cpu] runs on a slow reference BLAS, so CPU runs get a smaller shape of their own.
 train_torch.SHAPES.setdefault("tiny", (128, 384, 4, 4, 2, 8192))
 SHAPES = train_torch.SHAPES
-VARIANTS = ("mlx-lm", "ours", "ours-unpacked", "ours-gc")
+VARIANTS = ("mlx-lm", "ours-packed", "ours-unpacked", "ours-bucketed", "ours-gc")
+PACKING = {"ours-packed": "true", "ours-unpacked": "false", "ours-bucketed": "bucketed"}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MARK = "RESULT "
 
@@ -49,7 +54,7 @@ def _config(args, model_dir: Path, variant: str):
         args,
         model_dir,
         f"training.gradient_checkpointing={variant == 'ours-gc'}",
-        f"training.packing={variant != 'ours-unpacked'}",
+        f"training.packing={PACKING.get(variant, 'auto')}",
     )
 
 
@@ -59,15 +64,14 @@ def run_ours(args, model_dir: Path, samples) -> float:
 
     from qwen_mlx.backends.mlx_model import add_lora, load_base
     from qwen_mlx.backends.mlx_trainer import MLXHooks
+    from qwen_mlx.config import row_layout
     from qwen_mlx.loop import train_loop
-    from qwen_mlx.run_data import RunData, fingerprint
-    from qwen_mlx.tokens import pack, unpacked
+    from qwen_mlx.run_data import sample_run_data
 
     cfg = _config(args, model_dir, args.worker)
     model, _ = load_base(model_dir, args.quant)
     add_lora(model, TARGETS, 16, 32, 0.05, seed=0)
-    rows = pack(samples, args.seq, 0) if cfg.training.packing else unpacked(samples, 0)
-    data = RunData(train=rows, valid=[], pad_id=0, fingerprint=fingerprint(rows), messages=[])
+    data = sample_run_data(samples, [], cfg, 0, row_layout(cfg.training, "mlx"))
     hooks = MLXHooks(model, cfg)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as run_dir:
@@ -97,8 +101,8 @@ def run_mlx_lm(args, model_dir: Path, samples) -> float:
     dataset = [(s.input_ids, s.loss_mask.index(1)) for s in samples]
     with tempfile.TemporaryDirectory() as tmp:
         training = TrainingArgs(
-            batch_size=1,
-            iters=len(dataset),
+            batch_size=args.batch,
+            iters=len(dataset) // args.batch,  # mlx-lm drops a last, partial batch
             val_batches=0,
             steps_per_report=len(dataset),
             steps_per_eval=10**9,
@@ -138,17 +142,30 @@ def main() -> None:
     parser.add_argument("--quant", default="4bit", choices=["none", "4bit", "8bit"])
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--seq", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=1, help="batch size, every variant")
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="every variant once a round; the host is noisy"
+    )
+    parser.add_argument("--worker", choices=[*VARIANTS, "ours"], help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.samples % args.batch:
+        parser.error("--samples must be a multiple of --batch (mlx-lm drops a partial batch)")
     if args.worker:
         print(MARK + json.dumps(worker(args)))
         return
     with tempfile.TemporaryDirectory() as tmp:
         train_torch.make_model(Path(tmp), args.shape)
-        results = [_run_variant(args, tmp, v) for v in args.variants.split(",")]
-    _print(results, args)
+        rounds = []
+        for _ in range(args.rounds):
+            rounds.append([])
+            for variant in args.variants.split(","):  # printed as they finish: runs are long
+                rounds[-1].append(_run_variant(args, tmp, variant))
+                print(json.dumps(rounds[-1][-1]), flush=True)
+    for number, results in enumerate(rounds, start=1):
+        print(f"\nround {number}")
+        _print(results, args)
 
 
 def _run_variant(args, model_dir: str, variant: str) -> dict:
@@ -167,6 +184,8 @@ def _run_variant(args, model_dir: str, variant: str) -> dict:
         str(args.samples),
         "--seq",
         str(args.seq),
+        "--batch",
+        str(args.batch),
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     found = [line for line in out.stdout.splitlines() if line.startswith(MARK)]
@@ -186,10 +205,13 @@ def machine() -> str:
 
 def _print(results: list[dict], args) -> None:
     base = next((r for r in results if r["variant"] == "mlx-lm" and "error" not in r), None)
+    from qwen_mlx.config import AUTO_LAYOUT
+
     print(f"machine: {machine()}")
+    print(f"training.packing: auto is {AUTO_LAYOUT['mlx']} on MLX (ours, ours-gc)")
     print(
         f"shape {args.shape} {SHAPES[args.shape]}, quant {args.quant}, {args.samples} samples, "
-        f"rows of {args.seq}"
+        f"rows of {args.seq}, batch {args.batch}"
     )
     print(f"{'variant':14} {'tokens/s':>9} {'× mlx-lm':>9} {'peak GB':>8} {'RSS GB':>7} {'s':>7}")
     for r in results:

@@ -11,8 +11,11 @@ Variants, each in its own process so peak memory is clean, show where a gain com
     ours+sel     … + selective checkpointing (--sel-fraction of the layers)
     ours+flex    … + FlexAttention: skips the blocks between packed samples (CUDA)
     ours+liger   … + Liger Kernel: fused RMSNorm, SwiGLU, RoPE, linear + CE (CUDA)
+    ours+unpacked  ours with training.packing: false (one sample a row)
+    ours+bucketed  ours with training.packing: bucketed (length-sorted batches of --batch)
 
-Options after "ours" combine: ours+liger+flex+sel. Data: seed-like synthetic chat samples
+Options after "ours" combine: ours+liger+flex+sel; "ours" alone is training.packing: auto
+(packed rows on torch). Data: seed-like synthetic chat samples
 (prompt ~1/3, answer ~2/3, 120–480 tokens); every variant trains on the same samples.
 tokens/s counts real (non-padding) tokens; "steady" leaves out the first optimizer step
 (CUDA start-up, Triton compilation), "overall" is the whole run.
@@ -46,6 +49,8 @@ OPTIONS = {  # variant suffix -> config overrides
     "sel": ["training.gradient_checkpointing=true"],  # fraction from --sel-fraction
     "flex": ["training.attention=flex"],
     "liger": ["training.kernels=liger"],
+    "unpacked": ["training.packing=false"],
+    "bucketed": ["training.packing=bucketed"],
 }
 
 
@@ -193,8 +198,9 @@ def worker(args) -> dict:
 
     from qwen_mlx.backends import torch_model as tm
     from qwen_mlx.backends.torch_trainer import TorchHooks
+    from qwen_mlx.config import row_layout
     from qwen_mlx.loop import train_loop
-    from qwen_mlx.run_data import RunData, fingerprint
+    from qwen_mlx.run_data import sample_run_data
     from qwen_mlx.tokens import pack
 
     device = torch.device(args.device)
@@ -221,7 +227,7 @@ def worker(args) -> dict:
         steady = _hf_loss_steps(model, rows, device, packed=True)
     else:
         hooks = TorchHooks(model, device, cfg, (0, 1), liger)
-        data = RunData(train=rows, valid=[], pad_id=0, fingerprint=fingerprint(rows), messages=[])
+        data = sample_run_data(samples, [], cfg, 0, row_layout(cfg.training, "torch"))
         with tempfile.TemporaryDirectory() as run_dir:
             train_loop(cfg, data, hooks, Path(run_dir), Console(quiet=True), resume=False)
             steady = _steady_from_metrics(Path(run_dir))

@@ -23,6 +23,10 @@ def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
 
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PACKING = (True, False, "auto", "bucketed")  # training.packing's values
+# The row layout training.packing: auto picks per backend, from bench/train_mlx.py and
+# bench/train_torch.py (packed, unpacked and bucketed in one run; BENCHMARKS.md).
+AUTO_LAYOUT = {"mlx": "bucketed", "torch": "packed"}
 
 
 @dataclass
@@ -100,7 +104,13 @@ class TrainingConfig:
     gradient_accumulation_steps: int = _f(4, "Micro-steps per optimizer update.")
     warmup_steps: int = _f(30, "Linear warmup, in optimizer updates.")
     max_seq_length: int = _f(1024, "Tokens per row; longer samples are truncated (counted).")
-    packing: bool = _f(True, "Pack several samples into one row (attention kept per sample).")
+    packing: bool | str = _f(
+        "auto",
+        "How samples are laid out in batches: true packs several into rows of max_seq_length "
+        "(attention kept per sample); false puts one sample in a row; bucketed sorts them by "
+        "length and batches neighbours, about batch_size × max_seq_length tokens a batch; "
+        "auto picks what measured fastest on the backend (MLX: bucketed, torch: true).",
+    )
     seed: int = _f(42, "Seed for data split, order, LoRA init and dropout.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
     gradient_checkpointing: bool = _f(
@@ -141,6 +151,20 @@ def row_length(training: TrainingConfig) -> int:
     """Tokens per training row: ``max_seq_length``, or twice that for preference objectives,
     whose rows hold whole pairs (each side up to max_seq_length, as TRL's max_length)."""
     return training.max_seq_length * (1 if training.objective == "sft" else 2)
+
+
+def row_layout(training: TrainingConfig, backend: str | None) -> str:
+    """``packed``, ``unpacked`` or ``bucketed``: how ``training.packing`` lays samples out
+    on ``backend`` (``mlx`` or ``torch``; needed for ``auto`` only, the layout measured
+    fastest there)."""
+    packing = training.packing
+    if packing == "auto":
+        if backend is None:
+            raise ValueError("training.packing: auto needs the backend")
+        return AUTO_LAYOUT.get(backend, "packed")  # a backend not measured: packed rows
+    if packing == "bucketed":
+        return "bucketed"
+    return "packed" if packing else "unpacked"
 
 
 def recomputed_layers(training: TrainingConfig, n_layers: int) -> int:
@@ -244,6 +268,7 @@ RANGES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "training.beta": (lambda v: v > 0, "a number > 0"),
     "training.learning_rate": (lambda v: v > 0, "a number > 0"),
     "training.batch_size": (lambda v: v >= 1, "an integer ≥ 1"),
+    "training.packing": (lambda v: v in PACKING, "auto, bucketed, true or false"),
     "training.gradient_accumulation_steps": (lambda v: v >= 1, "an integer ≥ 1"),
     "training.warmup_steps": (lambda v: v >= 0, "an integer ≥ 0"),
     "training.max_seq_length": (lambda v: v >= 16, "an integer ≥ 16"),

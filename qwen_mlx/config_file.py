@@ -39,19 +39,27 @@ def _type_name(tp: Any) -> str:
     names = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
     if typing.get_origin(tp) is list:
         return "a list of strings"
-    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    args = typing.get_args(tp)
     if args:
-        return f"{_type_name(args[0])} or null"
+        members = [_type_name(a) for a in args if a is not type(None)]
+        return " or ".join(members + ["null"] * (type(None) in args))
     return names.get(tp, str(tp))
 
 
 def _coerce(value: Any, tp: Any, key: str, where: str) -> Any:
     """Check ``value`` against the annotation ``tp``; convert the safe cases (int→float…)."""
     if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        if value is None:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
             return None
-        inner = next(a for a in typing.get_args(tp) if a is not type(None))
-        return _coerce(value, inner, key, where)
+        for inner in (a for a in args if a is not type(None)):  # the first type that fits
+            try:
+                return _coerce(value, inner, key, where)
+            except UserError:
+                continue
+        raise UserError(
+            f"{where}: '{key}' is {value!r}, expected {_type_name(tp)}; fix the value in the config"
+        )
     bad = UserError(
         f"{where}: '{key}' is {value!r}, expected {_type_name(tp)}; fix the value in the config"
     )

@@ -15,9 +15,10 @@ once, before the first update (and before a checkpoint is restored), from the we
 run starts with: the base (a new adapter's B is 0) or the ``training.from_adapter`` one.
 
 Determinism is what makes resume exact: the row order of epoch ``e`` is a permutation
-seeded by ``(seed, e)``, the learning rate is a function of the step, checkpoints are taken
-at optimizer-update boundaries, and the backend saves the RNG state (dropout) as of the
-start of the next accumulation window.
+seeded by ``(seed, e)`` (of rows, or of the fixed length-bucketed batches of
+``training.packing: bucketed``, see :mod:`qwen_mlx.run_data`), the learning rate is a
+function of the step, checkpoints are taken at optimizer-update boundaries, and the backend
+saves the RNG state (dropout) as of the start of the next accumulation window.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ class Hooks(Protocol):
 
 @dataclass
 class Schedule:
-    """A run's schedule: how many rows, batches, windows and optimizer updates it has."""
+    """A run's schedule: how many rows, batches, windows and optimizer updates it has.
+    With bucketed batches, ``rows`` counts whole batches and ``batch_size`` is 1."""
 
     rows: int
     batch_size: int
@@ -123,10 +125,18 @@ def epoch_order(seed: int, epoch: int, n: int) -> list[int]:
     return np.random.default_rng([seed, epoch]).permutation(n).tolist()
 
 
-def rank_rows(rows: list[Row], rank: int, world: int) -> list[Row]:
-    """This rank's share; every rank gets the same count so collectives stay in step."""
+def rank_rows(rows: list, rank: int, world: int) -> list:
+    """This rank's share of rows (or of bucketed batches); every rank gets the same count so
+    collectives stay in step."""
     share = len(rows) // world if world > 1 else len(rows)
     return rows[rank::world][:share]
+
+
+def _units(rows: list[Row], batches: list[list[int]] | None) -> list[list[Row]]:
+    """What an epoch's order permutes: single rows, or the fixed bucketed batches whole."""
+    if batches is None:
+        return [[row] for row in rows]
+    return [[rows[i] for i in batch] for batch in batches]
 
 
 def _windows(order: list[int], schedule: Schedule) -> list[list[list[int]]]:
@@ -143,16 +153,26 @@ def _every(value: int, total: int, times: int) -> int:
     return value if value > 0 else max(1, total // times)
 
 
-def _batches(rows: list[Row], batch_size: int, pad_id: int) -> list[dict[str, np.ndarray]]:
+def _batches(
+    rows: list[Row], batch_size: int, pad_id: int, groups: list[list[int]] | None = None
+) -> list[dict[str, np.ndarray]]:
+    """``rows`` collated ``batch_size`` at a time in order, or as the bucketed ``groups``."""
+    if groups is not None:
+        return [collate([rows[i] for i in group], pad_id) for group in groups]
     return [collate(rows[i : i + batch_size], pad_id) for i in range(0, len(rows), batch_size)]
 
 
 def _evaluate(
-    hooks: Hooks, objective, rows: list[Row], batch_size: int, pad_id: int
+    hooks: Hooks,
+    objective,
+    rows: list[Row],
+    batch_size: int,
+    pad_id: int,
+    groups: list[list[int]] | None = None,
 ) -> dict[str, float] | None:
     if not rows:
         return None
-    batches = _batches(rows, batch_size, pad_id)
+    batches = _batches(rows, batch_size, pad_id, groups)
     counts = objectives.window_counts(objective, batches)
     return objective.summarize(hooks.eval_sums(iter(batches)), counts)
 
@@ -216,10 +236,10 @@ def _last_checkpoint(run_dir: Path, last_saved: int, resumable: bool = True) -> 
     return f"the last checkpoint is {folder}{then}"
 
 
-def _schedule(cfg: Config, rows: int, console: Console, main: bool) -> Schedule:
+def _schedule(cfg: Config, units: int, per_batch: int, console: Console, main: bool) -> Schedule:
     t = cfg.training
     schedule = Schedule(
-        rows, t.batch_size, t.gradient_accumulation_steps, t.num_epochs, t.warmup_steps
+        units, per_batch, t.gradient_accumulation_steps, t.num_epochs, t.warmup_steps
     )
     if t.warmup_steps >= schedule.total_steps:
         schedule.warmup = schedule.total_steps // 10
@@ -262,7 +282,7 @@ class _Run:
     data: RunData
     hooks: Hooks
     objective: objectives.SFT
-    rows: list[Row]
+    units: list[list[Row]]  # what an epoch permutes: rows, or whole bucketed batches
     schedule: Schedule
     stop_at: int
     reporter: RunReporter
@@ -273,7 +293,9 @@ class _Run:
         if self.hooks.rank != 0:  # validation is rank 0's alone (no collectives in it)
             return
         t, data = self.cfg.training, self.data
-        metrics = _evaluate(self.hooks, self.objective, data.valid, t.batch_size, data.pad_id)
+        metrics = _evaluate(
+            self.hooks, self.objective, data.valid, t.batch_size, data.pad_id, data.valid_batches
+        )
         if metrics is not None:
             self.reporter.validation(state, metrics)
 
@@ -288,10 +310,10 @@ def _epochs(run: _Run, state: LoopState, ctrl_c: _CtrlC) -> None:
     elapsed_before = state.elapsed_s
     while state.step < run.stop_at:
         if not state.order:
-            state.order = epoch_order(t.seed, state.epoch, len(run.rows))
+            state.order = epoch_order(t.seed, state.epoch, len(run.units))
         windows = _windows(state.order, schedule)
         while state.window < len(windows) and state.step < run.stop_at:
-            batch_rows = [[run.rows[i] for i in b] for b in windows[state.window]]
+            batch_rows = [[row for i in b for row in run.units[i]] for b in windows[state.window]]
             window = [collate(b, run.data.pad_id) for b in batch_rows]
             lr = learning_rate(state.step, schedule.total_steps, schedule.warmup, t.learning_rate)
             result = _train_window(hooks, run.objective, window, lr)
@@ -321,11 +343,13 @@ def train_loop(
 ) -> LoopState:
     """Train until the schedule (or ``training.max_steps``) is done; return the final state."""
     t = cfg.training
-    rows = rank_rows(data.train, hooks.rank, hooks.world_size)
-    schedule = _schedule(cfg, len(rows), console, hooks.rank == 0)
+    units = rank_rows(_units(data.train, data.train_batches), hooks.rank, hooks.world_size)
+    per_batch = t.batch_size if data.train_batches is None else 1
+    schedule = _schedule(cfg, len(units), per_batch, console, hooks.rank == 0)
     total = schedule.total_steps
     objective = objectives.build(t)
     if objective.reference:
+        rows = [row for unit in units for row in unit]
         _reference(hooks, rows + data.valid, t.batch_size, data.pad_id, console)
     state = _resume(run_dir, hooks, data, console) if resume else LoopState()
     state.data_fingerprint = data.fingerprint
@@ -333,7 +357,7 @@ def train_loop(
     reporter = _reporter(hooks, RunDir(run_dir), console, schedule)
     reporter.start(state, stop_at, resume)
     every = _every(t.eval_every, total, 10), _every(t.save_every, total, 5)
-    run = _Run(cfg, data, hooks, objective, rows, schedule, stop_at, reporter, *every)
+    run = _Run(cfg, data, hooks, objective, units, schedule, stop_at, reporter, *every)
     hooks.snapshot_rng()
     ctrl_c = _CtrlC()
     try:

@@ -185,6 +185,9 @@ def estimate_run(cfg: Config, plan: DevicePlan) -> Estimate:
         quantization=plan.quantization,
         rank=cfg.lora.rank,
         targets=list(cfg.lora.target_modules),
+        # Every layout (training.packing) batches at most batch_size rows of row_length
+        # tokens: packed rows are that long, unpacked and bucketed ones (a sample or pair
+        # each) at most, so the longest samples set the peak.
         # Preference rows hold whole pairs (2 × max_seq_length); a DPO/ORPO step of a row
         # costs what an SFT step of it does (bench/preference.py), the reference pass having
         # run before training without gradients.

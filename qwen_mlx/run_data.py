@@ -11,6 +11,12 @@ SFT): each pair's chosen and rejected samples (:func:`qwen_mlx.tokens.encode_pai
 side by side in one row of ``2 × max_seq_length`` tokens (:func:`qwen_mlx.tokens.pack_pairs`).
 A pair whose two answers are the same, or whose prompt leaves no answer token within
 max_seq_length, is dropped and counted in one line.
+
+Layout (``training.packing``, :func:`qwen_mlx.config.row_layout`): packed rows of
+``max_seq_length`` tokens, one sample (or pair) a row, or those rows in fixed length-bucketed
+batches of ``batch_size`` (:func:`qwen_mlx.tokens.bucket`); the loop shuffles rows (or,
+bucketed, whole batches) each epoch. Every layout's batch holds at most ``batch_size`` rows
+of at most ``max_seq_length`` tokens (twice that for pairs), what the memory estimate counts.
 """
 
 from __future__ import annotations
@@ -21,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from qwen_mlx.config import Config, row_length
+import numpy as np
+
+from qwen_mlx.config import Config, row_layout, row_length
 from qwen_mlx.data import Record, load_records, split_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.fsutil import write_jsonl
@@ -29,6 +37,8 @@ from qwen_mlx.run_dir import RunDir
 from qwen_mlx.tokens import (
     EncodeReport,
     Row,
+    Sample,
+    bucket,
     encode_pairs,
     encode_records,
     pack,
@@ -44,6 +54,10 @@ class RunData:
     pad_id: int
     fingerprint: str
     messages: list[str]  # what to tell the user (counts, skipped records, truncation)
+    # Bucketed layout: the fixed batches (indices into train / valid), else None: batches
+    # are then batch_size rows of each epoch's order.
+    train_batches: list[list[int]] | None = None
+    valid_batches: list[list[int]] | None = None
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -75,18 +89,56 @@ def _records(cfg: Config, run_dir: Path | None) -> tuple[list[dict], list[dict],
     return [r.data for r in train], [r.data for r in valid], notes
 
 
-def _rows(samples, cfg: Config, pad_id: int) -> list[Row]:
-    if cfg.training.packing:
+def _rows(samples, cfg: Config, pad_id: int, layout: str) -> list[Row]:
+    if layout == "packed":
         return pack(samples, cfg.training.max_seq_length, pad_id)
     return unpacked(samples, pad_id)
 
 
-def fingerprint(rows: list[Row]) -> str:
+def fingerprint(rows: list[Row], batches: list[list[int]] | None = None) -> str:
+    """What a resume must find unchanged: the rows' tokens and masks, and the batches they
+    are grouped into (bucketed layout), so a run never resumes onto other batches."""
     digest = hashlib.sha256()
     for row in rows:
         digest.update(row.input_ids.tobytes())
         digest.update(row.loss_mask.tobytes())
+    for batch in batches or []:
+        digest.update(np.asarray(batch, dtype=np.int64).tobytes() + b";")
     return digest.hexdigest()[:16]
+
+
+def laid_out(train: list[Row], valid: list[Row], cfg: Config, pad_id: int, layout: str) -> RunData:
+    """RunData of ``train`` and ``valid`` rows in ``layout`` (bucketed: with its fixed
+    batches), no messages yet; the benches build theirs from samples through it too."""
+    batches = valid_batches = None
+    if layout == "bucketed":
+        batches = bucket(train, cfg.training.batch_size)
+        valid_batches = bucket(valid, cfg.training.batch_size)
+    return RunData(
+        train=train,
+        valid=valid,
+        pad_id=pad_id,
+        fingerprint=fingerprint(train, batches),
+        messages=[],
+        train_batches=batches,
+        valid_batches=valid_batches,
+    )
+
+
+def sample_run_data(
+    train: list[Sample], valid: list[Sample], cfg: Config, pad_id: int, layout: str
+) -> RunData:
+    """RunData of SFT samples in ``layout``."""
+    return laid_out(
+        _rows(train, cfg, pad_id, layout), _rows(valid, cfg, pad_id, layout), cfg, pad_id, layout
+    )
+
+
+def _with_notes(data: RunData, notes: list[str]) -> RunData:
+    if data.train_batches is not None:
+        notes[-1] += f", in {len(data.train_batches)} length-bucketed batches"
+    data.messages = notes
+    return data
 
 
 def _pair_records(cfg: Config, run_dir: Path | None) -> tuple[list, list, list[str]]:
@@ -123,7 +175,7 @@ def _pair_records(cfg: Config, run_dir: Path | None) -> tuple[list, list, list[s
     return [p for p, _ in train], [p for p, _ in valid], notes
 
 
-def _pair_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None) -> RunData:
+def _pair_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None, layout: str) -> RunData:
     train, valid, notes = _pair_records(cfg, run_dir)
     max_len, t = cfg.training.max_seq_length, cfg.training
     train_pairs, report = encode_pairs(tokenizer, train, max_len)
@@ -134,24 +186,29 @@ def _pair_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None) -> RunData
             "raise training.max_seq_length"
         )
     pad_id = _pad_id(tokenizer)
-    rows = pack_pairs(train_pairs, row_length(t), pad_id, t.packing)
+    packing = layout == "packed"
+    rows = pack_pairs(train_pairs, row_length(t), pad_id, packing)
     notes += report.warnings(max_len)
     tokens = sum(r.num_tokens for r in rows)
-    how = "packed into" if t.packing else "in"
+    how = "packed into" if packing else "in"
     notes.append(f"{len(train_pairs)} pairs, {tokens:,} tokens, {how} {len(rows)} rows")
-    return RunData(
-        train=rows,
-        valid=pack_pairs(valid_pairs, row_length(t), pad_id, t.packing),
-        pad_id=pad_id,
-        fingerprint=fingerprint(rows),
-        messages=notes,
-    )
+    valid = pack_pairs(valid_pairs, row_length(t), pad_id, packing)
+    return _with_notes(laid_out(rows, valid, cfg, pad_id, layout), notes)
 
 
-def build_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None = None) -> RunData:
-    """Everything a trainer iterates over, identical for every backend."""
+def build_run_data(
+    cfg: Config, tokenizer: Any, run_dir: Path | None = None, backend: str | None = None
+) -> RunData:
+    """Everything a trainer iterates over: the same rows and batches for every backend that
+    runs the same layout; ``training.packing: auto`` picks the layout of ``backend`` (the
+    one ``training.backend`` resolves to here if not given)."""
+    if backend is None and cfg.training.packing == "auto":
+        from qwen_mlx.backends import resolve
+
+        backend = resolve(cfg.training.backend)[0]
+    layout = row_layout(cfg.training, backend)
     if cfg.training.objective != "sft":
-        return _pair_run_data(cfg, tokenizer, run_dir)
+        return _pair_run_data(cfg, tokenizer, run_dir, layout)
     train_records, valid_records, notes = _records(cfg, run_dir)
     max_len, mask = cfg.training.max_seq_length, cfg.data.mask_prompt
     train_samples, report = encode_records(tokenizer, train_records, max_len, mask)
@@ -166,16 +223,10 @@ def build_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None = None) -> 
         train_samples += replayed
         notes.append(line)
     pad_id = _pad_id(tokenizer)
-    train_rows = _rows(train_samples, cfg, pad_id)
+    data = sample_run_data(train_samples, valid_samples, cfg, pad_id, layout)
     notes += report.warnings(max_len)
-    notes.append(_row_summary(report, train_rows, cfg))
-    return RunData(
-        train=train_rows,
-        valid=_rows(valid_samples, cfg, pad_id),
-        pad_id=pad_id,
-        fingerprint=fingerprint(train_rows),
-        messages=notes,
-    )
+    notes.append(_row_summary(report, data.train, layout))
+    return _with_notes(data, notes)
 
 
 def replay_samples(cfg: Config, tokenizer: Any, domain_tokens: int) -> tuple[list, str]:
@@ -209,7 +260,7 @@ def replay_samples(cfg: Config, tokenizer: Any, domain_tokens: int) -> tuple[lis
     return taken, line
 
 
-def _row_summary(report: EncodeReport, rows: list[Row], cfg: Config) -> str:
+def _row_summary(report: EncodeReport, rows: list[Row], layout: str) -> str:
     tokens = sum(r.num_tokens for r in rows)
-    how = "packed into" if cfg.training.packing else "in"
+    how = "packed into" if layout == "packed" else "in"
     return f"{report.encoded - report.dropped} samples, {tokens:,} tokens, {how} {len(rows)} rows"

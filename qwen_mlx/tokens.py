@@ -1,4 +1,4 @@
-"""Normalized records → token ids + loss mask, and packing of samples into rows.
+"""Normalized records → token ids + loss mask, and the layout of samples in rows and batches.
 
 Chat records go through :func:`qwen_mlx.conversation.encode_chat` (the model's own chat
 template, the loss on the assistant turns), plain text records end with the family's
@@ -9,6 +9,10 @@ records that do are counted in the report, as are truncated ones.
 Packing puts several samples in one row of ``max_seq_length`` tokens. Each row carries
 ``segment_ids`` (1, 2, … per sample, 0 for padding) and ``position_ids`` restarting at 0 for
 every sample, so backends can keep attention inside each sample.
+
+Without packing a row holds one sample, unpadded, and attention costs each sample only its
+own length; :func:`bucket` groups such rows into length-sorted batches
+(``training.packing: bucketed``), so a batch of several carries little padding.
 
 Preference pairs (DPO/ORPO): :func:`encode_pair` turns a pair record into its chosen and
 rejected samples (targets: the answer tokens only); :func:`pack_pairs` keeps a pair's two
@@ -339,8 +343,24 @@ def unpacked(samples: list[Sample], pad_id: int) -> list[Row]:
     return [_row([s], len(s), pad_id) for s in samples]
 
 
+def bucket(rows: list[Row], batch_size: int) -> list[list[int]]:
+    """Length-bucketed batches, mlx-lm's order: the indices of ``rows`` sorted by length
+    (ties in row order), cut into runs of ``batch_size`` neighbours (the last may be
+    shorter), so a batch pads its rows to nearly their own length.
+
+    A pure function of the row lengths, so every run of the same data gets the same
+    batches; the trainer shuffles the batches, not the rows, each epoch.
+    """
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i].input_ids), i))
+    return [order[at : at + batch_size] for at in range(0, len(order), batch_size)]
+
+
 def collate(rows: list[Row], pad_id: int) -> dict[str, np.ndarray]:
-    """Stack rows into ``(batch, length)`` arrays, padding to the longest row."""
+    """Stack rows into ``(batch, length)`` arrays, padding to the longest row.
+
+    The padding's position ids go on counting from the row's last one, so a batch of
+    one-sample rows reads as unpacked (transformers then keeps its plain causal mask, which
+    is exact: padding only follows the sample, and is no target)."""
     length = max(len(r.input_ids) for r in rows)
     out = {
         "input_ids": np.full((len(rows), length), pad_id, dtype=np.int32),
@@ -353,6 +373,7 @@ def collate(rows: list[Row], pad_id: int) -> dict[str, np.ndarray]:
         out["input_ids"][i, :n] = row.input_ids
         out["loss_mask"][i, :n] = row.loss_mask
         out["position_ids"][i, :n] = row.position_ids
+        out["position_ids"][i, n:] = np.arange(length - n) + (row.position_ids[-1] + 1 if n else 0)
         out["segment_ids"][i, :n] = row.segment_ids
     if rows[0].ref_logps is not None:
         ref = np.zeros((len(rows), max(r.num_segments for r in rows)), dtype=np.float32)

@@ -140,7 +140,8 @@ def _prepare(backend: Backend, cfg: Config, run: RunDir, console: Console):
     out.print(f"device: {plan.device}", highlight=False)
     for note in plan.notes:
         _warn(out, note)
-    data = build_run_data(cfg, load_tokenizer(cfg.model.path), run.path if plan.main else None)
+    tokenizer = load_tokenizer(cfg.model.path)
+    data = build_run_data(cfg, tokenizer, run.path if plan.main else None, backend.name)
     for line in data.messages:
         out.print(line, highlight=False)
     fit = memory.fit(cfg, plan)  # before the trainer: it builds the step with recomputation

@@ -194,7 +194,13 @@ def test_a_pairs_two_samples_share_a_row(tiny_model_dir, pair_files, tmp_path):
     from qwen_mlx.run_data import build_run_data
     from qwen_mlx.tokens import load_tokenizer
 
-    cfg = _config(tiny_model_dir, pair_files["train"], tmp_path, "training.objective=dpo")
+    cfg = _config(
+        tiny_model_dir,
+        pair_files["train"],
+        tmp_path,
+        "training.objective=dpo",
+        "training.packing=true",
+    )
     data = build_run_data(cfg, load_tokenizer(tiny_model_dir))
     assert all(len(r.input_ids) == 512 for r in data.train)  # 2 × max_seq_length
     segments = [r.num_segments for r in data.train]
