@@ -61,10 +61,30 @@ class DevicePlan:
 
 @dataclass
 class GenerationSettings:
+    """How a reply is decoded. The defaults decode exactly by ``temperature`` and ``top_p``:
+    no top-k, min-p or penalty unless asked (docs/serve.md states each option's meaning)."""
+
     max_tokens: int = 256
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
+    top_k: int = 0  # 0: no top-k
+    min_p: float = 0.0  # 0: no min-p
+    # Multiplicative, over the prompt and the reply (transformers' and vLLM's meaning).
+    repetition_penalty: float = 1.0
+    # Additive, over the reply's tokens (OpenAI's meaning): once per token seen, per time seen.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None  # the same seed, settings and prompt: the same reply
+
+    @property
+    def penalized(self) -> bool:
+        """Whether any penalty changes the logits (greedy replies too)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
 
 def token_texts(tokens: Iterable[int], decode: Callable[[list[int]], str]) -> Iterator[str]:

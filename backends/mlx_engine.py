@@ -56,11 +56,14 @@ class MLXEngine(HFEngine):
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings):
         """One text piece per generated token of the reply (greedy when temperature is 0)."""
         from mlx_lm.generate import stream_generate
-        from mlx_lm.sample_utils import make_sampler
 
-        sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
         responses = stream_generate(
-            self.model, self.wrapped, prompt_ids, max_tokens=settings.max_tokens, sampler=sampler
+            self.model,
+            self.wrapped,
+            prompt_ids,
+            max_tokens=settings.max_tokens,
+            sampler=sampler(settings),
+            logits_processors=logits_processors(settings, len(prompt_ids)),
         )
         # The last response carries the end-of-turn token when the model stopped by itself.
         tokens = (r.token for r in responses if r.finish_reason != "stop")
@@ -73,19 +76,20 @@ class MLXEngine(HFEngine):
     def pieces_batch(self, prompts: list[list[int]], settings: GenerationSettings):
         """The pieces of several prompts' replies, generated together."""
         from mlx_lm.generate import BatchGenerator
-        from mlx_lm.sample_utils import make_sampler
 
-        sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
         generator = BatchGenerator(
             self.model,
             max_tokens=settings.max_tokens,
             stop_tokens=[[token] for token in sorted(self.end_ids)],
-            sampler=sampler,
             completion_batch_size=len(prompts),
             prefill_batch_size=len(prompts),
         )
         try:
-            uids = generator.insert(prompts)
+            uids = generator.insert(
+                prompts,
+                samplers=[sampler(settings) for _ in prompts],
+                logits_processors=[logits_processors(settings, len(p)) for p in prompts],
+            )
             tokens: dict[int, list[int]] = {uid: [] for uid in uids}
             while responses := generator.next_generated():
                 for r in responses:
@@ -124,6 +128,62 @@ class MLXEngine(HFEngine):
 
 
 UNBOUNDED = 1 << 16
+WHOLE_CONTEXT = 1 << 30  # a penalty's context size: every token so far
+
+
+def sampler(settings: GenerationSettings):
+    """A sequence's sampler: greedy at temperature 0; else mlx-lm's top-p, min-p and top-k
+    filters (as ``make_sampler`` chains them), then a draw with the sequence's own random
+    key (from ``seed``, else fresh), so what it samples does not depend on the batch."""
+    import secrets
+
+    import mlx.core as mx
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, greedy_sampler
+
+    if settings.temperature <= 0:
+        return greedy_sampler
+    filters = []
+    if 0 < settings.top_p < 1.0:
+        filters.append(partial(apply_top_p, top_p=settings.top_p))
+    if settings.min_p > 0:
+        filters.append(partial(apply_min_p, min_p=settings.min_p))
+    if settings.top_k > 0:
+        filters.append(partial(apply_top_k, top_k=settings.top_k))
+    seed = settings.seed if settings.seed is not None else secrets.randbits(63)
+    key = [mx.random.key(seed)]
+    scale = 1.0 / settings.temperature
+
+    def sample(logprobs):
+        for keep in filters:
+            logprobs = keep(logprobs)
+        key[0], draw = mx.random.split(key[0])
+        return mx.random.categorical(logprobs * scale, key=draw)
+
+    return sample
+
+
+def logits_processors(settings: GenerationSettings, prompt_length: int) -> list:
+    """A sequence's penalties as mlx-lm logits processors: ``repetition_penalty`` over every
+    token so far (prompt and reply), OpenAI's presence and frequency penalties over the
+    reply's tokens only (mlx-lm hands a processor the prompt and the reply together)."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    whole = make_logits_processors(
+        repetition_penalty=settings.repetition_penalty,
+        repetition_context_size=WHOLE_CONTEXT,
+    )
+    whole = whole if settings.repetition_penalty != 1.0 else []
+    reply = make_logits_processors(
+        presence_penalty=settings.presence_penalty,
+        presence_context_size=WHOLE_CONTEXT,
+        frequency_penalty=settings.frequency_penalty,
+        frequency_context_size=WHOLE_CONTEXT,
+    )
+    return whole + [partial(_on_reply, processor, prompt_length) for processor in reply]
+
+
+def _on_reply(processor, prompt_length: int, tokens, logits):
+    return processor(tokens[prompt_length:], logits)
 
 
 class MLXDecoder:
@@ -150,13 +210,14 @@ class MLXDecoder:
         return len(self._seqs)
 
     def join(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
-        from mlx_lm.sample_utils import make_sampler
-
-        # None: the batch's shared greedy sampler, one call for all greedy sequences
-        sampler = None
-        if settings.temperature > 0:
-            sampler = make_sampler(temp=settings.temperature, top_p=settings.top_p)
-        (seq,) = self._generator.insert([prompt_ids], [settings.max_tokens], samplers=[sampler])
+        # A greedy sequence's sampler is None: the batch's shared greedy sampler, one call
+        # for all greedy sequences (after each sequence's own penalties, if any).
+        (seq,) = self._generator.insert(
+            [prompt_ids],
+            [settings.max_tokens],
+            samplers=[None if settings.temperature <= 0 else sampler(settings)],
+            logits_processors=[logits_processors(settings, len(prompt_ids))],
+        )
         self._seqs.add(seq)
         return seq
 

@@ -71,9 +71,9 @@ class TorchEngine(HFEngine):
             "streamer": streamer,
             "pad_token_id": self.tokenizer.pad_token_id,
             "stopping_criteria": StoppingCriteriaList([Cancelled()]),
-            **_sampling(settings),
+            **_sampling(settings, len(prompt_ids)),
         }
-        run = (self.model.generate, kwargs)
+        run = (partial(_seeded, self.model.generate, settings.seed), kwargs)
         thread = threading.Thread(target=streamer.run, args=run, daemon=True)
         thread.start()
         try:
@@ -103,7 +103,7 @@ class TorchEngine(HFEngine):
                 max_new_tokens=settings.max_tokens,
                 eos_token_id=sorted(self.end_ids),
                 pad_token_id=pad,
-                **_sampling(settings),
+                **_sampling(settings, width),
             )
         decode = partial(self.tokenizer.decode, skip_special_tokens=True)
         return [
@@ -148,32 +148,43 @@ class TorchEngine(HFEngine):
 
 class _Row:
     """One sequence of a :class:`TorchDecoder`: its settings, the token it feeds next, how
-    many real tokens its cache row holds and how many it has generated."""
+    many real tokens its cache row holds, the tokens it has generated, and its own random
+    generator (seeded by the request's ``seed``), so what it samples does not depend on what
+    else is in the batch."""
 
     def __init__(self, seq: int, prompt: list[int], settings: GenerationSettings):
         import torch
 
         self.seq, self.prompt, self.settings = seq, prompt, settings
         self.last, self.length, self.count = -1, 0, 0
+        self.generated: list[int] = []
+        self.chain = _processors(settings, len(prompt))
         self.generator = None
         if settings.temperature > 0:
             self.generator = torch.Generator()
-            self.generator.seed()
+            if settings.seed is None:
+                self.generator.seed()
+            else:
+                self.generator.manual_seed(settings.seed)
 
     def pick(self, logits, greedy: int) -> int:
-        """The next token: ``greedy`` (the batch's argmax) at temperature 0, else sampled
-        with the sequence's temperature and top_p."""
+        """The next token: ``greedy`` (the batch's argmax) at temperature 0 without
+        penalties, else from the sequence's own logits processors (penalties, temperature,
+        top-k, top-p, min-p) and, above temperature 0, its own generator."""
         import torch
 
-        if self.generator is None:
-            return greedy
-        probs = torch.softmax(logits.float().cpu() / self.settings.temperature, dim=-1)
-        if self.settings.top_p < 1.0:
-            ordered, order = probs.sort(descending=True)
-            # keep the smallest set of most likely tokens whose mass reaches top_p
-            outside = ordered.cumsum(-1) - ordered >= self.settings.top_p
-            probs[order[outside]] = 0.0
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if self.generator is None and not self.chain:
+            token = greedy
+        else:
+            history = torch.tensor([self.prompt + self.generated])
+            scores = self.chain(history, logits.float().cpu()[None])[0]
+            if self.generator is None:
+                token = int(scores.argmax())
+            else:
+                probs = torch.softmax(scores, dim=-1)
+                token = int(torch.multinomial(probs, 1, generator=self.generator))
+        self.generated.append(token)
+        return token
 
 
 class TorchDecoder:
@@ -375,25 +386,91 @@ def _until(tokens: list[int], end_ids: set[int]) -> list[int]:
     return tokens[: ends[0]] if ends else tokens
 
 
-def _sampling(settings: GenerationSettings) -> dict[str, Any]:
-    """Exactly the requested decoding. Qwen's generation_config.json also asks for top_k 20
-    and repetition_penalty 1.05, which transformers would apply even to greedy decoding;
-    the MLX and llama.cpp engines do not, so they are switched off here."""
+def _sampling(settings: GenerationSettings, prompt_length: int) -> dict[str, Any]:
+    """Exactly the requested decoding for ``generate()``. Qwen's generation_config.json also
+    asks for top_k 20 and repetition_penalty 1.05, which transformers would apply even to
+    greedy decoding; only what the request asks for is applied (as on MLX and llama.cpp).
+    ``prompt_length``: where the reply starts in ``input_ids`` (OpenAI's penalties count the
+    reply's tokens only)."""
+    from transformers import LogitsProcessorList
+
+    extra = LogitsProcessorList()
+    if settings.presence_penalty or settings.frequency_penalty:
+        extra.append(_ReplyPenalties(settings, prompt_length))
+    penalties = {"repetition_penalty": settings.repetition_penalty, "logits_processor": extra}
     if settings.temperature <= 0:  # greedy; None silences the sampling defaults
         return {
             "do_sample": False,
             "temperature": None,
             "top_p": None,
             "top_k": None,
-            "repetition_penalty": 1.0,
+            **penalties,
         }
     return {
         "do_sample": True,
         "temperature": settings.temperature,
         "top_p": settings.top_p,
-        "top_k": 0,
-        "repetition_penalty": 1.0,
+        "top_k": settings.top_k,  # 0: off
+        "min_p": settings.min_p or None,
+        **penalties,
     }
+
+
+def _seeded(generate, seed: int | None, **kwargs):
+    """``generate(**kwargs)``, sampling from torch's generator seeded by ``seed`` (when one
+    is given): ``generate()`` takes no generator of its own."""
+    import torch
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    return generate(**kwargs)
+
+
+class _ReplyPenalties:
+    """OpenAI's presence and frequency penalties, a transformers logits processor:
+    ``logit - presence × [count > 0] - frequency × count``, counting each token in the reply so
+    far (the ids after the prompt's ``prompt_length``). transformers has none of its own."""
+
+    def __init__(self, settings: GenerationSettings, prompt_length: int):
+        self.presence, self.frequency = settings.presence_penalty, settings.frequency_penalty
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        reply = input_ids[:, self.prompt_length :]
+        counts = torch.zeros_like(scores)
+        counts.scatter_add_(1, reply, torch.ones_like(reply, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+def _processors(settings: GenerationSettings, prompt_length: int) -> Any:
+    """A sequence's logits processors, in transformers' own order: penalties, then
+    temperature, top-k, top-p and min-p (these last only when sampling). Empty for plain
+    greedy decoding."""
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    chain = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+    if settings.presence_penalty or settings.frequency_penalty:
+        chain.append(_ReplyPenalties(settings, prompt_length))
+    if settings.temperature > 0:
+        chain.append(TemperatureLogitsWarper(settings.temperature))
+        if settings.top_k > 0:
+            chain.append(TopKLogitsWarper(settings.top_k))
+        if settings.top_p < 1.0:
+            chain.append(TopPLogitsWarper(settings.top_p))
+        if settings.min_p > 0:
+            chain.append(MinPLogitsWarper(settings.min_p))
+    return chain
 
 
 class _Plain:

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple, Protocol
 from qwen_mlx.backends import get_backend
 from qwen_mlx.backends.base import GenerationSettings, token_texts
 from qwen_mlx.chat_template import (
+    PromptTooLong,
     encode_pieces,
     for_template,
     hf_prompt_ids,
+    hf_text,
     template_pieces,
 )
 from qwen_mlx.errors import UserError
@@ -69,6 +71,14 @@ def room(context_length: int, max_tokens: int) -> int:
     return context_length - max_tokens
 
 
+def fitting(ids: list[int], context_length: int, max_tokens: int) -> list[int]:
+    """``ids``, or :class:`PromptTooLong` when they leave no room for ``max_tokens``."""
+    limit = room(context_length, max_tokens)
+    if len(ids) > limit:
+        raise PromptTooLong(len(ids), limit)
+    return ids
+
+
 class Engine(Protocol):
     """A loaded model that answers conversations: what ``eval``, ``chat`` and ``serve`` use."""
 
@@ -90,8 +100,16 @@ class Engine(Protocol):
         """Inside, the engine answers as its base model (no change without an adapter)."""
         ...
 
-    def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
-        """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
+    def prompt_ids(
+        self, messages: Messages, max_tokens: int, thinking: bool | None = None
+    ) -> list[int]:
+        """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply.
+        ``thinking``: this prompt's enable_thinking (a request's), None: the engine's."""
+        ...
+
+    def text_ids(self, text: str, max_tokens: int) -> list[int]:
+        """The ids of plain prompt text (no chat template; control-token strings in it
+        stay text); :class:`PromptTooLong` when it leaves no room to reply."""
         ...
 
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
@@ -146,10 +164,17 @@ class HFEngine:
     def adapter_disabled(self) -> AbstractContextManager[None]:
         return nullcontext()  # no adapter: the base already
 
-    def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
+    def prompt_ids(
+        self, messages: Messages, max_tokens: int, thinking: bool | None = None
+    ) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
         limit = room(self.context_length, max_tokens)
-        return hf_prompt_ids(self.tokenizer, messages, limit, self.thinking)
+        thinking = self.thinking if thinking is None else thinking
+        return hf_prompt_ids(self.tokenizer, messages, limit, thinking)
+
+    def text_ids(self, text: str, max_tokens: int) -> list[int]:
+        """Plain prompt text's ids (control-token strings in it stay text)."""
+        return fitting(hf_text(self.tokenizer, text)["input_ids"], self.context_length, max_tokens)
 
 
 def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
@@ -192,7 +217,10 @@ class GGUFEngine:
         if not path.is_file():
             raise UserError(f"GGUF file not found: {path}")
         try:
-            self.llm = Llama(model_path=str(path), n_ctx=n_ctx, verbose=False, seed=0)
+            # Penalties look back over the whole context (llama-cpp-python's default: 64).
+            self.llm = Llama(
+                model_path=str(path), n_ctx=n_ctx, verbose=False, last_n_tokens_size=n_ctx
+            )
         except ValueError as err:  # llama.cpp says only "Failed to load model from file"
             raise UserError(
                 f"{path}: llama.cpp cannot load this file ({err}); is it a complete GGUF model? "
@@ -214,30 +242,46 @@ class GGUFEngine:
     def adapter_disabled(self) -> AbstractContextManager[None]:
         return nullcontext()
 
-    def _render(self, messages: Messages) -> str:
+    def _render(self, messages: Messages, thinking: bool | None = None) -> str:
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         template = ImmutableSandboxedEnvironment().from_string(self.template)
-        said = {} if self.thinking is None else {"enable_thinking": self.thinking}
+        thinking = self.thinking if thinking is None else thinking
+        said = {} if thinking is None else {"enable_thinking": thinking}
         return template.render(messages=messages, add_generation_prompt=True, **said)
 
     def _text_ids(self, text: str) -> list[int]:
         return self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
 
-    def prompt_ids(self, messages: Messages, max_tokens: int) -> list[int]:
+    def text_ids(self, text: str, max_tokens: int) -> list[int]:
+        """Plain prompt text's ids (control-token strings in it stay text)."""
+        return fitting(self._text_ids(text), self.context_length, max_tokens)
+
+    def prompt_ids(
+        self, messages: Messages, max_tokens: int, thinking: bool | None = None
+    ) -> list[int]:
         """The prompt's token ids; :class:`PromptTooLong` when it leaves no room to reply."""
         messages = for_template(messages, self.family, self.template)
-        pieces = template_pieces(self._render, messages, self.controls)
+        render = partial(self._render, thinking=thinking)
+        pieces = template_pieces(render, messages, self.controls)
         limit = room(self.context_length, max_tokens)
         return encode_pieces(pieces, self._text_ids, self.controls.__getitem__, limit)
 
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        import secrets
+
         greedy = settings.temperature <= 0
+        # llama.cpp's sampler chain draws from the seed set here (a fresh one without a seed)
+        self.llm.set_seed(settings.seed if settings.seed is not None else secrets.randbits(31))
         tokens = self.llm.generate(
             prompt_ids,
             temp=0.0 if greedy else settings.temperature,
             top_p=1.0 if greedy else settings.top_p,
-            top_k=1 if greedy else 40,
+            top_k=1 if greedy else settings.top_k,  # 0: off, as everywhere else
+            min_p=0.0 if greedy else settings.min_p,  # llama-cpp-python's default is 0.05
+            repeat_penalty=settings.repetition_penalty,
+            presence_penalty=settings.presence_penalty,
+            frequency_penalty=settings.frequency_penalty,
         )
         with closing(tokens):
             decode = partial(_llama_text, self.llm)

@@ -93,7 +93,7 @@ def _greedy_ids(engine, prompt: list[int], n: int) -> list[int]:
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=n,
-            **_sampling(settings),
+            **_sampling(settings, len(prompt)),
         )
     return out[0, len(prompt) :].tolist()
 

@@ -70,8 +70,11 @@ class AdapterOff:
     def adapter_disabled(self) -> AbstractContextManager[None]:
         return nullcontext()  # off already
 
-    def prompt_ids(self, messages: list[dict], max_tokens: int) -> list[int]:
-        return self.engine.prompt_ids(messages, max_tokens)
+    def prompt_ids(self, messages: list[dict], max_tokens: int, **thinking) -> list[int]:
+        return self.engine.prompt_ids(messages, max_tokens, **thinking)
+
+    def text_ids(self, text: str, max_tokens: int) -> list[int]:
+        return self.engine.text_ids(text, max_tokens)
 
     def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
         pieces = self.engine.pieces(prompt_ids, settings)

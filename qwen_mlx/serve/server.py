@@ -32,11 +32,16 @@ from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.errors import UserError
 from qwen_mlx.reasoning import ReasoningSplit
 from qwen_mlx.serve.api import (
+    SEED_RANGE,
     ChatRequest,
     ChunkWriter,
     ErrorResponse,
+    Sampling,
+    TextChunkWriter,
+    TextRequest,
     completion,
     install_error_handlers,
+    text_completion,
     usage,
 )
 from qwen_mlx.serve.guard import (
@@ -85,19 +90,36 @@ class Server:
         self.scheduler = Scheduler(max_concurrent)  # the model: requests decoded together
         self._encoding = threading.Lock()  # one prompt encoding at a time per tokenizer
 
-    def settings(self, req: ChatRequest) -> GenerationSettings:
+    def settings(self, req: Sampling, max_tokens: int | None = None) -> GenerationSettings:
         return GenerationSettings(
-            max_tokens=req.max_completion_tokens or req.max_tokens or self.default_max_tokens,
+            max_tokens=max_tokens or req.max_tokens or self.default_max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             stop=list(req.stop or []),
+            top_k=max(req.top_k, 0),
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            seed=None if req.seed is None else req.seed % SEED_RANGE,
         )
 
     def prompt_ids(
-        self, engine: Any, messages: list[dict], settings: GenerationSettings
+        self,
+        engine: Any,
+        messages: list[dict],
+        settings: GenerationSettings,
+        thinking: bool | None = None,
     ) -> list[int]:
+        """``thinking``: the request's enable_thinking (None: the engine's own setting)."""
         with self._encoding:
-            return engine.prompt_ids(messages, settings.max_tokens)
+            if thinking is None:
+                return engine.prompt_ids(messages, settings.max_tokens)
+            return engine.prompt_ids(messages, settings.max_tokens, thinking=thinking)
+
+    def text_ids(self, engine: Any, text: str, settings: GenerationSettings) -> list[int]:
+        with self._encoding:
+            return engine.text_ids(text, settings.max_tokens)
 
     @property
     def closing(self) -> bool:
@@ -155,7 +177,7 @@ async def _cancel_on_disconnect(receive, scope: anyio.CancelScope) -> None:
     scope.cancel()
 
 
-async def _answer(job: Job, request: Request, model_id: str) -> Response | dict:
+async def _answer(job: Job, request: Request, model_id: str, text: bool = False):
     """The whole reply of a non-streamed request, polling for a client that gave up."""
     task = asyncio.ensure_future(job.collect())
     try:
@@ -169,9 +191,11 @@ async def _answer(job: Job, request: Request, model_id: str) -> Response | dict:
         task.cancel()
     if not chunks or not chunks[-1].finish_reason:
         return ErrorResponse(503, "the server is shutting down", kind="server_error")
-    text = "".join(c.text for c in chunks)
+    said, reason = "".join(c.text for c in chunks), chunks[-1].finish_reason
     tokens = usage(job.prompt_tokens, chunks[-1].completion_tokens)
-    return completion(model_id, text, chunks[-1].finish_reason, tokens, job.think_tags)
+    if text:
+        return text_completion(model_id, said, reason, tokens)
+    return completion(model_id, said, reason, tokens, job.think_tags)
 
 
 def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
@@ -214,14 +238,12 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
 
     add_page_routes(app, server)
 
-    @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, request: Request):
+    def refused(req: Sampling, settings: GenerationSettings) -> ErrorResponse | None:
         engine = server.engines.get(req.model or model_id)
         if engine is None:
             return _no_such_model(server, req.model)
         if server.closing:
             return ErrorResponse(503, "the server is shutting down", kind="server_error")
-        settings = server.settings(req)
         if settings.max_tokens >= engine.context_length:
             return ErrorResponse(
                 400,
@@ -230,12 +252,43 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
                 "max_tokens",
                 code="context_length_exceeded",
             )
-        messages = [{"role": m.role, "content": m.content} for m in req.messages]
+        return None
+
+    @app.post("/v1/completions")
+    async def text(req: TextRequest, request: Request):
+        settings = server.settings(req)
+        if (error := refused(req, settings)) is not None:
+            return error
+        engine = server.engines[req.model or model_id]
+        prompt = req.prompt  # one string (validated)
+        too_long = cannot_fit([{"content": prompt}], engine.context_length, settings.max_tokens)
+        if too_long:
+            return ErrorResponse(400, too_long, "prompt", code="context_length_exceeded")
+        try:
+            ids = await asyncio.to_thread(server.text_ids, engine, prompt, settings)
+        except UserError as err:
+            return ErrorResponse(400, str(err), "prompt", code="context_length_exceeded")
+        job = Job(server.scheduler, engine, ids, settings)
+        job.think_tags = None  # plain text: no think block to split off
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return EventStream(job, TextChunkWriter(engine.model_id, include_usage))
+        return await _answer(job, request, engine.model_id, text=True)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest, request: Request):
+        settings = server.settings(req, req.max_completion_tokens)
+        if (error := refused(req, settings)) is not None:
+            return error
+        engine = server.engines[req.model or model_id]
+        messages = [_message(m) for m in req.messages]
         too_long = cannot_fit(messages, engine.context_length, settings.max_tokens)
         if too_long:  # refused by counting: a hostile request never holds the tokenizer
             return ErrorResponse(400, too_long, "messages", code="context_length_exceeded")
         try:
-            ids = await asyncio.to_thread(server.prompt_ids, engine, messages, settings)
+            kwargs = req.chat_template_kwargs
+            thinking = kwargs.enable_thinking if kwargs else None
+            ids = await asyncio.to_thread(server.prompt_ids, engine, messages, settings, thinking)
         except UserError as err:
             return ErrorResponse(400, str(err), "messages", code="context_length_exceeded")
         job = Job(server.scheduler, engine, ids, settings)
@@ -245,6 +298,15 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
         return await _answer(job, request, engine.model_id)
 
     return app
+
+
+def _message(message: Any) -> dict:
+    """A request's message as the chat template takes it (tool calls in OpenAI's shape,
+    their arguments an object)."""
+    out = {"role": message.role, "content": message.content}
+    if message.tool_calls:
+        out["tool_calls"] = [call.model_dump(exclude_none=True) for call in message.tool_calls]
+    return out
 
 
 def _no_such_model(server: Server, name: str | None) -> ErrorResponse:
