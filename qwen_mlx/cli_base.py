@@ -61,6 +61,27 @@ def default_config(path: Path | None) -> Path | None:
     return Path("config.yaml") if Path("config.yaml").is_file() else None
 
 
+def judge_options(command):
+    """A judge model's options (``eval``, ``data pairs``): its URL, model name and key."""
+    for option in reversed(
+        [
+            click.option(
+                "--judge-url", help="OpenAI-compatible URL of a model that grades each answer."
+            ),
+            click.option("--judge-model", help="The judge's model name (with --judge-url)."),
+            click.option(
+                "--judge-key-env",
+                metavar="VAR",
+                default="OPENAI_API_KEY",
+                show_default=True,
+                help="Environment variable with the judge's key (a local judge may have none).",
+            ),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
 def server_options(port: int):
     """The options of a command that serves pages and an API (``serve``, ``review``): where it
     listens, the host names it answers, its key and the origins allowed to call it; one

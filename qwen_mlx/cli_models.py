@@ -11,7 +11,13 @@ from pathlib import Path
 import click
 
 from qwen_mlx.backends import CHOICES
-from qwen_mlx.cli_base import ErrorLineGroup, console, err_console, server_options
+from qwen_mlx.cli_base import (
+    ErrorLineGroup,
+    console,
+    err_console,
+    judge_options,
+    server_options,
+)
 from qwen_mlx.errors import UserError
 from qwen_mlx.export.gguf_quants import QUANT_CHOICES
 from qwen_mlx.families import names as family_names
@@ -228,15 +234,7 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
 @_engine_backend
 @click.option("--max-tokens", type=click.IntRange(1), default=256, show_default=True)
 @click.option("--limit", type=click.IntRange(1), default=None, help="Only the first N questions.")
-@click.option("--judge-url", help="OpenAI-compatible URL of a model that grades each answer.")
-@click.option("--judge-model", help="The judge's model name (with --judge-url).")
-@click.option(
-    "--judge-key-env",
-    metavar="VAR",
-    default="OPENAI_API_KEY",
-    show_default=True,
-    help="Environment variable with the judge's key (a local judge may have none).",
-)
+@judge_options
 @click.option(
     "--general",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),

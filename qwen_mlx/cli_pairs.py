@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from qwen_mlx.backends import CHOICES
-from qwen_mlx.cli_base import console
+from qwen_mlx.cli_base import console, judge_options
 from qwen_mlx.pairs import DEFAULT_THRESHOLD
 
 
@@ -27,15 +27,7 @@ from qwen_mlx.pairs import DEFAULT_THRESHOLD
     required=True,
     help="The JSONL of preference pairs to write (TRL's conversational prompt/chosen/rejected).",
 )
-@click.option("--judge-url", help="OpenAI-compatible URL of a model that grades each answer.")
-@click.option("--judge-model", help="The judge's model name (with --judge-url).")
-@click.option(
-    "--judge-key-env",
-    metavar="VAR",
-    default="OPENAI_API_KEY",
-    show_default=True,
-    help="Environment variable with the judge's key (a local judge may have none).",
-)
+@judge_options
 @click.option(
     "--threshold",
     type=click.FloatRange(0, 1),
