@@ -22,7 +22,6 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict
 
@@ -30,7 +29,7 @@ from qwen_mlx.review.grades import Grading
 from qwen_mlx.review.ledger import Conflict
 from qwen_mlx.review.reviewed import Review
 from qwen_mlx.serve.api import ErrorResponse, install_error_handlers
-from qwen_mlx.serve.guard import Guard, allowed_hosts, http_protocol
+from qwen_mlx.serve.guard import Guard, allow_origins, allowed_hosts, http_protocol
 from qwen_mlx.serve.page import PAGE_HEADERS
 
 PAGES = {"review": "review.html", "grade": "grade.html"}
@@ -211,13 +210,7 @@ def create_app(server: ReviewServer, bound: str = "127.0.0.1") -> FastAPI:
         hosts=allowed_hosts(bound, server.allowed_hosts),
         public=PUBLIC_PATHS,
     )
-    if server.cors_origins:  # outermost, so preflights and errors carry the CORS headers
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=server.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"],
-        )
+    allow_origins(app, server.cors_origins)
     page = PAGES[server.mode]
 
     @app.get("/", include_in_schema=False)

@@ -250,3 +250,17 @@ def http_protocol(header_timeout: float = HEADER_TIMEOUT_S) -> type:
         from uvicorn.protocols.http.h11_impl import H11Protocol as base
     attrs = {"header_timeout": header_timeout}
     return type(f"Deadline{base.__name__}", (HeaderDeadline, base), attrs)
+
+
+def allow_origins(app: Any, origins: Iterable[str]) -> None:
+    """Let web pages from ``origins`` call ``app`` (``--cors-origin``). Added last, so it is
+    the outermost layer: preflights and error replies carry the CORS headers too."""
+    from fastapi.middleware.cors import CORSMiddleware
+
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(origins),
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type"],
+        )

@@ -25,7 +25,6 @@ from typing import Any
 import anyio
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import Response
 
 from qwen_mlx.backends.base import GenerationSettings
@@ -48,6 +47,7 @@ from qwen_mlx.serve.guard import (
     BODY_TIMEOUT_S,
     HEADER_TIMEOUT_S,
     Guard,
+    allow_origins,
     allowed_hosts,
     cannot_fit,
     http_protocol,
@@ -211,13 +211,7 @@ def create_app(server: Server, bound: str = "127.0.0.1") -> FastAPI:
         public=PUBLIC_PATHS | {"/health"},
         body_timeout=server.body_timeout,
     )
-    if server.cors_origins:  # outermost, so preflights and errors carry the CORS headers
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=server.cors_origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["authorization", "content-type"],
-        )
+    allow_origins(app, server.cors_origins)
 
     @app.get("/health")
     async def health():
