@@ -15,7 +15,7 @@ Variants, each in its own process so peak memory is clean, show where a gain com
     ours+bucketed  ours with training.packing: bucketed (length-sorted batches of --batch)
 
 Options after "ours" combine: ours+liger+flex+sel; "ours" alone is training.packing: auto
-(packed rows on torch). Data: seed-like synthetic chat samples
+(bucketed on a CPU, packed rows on a GPU). Data: seed-like synthetic chat samples
 (prompt ~1/3, answer ~2/3, 120–480 tokens); every variant trains on the same samples.
 tokens/s counts real (non-padding) tokens; "steady" leaves out the first optimizer step
 (CUDA start-up, Triton compilation), "overall" is the whole run.
@@ -227,7 +227,8 @@ def worker(args) -> dict:
         steady = _hf_loss_steps(model, rows, device, packed=True)
     else:
         hooks = TorchHooks(model, device, cfg, (0, 1), liger)
-        data = sample_run_data(samples, [], cfg, 0, row_layout(cfg.training, "torch"))
+        where = f"torch/{device.type}"  # as training_run's layout_place tells devices apart
+        data = sample_run_data(samples, [], cfg, 0, row_layout(cfg.training, where))
         with tempfile.TemporaryDirectory() as run_dir:
             train_loop(cfg, data, hooks, Path(run_dir), Console(quiet=True), resume=False)
             steady = _steady_from_metrics(Path(run_dir))

@@ -24,9 +24,11 @@ def _f(default: Any, help: str, choices: tuple | None = None, **kw: Any) -> Any:
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PACKING = (True, False, "auto", "bucketed")  # training.packing's values
-# The row layout training.packing: auto picks per backend, from bench/train_mlx.py and
-# bench/train_torch.py (packed, unpacked and bucketed in one run; BENCHMARKS.md).
-AUTO_LAYOUT = {"mlx": "bucketed", "torch": "packed"}
+# The row layout training.packing: auto picks where a run trains, from bench/train_mlx.py and
+# bench/train_torch.py (packed, unpacked and bucketed in the same run; BENCHMARKS.md): on MLX
+# and on torch's CPU path one-sample rows in length-sorted batches were fastest, at less
+# memory; on a GPU, packed rows fill it (the issue's H100 notes), so torch keeps them there.
+AUTO_LAYOUT = {"mlx": "bucketed", "torch/cpu": "bucketed", "torch": "packed"}
 
 
 @dataclass
@@ -106,10 +108,10 @@ class TrainingConfig:
     max_seq_length: int = _f(1024, "Tokens per row; longer samples are truncated (counted).")
     packing: bool | str = _f(
         "auto",
-        "How samples are laid out in batches: true packs several into rows of max_seq_length "
-        "(attention kept per sample); false puts one sample in a row; bucketed sorts them by "
-        "length and batches neighbours, about batch_size × max_seq_length tokens a batch; "
-        "auto picks what measured fastest on the backend (MLX: bucketed, torch: true).",
+        "How samples are laid out: true packs several into rows of max_seq_length (attention "
+        "kept per sample); false puts one sample in a row; bucketed too, and batches "
+        "batch_size rows of similar length (mlx-lm's order); auto picks what measured "
+        "fastest where the run trains: bucketed on MLX and on torch's CPU path, else true.",
     )
     seed: int = _f(42, "Seed for data split, order, LoRA init and dropout.")
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0: no clipping).")
@@ -153,15 +155,17 @@ def row_length(training: TrainingConfig) -> int:
     return training.max_seq_length * (1 if training.objective == "sft" else 2)
 
 
-def row_layout(training: TrainingConfig, backend: str | None) -> str:
+def row_layout(training: TrainingConfig, where: str | None) -> str:
     """``packed``, ``unpacked`` or ``bucketed``: how ``training.packing`` lays samples out
-    on ``backend`` (``mlx`` or ``torch``; needed for ``auto`` only, the layout measured
-    fastest there)."""
+    ``where`` the run trains (a key of AUTO_LAYOUT: ``mlx``, ``torch``, ``torch/cpu``;
+    needed for ``auto`` only, the layout measured fastest there)."""
     packing = training.packing
     if packing == "auto":
-        if backend is None:
+        if where is None:
             raise ValueError("training.packing: auto needs the backend")
-        return AUTO_LAYOUT.get(backend, "packed")  # a backend not measured: packed rows
+        backend = where.split("/")[0]
+        # a device or backend not measured: its backend's layout, else packed rows
+        return AUTO_LAYOUT.get(where, AUTO_LAYOUT.get(backend, "packed"))
     if packing == "bucketed":
         return "bucketed"
     return "packed" if packing else "unpacked"

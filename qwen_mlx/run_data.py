@@ -196,17 +196,24 @@ def _pair_run_data(cfg: Config, tokenizer: Any, run_dir: Path | None, layout: st
     return _with_notes(laid_out(rows, valid, cfg, pad_id, layout), notes)
 
 
+def layout_place(backend: str, plan: Any) -> str:
+    """Where a run on ``plan`` trains, as ``training.packing: auto`` tells places apart
+    (:data:`qwen_mlx.config.AUTO_LAYOUT`): the backend, ``/cpu`` added for torch on a CPU."""
+    device = getattr(plan.settings, "device", None)  # torch's plan holds its torch.device
+    return f"{backend}/cpu" if getattr(device, "type", None) == "cpu" else backend
+
+
 def build_run_data(
-    cfg: Config, tokenizer: Any, run_dir: Path | None = None, backend: str | None = None
+    cfg: Config, tokenizer: Any, run_dir: Path | None = None, where: str | None = None
 ) -> RunData:
-    """Everything a trainer iterates over: the same rows and batches for every backend that
-    runs the same layout; ``training.packing: auto`` picks the layout of ``backend`` (the
-    one ``training.backend`` resolves to here if not given)."""
-    if backend is None and cfg.training.packing == "auto":
+    """Everything a trainer iterates over: the same rows and batches wherever the same
+    layout runs; ``training.packing: auto`` picks the layout of ``where`` (see
+    :func:`layout_place`; if not given, of the backend ``training.backend`` resolves to)."""
+    if where is None and cfg.training.packing == "auto":
         from qwen_mlx.backends import resolve
 
-        backend = resolve(cfg.training.backend)[0]
-    layout = row_layout(cfg.training, backend)
+        where = resolve(cfg.training.backend)[0]
+    layout = row_layout(cfg.training, where)
     if cfg.training.objective != "sft":
         return _pair_run_data(cfg, tokenizer, run_dir, layout)
     train_records, valid_records, notes = _records(cfg, run_dir)

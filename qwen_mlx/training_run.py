@@ -132,7 +132,7 @@ def _warn(console: Console, line: str) -> None:
 
 def _prepare(backend: Backend, cfg: Config, run: RunDir, console: Console):
     """The plan (its notes shown), the run's data and the memory fit, before any loading."""
-    from qwen_mlx.run_data import build_run_data
+    from qwen_mlx.run_data import build_run_data, layout_place
     from qwen_mlx.tokens import load_tokenizer
 
     plan = backend.plan(cfg)
@@ -141,7 +141,8 @@ def _prepare(backend: Backend, cfg: Config, run: RunDir, console: Console):
     for note in plan.notes:
         _warn(out, note)
     tokenizer = load_tokenizer(cfg.model.path)
-    data = build_run_data(cfg, tokenizer, run.path if plan.main else None, backend.name)
+    where = layout_place(backend.name, plan)
+    data = build_run_data(cfg, tokenizer, run.path if plan.main else None, where)
     for line in data.messages:
         out.print(line, highlight=False)
     fit = memory.fit(cfg, plan)  # before the trainer: it builds the step with recomputation

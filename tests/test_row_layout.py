@@ -4,6 +4,7 @@ epoch in whole batches, split across ranks, deterministic and resumable bit for 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -35,20 +36,37 @@ LENGTHS = [37, 5, 120, 64, 9, 64, 200, 18, 91, 33, 150, 7, 70]
 def test_auto_is_the_default_and_picks_the_layout_measured_fastest_on_each_backend():
     training = load_config().training
     assert training.packing == "auto"
-    # bench/train_mlx.py, bench/train_torch.py (BENCHMARKS.md): MLX runs one-sample rows in
-    # length-sorted batches faster than packed rows; torch runs packed rows faster.
+    # bench/train_mlx.py, bench/train_torch.py (BENCHMARKS.md): MLX and torch on a CPU run
+    # one-sample rows in length-sorted batches faster than packed rows; a GPU keeps packing.
     assert row_layout(training, "mlx") == "bucketed"
-    assert row_layout(training, "torch") == "packed"
+    assert row_layout(training, "torch/cpu") == "bucketed"
+    assert row_layout(training, "torch/cuda") == row_layout(training, "torch") == "packed"
     for value, layout in (("true", "packed"), ("false", "unpacked"), ("bucketed", "bucketed")):
         explicit = load_config(None, None, [f"training.packing={value}"]).training
-        assert row_layout(explicit, "mlx") == row_layout(explicit, "torch") == layout
+        assert {row_layout(explicit, w) for w in ("mlx", "torch/cpu", "torch")} == {layout}
 
 
-def test_a_run_lays_its_data_out_for_the_backend_it_trains_on(tiny_model_dir, small_data, tmp_path):
+def test_a_run_knows_where_it_trains(tiny_model_dir):
+    pytest.importorskip("torch")
+    from qwen_mlx.backends.torch_trainer import TorchBackend
+    from qwen_mlx.run_data import layout_place
+
+    cfg = load_config(None, None, [f"model.path={tiny_model_dir}", "model.quantization=none"])
+    plan = TorchBackend().plan(cfg)
+    assert layout_place("torch", plan) == f"torch/{plan.settings.device.type}"
+    if plan.settings.device.type == "cpu":
+        assert row_layout(cfg.training, layout_place("torch", plan)) == "bucketed"
+    if importlib.util.find_spec("mlx_lm"):
+        from qwen_mlx.backends.mlx_trainer import MLXBackend
+
+        assert layout_place("mlx", MLXBackend().plan(cfg)) == "mlx"
+
+
+def test_a_run_lays_its_data_out_for_where_it_trains(tiny_model_dir, small_data, tmp_path):
     cfg = run_config(tiny_model_dir, small_data, tmp_path)
     tokenizer = load_tokenizer(tiny_model_dir)
-    on_mlx = build_run_data(cfg, tokenizer, backend="mlx")
-    on_torch = build_run_data(cfg, tokenizer, backend="torch")
+    on_mlx = build_run_data(cfg, tokenizer, where="mlx")
+    on_torch = build_run_data(cfg, tokenizer, where="torch/cuda")
     assert on_mlx.train_batches is not None and all(r.num_segments == 1 for r in on_mlx.train)
     assert on_torch.train_batches is None and max(r.num_segments for r in on_torch.train) > 1
     assert "length-bucketed batches" in on_mlx.messages[-1]
@@ -298,7 +316,7 @@ def test_bucketed_preference_batches_hold_whole_pairs(tiny_model_dir, tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text("\n".join(json.dumps(p, ensure_ascii=False) for p in pairs), encoding="utf-8")
     cfg = run_config(tiny_model_dir, path, tmp_path / "run", "training.objective=dpo")
-    data = build_run_data(cfg, load_tokenizer(tiny_model_dir), backend="mlx")  # auto: bucketed
+    data = build_run_data(cfg, load_tokenizer(tiny_model_dir), where="mlx")  # auto: bucketed
     assert data.train_batches is not None
     assert all(r.num_segments == 2 for r in data.train)  # chosen and rejected share a row
     assert all(len(b) <= cfg.training.batch_size for b in data.train_batches)
