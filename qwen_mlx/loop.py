@@ -260,9 +260,8 @@ def _resume(run_dir: Path, hooks: Hooks, data: RunData, console: Console) -> Loo
     folder, state = checkpoints.restore(run_dir, hooks.load_state, note, main)
     if state.data_fingerprint != data.fingerprint:
         raise TrainingStopped(
-            f"the training data, tokenizer or row layout changed since {folder}; resuming "
-            "needs the same data and layout (training.packing: auto picks the layout per "
-            "backend and device: set the run's, true, false or bucketed; or start a new run)"
+            f"the training data, tokenizer or row layout (training.packing, batch_size) "
+            f"changed since {folder}; resuming needs the same (or start a new run)"
         )
     if main:
         console.print(f"resuming from {folder} (step {state.step})", soft_wrap=True)

@@ -203,6 +203,14 @@ def layout_place(backend: str, plan: Any) -> str:
     return f"{backend}/cpu" if getattr(device, "type", None) == "cpu" else backend
 
 
+def pin_layout(cfg: Config, where: str) -> None:
+    """``training.packing: auto`` → the layout it picks ``where`` (true, false or bucketed), in
+    place: the run's config.yaml then records it, and a resume keeps it on any machine."""
+    if cfg.training.packing == "auto":
+        layout = row_layout(cfg.training, where)
+        cfg.training.packing = {"packed": True, "unpacked": False}.get(layout, layout)
+
+
 def build_run_data(
     cfg: Config, tokenizer: Any, run_dir: Path | None = None, where: str | None = None
 ) -> RunData:

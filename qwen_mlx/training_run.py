@@ -86,6 +86,8 @@ def _resumed_config(
     cfg.output.dir = saved.output.dir  # --resume names the folder, whatever -c says
     if backend is not None and resolve(backend)[0] != resolve(saved.training.backend)[0]:
         cfg.training.backend = backend  # "auto" and the trainer it picks here are the same
+    if cfg.training.packing == "auto":  # e.g. -c the config the run started from
+        cfg.training.packing = saved.training.packing  # the layout auto picked then
     unsafe = [c for c in changed_keys(saved, cfg) if not _safe_on_resume(c[0])]
     if unsafe:
         listed = ", ".join(f"{key} changed ({old} → {new})" for key, old, new in unsafe)
@@ -132,7 +134,7 @@ def _warn(console: Console, line: str) -> None:
 
 def _prepare(backend: Backend, cfg: Config, run: RunDir, console: Console):
     """The plan (its notes shown), the run's data and the memory fit, before any loading."""
-    from qwen_mlx.run_data import build_run_data, layout_place
+    from qwen_mlx.run_data import build_run_data, layout_place, pin_layout
     from qwen_mlx.tokens import load_tokenizer
 
     plan = backend.plan(cfg)
@@ -141,8 +143,11 @@ def _prepare(backend: Backend, cfg: Config, run: RunDir, console: Console):
     for note in plan.notes:
         _warn(out, note)
     tokenizer = load_tokenizer(cfg.model.path)
-    where = layout_place(backend.name, plan)
-    data = build_run_data(cfg, tokenizer, run.path if plan.main else None, where)
+    if cfg.training.packing == "auto":
+        pin_layout(cfg, layout_place(backend.name, plan))
+        if plan.main and run.config.is_file():
+            save_config(cfg, run.config)  # records the layout auto picked: a resume keeps it
+    data = build_run_data(cfg, tokenizer, run.path if plan.main else None)
     for line in data.messages:
         out.print(line, highlight=False)
     fit = memory.fit(cfg, plan)  # before the trainer: it builds the step with recomputation

@@ -263,7 +263,7 @@ def test_resume_on_other_batches_is_refused(tmp_path):
     cfg = bucketed_cfg("training.max_steps=1")
     train_loop(cfg, bucketed_data(cfg), Recorder(), tmp_path, QUIET, resume=False)
     other = bucketed_cfg("training.batch_size=2")
-    with pytest.raises(TrainingStopped, match=r"row layout changed.*training\.packing"):
+    with pytest.raises(TrainingStopped, match=r"layout \(training\.packing, batch_size\)"):
         train_loop(other, bucketed_data(other), Recorder(), tmp_path, QUIET, resume=True)
 
 
@@ -321,3 +321,23 @@ def test_bucketed_preference_batches_hold_whole_pairs(tiny_model_dir, tmp_path):
     assert all(r.num_segments == 2 for r in data.train)  # chosen and rejected share a row
     assert all(len(b) <= cfg.training.batch_size for b in data.train_batches)
     assert sorted(i for b in data.train_batches for i in b) == list(range(len(data.train)))
+
+
+def test_a_run_records_the_layout_auto_picked_and_resumes_with_it(
+    tiny_model_dir, small_data, tmp_path
+):
+    pytest.importorskip("peft")
+    from qwen_mlx import training_run
+    from qwen_mlx.config_file import config_to_yaml
+
+    started = run_config(tiny_model_dir, small_data, tmp_path / "run", "training.max_steps=1")
+    assert started.training.packing == "auto"
+    started.training.backend = "torch"
+    original = tmp_path / "config.yaml"
+    original.write_text(config_to_yaml(started), encoding="utf-8")
+    run_dir = training_run.start(original, None, None, (), None, QUIET)
+    saved = load_config(run_dir / "config.yaml")
+    assert saved.training.packing == "bucketed"  # what auto picks for torch on this CPU
+    # resuming with the file the run started from (auto) keeps the recorded layout
+    resumed, _ = training_run.resolve_run(original, None, None, (), run_dir)
+    assert resumed.training.packing == "bucketed"
