@@ -341,3 +341,16 @@ def test_a_run_records_the_layout_auto_picked_and_resumes_with_it(
     # resuming with the file the run started from (auto) keeps the recorded layout
     resumed, _ = training_run.resolve_run(original, None, None, (), run_dir)
     assert resumed.training.packing == "bucketed"
+
+
+def test_a_batch_of_one_sample_rows_keeps_transformers_plain_causal_mask():
+    torch = pytest.importorskip("torch")
+    masking = pytest.importorskip("transformers.masking_utils")
+    rows = unpacked(samples_of([5, 9, 3]), 0)
+    batch = collate([rows[i] for i in bucket(rows, 3)[0]], 0)
+    positions = torch.from_numpy(batch["position_ids"]).long()
+    # padding goes on counting, so nothing reads as a second, packed sequence
+    assert masking.find_packed_sequence_indices(positions) is None
+    (row,) = pack(samples_of([5, 9, 3]), 20, pad_id=0)
+    packed = torch.from_numpy(collate([row], 0)["position_ids"]).long()
+    assert masking.find_packed_sequence_indices(packed) is not None
