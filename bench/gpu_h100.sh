@@ -38,8 +38,8 @@ common=(--device cuda --shape 3b --seq 4096 --samples 512 --baseline-samples 48
 case "${1:-}" in
     bf16)  # which gain comes from which change
         timeout 540 python3 bench/train_torch.py "${common[@]}" --quant none --variants \
-            plain,ours,ours+gc,ours+sel,ours+flex,ours+liger,ours+liger+flex+sel \
-            | tee "$out/bench-bf16.txt" ;;
+            plain,ours,ours+bucketed,ours+gc,ours+sel,ours+flex,ours+liger,ours+liger+flex+sel \
+            | tee "$out/bench-bf16.txt" ;;  # ours+bucketed: is packed (auto's GPU pick) right?
     4bit)  # ≤ 10 GiB: rows of 4096 need every layer checkpointed (≈ 29 GB of activations
            # otherwise); half the layers fit at rows of 1024
         timeout 400 python3 bench/train_torch.py "${common[@]}" --quant 4bit --variants \
