@@ -128,6 +128,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line(
         "training.max_seq_length=256",
         "training.max_steps=4",
         "training.save_every=2",
+        "training.packing=true",  # packed rows: no epoch ends (and saves) before step 4
     ]
     full = FaultyDisk(
         monkeypatch,
