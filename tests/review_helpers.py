@@ -15,21 +15,8 @@ from pathlib import Path
 
 from click.testing import CliRunner
 from serve_helpers import free_port
-from teacher_stub import REPO_ROOT, TeacherStub, default_reply
+from teacher_stub import REPO_ROOT, RULES, TeacherStub, default_reply
 
-RULES = """# 差旅费报销细则
-## 第一章 总则
-第一条 为规范学校差旅费管理，根据国家有关规定，制定本细则。
-第二条 本细则适用于学校全体教职工因公出差。出差人员应当先审批后出差。
-## 第二章 住宿费
-第三条 住宿费在标准内凭发票据实报销，超出部分自理。
-第四条 讲师到北京出差，住宿标准为每人每晚550元；到上海出差，标准为每人每晚500元。
-（一）会议主办方统一安排住宿的，不再报销住宿费；
-（二）与亲友同住的，不得报销住宿费。
-## 第三章 伙食补助
-第五条 伙食补助按出差天数包干发放，每人每天100元。到西藏、青海、新疆出差，每人每天120元。
-第六条 参加会议期间由主办方提供全天用餐的，不发放伙食补助。
-"""
 # Three chunks, three questions each, their paraphrases, an unanswerable question and a
 # follow-up: a little over 20 records in train and test.
 DISTILL = [

@@ -12,7 +12,7 @@ import time
 import pytest
 from click.testing import CliRunner
 from repo_helpers import REPO_ROOT
-from teacher_stub import UNSUPPORTED_MARK, TeacherStub, default_reply, rules_file
+from teacher_stub import RULES, UNSUPPORTED_MARK, TeacherStub, default_reply, rules_file
 
 from qwen_mlx.cli import cli
 from qwen_mlx.distill.curate import jaccard, shingles
@@ -20,19 +20,6 @@ from qwen_mlx.distill.ledger import Ledger
 
 pytest.importorskip("openai")
 
-RULES = """# 差旅费报销细则
-## 第一章 总则
-第一条 为规范学校差旅费管理，根据国家有关规定，制定本细则。
-第二条 本细则适用于学校全体教职工因公出差。出差人员应当先审批后出差。
-## 第二章 住宿费
-第三条 住宿费在标准内凭发票据实报销，超出部分自理。
-第四条 讲师到北京出差，住宿标准为每人每晚550元；到上海出差，标准为每人每晚500元。
-（一）会议主办方统一安排住宿的，不再报销住宿费；
-（二）与亲友同住的，不得报销住宿费。
-## 第三章 伙食补助
-第五条 伙食补助按出差天数包干发放，每人每天100元。到西藏、青海、新疆出差，每人每天120元。
-第六条 参加会议期间由主办方提供全天用餐的，不发放伙食补助。
-"""
 FILES = ("train.jsonl", "test.jsonl", "chunks.jsonl")
 
 
