@@ -345,3 +345,25 @@ def rules_file(tmp_path: Path, monkeypatch, text: str) -> Path:
     path = tmp_path / "rules.md"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def ctrl_c_while_the_judge_hangs(args: list[str]) -> tuple[int, float, str]:
+    """``python -m qwen_mlx ARGS`` judged by a stub that gives one verdict and then hangs on
+    every request; one Ctrl-C once the next request waits. Returns the exit code, the seconds
+    from Ctrl-C to exit, and the output."""
+    import signal
+    import subprocess
+
+    with TeacherStub() as stub:
+        stub.hold_after = 1
+        cmd = [sys.executable, "-m", "qwen_mlx", *args]
+        cmd += ["--judge-url", stub.url, "--judge-model", "teacher"]
+        proc = subprocess.Popen(
+            cmd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert wait_for(lambda: len(stub.requests) > len(stub.answered) == 1, 120)
+        time.sleep(0.3)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        output = proc.communicate(timeout=60)[0]
+        return proc.returncode, time.monotonic() - start, output

@@ -215,30 +215,14 @@ def test_ctrl_c_stops_eval_within_2_s_while_the_judge_hangs(overfit_run, sigint_
     """Every judge request hangs (a 120 s timeout, retries): one Ctrl-C ends eval at once,
     with the verdicts kept and the one-line message (exit 130)."""
     pytest.importorskip("openai")
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from teacher_stub import TeacherStub, ledger_lines, process_env, wait_for
+    from teacher_stub import ctrl_c_while_the_judge_hangs, ledger_lines
 
     run, data = overfit_run
     kept = len(ledger_lines(run / "eval", "judge_ledger.jsonl"))  # other tests' verdicts
-    with TeacherStub() as stub:
-        stub.hold_after = 1  # one verdict, then every request hangs
-        cmd = [sys.executable, "-m", "qwen_mlx", "eval", str(run), "--data", str(data)]
-        cmd += ["--backend", "torch", "--max-tokens", "4", "--limit", "4"]
-        cmd += ["--judge-url", stub.url, "--judge-model", "teacher"]
-        proc = subprocess.Popen(
-            cmd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert wait_for(lambda: len(stub.requests) > len(stub.answered) == 1, 120)
-        time.sleep(0.3)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=60)[0]
-        seconds = time.monotonic() - start
-    assert proc.returncode == 130 and seconds < 2.0, (seconds, output)
+    args = ["eval", str(run), "--data", str(data)]
+    args += ["--backend", "torch", "--max-tokens", "4", "--limit", "4"]
+    returncode, seconds, output = ctrl_c_while_the_judge_hangs(args)
+    assert returncode == 130 and seconds < 2.0, (seconds, output)
     assert f"stopped: the {kept + 1} verdicts so far are kept" in output
     assert "Traceback" not in output
     assert len(ledger_lines(run / "eval", "judge_ledger.jsonl")) == kept + 1

@@ -459,30 +459,14 @@ def test_ctrl_c_stops_within_2_s_while_the_judge_hangs(run, tmp_path, sigint_as_
     """One verdict, then every judge request hangs: one Ctrl-C ends the command at once with
     the one-line message (exit 130), the verdict kept in the ledger, no output written."""
     pytest.importorskip("openai")
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from teacher_stub import TeacherStub, ledger_lines, process_env, wait_for
+    from teacher_stub import ctrl_c_while_the_judge_hangs, ledger_lines
 
     run_dir, answers = run
     data, out = _data(tmp_path / "qa.jsonl", answers), tmp_path / "pairs.jsonl"
-    with TeacherStub() as stub:
-        stub.hold_after = 1
-        cmd = [sys.executable, "-m", "qwen_mlx", "data", "pairs", str(run_dir), "--data"]
-        cmd += [str(data), "-o", str(out), "--backend", "torch", "--max-tokens", str(MAX_TOKENS)]
-        cmd += ["--judge-url", stub.url, "--judge-model", "teacher"]
-        proc = subprocess.Popen(
-            cmd, env=process_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
-        assert wait_for(lambda: len(stub.requests) > len(stub.answered) == 1, 120)
-        time.sleep(0.3)
-        start = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        output = proc.communicate(timeout=60)[0]
-        seconds = time.monotonic() - start
-    assert proc.returncode == 130 and seconds < 2.0, (seconds, output)
+    args = ["data", "pairs", str(run_dir), "--data", str(data), "-o", str(out)]
+    args += ["--backend", "torch", "--max-tokens", str(MAX_TOKENS)]
+    returncode, seconds, output = ctrl_c_while_the_judge_hangs(args)
+    assert returncode == 130 and seconds < 2.0, (seconds, output)
     assert "stopped: the 1 verdicts so far are kept" in output and "Traceback" not in output
     assert len(ledger_lines(tmp_path, "pairs.judge_ledger.jsonl")) == 1
     assert not out.exists()
