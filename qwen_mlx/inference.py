@@ -9,9 +9,10 @@ text); stop strings (:func:`with_stops`), token counts and finish reasons are ap
 the same way for every engine.
 
 Several prompts are answered together where the engine can (:func:`complete_batch`,
-:func:`answer_all`: the torch and MLX engines' ``pieces_batch``); each sequence still stops at
-its own end of turn, ``max_tokens`` or stop string, and greedy answers are the one-by-one
-answers token for token. An engine without ``pieces_batch`` (llama.cpp) answers one by one.
+:func:`answer_all`: the torch, MLX and llama.cpp engines' ``pieces_batch``); each sequence
+still stops at its own end of turn, ``max_tokens`` or stop string, and greedy answers are the
+one-by-one answers token for token. An engine without ``pieces_batch`` (a test fake, an old
+llama-cpp-python) answers one by one.
 """
 
 from __future__ import annotations
@@ -126,11 +127,11 @@ class Engine(Protocol):
         are predicted, teacher-forced (eval's general drift)."""
         ...
 
-    # Optional; without it :func:`complete_batch` answers one by one (llama.cpp, test fakes):
+    # Optional; without it :func:`complete_batch` answers one by one (test fakes):
     # def pieces_batch(self, prompts: list[list[int]], settings) -> list[list[str]]:
     #     """``pieces`` of several prompts generated together, each up to its own end of
     #     the turn or ``settings.max_tokens``; greedy, the one-by-one pieces exactly."""
-    # Optional; without it ``serve`` answers one request at a time (llama.cpp, test fakes):
+    # Optional; without it ``serve`` answers one request at a time (test fakes):
     # def decoder(self) -> Decoder:
     #     """A new :class:`Decoder`: continuous batching over this engine's model."""
 
@@ -194,11 +195,17 @@ def end_token_ids(tokenizer: Any, family: Any, model_dir: Path) -> set[int]:
 class GGUFEngine:
     """A GGUF file run by llama.cpp (llama-cpp-python), with the file's own chat template.
 
-    It answers one prompt at a time (no ``pieces_batch``): llama-cpp-python's high-level
-    ``Llama`` keeps a single sequence (id 0) in its context (``generate``/``eval`` take one
-    token list; only ``embed`` uses several sequence ids), so decoding several together would
-    mean rewriting its generation loop over the low-level ``llama_batch`` API, with a KV-cache
-    slot and a sampler per sequence.
+    One prompt at a time (``pieces``: chat, ``serve --max-concurrent 1``) goes through
+    llama-cpp-python's high-level ``Llama``, which keeps one sequence and reuses its cached
+    prompt prefix. Several together (``pieces_batch``: eval's batches; ``decoder``: serve's
+    continuous batching) go through :class:`~qwen_mlx.gguf_decoder.GGUFDecoder`, llama.cpp's
+    multi-sequence batch in a context of its own, up to ``max_sequences`` at once (serve sets
+    it to ``--max-concurrent``), each with the whole ``context_length``; that context exists
+    only while a batch runs. A batched sequence's tokens do not depend on what else is in the
+    batch (a seeded request samples the same reply whoever else is being answered); against
+    one by one, llama.cpp's one-token kernels round differently (up to ~1e-3 of a logit on
+    an f16 file), so greedy replies agree except at a near tie, and a seeded reply can part
+    where a draw lands that close to a boundary (see the decoder's docstring).
     """
 
     # Qwen3's enable_thinking, as for HFEngine; None: the GGUF's own template decides (our
@@ -206,6 +213,7 @@ class GGUFEngine:
     thinking: bool | None = None
     tokenizer = None  # llama.cpp tokenizes; no test loss on a GGUF
     has_adapter = False  # a fused file: its base is another GGUF (serve --base-gguf)
+    max_sequences = DEFAULT_BATCH_SIZE  # decoded together at most (its batch's KV memory)
 
     def __init__(self, path: Path, n_ctx: int = 4096):
         try:
@@ -234,6 +242,10 @@ class GGUFEngine:
         self.context_length = n_ctx
         self.file_name = path.name
         self.name(path.stem)
+        from qwen_mlx.gguf_decoder import supported
+
+        if not supported():  # an old llama-cpp-python: one prompt at a time
+            self.pieces_batch = self.decoder = None
 
     def name(self, model_id: str) -> None:
         self.model_id = model_id
@@ -267,25 +279,36 @@ class GGUFEngine:
         limit = room(self.context_length, max_tokens)
         return encode_pieces(pieces, self._text_ids, self.controls.__getitem__, limit)
 
-    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
-        import secrets
+    def decode(self, ids: list[int]) -> str:
+        """The text of tokens (control tokens dropped)."""
+        return _llama_text(self.llm, ids)
 
-        greedy = settings.temperature <= 0
+    def pieces(self, prompt_ids: list[int], settings: GenerationSettings) -> Iterator[str]:
+        from qwen_mlx.gguf_decoder import draw_seed, llama_sampling
+
         # llama.cpp's sampler chain draws from the seed set here (a fresh one without a seed)
-        self.llm.set_seed(settings.seed if settings.seed is not None else secrets.randbits(31))
-        tokens = self.llm.generate(
-            prompt_ids,
-            temp=0.0 if greedy else settings.temperature,
-            top_p=1.0 if greedy else settings.top_p,
-            top_k=1 if greedy else settings.top_k,  # 0: off, as everywhere else
-            min_p=0.0 if greedy else settings.min_p,  # llama-cpp-python's default is 0.05
-            repeat_penalty=settings.repetition_penalty,
-            presence_penalty=settings.presence_penalty,
-            frequency_penalty=settings.frequency_penalty,
-        )
+        self.llm.set_seed(draw_seed(settings))
+        tokens = self.llm.generate(prompt_ids, **llama_sampling(settings))
         with closing(tokens):
-            decode = partial(_llama_text, self.llm)
-            yield from token_texts(self._until_end(tokens, settings.max_tokens), decode)
+            yield from token_texts(self._until_end(tokens, settings.max_tokens), self.decode)
+
+    def pieces_batch(
+        self, prompts: list[list[int]], settings: GenerationSettings
+    ) -> list[list[str]]:
+        """The pieces of several prompts' replies, decoded together (``max_sequences`` at a
+        time, the next joining as one ends)."""
+        from qwen_mlx.gguf_decoder import generate_all
+
+        decoder = self.decoder(min(len(prompts), self.max_sequences))
+        tokens = generate_all(decoder, prompts, settings)
+        return [list(token_texts(ids, self.decode)) for ids in tokens]
+
+    def decoder(self, max_sequences: int | None = None) -> Any:
+        """Continuous batching over this model (``serve``): a
+        :class:`~qwen_mlx.gguf_decoder.GGUFDecoder` of ``max_sequences`` (None: the engine's)."""
+        from qwen_mlx.gguf_decoder import GGUFDecoder
+
+        return GGUFDecoder(self, max_sequences or self.max_sequences)
 
     def _until_end(self, tokens: Iterator[int], max_tokens: int) -> Iterator[int]:
         """Tokens up to the end of the turn, at most ``max_tokens`` of them (llama.cpp's

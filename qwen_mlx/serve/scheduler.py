@@ -9,7 +9,7 @@ turn, its ``max_tokens`` or a stop string, and its chunks reach the request side
 
 The tuned model and its adapter-off base (the page's compare) are separate batches, stepped
 in turns, so a batch never mixes adapter-on and adapter-off sequences. An engine without a
-decoder (llama.cpp: see :class:`~qwen_mlx.inference.GGUFEngine`), and every engine with
+decoder (a test fake, or a GGUF on an old llama-cpp-python), and every engine with
 ``max_concurrent`` 1, answers one request at a time, as the server did before it batched:
 such a job waits until nothing else is decoding, then has the model to itself.
 """

@@ -88,6 +88,9 @@ class Server:
         self.body_timeout = BODY_TIMEOUT_S  # seconds for a request's body to arrive
         self.started = int(time.time())  # the `created` of its model objects
         self.scheduler = Scheduler(max_concurrent)  # the model: requests decoded together
+        for each in self.engines.values():
+            if hasattr(each, "max_sequences"):  # llama.cpp sizes its batch's cache by it
+                each.max_sequences = max_concurrent
         self._encoding = threading.Lock()  # one prompt encoding at a time per tokenizer
 
     def settings(self, req: Sampling, max_tokens: int | None = None) -> GenerationSettings:

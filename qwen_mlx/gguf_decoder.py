@@ -1,0 +1,385 @@
+"""Continuous batching on llama.cpp: several sequences of a GGUF decoded together.
+
+llama-cpp-python's high-level ``Llama`` (what :class:`~qwen_mlx.inference.GGUFEngine` answers
+one prompt with) keeps a single sequence in its context: ``generate`` and ``eval`` take one
+token list and clear every sequence's cache past it. llama.cpp itself decodes many sequences
+in one call, and llama-cpp-python exposes that C API as it is, so this module is written
+against it: a context of its own with ``n_seq_max`` sequences, one ``llama_batch`` a step
+holding each decoding sequence's last token (joining ones' prompts are read in calls of
+their own), each sequence's logits read with ``llama_get_logits_ith`` by a sampler chain of
+its own, and
+``llama_memory_seq_rm`` freeing a sequence's cache cells the moment it leaves, so its slot
+takes the next one.
+
+Each sequence gets the engine's whole context: the batch's context has ``max_sequences ×
+context_length`` cells, one stream of ``context_length`` per sequence (``kv_unified`` off, so a
+sequence attends over its own cells only). That is the KV memory the batch costs, beside the
+one-by-one context: ``2 × layers × KV heads × head dim × 2 bytes`` (an f16 cache) a cell, e.g.
+12 KiB a token on Qwen2.5-0.5B, 384 MiB for 8 sequences of 4,096. The context is made when a
+batch starts and freed when its last sequence leaves, so nothing is held while nobody is
+being answered together.
+
+What a sequence generates does not depend on what else is in the batch (see
+:class:`GGUFDecoder` for how). Against ``GGUFEngine.pieces``, which decodes one token at a
+time in the high-level ``Llama``, it is the same computation through other kernels: llama.cpp
+computes a lone token's matrix products as matrix × vector and several tokens' as matrix ×
+matrix, whose sums round differently; with the activations and the cache rounded to f16
+between layers, a logit can differ by ~1e-3. So greedy replies are the one-by-one replies
+except where the two likeliest tokens are that close, and a sampled reply (the chain of
+``Llama.generate``, :func:`sampler_chain`, seeded the same) is the one-by-one reply except
+where a draw lands that close to a boundary: exact equality would need the one-by-one path
+to decode through the same kernels.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import deque
+from contextlib import suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from qwen_mlx.backends.base import GenerationSettings
+from qwen_mlx.inference import Step, fitting
+
+
+def supported() -> bool:
+    """Whether this llama-cpp-python exposes what batching needs (its llama.cpp's memory
+    API, mid 2025 on); an older one answers one prompt at a time."""
+    import llama_cpp
+
+    return all(hasattr(llama_cpp, name) for name in ("llama_get_memory", "llama_memory_seq_rm"))
+
+
+def llama_sampling(settings: GenerationSettings) -> dict[str, Any]:
+    """A request's settings as ``Llama.generate``'s sampling arguments: greedy at temperature
+    0 (with the filters that would change nothing), else what was asked; min_p 0 unless asked
+    (llama-cpp-python's default is 0.05)."""
+    greedy = settings.temperature <= 0
+    return {
+        "temp": 0.0 if greedy else settings.temperature,
+        "top_p": 1.0 if greedy else settings.top_p,
+        "top_k": 1 if greedy else settings.top_k,  # 0: off, as everywhere else
+        "min_p": 0.0 if greedy else settings.min_p,
+        "repeat_penalty": settings.repetition_penalty,
+        "presence_penalty": settings.presence_penalty,
+        "frequency_penalty": settings.frequency_penalty,
+    }
+
+
+def draw_seed(settings: GenerationSettings) -> int:
+    """The seed llama.cpp's draw starts from: the request's, else a fresh one."""
+    return settings.seed if settings.seed is not None else secrets.randbits(31)
+
+
+def sampler_chain(settings: GenerationSettings, n_vocab: int, penalty_last_n: int) -> Any:
+    """A sequence's llama.cpp sampler chain, as ``Llama.generate`` builds its one from
+    :func:`llama_sampling`: the penalties (over the tokens it samples), then greedy, or top-k,
+    typical (off), top-p, min-p, temperature and a draw from :func:`draw_seed`. Free it with
+    ``llama_sampler_free``."""
+    import llama_cpp as llama
+
+    s = llama_sampling(settings)
+    chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+    links = [
+        llama.llama_sampler_init_penalties(
+            n_vocab,
+            penalty_last_n,
+            s["repeat_penalty"],
+            s["frequency_penalty"],
+            s["presence_penalty"],
+        )
+    ]
+    if s["temp"] == 0.0:
+        links.append(llama.llama_sampler_init_greedy())
+    else:
+        links += [
+            llama.llama_sampler_init_top_k(s["top_k"]),
+            llama.llama_sampler_init_typical(1.0, 1),
+            llama.llama_sampler_init_top_p(s["top_p"], 1),
+            llama.llama_sampler_init_min_p(s["min_p"], 1),
+            llama.llama_sampler_init_temp(s["temp"]),
+            llama.llama_sampler_init_dist(draw_seed(settings)),
+        ]
+    for link in links:
+        llama.llama_sampler_chain_add(chain, link)  # the chain owns it from here
+    return chain
+
+
+@dataclass
+class _Sequence:
+    """One sequence: its prompt, how much of it the cache holds, the token it feeds next,
+    how many it has generated, its cache stream (``slot``, once it has one) and sampler."""
+
+    seq: int
+    prompt: list[int]
+    settings: GenerationSettings
+    slot: int = -1
+    position: int = 0  # tokens in its cache stream
+    last: int | None = None  # the token it feeds next, once its prompt is read
+    count: int = 0
+    chain: Any = field(default=None, repr=False)
+
+
+class GGUFDecoder:
+    """Continuous batching on llama.cpp (:class:`qwen_mlx.inference.Decoder`), up to
+    ``max_sequences`` decoding at once; more wait for a slot, oldest first.
+
+    A step is one ``llama_decode`` of the decoding sequences' last tokens, then the joining
+    sequences' prompts, each in a call of its own, ``n_ubatch`` prompt tokens a step at most
+    (a long prompt is read over several steps while the others go on decoding). Threads as
+    one by one: the engine's ``n_threads`` to decode, ``n_threads_batch`` to read prompts.
+
+    Two rules make a sequence's tokens independent of what else is in the batch:
+
+    - llama.cpp computes a micro-batch of one token with other kernels than one of several
+      (their sums round differently), and splits a call into micro-batches of consecutive
+      sequence ids (with a stream per sequence). So a token alone in its micro-batch gets a
+      filler beside it: the same token at the next position, whose cell is dropped after
+      the call (nothing before it attends to it). And the sequences hold the lowest slots
+      (the highest moves into a slot that frees, its cache cells copied over), so a step is
+      one micro-batch: the weights are read once for all.
+    - Each sequence samples with its own chain and seed (:func:`sampler_chain`).
+    """
+
+    def __init__(self, engine: Any, max_sequences: int):
+        if max_sequences < 1:
+            raise ValueError("max_sequences must be at least 1")
+        self.llm = engine.llm
+        self.context_length = engine.context_length
+        self.max_sequences = max_sequences
+        self.decode = engine.decode
+        self._prompt_budget = self.llm.context_params.n_ubatch  # prompt tokens a step
+        # a call holds at most every sequence's token and a filler each, or a prompt chunk
+        self._n_batch = max(self._prompt_budget, 2 * max_sequences)
+        self._waiting: deque[_Sequence] = deque()  # joined, no slot yet
+        self._active: dict[int, _Sequence] = {}  # by seq: holding a slot
+        self._seqs = 0
+        self._ctx: Any = None
+        self._batch: Any = None
+
+    def __len__(self) -> int:
+        return len(self._waiting) + len(self._active)
+
+    @property
+    def cells(self) -> int:
+        """The KV cells its context holds now (0 while none is: no batch running)."""
+        import llama_cpp as llama
+
+        return 0 if self._ctx is None else llama.llama_n_ctx(self._ctx)
+
+    def join(self, prompt_ids: list[int], settings: GenerationSettings) -> int:
+        if not prompt_ids:
+            raise ValueError("a sequence needs at least one prompt token")
+        fitting(prompt_ids, self.context_length, settings.max_tokens)
+        self._seqs += 1
+        self._waiting.append(_Sequence(self._seqs, list(prompt_ids), settings))
+        return self._seqs
+
+    def leave(self, seq: int) -> None:
+        self._waiting = deque(s for s in self._waiting if s.seq != seq)
+        if seq in self._active:
+            self._release(self._active[seq])
+        self._close_if_idle()
+
+    def step(self) -> list[Step]:
+        self._seat_waiting()
+        if not self._active:
+            return []
+        self._open()
+        steps = self._decode_step()
+        self._seat_waiting()
+        steps += self._read_prompts()
+        self._close_if_idle()
+        return steps
+
+    def close(self) -> None:
+        """Drop every sequence and free the context."""
+        for sequence in list(self._active.values()):
+            self._release(sequence)
+        self._waiting.clear()
+        self._close_if_idle()
+
+    def __del__(self) -> None:
+        with suppress(Exception):  # interpreter shutdown: llama.cpp may be gone already
+            self.close()
+
+    # ------------------------------------------------------------------ the steps
+
+    def _seat_waiting(self) -> None:
+        taken = {s.slot for s in self._active.values()}
+        free = [slot for slot in range(self.max_sequences) if slot not in taken]
+        for slot in free:
+            if not self._waiting:
+                return
+            sequence = self._waiting.popleft()
+            sequence.slot = slot
+            # Penalties look back over the whole context, as GGUFEngine's Llama does.
+            chain = sampler_chain(sequence.settings, self.llm.n_vocab(), self.context_length)
+            sequence.chain = chain
+            self._active[sequence.seq] = sequence
+
+    def _decode_step(self) -> list[Step]:
+        """One token of every sequence whose prompt has been read, in one call."""
+        decoding = sorted(
+            (s for s in self._active.values() if s.last is not None), key=lambda s: s.slot
+        )
+        if not decoding:
+            return []
+        self._batch.n_tokens = 0
+        outputs, padded = [], []
+        for i, sequence in enumerate(decoding):
+            outputs.append((sequence, self._put(sequence.last, sequence, logits=True)))
+            after = decoding[i + 1].slot if i + 1 < len(decoding) else None
+            before = decoding[i - 1].slot if i else None
+            if sequence.slot - 1 != before and sequence.slot + 1 != after:
+                self._put(sequence.last, sequence, logits=False, filler=True)
+                padded.append(sequence)
+        self._run(prompt=False, fillers=padded)
+        return [self._sample(sequence, index) for sequence, index in outputs]
+
+    def _read_prompts(self) -> list[Step]:
+        """The next prompt tokens of the sequences reading theirs, oldest first, each in a
+        call of its own; the first token of each whose prompt is now read."""
+        steps, budget = [], self._prompt_budget
+        reading = sorted((s for s in self._active.values() if s.last is None), key=_by_seq)
+        for sequence in reading:
+            if budget <= 0:
+                break
+            part = sequence.prompt[sequence.position :][:budget]
+            budget -= len(part)
+            done = sequence.position + len(part) == len(sequence.prompt)
+            self._batch.n_tokens = 0
+            for i, token in enumerate(part):
+                index = self._put(token, sequence, logits=done and i == len(part) - 1)
+            padded = []
+            if len(part) == 1:
+                self._put(part[0], sequence, logits=False, filler=True)
+                padded.append(sequence)
+            self._run(prompt=True, fillers=padded)
+            if done:
+                steps.append(self._sample(sequence, index))
+        return steps
+
+    def _put(self, token: int, sequence: _Sequence, logits: bool, filler: bool = False) -> int:
+        """Add a token of ``sequence`` at its next position; its index in the batch. A
+        filler (after the sequence's token of this call) takes the next position without
+        moving the sequence on."""
+        batch = self._batch
+        n = batch.n_tokens
+        batch.token[n] = token
+        batch.pos[n] = sequence.position
+        batch.n_seq_id[n] = 1
+        batch.seq_id[n][0] = sequence.slot
+        batch.logits[n] = logits
+        batch.n_tokens = n + 1
+        if not filler:
+            sequence.position += 1
+        return n
+
+    def _run(self, prompt: bool, fillers: list[_Sequence]) -> None:
+        import llama_cpp as llama
+
+        params = self.llm.context_params
+        threads = params.n_threads_batch if prompt else params.n_threads
+        llama.llama_set_n_threads(self._ctx, params.n_threads, threads)
+        status = llama.llama_decode(self._ctx, self._batch)
+        if status != 0:  # 1: no room in the cache (cannot happen: each has its stream)
+            raise RuntimeError(f"llama.cpp could not decode the batch (llama_decode: {status})")
+        memory = llama.llama_get_memory(self._ctx)
+        for sequence in fillers:  # the filler's cell: the sequence's next token goes there
+            llama.llama_memory_seq_rm(memory, sequence.slot, sequence.position, -1)
+
+    def _sample(self, sequence: _Sequence, index: int) -> Step:
+        import llama_cpp as llama
+
+        token = llama.llama_sampler_sample(sequence.chain, self._ctx, index)
+        sequence.count += 1
+        vocab = llama.llama_model_get_vocab(self.llm.model)
+        if llama.llama_vocab_is_eog(vocab, token):
+            self._release(sequence)
+            return Step(sequence.seq, None, True)
+        if sequence.count >= sequence.settings.max_tokens:
+            self._release(sequence)
+            return Step(sequence.seq, token, True)
+        sequence.last = token
+        return Step(sequence.seq, token, False)
+
+    # ------------------------------------------------------------------ the context
+
+    def _release(self, sequence: _Sequence) -> None:
+        """A sequence leaves: its cache cells and sampler are freed, and the sequence in the
+        highest slot moves into its slot (the slots stay the lowest ones)."""
+        import llama_cpp as llama
+
+        del self._active[sequence.seq]
+        llama.llama_sampler_free(sequence.chain)
+        if self._ctx is None:
+            return
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), sequence.slot, -1, -1)
+        highest = max(self._active.values(), key=lambda s: s.slot, default=None)
+        if highest is not None and highest.slot > sequence.slot:
+            self._move(highest, sequence.slot)
+
+    def _move(self, sequence: _Sequence, slot: int) -> None:
+        """Copy a sequence's cache cells to an empty slot and free its old ones."""
+        import ctypes
+
+        import llama_cpp as llama
+
+        size = llama.llama_state_seq_get_size(self._ctx, sequence.slot)
+        data = (ctypes.c_uint8 * size)()
+        llama.llama_state_seq_get_data(self._ctx, data, size, sequence.slot)
+        if llama.llama_state_seq_set_data(self._ctx, data, size, slot) == 0:
+            raise RuntimeError("llama.cpp could not move a sequence's cache to a free slot")
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), sequence.slot, -1, -1)
+        sequence.slot = slot
+
+    def _open(self) -> None:
+        """The batch's context, made on the first step after the batch was empty."""
+        if self._ctx is not None:
+            return
+        import llama_cpp as llama
+
+        params = llama.llama_context_params.from_buffer_copy(self.llm.context_params)
+        params.n_seq_max = self.max_sequences
+        params.n_ctx = self.max_sequences * self.context_length
+        params.n_batch = params.n_ubatch = self._n_batch  # a call is one micro-batch
+        if hasattr(params, "kv_unified"):
+            params.kv_unified = False  # a stream per sequence: it attends over its own cells
+        ctx = llama.llama_init_from_model(self.llm.model, params)
+        if not ctx:
+            raise RuntimeError(
+                f"llama.cpp could not make a context for {self.max_sequences} sequences of "
+                f"{self.context_length} tokens (out of memory?); lower --max-concurrent"
+            )
+        self._ctx = ctx
+        self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
+
+    def _close_if_idle(self) -> None:
+        if len(self) or self._ctx is None:
+            return
+        import llama_cpp as llama
+
+        llama.llama_batch_free(self._batch)
+        llama.llama_free(self._ctx)
+        self._ctx = self._batch = None
+
+
+def _by_seq(sequence: _Sequence) -> int:
+    return sequence.seq
+
+
+def generate_all(decoder: Any, prompts: list[list[int]], settings: GenerationSettings):
+    """Every prompt's generated tokens (not the end of turn), decoded together by
+    ``decoder`` until all have ended."""
+    seqs = [decoder.join(prompt, settings) for prompt in prompts]
+    tokens: dict[int, list[int]] = {seq: [] for seq in seqs}
+    try:
+        while len(decoder):
+            for step in decoder.step():
+                if step.token is not None:
+                    tokens[step.seq].append(step.token)
+    finally:
+        decoder.close()
+    return [tokens[seq] for seq in seqs]

@@ -1,0 +1,275 @@
+"""Batched generation on a GGUF (llama.cpp's multi-sequence batch): the one-by-one replies.
+
+The tiny Qwen2 and Qwen3 (thinking on and off) exported to f16 GGUFs answer prompts of very
+different lengths through :class:`~qwen_mlx.gguf_decoder.GGUFDecoder` (eval's ``pieces_batch``
+and ``answer_all``, serve's continuous batching) and one by one through llama-cpp-python's
+``Llama``: greedy, token for token the same, with sequences joining a running batch, each
+leaving at its own end of turn, ``max_tokens`` or stop string, more sequences over time than
+the batch has slots (a slot that frees is reused at once), and a seeded sampled reply the
+same whatever else is in the batch.
+"""
+
+from __future__ import annotations
+
+import functools
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from test_batched import CONVERSATIONS as SHORTER
+
+from qwen_mlx.backends.base import GenerationSettings, token_texts
+from qwen_mlx.inference import Completion, answer_all, complete_batch
+
+MAX_TOKENS = 24
+GREEDY = GenerationSettings(max_tokens=MAX_TOKENS, temperature=0.0)
+CASES = [("qwen2", None), ("qwen3", False), ("qwen3", True)]
+CASE_IDS = ["qwen2", "qwen3", "qwen3-think"]
+# and one longer than a step's prompt tokens (n_ubatch, 512): read over two steps
+CONVERSATIONS = [*SHORTER, [{"role": "user", "content": "报销需要哪些发票和审批单？" * 150}]]
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_models, tmp_path_factory):
+    """arch -> that tiny model's f16 GGUF engine (each exported and loaded once)."""
+    from qwen_mlx.export.gguf import export
+    from qwen_mlx.inference import GGUFEngine
+
+    root = tmp_path_factory.mktemp("gguf-batched")
+
+    @functools.cache
+    def engine(arch: str) -> GGUFEngine:
+        out = export(None, root / f"{arch}.gguf", model=tiny_models(arch), quant="f16")
+        return GGUFEngine(out.path)
+
+    return engine
+
+
+def _engine(ggufs, arch: str, thinking: bool | None):
+    engine = ggufs(arch)
+    engine.thinking = thinking
+    engine.max_sequences = 8
+    return engine
+
+
+def _alone(engine, prompt: list[int], settings: GenerationSettings) -> list[str]:
+    return list(engine.pieces(prompt, settings))
+
+
+def _one_by_one(engine, prompts, settings) -> list[Completion]:
+    return [complete_batch(engine, [ids], settings)[0] for ids in prompts]
+
+
+def _decoded(decoder, joins: list[tuple[int, list[int], GenerationSettings]]) -> list[list[int]]:
+    """Each join's tokens: ``(step, prompt, settings)`` joins the decoder before that step
+    (counting from 0), so later ones join a running batch."""
+    seqs, tokens, step = [], {}, 0
+    waiting = sorted(joins, key=lambda j: j[0])
+    while waiting or len(decoder):
+        while waiting and waiting[0][0] <= step:
+            _, prompt, settings = waiting.pop(0)
+            seq = decoder.join(prompt, settings)
+            seqs.append(seq)
+            tokens[seq] = []
+        for done in decoder.step():
+            if done.token is not None:
+                tokens[done.seq].append(done.token)
+        step += 1
+    return [tokens[seq] for seq in seqs]
+
+
+@pytest.mark.parametrize(("arch", "thinking"), CASES, ids=CASE_IDS)
+def test_batched_greedy_replies_are_the_one_by_one_replies(arch, thinking, ggufs):
+    engine = _engine(ggufs, arch, thinking)
+    prompts = [engine.prompt_ids(c, MAX_TOKENS) for c in CONVERSATIONS]
+    lengths = sorted(len(p) for p in prompts)
+    assert lengths[-1] > 8 * lengths[0] and lengths[-1] > engine.llm.context_params.n_ubatch
+    one = [_alone(engine, p, GREEDY) for p in prompts]
+    assert len({"".join(pieces) for pieces in one}) == len(prompts)  # not trivial replies
+    assert engine.pieces_batch(prompts, GREEDY) == one  # token for token (a piece each)
+    engine.max_sequences = 2  # fewer slots than prompts: each next one takes a freed slot
+    assert engine.pieces_batch(prompts, GREEDY) == one
+    assert complete_batch(engine, prompts, GREEDY) == _one_by_one(engine, prompts, GREEDY)
+    # eval's path: batches of 8 give what batches of 1 give, in the callers' order
+    engine.max_sequences = 8
+    eights = dict(answer_all(engine, CONVERSATIONS, GREEDY, batch_size=8))
+    ones = dict(answer_all(engine, CONVERSATIONS, GREEDY, batch_size=1))
+    assert [eights[i] for i in range(len(prompts))] == [ones[i] for i in range(len(prompts))]
+
+
+def test_sequences_join_a_running_batch_and_each_ends_at_its_own_max_tokens(ggufs):
+    engine = _engine(ggufs, "qwen3", False)
+    prompts = [engine.prompt_ids(c, 40) for c in CONVERSATIONS]
+    limits = [24, 40, 3, 1, 32, 16]
+    joins = [
+        (at, p, replace(GREEDY, max_tokens=n))
+        for at, p, n in zip([0, 0, 2, 5, 9, 12], prompts, limits, strict=True)
+    ]
+    decoder = engine.decoder(3)
+    got = _decoded(decoder, joins)
+    want = [_greedy_ids(engine, p, n) for p, n in zip(prompts, limits, strict=True)]
+    assert got == want
+    assert [len(t) for t in got] == limits
+    assert len(decoder) == 0 and decoder.cells == 0  # its context is freed once empty
+
+
+def _greedy_ids(engine, prompt: list[int], n: int) -> list[int]:
+    """The one-by-one greedy tokens (``Llama.generate``, as ``pieces`` runs it)."""
+    return list(engine._until_end(engine.llm.generate(prompt, temp=0.0, top_k=1), n))
+
+
+def test_each_sequence_stops_at_its_own_end_of_turn(ggufs, monkeypatch):
+    import llama_cpp
+
+    engine = _engine(ggufs, "qwen2", None)
+    prompts = [engine.prompt_ids(c, MAX_TOKENS) for c in CONVERSATIONS]
+    ids = [_greedy_ids(engine, p, MAX_TOKENS) for p in prompts]
+    # a token the first reply says early, which some other reply never says, ends turns too
+    stop = next(
+        t
+        for k, t in enumerate(ids[0][2:], start=2)
+        if t not in ids[0][:k] and any(t not in other for other in ids[1:])
+    )
+    is_eog = llama_cpp.llama_vocab_is_eog
+    monkeypatch.setattr(
+        llama_cpp, "llama_vocab_is_eog", lambda vocab, token: token == stop or is_eog(vocab, token)
+    )
+    one = _one_by_one(engine, prompts, GREEDY)
+    assert one[0].finish_reason == "stop" and one[0].completion_tokens < MAX_TOKENS
+    assert "length" in {c.finish_reason for c in one}  # others went on in the same batch
+    assert complete_batch(engine, prompts, GREEDY) == one
+    # a stop string ends a sequence too, in the batch as one by one
+    stopped = replace(GREEDY, stop=[one[1].text[3:5]])
+    assert complete_batch(engine, prompts, stopped) == _one_by_one(engine, prompts, stopped)
+
+
+def test_a_sequence_that_leaves_frees_its_cells_and_slot_for_the_next(ggufs):
+    import llama_cpp
+
+    engine = _engine(ggufs, "qwen2", None)
+    prompts = [engine.prompt_ids(c, 40) for c in CONVERSATIONS * 2]
+    settings = replace(GREEDY, max_tokens=40)
+    want = [_greedy_ids(engine, p, 40) for p in prompts]
+    decoder = engine.decoder(2)
+    gone, kept = (decoder.join(p, settings) for p in prompts[:2])
+    tokens = {gone: [], kept: []}
+    for _ in range(4):
+        for step in decoder.step():
+            tokens[step.seq].append(step.token)
+    decoder.leave(gone)  # its client went (it held slot 0): its cells are freed now
+    memory = llama_cpp.llama_get_memory(decoder._ctx)
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 1) == -1  # slot 1 is empty, and
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 0) >= len(prompts[1])  # kept moved in
+    assert len(decoder) == 1
+    assert tokens[gone] == want[0][: len(tokens[gone])]
+    # eight more sequences through the two slots beside it, each its one-by-one reply
+    later = [decoder.join(p, settings) for p in prompts[2:]]
+    tokens |= {seq: [] for seq in later}
+    while len(decoder):
+        for step in decoder.step():
+            if step.token is not None:
+                tokens[step.seq].append(step.token)
+    assert [tokens[seq] for seq in [kept, *later]] == want[1:]
+    assert decoder.cells == 0  # all gone: no context held
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_a_seeded_sampled_reply_is_the_same_whatever_else_is_decoded(arch, ggufs):
+    engine = _engine(ggufs, arch, None)
+    prompts = [engine.prompt_ids(c, MAX_TOKENS) for c in CONVERSATIONS]
+    sampled = GenerationSettings(max_tokens=MAX_TOKENS, temperature=1.0, seed=1234)
+    by_itself = _decoded(engine.decoder(1), [(0, prompts[2], sampled)])[0]
+    assert _decoded(engine.decoder(4), [(0, prompts[2], sampled)])[0] == by_itself
+    crowd = [
+        (0, prompts[0], replace(sampled, seed=None)),
+        (0, prompts[1], replace(GREEDY, repetition_penalty=1.3)),
+        (3, prompts[2], sampled),
+        (5, prompts[3], replace(sampled, seed=7, top_k=5)),
+    ]
+    assert _decoded(engine.decoder(4), crowd)[2] == by_itself
+    other = _decoded(engine.decoder(1), [(0, prompts[2], replace(sampled, seed=99))])[0]
+    assert other != by_itself  # the seed is what makes it the same
+    # the same seed one by one: the same chain from the same seed, through other kernels
+    alone = list(engine.pieces(prompts[2], sampled))
+    assert alone == list(engine.pieces(prompts[2], sampled))  # reproducible there too
+    texts = list(token_texts(by_itself, engine.decode))
+    assert len(texts) == len(alone) == MAX_TOKENS
+
+
+def test_the_one_by_one_llama_works_before_during_and_after_batches(ggufs):
+    engine = _engine(ggufs, "qwen3", True)
+    prompts = [engine.prompt_ids(c, MAX_TOKENS) for c in CONVERSATIONS]
+    first = _alone(engine, prompts[2], GREEDY)
+    assert engine.pieces_batch(prompts, GREEDY)[2] == first
+    assert _alone(engine, prompts[2], GREEDY) == first  # its cached prompt is still right
+    # a reply one by one while a batch is half decoded, then the batch finishes unchanged
+    decoder = engine.decoder(2)
+    seqs = [decoder.join(p, GREEDY) for p in prompts[:2]]
+    tokens = {seq: [] for seq in seqs}
+    for _ in range(5):
+        for step in decoder.step():
+            if step.token is not None:
+                tokens[step.seq].append(step.token)
+    assert _alone(engine, prompts[4], GREEDY) == _alone(engine, prompts[4], GREEDY)
+    while len(decoder):
+        for step in decoder.step():
+            if step.token is not None:
+                tokens[step.seq].append(step.token)
+    assert [tokens[s] for s in seqs] == [_greedy_ids(engine, p, MAX_TOKENS) for p in prompts[:2]]
+
+
+# ------------------------------------------------------------------ through the server
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+
+def test_serve_decodes_concurrent_requests_together_and_a_client_that_goes_leaves(ggufs):
+    from serve_helpers import running
+    from test_serve_batching import (
+        Recorded,
+        assert_same,
+        open_stream,
+        post,
+        request,
+        wait_for,
+    )
+
+    from qwen_mlx.serve.server import Server
+
+    engine = _engine(ggufs, "qwen3", True)
+    limits = [24, 40, 16, 48, 32]
+    expected = [
+        complete_batch(engine, [engine.prompt_ids(c, n)], replace(GREEDY, max_tokens=n))[0]
+        for c, n in zip(SHORTER, limits, strict=True)
+    ]
+    stops = [None, expected[1].text[4:6], None, None, expected[4].text[2:4]]
+    expected[1] = _stopped(engine, SHORTER[1], limits[1], stops[1])
+    expected[4] = _stopped(engine, SHORTER[4], limits[4], stops[4])
+    recorded = Recorded(engine)
+    server = Server(recorded, max_concurrent=4)
+    with running(server) as port, ThreadPoolExecutor(len(SHORTER)) as pool:
+        going = open_stream(port, request(SHORTER[0], 3000, True))
+        wait_for(lambda: server.scheduler.decoding() == 1, "the first to decode")
+        futures = [
+            pool.submit(
+                post, port, request(c, n, stream=i % 2 == 0, **({"stop": [s]} if s else {}))
+            )
+            for i, (c, n, s) in enumerate(zip(SHORTER, limits, stops, strict=True))
+        ]
+        wait_for(lambda: max(recorded.steps, default=0) > 2, "a batch of several")
+        going.close()  # its client went: it leaves the batch, the others go on
+        wait_for(lambda: len(recorded.left) == 1, "the gone client to leave")
+        replies = [f.result(timeout=300) for f in futures]
+    for reply, completion in zip(replies, expected, strict=True):
+        assert_same(reply, completion, engine.family.think_tags)
+    assert max(recorded.steps) <= 4  # never more than --max-concurrent
+    assert recorded.tokens[min(recorded.tokens)] < 3000  # the one that went stopped early
+
+
+def _stopped(engine, conversation, limit: int, stop: str) -> Completion:
+    settings = replace(GREEDY, max_tokens=limit, stop=[stop])
+    return complete_batch(engine, [engine.prompt_ids(conversation, limit)], settings)[0]
