@@ -1,6 +1,6 @@
 """Per-request decoding options (vLLM's and OpenAI's): top_k, min_p, repetition_penalty,
 presence_penalty, frequency_penalty and seed, on the torch, MLX and llama.cpp engines, alone
-and (torch, MLX) inside a running batch of other requests.
+and inside a running batch of other requests.
 
 Each option is checked against its definition on the random tiny Qwen2 (fp32 on the CPU), whose
 greedy replies repeat tokens: top_k 1 and min_p 1 leave only the most likely token (greedy);
@@ -84,18 +84,15 @@ def batched(engine, requests) -> list[list[str]]:
     return [list(token_texts(tokens[seq], decoder.decode)) for seq in order]
 
 
-def replies(backend, engine, settings) -> list[list[str]]:
-    """The reply to ASK under ``settings``: alone, and (torch, MLX) in a batch between two
-    other requests, one sampled and one greedy with a penalty."""
-    got = [alone(engine, ASK, settings)]
-    if backend != "gguf":
-        neighbours = [
-            (OTHERS[0], replace(SAMPLED, seed=None)),
-            (ASK, settings),
-            (OTHERS[1], replace(GREEDY, repetition_penalty=1.3)),
-        ]
-        got.append(batched(engine, neighbours)[1])
-    return got
+def replies(engine, settings) -> list[list[str]]:
+    """The reply to ASK under ``settings``: alone, and in a batch between two other
+    requests, one sampled and one greedy with a penalty."""
+    neighbours = [
+        (OTHERS[0], replace(SAMPLED, seed=None)),
+        (ASK, settings),
+        (OTHERS[1], replace(GREEDY, repetition_penalty=1.3)),
+    ]
+    return [alone(engine, ASK, settings), batched(engine, neighbours)[1]]
 
 
 def _repeats(pieces: list[str]) -> bool:
@@ -109,7 +106,7 @@ def test_top_k_1_and_min_p_1_are_greedy(backend, engines):
     greedy = alone(engine, ASK, GREEDY)
     assert len({"".join(p) for p in (alone(engine, ASK, SAMPLED) for _ in range(3))}) > 1
     for option in ({"top_k": 1}, {"min_p": 1.0}):
-        for reply in replies(backend, engine, replace(SAMPLED, **option)):
+        for reply in replies(engine, replace(SAMPLED, **option)):
             assert reply == greedy, option
 
 
@@ -119,7 +116,7 @@ def test_a_huge_repetition_or_presence_penalty_never_repeats_a_token(backend, en
     assert _repeats(alone(engine, ASK, GREEDY))  # the random model loops without one
     for option in ({"repetition_penalty": 1e6}, {"presence_penalty": 1e4}):
         for settings in (replace(GREEDY, **option), replace(SAMPLED, **option, seed=5)):
-            for reply in replies(backend, engine, settings):
+            for reply in replies(engine, settings):
                 assert len(reply) == N and not _repeats(reply), (option, reply)
 
 
@@ -130,7 +127,7 @@ def test_negative_presence_and_frequency_penalties_count_the_reply_not_the_promp
     engine = engines(backend)
     first = alone(engine, ASK, replace(GREEDY, max_tokens=1))
     for option in ({"presence_penalty": -1e4}, {"frequency_penalty": -1e4}):
-        for reply in replies(backend, engine, replace(GREEDY, **option)):
+        for reply in replies(engine, replace(GREEDY, **option)):
             assert reply == first * N, option
 
 
@@ -142,10 +139,10 @@ def test_a_seed_gives_the_same_sampled_reply_whatever_else_is_decoded(backend, e
     assert alone(engine, ASK, seeded) == once
     others = [alone(engine, ASK, replace(SAMPLED, seed=seed)) for seed in (1, 2)]
     assert once not in others and others[0] != others[1]  # other seeds, other replies
-    if backend != "gguf":  # in a batch: the same reply as in a batch of its own
-        by_itself = batched(engine, [(ASK, seeded)])[0]
-        assert replies(backend, engine, seeded)[1] == by_itself
-        assert batched(engine, [(OTHERS[1], SAMPLED), (ASK, seeded)])[1] == by_itself
+    # in a batch: the same reply as in a batch of its own
+    by_itself = batched(engine, [(ASK, seeded)])[0]
+    assert replies(engine, seeded)[1] == by_itself
+    assert batched(engine, [(OTHERS[1], SAMPLED), (ASK, seeded)])[1] == by_itself
 
 
 # ------------------------------------------------------------------ through the server
