@@ -254,7 +254,7 @@ def _engine(run_or_adapter: Path | None, model_dir: Path | None, gguf: Path | No
     type=click.IntRange(1),
     default=None,
     help="Questions answered together (default: 8, fewer where the memory estimate says "
-    "they would not fit; 1: one by one). A GGUF answers one by one.",
+    "they would not fit; 1: one by one).",
 )
 @click.option(
     "--pairs",
@@ -375,7 +375,7 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
     default=DEFAULT_MAX_CONCURRENT,
     show_default=True,
     help="Requests decoded together (continuous batching; more wait in a queue). 1: one "
-    "at a time. A GGUF always answers one at a time.",
+    "at a time. A GGUF's batch holds this many full contexts of KV cache while it runs.",
 )
 def serve(
     run_or_adapter,
