@@ -3,7 +3,8 @@
 Eval-style: greedy answers to N questions (the bundled test questions, then training
 questions to make up N), through :func:`qwen_mlx.inference.answer_all` as ``eval`` calls it,
 with ``--batch-size`` B against batch size 1 (today's one-by-one path). Prints seconds, the
-ratio and whether the answers are identical. Models: the tiny model, and a random model of
+ratio, whether the answers are identical, and each path's peak RSS above the process before
+the model against the memory estimate eval sizes its batches by. Models: the tiny model, and a random model of
 the Qwen2.5-0.5B shape (its weights random, the tiny model's tokenizer) with ``--shape 0.5b``.
 
     python bench/generate.py                                  # tiny, torch and mlx, 64 questions
@@ -17,6 +18,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -54,19 +56,73 @@ def make_model(root: Path, shape: str) -> Path:
     return folder
 
 
+def rss() -> int:
+    """This process's resident set, bytes (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakRSS:
+    """The largest resident set seen while the block runs (sampled every 20 ms)."""
+
+    def __enter__(self):
+        self.peak, self._done = rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._done.wait(0.02):
+            self.peak = max(self.peak, rss())
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+def import_libraries(backend: str) -> None:
+    """What loading a model imports, so the RSS before the model holds the libraries."""
+    if backend == "mlx":
+        import mlx_lm.generate  # noqa: F401
+    else:
+        import peft  # noqa: F401
+        import torch  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+
 def timed(engine, conversations, settings, batch_size: int):
+    """Seconds, replies and peak RSS of answering ``conversations`` by ``batch_size``."""
     from qwen_mlx.inference import answer_all
 
-    start = time.perf_counter()
-    replies = dict(answer_all(engine, conversations, settings, batch_size))
-    seconds = time.perf_counter() - start
-    return seconds, [replies[i] for i in range(len(conversations))]
+    with PeakRSS() as peak:
+        start = time.perf_counter()
+        replies = dict(answer_all(engine, conversations, settings, batch_size))
+        seconds = time.perf_counter() - start
+    return seconds, [replies[i] for i in range(len(conversations))], peak.peak
+
+
+def memory_line(engine, conversations, settings, batch_size: int, used: int) -> str:
+    """``used`` (bytes above the process before the model) against the estimate
+    eval's batch size is chosen by (:func:`qwen_mlx.inference.generation_memory`)."""
+    from qwen_mlx.inference import generation_memory
+
+    longest = max(len(engine.prompt_ids(m, settings.max_tokens)) for m in conversations)
+    tokens = longest + settings.max_tokens
+    size = getattr(engine, "value_bytes", 2)
+    estimate = generation_memory(engine.config, batch_size, tokens, size)
+    return (
+        f"batch {batch_size}: peak {used / 2**20:.0f} MiB above the process before the model, "
+        f"estimate {estimate / 2**20:.0f} MiB ({batch_size} × {tokens} tokens): "
+        f"{used / estimate:.2f}×"
+    )
 
 
 def bench(backend: str, model: Path, args) -> None:
     from qwen_mlx.backends.base import GenerationSettings
     from qwen_mlx.inference import open_engine
 
+    import_libraries(backend)
+    before_model = rss()
     engine = open_engine(None, model=model, backend=backend)
     if backend == "mlx" and args.fp32:  # as the torch engine runs on a CPU
         import mlx.core as mx
@@ -75,8 +131,8 @@ def bench(backend: str, model: Path, args) -> None:
     conversations = questions(args.questions)
     settings = GenerationSettings(max_tokens=args.max_tokens, temperature=0.0)
     timed(engine, conversations[:2], settings, 2)  # warm-up
-    one_s, one = timed(engine, conversations, settings, 1)
-    batch_s, batched = timed(engine, conversations, settings, args.batch_size)
+    one_s, one, one_peak = timed(engine, conversations, settings, 1)
+    batch_s, batched, batch_peak = timed(engine, conversations, settings, args.batch_size)
     tokens = sum(r.completion_tokens for r in one)
     print(
         f"{args.shape:>5} {backend:>5}  {len(conversations)} questions × ≤{args.max_tokens} "
@@ -84,6 +140,9 @@ def bench(backend: str, model: Path, args) -> None:
         f"{batch_s:7.1f} s  → {one_s / batch_s:.2f}×  identical answers: {one == batched}",
         flush=True,
     )
+    # RSS rarely falls back, so the batched peak also holds what one by one left behind.
+    for size, peak in ((1, one_peak), (args.batch_size, batch_peak)):
+        print("  " + memory_line(engine, conversations, settings, size, peak - before_model))
 
 
 def main() -> None:

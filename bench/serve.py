@@ -30,35 +30,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import generate  # the bench's models and questions
+from generate import PeakRSS, import_libraries, rss
 
 
 def _port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakRSS:
-    """The largest resident set seen while the block runs (sampled every 20 ms)."""
-
-    def __enter__(self):
-        self.peak, self._done = _rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self) -> None:
-        while not self._done.wait(0.02):
-            self.peak = max(self.peak, _rss())
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 class Serving:
@@ -178,16 +156,6 @@ def bench(name: str, engine, args, before_model: int) -> None:
             )
 
 
-def _import_libraries(backend: str) -> None:
-    """What loading a model imports, so the RSS before the model holds the libraries."""
-    if backend == "mlx":
-        import mlx_lm.generate  # noqa: F401
-    else:
-        import peft  # noqa: F401
-        import torch  # noqa: F401
-        from transformers import AutoModelForCausalLM  # noqa: F401
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["tiny", *generate.train_torch.SHAPES], default="tiny")
@@ -213,8 +181,8 @@ def main() -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         model = generate.make_model(Path(tmp), args.shape)
-        _import_libraries(args.backend)
-        before_model = _rss()
+        import_libraries(args.backend)
+        before_model = rss()
         engine = open_engine(None, model=model, backend=args.backend)
         if args.backend == "mlx" and args.fp32:
             import mlx.core as mx
@@ -222,7 +190,7 @@ def main() -> None:
             engine.model.set_dtype(mx.float32)
         bench(f"{args.shape} shape, {engine.description}", engine, args, before_model)
         if args.gguf:
-            bench("GGUF (llama.cpp)", GGUFEngine(args.gguf), args, _rss())
+            bench("GGUF (llama.cpp)", GGUFEngine(args.gguf), args, rss())
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(f"load average at the end: {load_avg}")
 
