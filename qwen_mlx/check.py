@@ -2,9 +2,10 @@
 
 Runs every check even after a failure, so one run lists everything to fix: the config, the
 model folder, the data files, the backend and its packages, what the backend's plan for the
-run is here (``Backend.plan``: the notes training prints), and whether the estimated peak
-memory fits this machine (``memory.fit``, as training fits it). Each line is ✓ (fine),
-⚠ (will work, but read this) or ✗ (training cannot start), with the fix beside it.
+run is here (``Backend.plan``: the notes training prints), the row layout it will use, and
+whether the estimated peak memory fits this machine (``memory.fit``, as training fits it).
+Each line is ✓ (fine), ⚠ (will work, but read this) or ✗ (training cannot start), with the
+fix beside it.
 Training can start when there is no ✗.
 """
 
@@ -18,13 +19,14 @@ from qwen_mlx.backends import detect, get_backend, probe
 from qwen_mlx.backends.base import DevicePlan
 from qwen_mlx.backends.probes import PROBES
 from qwen_mlx.chat_template import think_normalized
-from qwen_mlx.config import Config
+from qwen_mlx.config import Config, row_layout
 from qwen_mlx.config_file import load_config
 from qwen_mlx.data import load_records
 from qwen_mlx.errors import UserError
 from qwen_mlx.families import find_family
 from qwen_mlx.memory import GiB
 from qwen_mlx.model_files import Finding, check_model_dir, read_model_config
+from qwen_mlx.run_data import layout_place
 
 SYMBOLS = {"ok": "[green]✓[/]", "warn": "[yellow]⚠[/]", "fail": "[red]✗[/]"}
 # Peak learning rates LoRA fine-tuning works with; far outside, a run diverges or learns nothing.
@@ -144,6 +146,22 @@ def check_plan(plan: DevicePlan) -> list[Finding]:
     return findings + [Finding("warn", "backend plan", note) for note in plan.notes]
 
 
+LAYOUTS = {
+    "packed": "samples packed into rows of training.max_seq_length",
+    "unpacked": "one sample a row, padded to the batch's longest",
+    "bucketed": "one sample a row, in batches of similar lengths",
+}
+
+
+def check_layout(cfg: Config, backend: str, plan: DevicePlan) -> Finding:
+    """How the run will lay samples out into rows here (``training.packing``; ``auto``
+    picks per place from the benchmarks, :data:`qwen_mlx.config.AUTO_LAYOUT`)."""
+    where = layout_place(backend, plan)
+    layout = row_layout(cfg.training, where)
+    why = f" (training.packing: auto picks it on {where})" if cfg.training.packing == "auto" else ""
+    return Finding("ok", "row layout", f"{layout}: {LAYOUTS[layout]}{why}")
+
+
 def check_memory(cfg: Config, plan: DevicePlan) -> Finding:
     """Whether the run fits, decided as training decides it (:func:`qwen_mlx.memory.fit`)."""
     try:
@@ -184,6 +202,7 @@ def run_checks(
     if chosen is not None:
         plan = get_backend(chosen).plan(cfg)
         findings += check_plan(plan)
+        findings.append(check_layout(cfg, chosen, plan))
         # The estimate reads the model's numbers; a ✗ above says what is wrong with them.
         no_estimate = Finding("warn", "memory", "no estimate until the model folder is fixed")
         findings.append(check_memory(cfg, plan) if model_ok else no_estimate)

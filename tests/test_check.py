@@ -132,6 +132,11 @@ def test_check_command_ready_with_tiny_model(tiny_model_dir, small_data, monkeyp
     assert "ready to train" in result.output
     assert "train.jsonl:11: invalid JSON" in result.output  # the bad line is named
     assert "memory" in result.output and "GiB" in result.output
+    # training.packing: auto's choice for this place (torch on this CPU), as training makes it
+    assert "✓ row layout — bucketed: one sample a row, in batches of similar lengths" in (
+        result.output
+    )
+    assert "(training.packing: auto picks it on torch/cpu)" in result.output
 
 
 def test_check_shows_what_the_backend_will_do_differently(
@@ -145,6 +150,12 @@ def test_check_shows_what_the_backend_will_do_differently(
     assert result.exit_code == 0, result.output
     assert "⚠ backend plan — training.kernels: liger is for the torch backend" in result.output
     assert "memory" in result.output
+    assert "row layout — bucketed" in result.output and "auto picks it on mlx" in result.output
+    packed = CliRunner().invoke(
+        cli, [*demo_args(tiny_model_dir, small_data), *sets, "--set", "training.packing=true"]
+    )
+    assert "row layout — packed: samples packed into rows" in packed.output
+    assert "auto picks" not in packed.output
 
 
 def test_check_command_not_ready_without_model(small_data, monkeypatch, tmp_path):
