@@ -4,11 +4,13 @@ Eval-style: greedy answers to N questions (the bundled test questions, then trai
 questions to make up N), through :func:`qwen_mlx.inference.answer_all` as ``eval`` calls it,
 with ``--batch-size`` B against batch size 1 (today's one-by-one path). Prints seconds, the
 ratio, whether the answers are identical, and each path's peak RSS above the process before
-the model against the memory estimate eval sizes its batches by. Models: the tiny model, and a random model of
-the Qwen2.5-0.5B shape (its weights random, the tiny model's tokenizer) with ``--shape 0.5b``.
+the model against the memory estimate eval sizes its batches by. Models: the tiny model, and
+a random model of the Qwen2.5-0.5B shape (its weights random, the tiny model's tokenizer) with
+``--shape 0.5b``; ``--backend gguf`` answers from the model's q8_0 GGUF through llama.cpp.
 
     python bench/generate.py                                  # tiny, torch and mlx, 64 questions
     python bench/generate.py --shape 0.5b --backend torch --questions 16 --max-tokens 24
+    python bench/generate.py --backend gguf     # the model's q8_0 GGUF through llama.cpp
 """
 
 from __future__ import annotations
@@ -84,6 +86,8 @@ def import_libraries(backend: str) -> None:
     """What loading a model imports, so the RSS before the model holds the libraries."""
     if backend == "mlx":
         import mlx_lm.generate  # noqa: F401
+    elif backend == "gguf":
+        import llama_cpp  # noqa: F401
     else:
         import peft  # noqa: F401
         import torch  # noqa: F401
@@ -117,13 +121,26 @@ def memory_line(engine, conversations, settings, batch_size: int, used: int) -> 
     )
 
 
+def open_bench_engine(backend: str, model: Path):
+    """The engine eval would open: a backend's on the model folder, or llama.cpp's on its
+    q8_0 GGUF (exported next to the folder, as ``qwen-mlx export`` writes it)."""
+    from qwen_mlx.inference import GGUFEngine, open_engine
+
+    if backend != "gguf":
+        return open_engine(None, model=model, backend=backend)
+    from qwen_mlx.export.gguf import export
+
+    return GGUFEngine(
+        export(None, model.parent / f"{model.name}.gguf", model=model, quant="q8_0").path
+    )
+
+
 def bench(backend: str, model: Path, args) -> None:
     from qwen_mlx.backends.base import GenerationSettings
-    from qwen_mlx.inference import open_engine
 
     import_libraries(backend)
     before_model = rss()
-    engine = open_engine(None, model=model, backend=backend)
+    engine = open_bench_engine(backend, model)
     if backend == "mlx" and args.fp32:  # as the torch engine runs on a CPU
         import mlx.core as mx
 
@@ -141,6 +158,8 @@ def bench(backend: str, model: Path, args) -> None:
         flush=True,
     )
     # RSS rarely falls back, so the batched peak also holds what one by one left behind.
+    if getattr(engine, "config", None) is None:
+        return  # a GGUF: llama.cpp sizes its own context; no estimate to compare
     for size, peak in ((1, one_peak), (args.batch_size, batch_peak)):
         print("  " + memory_line(engine, conversations, settings, size, peak - before_model))
 
@@ -148,7 +167,7 @@ def bench(backend: str, model: Path, args) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["tiny", *train_torch.SHAPES], default="tiny")
-    parser.add_argument("--backend", choices=["torch", "mlx", "both"], default="both")
+    parser.add_argument("--backend", choices=["torch", "mlx", "gguf", "both"], default="both")
     parser.add_argument("--questions", type=int, default=64)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
