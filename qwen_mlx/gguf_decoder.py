@@ -16,8 +16,8 @@ context_length`` cells, one stream of ``context_length`` per sequence (``kv_unif
 sequence attends over its own cells only). That is the KV memory the batch costs, beside the
 one-by-one context: ``2 × layers × KV heads × head dim × 2 bytes`` (an f16 cache) a cell, e.g.
 12 KiB a token on Qwen2.5-0.5B, 384 MiB for 8 sequences of 4,096. The context is made when a
-batch starts and freed when its last sequence leaves, so nothing is held while nobody is
-being answered together.
+batch starts and freed :data:`IDLE_RELEASE_S` after its last sequence leaves (at once when the
+decoder is closed, as eval's batches do), so an idle server holds none.
 
 What a sequence generates does not depend on what else is in the batch (see
 :class:`GGUFDecoder` for how). Against ``GGUFEngine.pieces``, which decodes one token at a
@@ -34,6 +34,7 @@ to decode through the same kernels.
 from __future__ import annotations
 
 import secrets
+import threading
 from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass, field
@@ -41,6 +42,10 @@ from typing import Any
 
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.inference import Step, fitting
+
+# How long the batch's context outlives an empty batch: the next request of a burst (a chat
+# page's next question) reuses it rather than paying for a new one; an idle server holds none.
+IDLE_RELEASE_S = 2.0
 
 
 def supported() -> bool:
@@ -142,7 +147,7 @@ class GGUFDecoder:
     - Each sequence samples with its own chain and seed (:func:`sampler_chain`).
     """
 
-    def __init__(self, engine: Any, max_sequences: int):
+    def __init__(self, engine: Any, max_sequences: int, idle_release_s: float = IDLE_RELEASE_S):
         if max_sequences < 1:
             raise ValueError("max_sequences must be at least 1")
         self.llm = engine.llm
@@ -157,6 +162,10 @@ class GGUFDecoder:
         self._seqs = 0
         self._ctx: Any = None
         self._batch: Any = None
+        self._idle_release_s = idle_release_s
+        # The context is freed from a timer's thread: the lock keeps that off a running step.
+        self._lock = threading.Lock()
+        self._release_timer: threading.Timer | None = None
 
     def __len__(self) -> int:
         return len(self._waiting) + len(self._active)
@@ -172,33 +181,37 @@ class GGUFDecoder:
         if not prompt_ids:
             raise ValueError("a sequence needs at least one prompt token")
         fitting(prompt_ids, self.context_length, settings.max_tokens)
-        self._seqs += 1
-        self._waiting.append(_Sequence(self._seqs, list(prompt_ids), settings))
-        return self._seqs
+        with self._lock:
+            self._seqs += 1
+            self._waiting.append(_Sequence(self._seqs, list(prompt_ids), settings))
+            return self._seqs
 
     def leave(self, seq: int) -> None:
-        self._waiting = deque(s for s in self._waiting if s.seq != seq)
-        if seq in self._active:
-            self._release(self._active[seq])
-        self._close_if_idle()
+        with self._lock:
+            self._waiting = deque(s for s in self._waiting if s.seq != seq)
+            if seq in self._active:
+                self._release(self._active[seq])
+            self._release_later()
 
     def step(self) -> list[Step]:
-        self._seat_waiting()
-        if not self._active:
-            return []
-        self._open()
-        steps = self._decode_step()
-        self._seat_waiting()
-        steps += self._read_prompts()
-        self._close_if_idle()
-        return steps
+        with self._lock:
+            self._seat_waiting()
+            if not self._active:
+                return []
+            self._open()
+            steps = self._decode_step()
+            self._seat_waiting()
+            steps += self._read_prompts()
+            self._release_later()
+            return steps
 
     def close(self) -> None:
-        """Drop every sequence and free the context."""
-        for sequence in list(self._active.values()):
-            self._release(sequence)
-        self._waiting.clear()
-        self._close_if_idle()
+        """Drop every sequence and free the context now."""
+        with self._lock:
+            for sequence in list(self._active.values()):
+                self._release(sequence)
+            self._waiting.clear()
+            self._free_context()
 
     def __del__(self) -> None:
         with suppress(Exception):  # interpreter shutdown: llama.cpp may be gone already
@@ -336,7 +349,10 @@ class GGUFDecoder:
         sequence.slot = slot
 
     def _open(self) -> None:
-        """The batch's context, made on the first step after the batch was empty."""
+        """The batch's context, made on the first step after it was freed."""
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
         if self._ctx is not None:
             return
         import llama_cpp as llama
@@ -356,8 +372,29 @@ class GGUFDecoder:
         self._ctx = ctx
         self._batch = llama.llama_batch_init(self._n_batch, 0, 1)
 
-    def _close_if_idle(self) -> None:
-        if len(self) or self._ctx is None:
+    def _release_later(self) -> None:
+        """Free the context ``idle_release_s`` after the batch empties, unless a step runs
+        again before then."""
+        if len(self) or self._ctx is None or self._release_timer is not None:
+            return
+        if self._idle_release_s <= 0:
+            self._free_context()
+            return
+        self._release_timer = threading.Timer(self._idle_release_s, self._release_if_idle)
+        self._release_timer.daemon = True
+        self._release_timer.start()
+
+    def _release_if_idle(self) -> None:
+        with self._lock:
+            self._release_timer = None
+            if not len(self):
+                self._free_context()
+
+    def _free_context(self) -> None:
+        if self._release_timer is not None:
+            self._release_timer.cancel()
+            self._release_timer = None
+        if self._ctx is None:
             return
         import llama_cpp as llama
 

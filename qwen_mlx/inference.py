@@ -201,11 +201,12 @@ class GGUFEngine:
     continuous batching) go through :class:`~qwen_mlx.gguf_decoder.GGUFDecoder`, llama.cpp's
     multi-sequence batch in a context of its own, up to ``max_sequences`` at once (serve sets
     it to ``--max-concurrent``), each with the whole ``context_length``; that context exists
-    only while a batch runs. A batched sequence's tokens do not depend on what else is in the
-    batch (a seeded request samples the same reply whoever else is being answered); against
-    one by one, llama.cpp's one-token kernels round differently (up to ~1e-3 of a logit on
-    an f16 file), so greedy replies agree except at a near tie, and a seeded reply can part
-    where a draw lands that close to a boundary (see the decoder's docstring).
+    only while a batch runs (and briefly after). A batched sequence's tokens do not depend on
+    what else is in the batch (a seeded request samples the same reply whoever else is being
+    answered); against one by one, llama.cpp's one-token kernels round differently (up to
+    ~1e-3 of a logit on an f16 file), so greedy replies agree except at a near tie, and a
+    seeded reply can part where a draw lands that close to a boundary (see
+    :mod:`qwen_mlx.gguf_decoder`).
     """
 
     # Qwen3's enable_thinking, as for HFEngine; None: the GGUF's own template decides (our

@@ -12,6 +12,7 @@ same whatever else is in the batch.
 from __future__ import annotations
 
 import functools
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
@@ -22,6 +23,8 @@ pytest.importorskip("llama_cpp")
 from test_batched import CONVERSATIONS as SHORTER
 
 from qwen_mlx.backends.base import GenerationSettings, token_texts
+from qwen_mlx.chat_template import PromptTooLong
+from qwen_mlx.gguf_decoder import IDLE_RELEASE_S
 from qwen_mlx.inference import Completion, answer_all, complete_batch
 
 MAX_TOKENS = 24
@@ -46,6 +49,13 @@ def ggufs(tiny_models, tmp_path_factory):
         return GGUFEngine(out.path)
 
     return engine
+
+
+def wait_for(condition, what: str, timeout: float = 60) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
 
 
 def _engine(ggufs, arch: str, thinking: bool | None):
@@ -113,7 +123,28 @@ def test_sequences_join_a_running_batch_and_each_ends_at_its_own_max_tokens(gguf
     want = [_greedy_ids(engine, p, n) for p, n in zip(prompts, limits, strict=True)]
     assert got == want
     assert [len(t) for t in got] == limits
-    assert len(decoder) == 0 and decoder.cells == 0  # its context is freed once empty
+    # its context outlives the batch a moment (the next request of a burst reuses it), then
+    # is freed: an idle server holds none
+    assert len(decoder) == 0 and decoder.cells >= 3 * engine.context_length
+    wait_for(lambda: decoder.cells == 0, "the idle context to be freed", IDLE_RELEASE_S + 10)
+
+
+def test_each_sequence_has_the_whole_context_beside_the_others(ggufs):
+    engine = _engine(ggufs, "qwen2", None)
+    n = 16
+    text = "报销需要哪些发票和审批单？"
+    repeats = 700
+    while True:  # the most repeats that still fit beside n tokens of reply
+        try:
+            prompt = engine.prompt_ids([{"role": "user", "content": text * repeats}], n)
+            break
+        except PromptTooLong:
+            repeats -= 1
+    assert len(prompt) > engine.context_length - 3 * n  # nearly the whole context
+    prompts = [engine.prompt_ids(c, n) for c in SHORTER[:2]] + [prompt]
+    settings = replace(GREEDY, max_tokens=n)
+    got = _decoded(engine.decoder(3), [(0, p, settings) for p in prompts])
+    assert got == [_greedy_ids(engine, p, n) for p in prompts]
 
 
 def _greedy_ids(engine, prompt: list[int], n: int) -> list[int]:
@@ -153,27 +184,33 @@ def test_a_sequence_that_leaves_frees_its_cells_and_slot_for_the_next(ggufs):
     prompts = [engine.prompt_ids(c, 40) for c in CONVERSATIONS * 2]
     settings = replace(GREEDY, max_tokens=40)
     want = [_greedy_ids(engine, p, 40) for p in prompts]
-    decoder = engine.decoder(2)
-    gone, kept = (decoder.join(p, settings) for p in prompts[:2])
-    tokens = {gone: [], kept: []}
+    decoder = engine.decoder(3)
+    first, kept, last = (decoder.join(p, settings) for p in prompts[:3])
+    tokens = {first: [], kept: [], last: []}
     for _ in range(4):
         for step in decoder.step():
             tokens[step.seq].append(step.token)
-    decoder.leave(gone)  # its client went (it held slot 0): its cells are freed now
     memory = llama_cpp.llama_get_memory(decoder._ctx)
-    assert llama_cpp.llama_memory_seq_pos_max(memory, 1) == -1  # slot 1 is empty, and
-    assert llama_cpp.llama_memory_seq_pos_max(memory, 0) >= len(prompts[1])  # kept moved in
+    cells = [llama_cpp.llama_memory_seq_pos_max(memory, slot) for slot in range(3)]
+    assert all(c >= len(p) for c, p in zip(cells, prompts, strict=False))  # prompts read
+    decoder.leave(last)  # its client went: the cells of its slot (the highest) are freed now
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 2) == -1
+    decoder.leave(first)  # the lowest: freed, and the highest left moves into its slot
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 1) == -1
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == cells[1]
     assert len(decoder) == 1
-    assert tokens[gone] == want[0][: len(tokens[gone])]
-    # eight more sequences through the two slots beside it, each its one-by-one reply
-    later = [decoder.join(p, settings) for p in prompts[2:]]
+    # nine more sequences through the slots beside it, each its one-by-one reply
+    later = [decoder.join(p, settings) for p in prompts[3:]]
     tokens |= {seq: [] for seq in later}
     while len(decoder):
         for step in decoder.step():
             if step.token is not None:
                 tokens[step.seq].append(step.token)
-    assert [tokens[seq] for seq in [kept, *later]] == want[1:]
-    assert decoder.cells == 0  # all gone: no context held
+    assert [tokens[seq] for seq in [kept, *later]] == [want[1], *want[3:]]
+    assert tokens[first] == want[0][: len(tokens[first])]
+    assert tokens[last] == want[2][: len(tokens[last])]
+    decoder.close()
+    assert decoder.cells == 0  # closed: no context held
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
@@ -235,7 +272,6 @@ def test_serve_decodes_concurrent_requests_together_and_a_client_that_goes_leave
         open_stream,
         post,
         request,
-        wait_for,
     )
 
     from qwen_mlx.serve.server import Server
