@@ -214,7 +214,7 @@ class GGUFEngine:
     thinking: bool | None = None
     tokenizer = None  # llama.cpp tokenizes; no test loss on a GGUF
     has_adapter = False  # a fused file: its base is another GGUF (serve --base-gguf)
-    max_sequences = DEFAULT_BATCH_SIZE  # decoded together at most (its batch's KV memory)
+    max_sequences = DEFAULT_BATCH_SIZE  # serve's batch bound (sizes its KV cache): serve sets it
 
     def __init__(self, path: Path, n_ctx: int = 4096):
         try:
@@ -296,12 +296,11 @@ class GGUFEngine:
     def pieces_batch(
         self, prompts: list[list[int]], settings: GenerationSettings
     ) -> list[list[str]]:
-        """The pieces of several prompts' replies, decoded together (``max_sequences`` at a
-        time, the next joining as one ends)."""
+        """The pieces of several prompts' replies, decoded together (the caller's batch:
+        eval's ``--batch-size``)."""
         from qwen_mlx.gguf_decoder import generate_all
 
-        decoder = self.decoder(min(len(prompts), self.max_sequences))
-        tokens = generate_all(decoder, prompts, settings)
+        tokens = generate_all(self.decoder(len(prompts)), prompts, settings)
         return [list(token_texts(ids, self.decode)) for ids in tokens]
 
     def decoder(self, max_sequences: int | None = None) -> Any:

@@ -24,7 +24,7 @@ from test_batched import CONVERSATIONS as SHORTER
 
 from qwen_mlx.backends.base import GenerationSettings, token_texts
 from qwen_mlx.chat_template import PromptTooLong
-from qwen_mlx.gguf_decoder import IDLE_RELEASE_S
+from qwen_mlx.gguf_decoder import IDLE_RELEASE_S, generate_all
 from qwen_mlx.inference import Completion, answer_all, complete_batch
 
 MAX_TOKENS = 24
@@ -100,11 +100,11 @@ def test_batched_greedy_replies_are_the_one_by_one_replies(arch, thinking, ggufs
     one = [_alone(engine, p, GREEDY) for p in prompts]
     assert len({"".join(pieces) for pieces in one}) == len(prompts)  # not trivial replies
     assert engine.pieces_batch(prompts, GREEDY) == one  # token for token (a piece each)
-    engine.max_sequences = 2  # fewer slots than prompts: each next one takes a freed slot
-    assert engine.pieces_batch(prompts, GREEDY) == one
+    # fewer slots than prompts: each next one takes a slot as one frees
+    two = generate_all(engine.decoder(2), prompts, GREEDY)
+    assert [list(token_texts(ids, engine.decode)) for ids in two] == one
     assert complete_batch(engine, prompts, GREEDY) == _one_by_one(engine, prompts, GREEDY)
     # eval's path: batches of 8 give what batches of 1 give, in the callers' order
-    engine.max_sequences = 8
     eights = dict(answer_all(engine, CONVERSATIONS, GREEDY, batch_size=8))
     ones = dict(answer_all(engine, CONVERSATIONS, GREEDY, batch_size=1))
     assert [eights[i] for i in range(len(prompts))] == [ones[i] for i in range(len(prompts))]
