@@ -133,7 +133,9 @@ class GGUFDecoder:
     A step is one ``llama_decode`` of the decoding sequences' last tokens, then the joining
     sequences' prompts, each in a call of its own, ``n_ubatch`` prompt tokens a step at most
     (a long prompt is read over several steps while the others go on decoding). Threads as
-    one by one: the engine's ``n_threads`` to decode, ``n_threads_batch`` to read prompts.
+    llama.cpp sets them for the engine's context: ``n_threads`` for a call of one token,
+    ``n_threads_batch`` for more (a step of several sequences is a batch: on 2 cores a step of
+    8 sequences took 144 ms on one thread, 75 ms on two, on the Qwen2.5-0.5B shape).
 
     Two rules make a sequence's tokens independent of what else is in the batch:
 
@@ -248,7 +250,7 @@ class GGUFDecoder:
             if sequence.slot - 1 != before and sequence.slot + 1 != after:
                 self._put(sequence.last, sequence, logits=False, filler=True)
                 padded.append(sequence)
-        self._run(prompt=False, fillers=padded)
+        self._run(padded)
         return [self._sample(sequence, index) for sequence, index in outputs]
 
     def _read_prompts(self) -> list[Step]:
@@ -269,7 +271,7 @@ class GGUFDecoder:
             if len(part) == 1:
                 self._put(part[0], sequence, logits=False, filler=True)
                 padded.append(sequence)
-            self._run(prompt=True, fillers=padded)
+            self._run(padded)
             if done:
                 steps.append(self._sample(sequence, index))
         return steps
@@ -290,12 +292,9 @@ class GGUFDecoder:
             sequence.position += 1
         return n
 
-    def _run(self, prompt: bool, fillers: list[_Sequence]) -> None:
+    def _run(self, fillers: list[_Sequence]) -> None:
         import llama_cpp as llama
 
-        params = self.llm.context_params
-        threads = params.n_threads_batch if prompt else params.n_threads
-        llama.llama_set_n_threads(self._ctx, params.n_threads, threads)
         status = llama.llama_decode(self._ctx, self._batch)
         if status != 0:  # 1: no room in the cache (cannot happen: each has its stream)
             raise RuntimeError(f"llama.cpp could not decode the batch (llama_decode: {status})")
