@@ -11,7 +11,8 @@ process held before the model loaded.
 
     python bench/serve.py                                        # tiny model, torch
     python bench/serve.py --shape 0.5b --max-tokens 16 --rounds 1 --threads 2
-    python bench/serve.py --gguf FILE   # also a GGUF through llama.cpp (one at a time only)
+    python bench/serve.py --shape 0.5b --backend gguf   # the model's q8_0 GGUF, llama.cpp
+    python bench/serve.py --gguf FILE   # also this GGUF through llama.cpp
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def bench(name: str, engine, args, before_model: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["tiny", *generate.train_torch.SHAPES], default="tiny")
-    parser.add_argument("--backend", choices=["torch", "mlx"], default="torch")
+    parser.add_argument("--backend", choices=["torch", "mlx", "gguf"], default="torch")
     parser.add_argument("--gguf", type=Path, help="also this GGUF through llama.cpp")
     parser.add_argument("--clients", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--max-concurrent", type=int, nargs="+", default=[8, 16])
@@ -173,7 +174,7 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    from qwen_mlx.inference import GGUFEngine, open_engine
+    from qwen_mlx.inference import GGUFEngine
 
     load_avg = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
@@ -183,7 +184,7 @@ def main() -> None:
         model = generate.make_model(Path(tmp), args.shape)
         import_libraries(args.backend)
         before_model = rss()
-        engine = open_engine(None, model=model, backend=args.backend)
+        engine = generate.open_bench_engine(args.backend, model)
         if args.backend == "mlx" and args.fp32:
             import mlx.core as mx
 

@@ -7,17 +7,17 @@ in one call, and llama-cpp-python exposes that C API as it is, so this module is
 against it: a context of its own with ``n_seq_max`` sequences, one ``llama_batch`` a step
 holding each decoding sequence's last token (joining ones' prompts are read in calls of
 their own), each sequence's logits read with ``llama_get_logits_ith`` by a sampler chain of
-its own, and
-``llama_memory_seq_rm`` freeing a sequence's cache cells the moment it leaves, so its slot
-takes the next one.
+its own, and a sequence's slot (its cache stream) given to the next one the moment it leaves,
+with ``llama_memory_seq_rm`` dropping the cells the next one does not share.
 
 Each sequence gets the engine's whole context: the batch's context has ``max_sequences ×
 context_length`` cells, one stream of ``context_length`` per sequence (``kv_unified`` off, so a
 sequence attends over its own cells only). That is the KV memory the batch costs, beside the
 one-by-one context: ``2 × layers × KV heads × head dim × 2 bytes`` (an f16 cache) a cell, e.g.
 12 KiB a token on Qwen2.5-0.5B, 384 MiB for 8 sequences of 4,096. The context is made when a
-batch starts and freed :data:`IDLE_RELEASE_S` after its last sequence leaves (at once when the
-decoder is closed, as eval's batches do), so an idle server holds none.
+batch starts and freed :data:`IDLE_RELEASE_S` (5 minutes) after its last sequence leaves (at
+once when the decoder is closed, as eval's batches do), so an idle server holds none; until
+then its free slots keep the cells of the prompts they last read, for a next turn to reuse.
 
 What a sequence generates does not depend on what else is in the batch (see
 :class:`GGUFDecoder` for how). Against ``GGUFEngine.pieces``, which decodes one token at a
@@ -43,9 +43,11 @@ from typing import Any
 from qwen_mlx.backends.base import GenerationSettings
 from qwen_mlx.inference import Step, fitting
 
-# How long the batch's context outlives an empty batch: the next request of a burst (a chat
-# page's next question) reuses it rather than paying for a new one; an idle server holds none.
-IDLE_RELEASE_S = 2.0
+# How long serve's batch context outlives an empty batch. Its free slots keep the cells of
+# the prompts they last read, so a chat's next turn (the same conversation, longer) reads only
+# what is new, as llama-cpp-python's one-by-one Llama does; kept as long as ollama keeps a
+# model loaded (its keep_alive, 5 minutes), then freed: an idle server holds none.
+IDLE_RELEASE_S = 300.0
 
 
 def supported() -> bool:
@@ -121,6 +123,7 @@ class _Sequence:
     settings: GenerationSettings
     slot: int = -1
     position: int = 0  # tokens in its cache stream
+    fed: list[int] = field(default_factory=list)  # those tokens (the start of a later prompt?)
     last: int | None = None  # the token it feeds next, once its prompt is read
     count: int = 0
     chain: Any = field(default=None, repr=False)
@@ -147,6 +150,12 @@ class GGUFDecoder:
       (the highest moves into a slot that frees, its cache cells copied over), so a step is
       one micro-batch: the weights are read once for all.
     - Each sequence samples with its own chain and seed (:func:`sampler_chain`).
+
+    A sequence that leaves keeps its cells in its slot (unless the highest sequence moves in),
+    and a joining sequence takes the cells of the free slot that shares the longest start with
+    its prompt (moved to the slot it is seated in), so it reads only the rest: a conversation's
+    next turn costs its new tokens, not the whole conversation again. Cells read in an earlier
+    call round as that call did, so such a reply can part from a fresh read's at a near tie.
     """
 
     def __init__(self, engine: Any, max_sequences: int, idle_release_s: float = IDLE_RELEASE_S):
@@ -161,6 +170,7 @@ class GGUFDecoder:
         self._n_batch = max(self._prompt_budget, 2 * max_sequences)
         self._waiting: deque[_Sequence] = deque()  # joined, no slot yet
         self._active: dict[int, _Sequence] = {}  # by seq: holding a slot
+        self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
         self._seqs = 0
         self._ctx: Any = None
         self._batch: Any = None
@@ -197,10 +207,10 @@ class GGUFDecoder:
 
     def step(self) -> list[Step]:
         with self._lock:
-            self._seat_waiting()
-            if not self._active:
+            if not self._waiting and not self._active:
                 return []
             self._open()
+            self._seat_waiting()
             steps = self._decode_step()
             self._seat_waiting()
             steps += self._read_prompts()
@@ -222,17 +232,33 @@ class GGUFDecoder:
     # ------------------------------------------------------------------ the steps
 
     def _seat_waiting(self) -> None:
-        taken = {s.slot for s in self._active.values()}
-        free = [slot for slot in range(self.max_sequences) if slot not in taken]
-        for slot in free:
-            if not self._waiting:
-                return
-            sequence = self._waiting.popleft()
-            sequence.slot = slot
-            # Penalties look back over the whole context, as GGUFEngine's Llama does.
-            chain = sampler_chain(sequence.settings, self.llm.n_vocab(), self.context_length)
-            sequence.chain = chain
-            self._active[sequence.seq] = sequence
+        while self._waiting and len(self._active) < self.max_sequences:
+            # the active sequences hold the lowest slots: the next one free is theirs + 1
+            self._seat(self._waiting.popleft(), len(self._active))
+
+    def _seat(self, sequence: _Sequence, slot: int) -> None:
+        """Give ``sequence`` ``slot``, with the cached cells that share the longest start with
+        its prompt (its last prompt token is always read: its logits give the first token)."""
+        import llama_cpp as llama
+
+        best, shared = slot, 0
+        for cached, tokens in self._cached.items():
+            if (n := _shared_start(tokens, sequence.prompt)) > shared:
+                best, shared = cached, n
+        shared = min(shared, len(sequence.prompt) - 1)
+        if shared and best != slot:  # those cells move to its slot; that slot's cache to theirs
+            self._swap_cells(best, slot)
+            mine = self._cached.pop(slot, None)
+            self._cached[slot] = self._cached.pop(best)
+            if mine is not None:
+                self._cached[best] = mine
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), slot, shared, -1)
+        self._cached.pop(slot, None)
+        sequence.slot, sequence.position = slot, shared
+        sequence.fed = sequence.prompt[:shared]
+        # Penalties look back over the whole context, as GGUFEngine's Llama does.
+        sequence.chain = sampler_chain(sequence.settings, self.llm.n_vocab(), self.context_length)
+        self._active[sequence.seq] = sequence
 
     def _decode_step(self) -> list[Step]:
         """One token of every sequence whose prompt has been read, in one call."""
@@ -290,6 +316,7 @@ class GGUFDecoder:
         batch.n_tokens = n + 1
         if not filler:
             sequence.position += 1
+            sequence.fed.append(token)
         return n
 
     def _run(self, fillers: list[_Sequence]) -> None:
@@ -320,32 +347,55 @@ class GGUFDecoder:
     # ------------------------------------------------------------------ the context
 
     def _release(self, sequence: _Sequence) -> None:
-        """A sequence leaves: its cache cells and sampler are freed, and the sequence in the
-        highest slot moves into its slot (the slots stay the lowest ones)."""
+        """A sequence leaves: its sampler is freed, and the sequence in the highest slot moves
+        into its slot (the slots stay the lowest ones, their cells swapped); its cells stay in
+        the slot it ends in, a cache for a later prompt that starts the same way."""
         import llama_cpp as llama
 
         del self._active[sequence.seq]
         llama.llama_sampler_free(sequence.chain)
         if self._ctx is None:
             return
-        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), sequence.slot, -1, -1)
         highest = max(self._active.values(), key=lambda s: s.slot, default=None)
         if highest is not None and highest.slot > sequence.slot:
-            self._move(highest, sequence.slot)
+            self._swap_cells(sequence.slot, highest.slot)
+            sequence.slot, highest.slot = highest.slot, sequence.slot
+        if sequence.fed:
+            self._cached[sequence.slot] = sequence.fed
 
-    def _move(self, sequence: _Sequence, slot: int) -> None:
-        """Copy a sequence's cache cells to an empty slot and free its old ones."""
+    def _swap_cells(self, a: int, b: int) -> None:
+        """Swap the cache cells of two slots (llama.cpp's per-sequence state, through host
+        memory: a few MB per thousand cells on a small model)."""
+        cells_a, cells_b = self._cells(a), self._cells(b)
+        self._put_cells(a, cells_b)
+        self._put_cells(b, cells_a)
+
+    def _cells(self, slot: int) -> Any:
+        """A slot's cells as llama.cpp's sequence state; None when it holds none."""
         import ctypes
 
         import llama_cpp as llama
 
-        size = llama.llama_state_seq_get_size(self._ctx, sequence.slot)
+        if llama.llama_memory_seq_pos_max(llama.llama_get_memory(self._ctx), slot) < 0:
+            return None
+        size = llama.llama_state_seq_get_size(self._ctx, slot)
         data = (ctypes.c_uint8 * size)()
-        llama.llama_state_seq_get_data(self._ctx, data, size, sequence.slot)
-        if llama.llama_state_seq_set_data(self._ctx, data, size, slot) == 0:
+        llama.llama_state_seq_get_data(self._ctx, data, size, slot)
+        return data
+
+    def _put_cells(self, slot: int, data: Any) -> None:
+        import llama_cpp as llama
+
+        self._clear(slot)
+        if data is None:  # an empty slot's: nothing to put
+            return
+        if llama.llama_state_seq_set_data(self._ctx, data, len(data), slot) == 0:
             raise RuntimeError("llama.cpp could not move a sequence's cache to a free slot")
-        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), sequence.slot, -1, -1)
-        sequence.slot = slot
+
+    def _clear(self, slot: int) -> None:
+        import llama_cpp as llama
+
+        llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), slot, -1, -1)
 
     def _open(self) -> None:
         """The batch's context, made on the first step after it was freed."""
@@ -400,10 +450,21 @@ class GGUFDecoder:
         llama.llama_batch_free(self._batch)
         llama.llama_free(self._ctx)
         self._ctx = self._batch = None
+        self._cached.clear()
 
 
 def _by_seq(sequence: _Sequence) -> int:
     return sequence.seq
+
+
+def _shared_start(a: list[int], b: list[int]) -> int:
+    """How many tokens ``a`` and ``b`` share from their start."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def generate_all(decoder: Any, prompts: list[list[int]], settings: GenerationSettings):

@@ -24,7 +24,7 @@ from test_batched import CONVERSATIONS as SHORTER
 
 from qwen_mlx.backends.base import GenerationSettings, token_texts
 from qwen_mlx.chat_template import PromptTooLong
-from qwen_mlx.gguf_decoder import IDLE_RELEASE_S, generate_all
+from qwen_mlx.gguf_decoder import IDLE_RELEASE_S, GGUFDecoder, generate_all
 from qwen_mlx.inference import Completion, answer_all, complete_batch
 
 MAX_TOKENS = 24
@@ -118,15 +118,16 @@ def test_sequences_join_a_running_batch_and_each_ends_at_its_own_max_tokens(gguf
         (at, p, replace(GREEDY, max_tokens=n))
         for at, p, n in zip([0, 0, 2, 5, 9, 12], prompts, limits, strict=True)
     ]
-    decoder = engine.decoder(3)
+    decoder = GGUFDecoder(engine, 3, idle_release_s=1.0)  # serve's keeps it 5 minutes
     got = _decoded(decoder, joins)
     want = [_greedy_ids(engine, p, n) for p, n in zip(prompts, limits, strict=True)]
     assert got == want
     assert [len(t) for t in got] == limits
-    # its context outlives the batch a moment (the next request of a burst reuses it), then
-    # is freed: an idle server holds none
+    # its context outlives the batch a while (the next request reuses it and its cached
+    # prompts), then is freed: an idle server holds none
     assert len(decoder) == 0 and decoder.cells >= 3 * engine.context_length
-    wait_for(lambda: decoder.cells == 0, "the idle context to be freed", IDLE_RELEASE_S + 10)
+    wait_for(lambda: decoder.cells == 0, "the idle context to be freed", 1.0 + 10)
+    assert IDLE_RELEASE_S == 300  # serve's: ollama's keep_alive
 
 
 def test_each_sequence_has_the_whole_context_beside_the_others(ggufs):
@@ -177,7 +178,7 @@ def test_each_sequence_stops_at_its_own_end_of_turn(ggufs, monkeypatch):
     assert complete_batch(engine, prompts, stopped) == _one_by_one(engine, prompts, stopped)
 
 
-def test_a_sequence_that_leaves_frees_its_cells_and_slot_for_the_next(ggufs):
+def test_a_sequence_that_leaves_frees_its_slot_for_the_next(ggufs):
     import llama_cpp
 
     engine = _engine(ggufs, "qwen2", None)
@@ -193,10 +194,10 @@ def test_a_sequence_that_leaves_frees_its_cells_and_slot_for_the_next(ggufs):
     memory = llama_cpp.llama_get_memory(decoder._ctx)
     cells = [llama_cpp.llama_memory_seq_pos_max(memory, slot) for slot in range(3)]
     assert all(c >= len(p) for c, p in zip(cells, prompts, strict=False))  # prompts read
-    decoder.leave(last)  # its client went: the cells of its slot (the highest) are freed now
-    assert llama_cpp.llama_memory_seq_pos_max(memory, 2) == -1
-    decoder.leave(first)  # the lowest: freed, and the highest left moves into its slot
-    assert llama_cpp.llama_memory_seq_pos_max(memory, 1) == -1
+    decoder.leave(last)  # its client went: its slot (the highest) is free, its cells a cache
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 2) == cells[2]
+    decoder.leave(first)  # the lowest: the highest left moves into its slot (cells swapped)
+    assert llama_cpp.llama_memory_seq_pos_max(memory, 1) == cells[0]
     assert llama_cpp.llama_memory_seq_pos_max(memory, 0) == cells[1]
     assert len(decoder) == 1
     # nine more sequences through the slots beside it, each its one-by-one reply
@@ -211,6 +212,45 @@ def test_a_sequence_that_leaves_frees_its_cells_and_slot_for_the_next(ggufs):
     assert tokens[last] == want[2][: len(tokens[last])]
     decoder.close()
     assert decoder.cells == 0  # closed: no context held
+
+
+def test_a_conversations_next_turn_reads_only_its_new_tokens(ggufs, monkeypatch):
+    import llama_cpp
+
+    engine = _engine(ggufs, "qwen2", None)
+    settings = replace(GREEDY, max_tokens=16)
+    turn = [{"role": "user", "content": "差旅费报销需要哪些票据？" * 8}]
+    other = [{"role": "user", "content": "Which receipts does a taxi fare need?" * 8}]
+    first, unrelated = engine.prompt_ids(turn, 16), engine.prompt_ids(other, 16)
+    reply = complete_batch(engine, [first], settings)[0].text
+    follow = [
+        *turn,
+        {"role": "assistant", "content": reply},
+        {"role": "user", "content": "住宿呢？"},
+    ]
+    second = engine.prompt_ids(follow, 16)
+    assert second[: len(first)] == first
+    calls: list[int] = []  # the tokens of each llama.cpp call
+    real_decode = llama_cpp.llama_decode
+
+    def decode(ctx, batch):
+        calls.append(batch.n_tokens)
+        return real_decode(ctx, batch)
+
+    monkeypatch.setattr(llama_cpp, "llama_decode", decode)
+    decoder = GGUFDecoder(engine, 2, idle_release_s=60)
+    # the first turn and another conversation: the first leaves first, from the lowest slot
+    _decoded(decoder, [(0, first, replace(settings, max_tokens=2)), (0, unrelated, settings)])
+    calls.clear()
+    (got,) = _decoded(decoder, [(0, second, settings)])
+    assert 0 < calls[0] <= len(second) - len(first)  # its prompt: only what the first lacks
+    assert got == _greedy_ids(engine, second, 16)  # the reply one by one gives
+    calls.clear()
+    (again,) = _decoded(decoder, [(0, unrelated, settings)])  # the other slot's cells kept too
+    assert calls[0] == 1 + 1  # its last token (and a filler): the rest was cached
+    assert again == _greedy_ids(engine, unrelated, 16)
+    decoder.close()
+    assert decoder.cells == 0
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
