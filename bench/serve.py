@@ -91,13 +91,15 @@ def load(url: str, model: str, asked: list, clients: int, max_tokens: int) -> di
     }
 
 
-def first_token_s(url: str, model: str, messages: list, runs: int) -> float:
+def first_token_s(url: str, model: str, asked: list, runs: int) -> float:
     """Median seconds a single client waits for a one-token streamed reply: reading the
     prompt and deciding the first token, with HTTP (a random model's first tokens may be no
-    text at all, so the reply's end marks the token)."""
+    text at all, so the reply's end marks the token). ``asked``: one conversation, asked
+    ``runs`` times (a retry), or ``runs`` conversations (each a new question)."""
     client = _client(url)
     times = []
-    for _ in range(runs):
+    for i in range(runs):
+        messages = asked[i % len(asked)]
         start = time.perf_counter()
         stream = client.chat.completions.create(
             model=model, messages=messages, max_tokens=1, temperature=0, stream=True
@@ -113,6 +115,8 @@ def bench(name: str, engine, args, before_model: int) -> None:
 
     asked_all = generate.questions(max(args.clients) * args.rounds)
     prompt = generate.questions(1)[0]
+    # new questions for the time to first token: none the load above has asked
+    fresh = generate.questions(max(args.clients) * args.rounds + args.ttft_runs)[-args.ttft_runs :]
     batched = [m for m in args.max_concurrent if m > 1]
     modes = [1, *batched] if callable(getattr(engine, "decoder", None)) else [1]
     print(f"\n{name}; {args.max_tokens} new tokens a request, greedy", flush=True)
@@ -133,14 +137,22 @@ def bench(name: str, engine, args, before_model: int) -> None:
                     f"{r['p95']:7.2f}",
                     flush=True,
                 )
-            ttft = first_token_s(url, engine.model_id, prompt, args.ttft_runs)
-            rows["ttft", mode] = ttft
+            ttft = first_token_s(url, engine.model_id, fresh, args.ttft_runs)
+            again = first_token_s(url, engine.model_id, [prompt], args.ttft_runs)
+            rows["ttft", mode], rows["again", mode] = ttft, again
         peaks[mode] = rss.peak
-        print(f"  --max-concurrent {mode}: single-client time to first token {ttft:.3f} s")
+        print(
+            f"  --max-concurrent {mode}: single-client time to first token {ttft:.3f} s "
+            f"(a new question), {again:.3f} s (the same question again)"
+        )
     for mode in batched:
         same = all(rows[c, mode]["answers"] == rows[c, 1]["answers"] for c in args.clients)
         ttft = rows["ttft", mode] / rows["ttft", 1]
-        print(f"  max-concurrent {mode}: identical answers {same}; TTFT {ttft:.2f}× one at a time")
+        again = rows["again", mode] / rows["again", 1]
+        print(
+            f"  max-concurrent {mode}: identical answers {same}; TTFT {ttft:.2f}× one at a "
+            f"time (new questions), {again:.2f}× (the same question again)"
+        )
     config = getattr(engine, "config", None)
     if config:
         longest = max(len(engine.prompt_ids(m, args.max_tokens)) for m in asked_all)

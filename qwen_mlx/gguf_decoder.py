@@ -19,16 +19,18 @@ batch starts and freed :data:`IDLE_RELEASE_S` (5 minutes) after its last sequenc
 once when the decoder is closed, as eval's batches do), so an idle server holds none; until
 then its free slots keep the cells of the prompts they last read, for a next turn to reuse.
 
-What a sequence generates does not depend on what else is in the batch (see
-:class:`GGUFDecoder` for how). Against ``GGUFEngine.pieces``, which decodes one token at a
-time in the high-level ``Llama``, it is the same computation through other kernels: llama.cpp
-computes a lone token's matrix products as matrix × vector and several tokens' as matrix ×
-matrix, whose sums round differently; with the activations and the cache rounded to f16
-between layers, a logit can differ by ~1e-3. So greedy replies are the one-by-one replies
-except where the two likeliest tokens are that close, and a sampled reply (the chain of
-``Llama.generate``, :func:`sampler_chain`, seeded the same) is the one-by-one reply except
-where a draw lands that close to a boundary: exact equality would need the one-by-one path
-to decode through the same kernels.
+A sequence decoding alone is computed exactly as ``GGUFEngine.pieces`` computes it (the
+high-level ``Llama``: the prompt in one call, then one token a call). Beside others, its
+token shares a call with theirs: llama.cpp computes one token's matrix products as matrix ×
+vector and several tokens' as matrix × matrix, whose sums round differently, and with the
+activations and the cache rounded to f16 between layers a logit can differ by ~1e-3. So a
+greedy reply in a batch is the one-by-one reply except where its two likeliest tokens are
+that close, and a seeded sampled reply (the chain of ``Llama.generate``,
+:func:`sampler_chain`) is the same except where a draw lands that close to a boundary. An
+earlier version padded a lone token with a throwaway second one so that it always went
+through the matrix × matrix kernels (replies then never depended on the batch), but a lone
+step then cost 37 ms instead of 6.5 ms on the Qwen2.5-0.5B shape (q8_0, 2 cores): a single
+client's tokens came 3–5× slower than one at a time.
 """
 
 from __future__ import annotations
@@ -140,16 +142,10 @@ class GGUFDecoder:
     ``n_threads_batch`` for more (a step of several sequences is a batch: on 2 cores a step of
     8 sequences took 144 ms on one thread, 75 ms on two, on the Qwen2.5-0.5B shape).
 
-    Two rules make a sequence's tokens independent of what else is in the batch:
-
-    - llama.cpp computes a micro-batch of one token with other kernels than one of several
-      (their sums round differently), and splits a call into micro-batches of consecutive
-      sequence ids (with a stream per sequence). So a token alone in its micro-batch gets a
-      filler beside it: the same token at the next position, whose cell is dropped after
-      the call (nothing before it attends to it). And the sequences hold the lowest slots
-      (the highest moves into a slot that frees, its cache cells copied over), so a step is
-      one micro-batch: the weights are read once for all.
-    - Each sequence samples with its own chain and seed (:func:`sampler_chain`).
+    llama.cpp splits a call into micro-batches of consecutive sequence ids (with a stream per
+    sequence), so the decoding sequences hold the lowest slots (the highest moves into a slot
+    that frees, their cells swapped): a step is one micro-batch, the weights read once for
+    all. Each sequence samples with its own chain and seed (:func:`sampler_chain`).
 
     A sequence that leaves keeps its cells in its slot (unless the highest sequence moves in),
     and a joining sequence takes the cells of the free slot that shares the longest start with
@@ -166,8 +162,8 @@ class GGUFDecoder:
         self.max_sequences = max_sequences
         self.decode = engine.decode
         self._prompt_budget = self.llm.context_params.n_ubatch  # prompt tokens a step
-        # a call holds at most every sequence's token and a filler each, or a prompt chunk
-        self._n_batch = max(self._prompt_budget, 2 * max_sequences)
+        # a call holds every decoding sequence's token, or a prompt chunk
+        self._n_batch = max(self._prompt_budget, max_sequences)
         self._waiting: deque[_Sequence] = deque()  # joined, no slot yet
         self._active: dict[int, _Sequence] = {}  # by seq: holding a slot
         self._cached: dict[int, list[int]] = {}  # free slot -> the tokens its cells hold
@@ -268,15 +264,8 @@ class GGUFDecoder:
         if not decoding:
             return []
         self._batch.n_tokens = 0
-        outputs, padded = [], []
-        for i, sequence in enumerate(decoding):
-            outputs.append((sequence, self._put(sequence.last, sequence, logits=True)))
-            after = decoding[i + 1].slot if i + 1 < len(decoding) else None
-            before = decoding[i - 1].slot if i else None
-            if sequence.slot - 1 != before and sequence.slot + 1 != after:
-                self._put(sequence.last, sequence, logits=False, filler=True)
-                padded.append(sequence)
-        self._run(padded)
+        outputs = [(s, self._put(s.last, s, logits=True)) for s in decoding]
+        self._run()
         return [self._sample(sequence, index) for sequence, index in outputs]
 
     def _read_prompts(self) -> list[Step]:
@@ -293,19 +282,13 @@ class GGUFDecoder:
             self._batch.n_tokens = 0
             for i, token in enumerate(part):
                 index = self._put(token, sequence, logits=done and i == len(part) - 1)
-            padded = []
-            if len(part) == 1:
-                self._put(part[0], sequence, logits=False, filler=True)
-                padded.append(sequence)
-            self._run(padded)
+            self._run()
             if done:
                 steps.append(self._sample(sequence, index))
         return steps
 
-    def _put(self, token: int, sequence: _Sequence, logits: bool, filler: bool = False) -> int:
-        """Add a token of ``sequence`` at its next position; its index in the batch. A
-        filler (after the sequence's token of this call) takes the next position without
-        moving the sequence on."""
+    def _put(self, token: int, sequence: _Sequence, logits: bool) -> int:
+        """Add a token of ``sequence`` at its next position; its index in the batch."""
         batch = self._batch
         n = batch.n_tokens
         batch.token[n] = token
@@ -314,20 +297,16 @@ class GGUFDecoder:
         batch.seq_id[n][0] = sequence.slot
         batch.logits[n] = logits
         batch.n_tokens = n + 1
-        if not filler:
-            sequence.position += 1
-            sequence.fed.append(token)
+        sequence.position += 1
+        sequence.fed.append(token)
         return n
 
-    def _run(self, fillers: list[_Sequence]) -> None:
+    def _run(self) -> None:
         import llama_cpp as llama
 
         status = llama.llama_decode(self._ctx, self._batch)
         if status != 0:  # 1: no room in the cache (cannot happen: each has its stream)
             raise RuntimeError(f"llama.cpp could not decode the batch (llama_decode: {status})")
-        memory = llama.llama_get_memory(self._ctx)
-        for sequence in fillers:  # the filler's cell: the sequence's next token goes there
-            llama.llama_memory_seq_rm(memory, sequence.slot, sequence.position, -1)
 
     def _sample(self, sequence: _Sequence, index: int) -> Step:
         import llama_cpp as llama

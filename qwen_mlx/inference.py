@@ -200,12 +200,11 @@ class GGUFEngine:
     prompt prefix. Several together (``pieces_batch``: eval's batches; ``decoder``: serve's
     continuous batching) go through :class:`~qwen_mlx.gguf_decoder.GGUFDecoder`, llama.cpp's
     multi-sequence batch in a context of its own, up to ``max_sequences`` at once (serve sets
-    it to ``--max-concurrent``), each with the whole ``context_length``; that context exists
-    only while a batch runs (and briefly after). A batched sequence's tokens do not depend on
-    what else is in the batch (a seeded request samples the same reply whoever else is being
-    answered); against one by one, llama.cpp's one-token kernels round differently (up to
-    ~1e-3 of a logit on an f16 file), so greedy replies agree except at a near tie, and a
-    seeded reply can part where a draw lands that close to a boundary (see
+    it to ``--max-concurrent``), each with the whole ``context_length``; serve's keeps the
+    prompts it read for a later turn to reuse, and is freed when idle. A sequence decoding
+    alone is computed as one by one; beside others, llama.cpp's several-token kernels round
+    differently (up to ~1e-3 of a logit on an f16 file), so greedy replies agree except at a
+    near tie, and a seeded reply can part where a draw lands that close to a boundary (see
     :mod:`qwen_mlx.gguf_decoder`).
     """
 
