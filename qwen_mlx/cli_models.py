@@ -375,7 +375,8 @@ def _run_system_prompt(run_or_adapter: Path | None) -> str | None:
     default=DEFAULT_MAX_CONCURRENT,
     show_default=True,
     help="Requests decoded together (continuous batching; more wait in a queue). 1: one "
-    "at a time. A GGUF's batch holds this many full contexts of KV cache while it runs.",
+    "at a time. A GGUF's batch holds this many full contexts of KV cache while it runs "
+    "(and 5 minutes idle, keeping the prompts it read for a next turn).",
 )
 def serve(
     run_or_adapter,
