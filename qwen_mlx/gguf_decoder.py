@@ -147,10 +147,11 @@ class GGUFDecoder:
     that frees, their cells swapped): a step is one micro-batch, the weights read once for
     all. Each sequence samples with its own chain and seed (:func:`sampler_chain`).
 
-    A sequence that leaves keeps its cells in its slot (unless the highest sequence moves in),
-    and a joining sequence takes the cells of the free slot that shares the longest start with
-    its prompt (moved to the slot it is seated in), so it reads only the rest: a conversation's
-    next turn costs its new tokens, not the whole conversation again. Cells read in an earlier
+    A sequence that leaves keeps its cells (in the slot it ends in: the highest sequence takes
+    its slot, their cells swapped), and a joining sequence takes the cells of the free slot
+    that shares the longest start with its prompt (swapped into the slot it is seated in), so
+    it reads only the rest: a conversation's next turn costs its new tokens, not the whole
+    conversation again. Cells read in an earlier
     call round as that call did, so such a reply can part from a fresh read's at a near tie.
     """
 
