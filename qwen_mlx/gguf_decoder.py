@@ -245,12 +245,11 @@ class GGUFDecoder:
         shared = min(shared, len(sequence.prompt) - 1)
         if shared and best != slot:  # those cells move to its slot; that slot's cache to theirs
             self._swap_cells(best, slot)
-            mine = self._cached.pop(slot, None)
-            self._cached[slot] = self._cached.pop(best)
-            if mine is not None:
-                self._cached[best] = mine
+            del self._cached[best]
+            if slot in self._cached:
+                self._cached[best] = self._cached[slot]
         llama.llama_memory_seq_rm(llama.llama_get_memory(self._ctx), slot, shared, -1)
-        self._cached.pop(slot, None)
+        self._cached.pop(slot, None)  # the slot is a sequence's now, no longer a cache
         sequence.slot, sequence.position = slot, shared
         sequence.fed = sequence.prompt[:shared]
         # Penalties look back over the whole context, as GGUFEngine's Llama does.
